@@ -1,0 +1,427 @@
+"""View any SAELens inference SAE as per-feature tensors, and fold / unfold it.
+
+Conventions (shared by the whole package):
+
+* **Feature axis.** Row ``i`` of every tensor in a :class:`FeatureView` belongs
+  to feature ``i``. SAELens stores ``W_enc [d_in, d_sae]`` and
+  ``W_dec [d_sae, d_out]``; the view holds ``encoder_FD = W_enc.T`` and
+  ``decoder_FO = W_dec`` so both are ``[d_sae, ...]``.
+* **Re-parametrisation.** A positive per-feature scale ``s`` acts on an SAE as
+  ``encoder column / s``, ``encoder biases / s``, ``threshold / s``,
+  ``decoder row * s``. For ReLU, JumpReLU and gated encoders this leaves
+  ``decode(encode(x))`` unchanged and divides feature ``i``'s activation by
+  ``s_i`` (all three activations are positively homogeneous in the
+  pre-activation and its threshold).
+* **Folding** applies the re-parametrisation with each architecture's *scale
+  rule* (:func:`fold_scales`):
+
+  - JumpReLU (SAE or transcoder, per-feature or scalar threshold, including
+    BatchTopK SAEs saved as JumpReLU): ``s = threshold`` (the paper's Eq. 4).
+    Activations are then in threshold units and every threshold is 1.
+  - Architectures without a threshold (standard / ReLU transcoders, gated):
+    ``s = 1 / ||W_dec[i]||``, the identity SAELens' ``fold_W_dec_norm`` uses.
+    Activations are then in units of the norm of the feature's contribution to
+    the output, the only scale such an SAE has. Rows whose decoder is exactly
+    zero keep ``s = 1``.
+  - TopK / AbsTopK with ``rescale_acts_by_decoder_norm=True``: the same
+    decoder-norm rule (exact, as SAELens' own fold shows).
+  - TopK / AbsTopK without it: ``s = 1``. The top-k selection compares raw
+    pre-activations across features, so any non-uniform per-feature scale would
+    change which features fire; the raw scale is already the canonical one.
+
+The folded SAE keeps the scales it was folded with (a non-persistent buffer,
+``sae_match_fold_scales``) so that :func:`unfold` can invert it exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sae_lens import (
+    SAE,
+    GatedSAE,
+    JumpReLUSAE,
+    JumpReLUSkipTranscoder,
+    JumpReLUTranscoder,
+    SkipTranscoder,
+    StandardSAE,
+    TopKSAE,
+    Transcoder,
+)
+from sae_lens.saes.abstopk_sae import AbsTopKSAE
+
+logger = logging.getLogger(__name__)
+
+FOLD_SCALES_BUFFER = "sae_match_fold_scales"
+
+__all__ = [
+    "ARCHITECTURES",
+    "ArchitectureSpec",
+    "FeatureView",
+    "describe_sae",
+    "feature_view",
+    "fold",
+    "fold_scales",
+    "hook_name_of",
+    "rescale",
+    "sae_identity",
+    "unfold",
+    "validate_sae",
+]
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """What the adapters need to know about one SAELens architecture."""
+
+    name: str
+    """The SAELens architecture string (``cfg.architecture()``)."""
+    sae_class: type
+    """The SAELens inference class implementing it."""
+    bias_names: tuple[str, ...]
+    """Per-feature encoder biases, in the order they appear in ``FeatureView.bias_FB``."""
+    has_threshold: bool
+    """Whether the SAE has a JumpReLU ``threshold`` (fold rule: ``s = threshold``)."""
+    scale_rule: str
+    """``"threshold"``, ``"decoder_norm"``, or ``"none"`` (see the module docstring)."""
+
+
+def _spec(name: str, cls: type, bias: tuple[str, ...], threshold: bool, rule: str) -> ArchitectureSpec:
+    return ArchitectureSpec(name, cls, bias, threshold, rule)
+
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    spec.name: spec
+    for spec in (
+        _spec("standard", StandardSAE, ("b_enc",), False, "decoder_norm"),
+        _spec("jumprelu", JumpReLUSAE, ("b_enc",), True, "threshold"),
+        _spec("gated", GatedSAE, ("b_gate", "b_mag"), False, "decoder_norm"),
+        _spec("topk", TopKSAE, ("b_enc",), False, "none"),
+        _spec("abstopk", AbsTopKSAE, ("b_enc",), False, "none"),
+        _spec("transcoder", Transcoder, ("b_enc",), False, "decoder_norm"),
+        _spec("skip_transcoder", SkipTranscoder, ("b_enc",), False, "decoder_norm"),
+        _spec("jumprelu_transcoder", JumpReLUTranscoder, ("b_enc",), True, "threshold"),
+        _spec("jumprelu_skip_transcoder", JumpReLUSkipTranscoder, ("b_enc",), True, "threshold"),
+    )
+}
+"""Every architecture the adapters understand, keyed by SAELens' architecture name."""
+
+
+def hook_name_of(sae: Any) -> str:
+    """The hook the SAE reads from (``cfg.metadata.hook_name``), or ``"<no hook_name>"``."""
+    cfg = getattr(sae, "cfg", None)
+    metadata = getattr(cfg, "metadata", None)
+    if metadata is not None and "hook_name" in metadata and metadata["hook_name"]:
+        return str(metadata["hook_name"])
+    return "<no hook_name>"
+
+
+def describe_sae(sae: Any) -> str:
+    """A short human-readable name for error messages: hook name, architecture, width."""
+    cfg = getattr(sae, "cfg", None)
+    try:
+        arch = cfg.architecture()  # type: ignore[union-attr]
+    except Exception:  # noqa: BLE001 - any object may reach an error message
+        arch = type(sae).__name__
+    d_sae = getattr(cfg, "d_sae", "?")
+    return f"SAE '{hook_name_of(sae)}' ({arch}, d_sae={d_sae})"
+
+
+def _spec_of(sae: Any) -> ArchitectureSpec:
+    if not isinstance(sae, SAE):
+        raise TypeError(
+            f"expected a SAELens SAE (sae_lens.SAE subclass), got {type(sae).__name__}; "
+            "load one with SAE.from_pretrained(...) or SAE.load_from_disk(...)."
+        )
+    arch = sae.cfg.architecture()
+    spec = ARCHITECTURES.get(arch)
+    known = ", ".join(sorted(ARCHITECTURES))
+    if spec is None:
+        hint = ""
+        if hasattr(sae, "save_inference_model") or "Training" in type(sae).__name__:
+            hint = (
+                " Training SAEs are not accepted: save with save_inference_model() and "
+                "load the inference SAE with SAE.load_from_disk()."
+            )
+        raise ValueError(
+            f"{describe_sae(sae)}: architecture '{arch}' ({type(sae).__name__}) is not supported "
+            f"by sae_match_lens. Supported architectures: {known}.{hint}"
+        )
+    if type(sae) is not spec.sae_class:
+        raise ValueError(
+            f"{describe_sae(sae)}: class {type(sae).__name__} reports architecture '{arch}' but is "
+            f"not SAELens' {spec.sae_class.__name__}; a subclass may compute something else, so it "
+            f"is refused. Supported architectures: {known}."
+        )
+    return spec
+
+
+def _threshold_F(sae: SAE, spec: ArchitectureSpec) -> torch.Tensor | None:
+    if not spec.has_threshold:
+        return None
+    theta = sae.threshold.detach()
+    d_sae = sae.cfg.d_sae
+    if theta.numel() == 1:
+        return theta.reshape(()).expand(d_sae)
+    if theta.shape != (d_sae,):
+        raise ValueError(
+            f"{describe_sae(sae)}: threshold has shape {tuple(theta.shape)}, expected ({d_sae},) "
+            "or a scalar."
+        )
+    return theta
+
+
+def validate_sae(sae: Any) -> ArchitectureSpec:
+    """Check that ``sae`` is a supported SAELens SAE with finite, well-shaped parameters.
+
+    Returns its :class:`ArchitectureSpec`. Raises ``TypeError``/``ValueError`` naming the SAE,
+    the offending parameter and what to do.
+    """
+    spec = _spec_of(sae)
+    d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
+    d_out = getattr(sae.cfg, "d_out", d_in)
+    expected = {
+        "W_enc": (d_in, d_sae),
+        "W_dec": (d_sae, d_out),
+        **{name: (d_sae,) for name in spec.bias_names},
+    }
+    if spec.name == "gated":
+        expected["r_mag"] = (d_sae,)
+    for name, shape in expected.items():
+        tensor = getattr(sae, name)
+        if tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{describe_sae(sae)}: {name} has shape {tuple(tensor.shape)}, expected {shape} "
+                f"from cfg (d_in={d_in}, d_sae={d_sae}, d_out={d_out})."
+            )
+    names = [*expected, "b_dec"] + (["threshold"] if spec.has_threshold else [])
+    for name in names:
+        tensor = getattr(sae, name).detach()
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ValueError(
+                f"{describe_sae(sae)}: parameter {name} has {bad} non-finite (NaN/inf) entries; "
+                "the SAE is corrupt or was saved mid-divergence — reload or retrain it."
+            )
+    return spec
+
+
+@dataclass(frozen=True)
+class FeatureView:
+    """An SAE seen feature by feature: row ``i`` of each tensor is feature ``i``.
+
+    Shape suffixes: F = d_sae, D = d_in, O = d_out (= d_in for SAEs), B = number of
+    per-feature encoder biases (1, or 2 for gated: ``b_gate``, ``b_mag``).
+    """
+
+    encoder_FD: torch.Tensor
+    """Encoder vectors, ``W_enc.T`` ([d_sae, d_in])."""
+    decoder_FO: torch.Tensor
+    """Decoder vectors, ``W_dec`` ([d_sae, d_out])."""
+    bias_FB: torch.Tensor
+    """Per-feature encoder biases ([d_sae, B])."""
+    threshold_F: torch.Tensor | None
+    """JumpReLU thresholds ([d_sae]), or ``None`` for architectures without one."""
+    bias_names: tuple[str, ...]
+    """Which SAELens parameter each column of ``bias_FB`` comes from."""
+    folded: bool
+    """Whether the view is in folded units (:func:`fold_scales` applied)."""
+    hook_name: str
+    """Where the SAE reads (``cfg.metadata.hook_name``)."""
+
+    @property
+    def d_sae(self) -> int:
+        """Number of features."""
+        return self.encoder_FD.shape[0]
+
+
+def fold_scales(sae: SAE) -> torch.Tensor:
+    """The per-feature scale ``s`` [d_sae] that :func:`fold` applies (see module docstring).
+
+    Raises:
+        ValueError: for a JumpReLU SAE with a threshold ≤ 0 (naming how many features).
+    """
+    spec = validate_sae(sae)
+    d_sae = sae.cfg.d_sae
+    device = sae.W_dec.device
+    if spec.scale_rule == "threshold":
+        theta = _threshold_F(sae, spec)
+        assert theta is not None  # has_threshold guarantees it
+        bad = int((theta <= 0).sum())
+        if bad:
+            raise ValueError(
+                f"{describe_sae(sae)}: {bad} of {d_sae} features have threshold <= 0 "
+                f"(min {float(theta.min()):.4g}); folding divides by the threshold, so it needs "
+                "every threshold > 0. Fix the thresholds, or match with fold=False."
+            )
+        return theta.to(torch.float64).clone()
+    uses_norm = spec.scale_rule == "decoder_norm" or (
+        spec.name in ("topk", "abstopk") and sae.cfg.rescale_acts_by_decoder_norm
+    )
+    if not uses_norm:
+        return torch.ones(d_sae, dtype=torch.float64, device=device)
+    norms = sae.W_dec.detach().to(torch.float64).norm(dim=-1)
+    zero = norms == 0
+    if bool(zero.any()):
+        logger.info("%s: %d features have an all-zero decoder row; they keep scale 1.",
+                    describe_sae(sae), int(zero.sum()))
+    return torch.where(zero, torch.ones_like(norms), 1.0 / norms)
+
+
+def _scaled(param: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (param.detach().to(torch.float64) * factor).to(param.dtype)
+
+
+def rescale(sae: SAE, scales_F: torch.Tensor) -> SAE:
+    """Return a copy of ``sae`` re-parametrised by positive per-feature scales ``s``.
+
+    Encoder column ``i``, feature ``i``'s encoder biases and threshold are divided by ``s_i``,
+    decoder row ``i`` is multiplied by ``s_i``. The copy computes the same ``decode(encode(x))``
+    and its activations are the originals divided by ``s``. The input is not modified.
+
+    Raises:
+        ValueError: if ``s`` has the wrong shape or is not finite and positive, or if the
+            architecture's output would change (non-uniform scales on a TopK SAE without
+            ``rescale_acts_by_decoder_norm``).
+    """
+    spec = validate_sae(sae)
+    d_sae = sae.cfg.d_sae
+    s = torch.as_tensor(scales_F).detach().to(device=sae.W_dec.device, dtype=torch.float64)
+    if s.shape != (d_sae,):
+        raise ValueError(f"{describe_sae(sae)}: scales have shape {tuple(s.shape)}, expected ({d_sae},).")
+    if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+        raise ValueError(
+            f"{describe_sae(sae)}: scales must be finite and > 0; "
+            f"{int((~torch.isfinite(s) | (s <= 0)).sum())} entries are not."
+        )
+    if (
+        spec.name in ("topk", "abstopk")
+        and not sae.cfg.rescale_acts_by_decoder_norm
+        and not bool((s == s[0]).all())
+    ):
+        raise ValueError(
+            f"{describe_sae(sae)}: a TopK SAE without rescale_acts_by_decoder_norm ranks raw "
+            "pre-activations, so non-uniform per-feature scales would change its output."
+        )
+    new = copy.deepcopy(sae)
+    with torch.no_grad():
+        new.W_enc.data = _scaled(sae.W_enc, 1.0 / s[None, :])
+        new.W_dec.data = _scaled(sae.W_dec, s[:, None])
+        for name in spec.bias_names:
+            getattr(new, name).data = _scaled(getattr(sae, name), 1.0 / s)
+        if spec.has_threshold:
+            theta = _threshold_F(sae, spec)
+            assert theta is not None
+            new.threshold = torch.nn.Parameter(
+                _scaled(theta.contiguous(), 1.0 / s), requires_grad=sae.threshold.requires_grad
+            )
+    previous = getattr(sae, FOLD_SCALES_BUFFER, None)
+    total = s if previous is None else previous.to(s) * s
+    new.register_buffer(FOLD_SCALES_BUFFER, total, persistent=False)
+    return new
+
+
+def fold(sae: SAE) -> SAE:
+    """Return the folded copy of ``sae`` (threshold units for JumpReLU; see module docstring).
+
+    The SAE's output is unchanged and its activations are divided by :func:`fold_scales`.
+    The input SAE is not modified; :func:`unfold` inverts the result exactly.
+
+    Example:
+        >>> folded = fold(sae)
+        >>> torch.testing.assert_close(folded.decode(folded.encode(x)), sae.decode(sae.encode(x)))
+    """
+    return rescale(sae, fold_scales(sae))
+
+
+def unfold(sae: SAE, scales_F: torch.Tensor | None = None) -> SAE:
+    """Invert :func:`fold`: return a copy with the original parametrisation.
+
+    Args:
+        sae: an SAE returned by :func:`fold` (it remembers its fold scales), or any SAE if
+            ``scales_F`` is given.
+        scales_F: the scales it was folded with; default: the ones :func:`fold` recorded.
+
+    Raises:
+        ValueError: if the SAE carries no fold scales and none are given (fold scales are
+            not written by ``save_model``; keep the original SAE, or pass the scales).
+    """
+    if scales_F is None:
+        scales_F = getattr(sae, FOLD_SCALES_BUFFER, None)
+        if scales_F is None:
+            raise ValueError(
+                f"{describe_sae(sae)} was not produced by sae_match_lens.fold() in this process "
+                "(the fold scales are not saved with the SAE). Keep the original SAE, or call "
+                "unfold(sae, scales_F=fold_scales(original))."
+            )
+    s = torch.as_tensor(scales_F).to(torch.float64)
+    new = rescale(sae, 1.0 / s)
+    total = getattr(new, FOLD_SCALES_BUFFER)
+    if bool(torch.allclose(total, torch.ones_like(total), rtol=1e-12, atol=0)):
+        del new._buffers[FOLD_SCALES_BUFFER]
+    return new
+
+
+def feature_view(sae: SAE, *, fold: bool = True, dtype: torch.dtype = torch.float32) -> FeatureView:
+    """Per-feature tensors of ``sae``, folded (default) or raw, without copying the SAE.
+
+    Args:
+        sae: any supported SAELens inference SAE.
+        fold: apply the architecture's fold scale rule (:func:`fold_scales`).
+        dtype: dtype of the returned tensors (computations are done in float64 first).
+
+    Returns:
+        A :class:`FeatureView` whose tensors live on the SAE's device.
+    """
+    spec = validate_sae(sae)
+    biases = torch.stack([getattr(sae, n).detach() for n in spec.bias_names], dim=1)
+    theta = _threshold_F(sae, spec)
+    enc, dec = sae.W_enc.detach().T, sae.W_dec.detach()
+    if fold:
+        s = fold_scales(sae)
+        inv = (1.0 / s)[:, None]
+        enc = enc.to(torch.float64) * inv
+        dec = dec.to(torch.float64) * s[:, None]
+        biases = biases.to(torch.float64) * inv
+        theta = None if theta is None else theta.to(torch.float64) / s
+    return FeatureView(
+        encoder_FD=enc.to(dtype).contiguous(),
+        decoder_FO=dec.to(dtype).contiguous(),
+        bias_FB=biases.to(dtype).contiguous(),
+        threshold_F=None if theta is None else theta.to(dtype).contiguous(),
+        bias_names=spec.bias_names,
+        folded=fold,
+        hook_name=hook_name_of(sae),
+    )
+
+
+def sae_identity(sae: SAE) -> dict[str, Any]:
+    """A JSON-able record that identifies an SAE: hook, sizes, release/id, weight fingerprint.
+
+    The fingerprint hashes a strided sample (at most ~256 rows) of ``W_dec``, ``W_enc`` and the
+    encoder biases exactly as stored, so it is cheap at any width and changes with any re-training,
+    folding or editing of the sampled features.
+    """
+    spec = validate_sae(sae)
+    md = sae.cfg.metadata
+    rows = torch.arange(0, sae.cfg.d_sae, max(1, sae.cfg.d_sae // 256))
+    digest = hashlib.sha256()
+    parts = [sae.W_dec.detach()[rows], sae.W_enc.detach()[:, rows]]
+    parts += [getattr(sae, n).detach()[rows] for n in spec.bias_names]
+    for t in parts:
+        digest.update(t.to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return {
+        "hook_name": hook_name_of(sae),
+        "architecture": spec.name,
+        "d_in": int(sae.cfg.d_in),
+        "d_sae": int(sae.cfg.d_sae),
+        "release": md.get("release"),
+        "sae_id": md.get("sae_id"),
+        "model_name": md.get("model_name"),
+        "fingerprint": digest.hexdigest()[:16],
+    }

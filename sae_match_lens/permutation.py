@@ -1,0 +1,307 @@
+"""``Permutation``: a validated, partial one-to-one map from source features to target features.
+
+Direction convention (one, used everywhere in the package):
+
+* ``perm.indices[i] = j`` means feature ``i`` of the *source* SAE (layer A) corresponds to
+  feature ``j`` of the *target* SAE (layer B); ``-1`` means feature ``i`` has no partner.
+* Composition: ``(P_BC @ P_AB).indices == P_BC.indices[P_AB.indices]`` (``-1`` propagates).
+* Moving activations from A's order to B's order is a scatter:
+  ``f_B[..., perm.indices] = f_A`` (:meth:`Permutation.apply`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["FORMAT_VERSION", "Permutation", "PermutationFileError"]
+
+FORMAT_VERSION = 1
+_SIDECAR_SUFFIX = ".json"
+
+
+class PermutationFileError(ValueError):
+    """A saved permutation is unreadable, corrupt, or does not belong to the given SAEs."""
+
+
+@dataclass(frozen=True, eq=False)
+class Permutation:
+    """A partial injection from ``n_source`` source features into ``n_target`` target features.
+
+    Args:
+        indices: int64 tensor [n_source]; ``indices[i] = j`` maps source feature ``i`` to target
+            feature ``j``, ``-1`` marks a source feature with no partner. Targets are distinct.
+        n_target: number of target features (default: ``n_source``).
+        metadata: free-form JSON-able record (e.g. the SAEs' identities and matching options);
+            kept in saved files, ignored by ``==``.
+
+    Example:
+        >>> P = Permutation(torch.tensor([2, 0, 1]))
+        >>> P.apply(torch.tensor([10.0, 20.0, 30.0]))
+        tensor([20., 30., 10.])
+    """
+
+    indices: torch.Tensor
+    n_target: int = -1
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        idx = torch.as_tensor(self.indices)
+        if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.is_complex():
+            raise TypeError(f"Permutation indices must be integers, got dtype {idx.dtype}.")
+        if idx.ndim != 1:
+            raise ValueError(f"Permutation indices must be 1-D [n_source], got shape {tuple(idx.shape)}.")
+        idx = idx.detach().to(device="cpu", dtype=torch.int64).contiguous()
+        n_target = len(idx) if self.n_target == -1 else int(self.n_target)
+        if n_target < 0:
+            raise ValueError(f"n_target must be >= 0, got {n_target}.")
+        bad = (idx < -1) | (idx >= n_target)
+        if bool(bad.any()):
+            first = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(
+                f"Permutation index out of range: indices[{first}] = {int(idx[first])}, valid "
+                f"values are -1 (no partner) or 0..{n_target - 1} (n_target={n_target})."
+            )
+        matched = idx[idx >= 0]
+        if matched.numel() != torch.unique(matched).numel():
+            values, counts = torch.unique(matched, return_counts=True)
+            dup = int(values[counts > 1][0])
+            raise ValueError(
+                f"Permutation is not one-to-one: target feature {dup} is the partner of "
+                f"{int(counts.max())} source features. Many-to-one links are not a Permutation."
+            )
+        object.__setattr__(self, "indices", idx)
+        object.__setattr__(self, "n_target", n_target)
+        object.__setattr__(self, "metadata", dict(self.metadata))
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def identity(cls, n: int) -> Permutation:
+        """The identity map on ``n`` features."""
+        return cls(torch.arange(n, dtype=torch.int64), n)
+
+    @classmethod
+    def random(cls, n: int, *, generator: torch.Generator | None = None) -> Permutation:
+        """A uniformly random bijection on ``n`` features (a chance baseline)."""
+        return cls(torch.randperm(n, generator=generator), n)
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def n_source(self) -> int:
+        """Number of source features."""
+        return int(self.indices.numel())
+
+    @property
+    def matched(self) -> torch.Tensor:
+        """Boolean mask [n_source] of source features that have a partner."""
+        return self.indices >= 0
+
+    @property
+    def n_matched(self) -> int:
+        """Number of source features that have a partner."""
+        return int(self.matched.sum())
+
+    @property
+    def is_bijection(self) -> bool:
+        """True when every source and every target feature has exactly one partner."""
+        return self.n_source == self.n_target == self.n_matched
+
+    def __len__(self) -> int:
+        return self.n_source
+
+    def __repr__(self) -> str:
+        head = ", ".join(str(int(v)) for v in self.indices[:6])
+        more = ", ..." if self.n_source > 6 else ""
+        return (f"Permutation(n_source={self.n_source}, n_target={self.n_target}, "
+                f"matched={self.n_matched}, indices=[{head}{more}])")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Permutation):
+            return NotImplemented
+        return self.n_target == other.n_target and torch.equal(self.indices, other.indices)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # -- algebra ------------------------------------------------------------------------------
+    def __matmul__(self, other: Permutation) -> Permutation:
+        """``P_BC @ P_AB`` is the map A→C: first ``other`` (A→B), then ``self`` (B→C)."""
+        if not isinstance(other, Permutation):
+            return NotImplemented
+        if other.n_target != self.n_source:
+            raise ValueError(
+                f"cannot compose: the inner map has n_target={other.n_target} but the outer map "
+                f"has n_source={self.n_source}. In P_BC @ P_AB, P_AB must map into B's features."
+            )
+        inner = other.indices
+        out = torch.full_like(inner, -1)
+        ok = inner >= 0
+        out[ok] = self.indices[inner[ok]]
+        return Permutation(out, self.n_target)
+
+    def inverse(self) -> Permutation:
+        """The map B→A: ``inverse().indices[j] = i`` where ``indices[i] = j``; -1 where unmatched."""
+        inv = torch.full((self.n_target,), -1, dtype=torch.int64)
+        ok = self.matched
+        inv[self.indices[ok]] = torch.nonzero(ok).flatten()
+        return Permutation(inv, self.n_source)
+
+    def agreement(self, other: Permutation) -> float:
+        """Fraction of source features (matched in either map) that both maps send to the same target."""
+        if other.n_source != self.n_source or other.n_target != self.n_target:
+            raise ValueError(
+                f"cannot compare maps of shapes {self.n_source}->{self.n_target} and "
+                f"{other.n_source}->{other.n_target}."
+            )
+        either = self.matched | other.matched
+        if not bool(either.any()):
+            return float("nan")
+        same = (self.indices == other.indices) & either
+        return float(same.sum()) / float(either.sum())
+
+    # -- acting on activations ----------------------------------------------------------------
+    def apply(self, acts: torch.Tensor) -> torch.Tensor:
+        """Move activations ``acts [..., n_source]`` into target order ``[..., n_target]``.
+
+        ``out[..., indices[i]] = acts[..., i]``; unmatched source features are dropped and
+        target features with no source get 0. Differentiable, keeps device and dtype.
+        """
+        if acts.shape[-1] != self.n_source:
+            raise ValueError(
+                f"activations have {acts.shape[-1]} features in their last dimension, but the "
+                f"permutation maps {self.n_source} source features."
+            )
+        idx = self.indices.to(acts.device)
+        if self.is_bijection:
+            return acts[..., self.inverse().indices.to(acts.device)]
+        out = acts.new_zeros((*acts.shape[:-1], self.n_target))
+        ok = idx >= 0
+        out[..., idx[ok]] = acts[..., ok]
+        return out
+
+    # -- persistence --------------------------------------------------------------------------
+    def checksum(self) -> str:
+        """SHA-256 of the index array and ``n_target`` (hex)."""
+        h = hashlib.sha256()
+        h.update(str(self.n_target).encode())
+        h.update(self.indices.numpy().tobytes())
+        return h.hexdigest()
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``path`` (safetensors) and ``path + '.json'`` (metadata sidecar) atomically.
+
+        Each file is written to a temporary file in the same directory and moved into place,
+        so a failed write never leaves a half-written file or damages an existing one.
+        Returns the path of the safetensors file.
+        """
+        path = Path(path)
+        sidecar = Path(str(path) + _SIDECAR_SUFFIX)
+        record = {
+            "format": "sae_match_lens.Permutation",
+            "format_version": FORMAT_VERSION,
+            "n_source": self.n_source,
+            "n_target": self.n_target,
+            "n_matched": self.n_matched,
+            "checksum": self.checksum(),
+            "metadata": dict(self.metadata),
+        }
+        text = json.dumps(record, indent=2, sort_keys=True, default=_json_default)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_tensor = _temp_beside(path)
+        tmp_json = _temp_beside(sidecar)
+        try:
+            save_file({"indices": self.indices}, str(tmp_tensor),
+                      metadata={"n_target": str(self.n_target), "checksum": record["checksum"]})
+            tmp_json.write_text(text)
+            os.replace(tmp_tensor, path)
+            os.replace(tmp_json, sidecar)
+        finally:
+            for tmp in (tmp_tensor, tmp_json):
+                tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        source: Any | None = None,
+        target: Any | None = None,
+    ) -> Permutation:
+        """Read a permutation written by :meth:`save`, checking it against the SAEs it maps.
+
+        Args:
+            path: the safetensors file (its ``.json`` sidecar must sit beside it).
+            source: optionally the source SAE; its identity (hook name, d_sae, fingerprint)
+                must match the one recorded at save time.
+            target: optionally the target SAE, checked the same way.
+
+        Raises:
+            PermutationFileError: missing/corrupt files, checksum mismatch, or SAEs that the
+                permutation was not made for.
+        """
+        path = Path(path)
+        sidecar = Path(str(path) + _SIDECAR_SUFFIX)
+        for p in (path, sidecar):
+            if not p.is_file():
+                raise PermutationFileError(f"permutation file {p} does not exist.")
+        try:
+            record = json.loads(sidecar.read_text())
+            tensors = load_file(str(path))
+        except Exception as exc:
+            raise PermutationFileError(f"cannot read permutation {path}: {exc}") from exc
+        if record.get("format") != "sae_match_lens.Permutation" or "indices" not in tensors:
+            raise PermutationFileError(f"{path} is not a sae_match_lens permutation file.")
+        perm = cls(tensors["indices"], int(record["n_target"]), record.get("metadata", {}))
+        if perm.checksum() != record.get("checksum"):
+            raise PermutationFileError(
+                f"{path}: checksum mismatch (the file or its sidecar was modified or truncated)."
+            )
+        for role, sae in (("source", source), ("target", target)):
+            if sae is not None:
+                _check_identity(path, role, record.get("metadata", {}).get(role), sae,
+                                perm.n_source if role == "source" else perm.n_target)
+        return perm
+
+
+def _check_identity(path: Path, role: str, recorded: Mapping[str, Any] | None, sae: Any,
+                    width: int) -> None:
+    from .adapters import describe_sae, sae_identity
+
+    actual = sae_identity(sae)
+    if actual["d_sae"] != width:
+        raise PermutationFileError(
+            f"{path}: the permutation's {role} side has {width} features but {describe_sae(sae)} "
+            f"has d_sae={actual['d_sae']}; this permutation was made for other SAEs."
+        )
+    if not recorded:
+        return
+    for key in ("hook_name", "d_sae", "fingerprint", "release", "sae_id"):
+        if recorded.get(key) is not None and recorded.get(key) != actual[key]:
+            raise PermutationFileError(
+                f"{path}: the permutation's {role} SAE had {key}={recorded.get(key)!r}, but "
+                f"{describe_sae(sae)} has {key}={actual[key]!r}; it was made for another SAE. "
+                "Re-run the matching for these SAEs, or load without source/target to skip the check."
+            )
+
+
+def _temp_beside(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot store {type(value).__name__} in permutation metadata")
