@@ -1,0 +1,335 @@
+"""Data-free matching of two SAEs' features: ``match(sae_a, sae_b) -> MatchResult``.
+
+The permutation minimises the summed matching cost (:mod:`sae_match_lens.costs`) between
+the folded parameters of SAE A's features and SAE B's features, a linear assignment problem.
+The full cost matrix is built block by block into one ``n_a × n_b`` float32 array (the only
+one alive), then solved exactly:
+
+* ``solver="lapjv"``: the Jonker–Volgenant solver of the ``lapjv`` package, whose dual
+  variables are checked against the whole cost matrix afterwards (a certificate of optimality);
+* ``solver="scipy"``: ``scipy.optimize.linear_sum_assignment`` (the reference);
+* ``solver="auto"``: lapjv where it is safe (n < 46342; larger sizes crash lapjv 1.3.29),
+  otherwise scipy.
+
+**Unmatched features.** With ``max_cost=λ`` a source feature may stay unmatched at cost λ. This is
+solved inside the same optimal assignment: leaving row ``i`` unmatched is a dummy partner of
+cost λ, and the problem "pairs + dummies" has the same optimum as the full assignment on
+``min(C, λ)`` (any pair costing ≥ λ is no better than its dummy). So the matrix is clamped at λ
+in place, solved once, and pairs whose true cost is ≥ λ become -1. Unequal widths give a
+rectangular assignment; the excess features are unmatched. ``max_cost="auto"`` picks λ from a
+data-free null model (:func:`null_max_cost`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import describe_sae, feature_view, sae_identity
+from .costs import CostWeights, Metric, StackedFeatures, cost_blocks, stack_features
+from .permutation import Permutation
+
+__all__ = ["LAPJV_MAX_N", "MatchResult", "Solver", "match", "match_features", "null_max_cost"]
+
+logger = logging.getLogger(__name__)
+
+Solver = Literal["auto", "lapjv", "scipy"]
+LAPJV_MAX_N = 46341
+"""Largest square size passed to lapjv (lapjv 1.3.29 overflows an int32 index at n ≥ 46342)."""
+
+
+class MatchResult(NamedTuple):
+    """The result of matching SAE A's features to SAE B's."""
+
+    permutation: Permutation
+    """``permutation.indices[i] = j``: A's feature i ↔ B's feature j (-1: no partner)."""
+    cost_F: torch.Tensor
+    """Cost of each source feature's assigned pair [n_a] (float32; NaN where unmatched)."""
+    total_cost: float
+    """Sum of ``cost_F`` over matched features (float64)."""
+    margin_F: torch.Tensor
+    """Best alternative cost minus assigned cost, per source feature [n_a]: how much cheaper
+    the assigned partner is than the second-best one (≤ 0 when the global assignment took a
+    column that is not the row's cheapest; for unmatched rows: second-best minus best cost)."""
+    max_cost: float | None
+    """The cost above which features stayed unmatched (``None``: full assignment)."""
+    certified: bool
+    """True when the assignment is known to be optimal: dual certificate checked on the whole
+    cost matrix (lapjv), or solved by scipy's exact reference solver."""
+    gap: float
+    """Upper bound on ``total − optimum`` from the dual certificate (0 for scipy)."""
+    solver: str
+    """The solver that produced the assignment."""
+    options: dict[str, Any]
+    """Matching options (fold, metric, weights, max_cost, solver) for provenance."""
+
+    @property
+    def matched(self) -> torch.Tensor:
+        """Boolean mask [n_a] of source features that have a partner."""
+        return self.permutation.matched
+
+
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _check_pair(sae_a: Any, sae_b: Any, weights: CostWeights) -> None:
+    a_in, b_in = sae_a.cfg.d_in, sae_b.cfg.d_in
+    a_out = getattr(sae_a.cfg, "d_out", a_in)
+    b_out = getattr(sae_b.cfg, "d_out", b_in)
+    if weights.encoder and a_in != b_in:
+        raise ValueError(
+            f"cannot compare encoders: {describe_sae(sae_a)} has d_in={a_in} but "
+            f"{describe_sae(sae_b)} has d_in={b_in}. Match SAEs on the same model's residual "
+            "stream, or set the encoder weight to 0."
+        )
+    if weights.decoder and a_out != b_out:
+        raise ValueError(
+            f"cannot compare decoders: {describe_sae(sae_a)} writes {a_out} dims but "
+            f"{describe_sae(sae_b)} writes {b_out}. Set the decoder weight to 0 to match on "
+            "encoders only."
+        )
+
+
+def match(
+    sae_a: Any,
+    sae_b: Any,
+    *,
+    fold: bool = True,
+    weights: CostWeights | Mapping[str, float] | None = None,
+    metric: Metric = "mse",
+    max_cost: float | Literal["auto"] | None = None,
+    solver: Solver = "auto",
+    block_rows: int = 1024,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> MatchResult:
+    """Match SAE A's features to SAE B's without data (SAE Match).
+
+    Args:
+        sae_a: source SAE (layer A), any supported SAELens inference SAE.
+        sae_b: target SAE (layer B).
+        fold: compare folded parameters (threshold units for JumpReLU); ``False`` compares raw
+            parameters (the "unfolded" baseline).
+        weights: weights of the decoder rows, encoder columns and b_enc in the cost
+            (:class:`CostWeights` or a mapping); default: all three (cosine: decoder+encoder).
+        metric: ``"mse"`` (summed squared distances, the paper's) or ``"cosine"``.
+        max_cost: leave a source feature unmatched when no partner costs less than this;
+            ``"auto"`` picks it from a null model (:func:`null_max_cost`); ``None`` forces a
+            full one-to-one assignment as in the paper.
+        solver: ``"auto"``, ``"lapjv"`` or ``"scipy"`` (all exact).
+        block_rows: rows of the cost matrix computed at a time.
+        device: where cost blocks are computed (default: SAE A's device).
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`MatchResult`; its permutation's metadata records both SAEs' identities and
+        these options, so ``result.permutation.save(path)`` keeps the provenance.
+
+    Example:
+        >>> result = match(sae_layer_3, sae_layer_4)
+        >>> result.permutation.indices[17]  # feature 17 of layer 3 ↔ this feature of layer 4
+    """
+    w = CostWeights.resolve(weights, metric)
+    _check_pair(sae_a, sae_b, w)
+    view_a = feature_view(sae_a, fold=fold)
+    view_b = feature_view(sae_b, fold=fold)
+    stacked_a, stacked_b = stack_features(view_a, w, metric), stack_features(view_b, w, metric)
+    if max_cost == "auto":
+        max_cost = null_max_cost(sae_a, sae_b, fold=fold, weights=w, metric=metric)
+    options = {
+        "fold": fold, "metric": metric, "weights": w.as_dict(), "max_cost": max_cost,
+        "solver": solver,
+    }
+    result = match_features(
+        stacked_a, stacked_b, max_cost=max_cost, solver=solver, block_rows=block_rows,
+        device=device, progress=progress, options=options,
+        label=f"{view_a.hook_name} -> {view_b.hook_name}",
+    )
+    metadata = {"source": sae_identity(sae_a), "target": sae_identity(sae_b), "options": options}
+    perm = Permutation(result.permutation.indices, result.permutation.n_target, metadata)
+    return result._replace(permutation=perm)
+
+
+def match_features(
+    a: StackedFeatures,
+    b: StackedFeatures,
+    *,
+    max_cost: float | None = None,
+    solver: Solver = "auto",
+    block_rows: int = 1024,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    options: dict[str, Any] | None = None,
+    label: str = "match",
+) -> MatchResult:
+    """Solve the assignment between two stacked feature sets (the engine behind :func:`match`)."""
+    if max_cost is not None and not (isinstance(max_cost, int | float) and math.isfinite(max_cost)):
+        raise ValueError(f"max_cost must be a finite number, 'auto' or None, got {max_cost!r}.")
+    if solver not in ("auto", "lapjv", "scipy"):
+        raise ValueError(f"solver must be 'auto', 'lapjv' or 'scipy', got {solver!r}.")
+    n_a, n_b = a.matrix_FK.shape[0], b.matrix_FK.shape[0]
+    n = max(n_a, n_b)
+    if solver == "auto":
+        solver = "lapjv" if n <= LAPJV_MAX_N else "scipy"
+    if solver == "lapjv" and n > LAPJV_MAX_N:
+        raise ValueError(
+            f"lapjv cannot solve n={n} (it crashes at n >= {LAPJV_MAX_N + 1}); use solver='scipy'."
+        )
+    shape = (n, n) if solver == "lapjv" else (n_a, n_b)
+    need = shape[0] * shape[1] * 4 * (3 if solver == "scipy" else 1)
+    free = _available_bytes()
+    if need > 0.9 * free:
+        raise MemoryError(
+            f"{label}: the dense {solver} solve of a {n_a}x{n_b} cost matrix needs about "
+            f"{need / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB is available. Match on a "
+            "machine with more memory, or use fewer features."
+        )
+    t0 = time.perf_counter()
+    C = torch.zeros(shape, dtype=torch.float32)
+    best2 = torch.empty((n_a, 2), dtype=torch.float32)
+    argbest = torch.empty(n_a, dtype=torch.int64)
+    bar = tqdm(total=n_a, desc=f"cost {label}", unit="row", disable=not progress, leave=False)
+    for r0, r1, block in cost_blocks(a, b, block_rows=block_rows, device=device, out=C):
+        k = min(2, n_b)
+        vals, idx = torch.topk(block, k, dim=1, largest=False)
+        best2[r0:r1, :k] = vals
+        if k < 2:
+            best2[r0:r1, 1] = float("inf")
+        argbest[r0:r1] = idx[:, 0]
+        bar.update(r1 - r0)
+    bar.close()
+    t_cost = time.perf_counter() - t0
+    if max_cost is not None:
+        C[:n_a, :n_b].clamp_(max=float(max_cost))
+    rows_np, cols_np, certified, gap = _solve(C, n_a, n_b, solver)
+    rows = torch.from_numpy(np.asarray(rows_np, dtype=np.int64))
+    cols = torch.from_numpy(np.asarray(cols_np, dtype=np.int64))
+    t_solve = time.perf_counter() - t0 - t_cost
+    indices = torch.full((n_a,), -1, dtype=torch.int64)
+    indices[rows] = cols
+    cost = torch.full((n_a,), float("nan"), dtype=torch.float32)
+    cost[rows] = C[rows, cols]
+    if max_cost is not None:
+        over = cost >= max_cost
+        indices[over] = -1
+        cost[over] = float("nan")
+    matched = indices >= 0
+    margin = best2[:, 1] - best2[:, 0]
+    took_best = indices == argbest
+    margin = torch.where(matched & ~took_best, best2[:, 0] - cost, margin)
+    total = float(cost[matched].to(torch.float64).sum())
+    logger.info("%s: %d/%d matched, total cost %.6g, costs %.2fs, %s solve %.2fs, certified=%s",
+                label, int(matched.sum()), n_a, total, t_cost, solver, t_solve, certified)
+    return MatchResult(
+        permutation=Permutation(indices, n_b),
+        cost_F=cost, total_cost=total, margin_F=margin,
+        max_cost=None if max_cost is None else float(max_cost),
+        certified=certified, gap=gap, solver=solver, options=dict(options or {}),
+    )
+
+
+def _solve(C: torch.Tensor, n_a: int, n_b: int, solver: str) -> tuple[np.ndarray, np.ndarray, bool, float]:
+    """Exact assignment on ``C`` (square padded for lapjv); returns real (row, col) pairs."""
+    if solver == "scipy":
+        from scipy.optimize import linear_sum_assignment
+
+        rows, cols = linear_sum_assignment(C.numpy())
+        return rows, cols, True, 0.0
+    from lapjv import lapjv
+
+    C_np = C.numpy()
+    row_to_col, _, (_, u, v) = lapjv(C_np)
+    row_to_col = np.asarray(row_to_col, dtype=np.int64)
+    n = C.shape[0]
+    if sorted(row_to_col.tolist()) != list(range(n)):
+        raise RuntimeError("lapjv returned an invalid assignment; use solver='scipy'.")
+    primal = float(C_np[np.arange(n), row_to_col].astype(np.float64).sum())
+    certified, gap = _dual_certificate(C, torch.from_numpy(np.asarray(u, dtype=np.float64)),
+                                       torch.from_numpy(np.asarray(v, dtype=np.float64)), primal)
+    rows = np.arange(n_a)
+    cols = row_to_col[:n_a]
+    real = cols < n_b
+    return rows[real], cols[real], certified, gap
+
+
+def _dual_certificate(C: torch.Tensor, u: torch.Tensor, v: torch.Tensor, primal: float,
+                      block_rows: int = 2048) -> tuple[bool, float]:
+    """Check duals (u, v) against every entry of ``C``; return (certified, gap bound).
+
+    Lowering each ``u_i`` by its most negative reduced cost ``min_j (C_ij − u_i − v_j)`` makes
+    the duals feasible, so ``Σu' + Σv`` is a lower bound on the optimum and
+    ``gap = primal − (Σu' + Σv)`` bounds the distance of the assignment from it.
+    """
+    v32 = v.to(torch.float32)
+    u_feasible = u.clone()
+    for r0 in range(0, C.shape[0], block_rows):
+        r1 = min(C.shape[0], r0 + block_rows)
+        reduced_min = (C[r0:r1] - v32[None, :]).min(dim=1).values.to(torch.float64) - u[r0:r1]
+        u_feasible[r0:r1] += reduced_min.clamp(max=0.0)
+    dual = float(u_feasible.sum() + v.sum())
+    gap = max(0.0, primal - dual)
+    tol = 1e-5 * max(1.0, abs(primal)) + 1e-6 * C.shape[0]
+    return gap <= tol, gap
+
+
+def null_max_cost(
+    sae_a: Any,
+    sae_b: Any,
+    *,
+    fold: bool = True,
+    weights: CostWeights | Mapping[str, float] | None = None,
+    metric: Metric = "mse",
+    quantile: float = 0.01,
+    n_rows: int = 2048,
+    seed: int = 0,
+) -> float:
+    """A data-free ``max_cost``: the cost that chance alone rarely beats.
+
+    The null model is SAE B's dictionary in a random orthonormal basis of the residual stream
+    (its encoder and decoder vectors rotated by one Haar-random orthogonal matrix): it keeps
+    all of B's geometry (norms, angles between features, biases) but none of its alignment with
+    A. For ``n_rows`` random features of A the cheapest null partner is found; the returned
+    threshold is the ``quantile`` of those best-by-chance costs. With it, a feature of A that
+    has no true partner in B is matched with probability about ``quantile``.
+    """
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}.")
+    w = CostWeights.resolve(weights, metric)
+    _check_pair(sae_a, sae_b, w)
+    gen = torch.Generator().manual_seed(seed)
+    view_a, view_b = feature_view(sae_a, fold=fold), feature_view(sae_b, fold=fold)
+    rows = torch.randperm(view_a.d_sae, generator=gen)[: min(n_rows, view_a.d_sae)]
+
+    def rotate(t: torch.Tensor) -> torch.Tensor:
+        q, r = torch.linalg.qr(torch.randn(t.shape[1], t.shape[1], generator=gen, dtype=torch.float64))
+        q = q * torch.sign(torch.diagonal(r))[None, :]
+        return (t.to(torch.float64) @ q.to(t.device)).to(t.dtype)
+
+    null_b = dataclasses.replace(view_b, encoder_FD=rotate(view_b.encoder_FD),
+                                 decoder_FO=rotate(view_b.decoder_FO))
+    sub_a = dataclasses.replace(view_a, encoder_FD=view_a.encoder_FD[rows],
+                                decoder_FO=view_a.decoder_FO[rows], bias_FB=view_a.bias_FB[rows],
+                                threshold_F=None)
+    stacked_a, stacked_b = stack_features(sub_a, w, metric), stack_features(null_b, w, metric)
+    best = torch.cat([blk.min(dim=1).values for _, _, blk in cost_blocks(stacked_a, stacked_b)])
+    value = float(torch.quantile(best.to(torch.float64), quantile))
+    logger.info("null max_cost for %s -> %s: %.6g (quantile %.3g of %d best-by-chance costs)",
+                view_a.hook_name, view_b.hook_name, value, quantile, len(best))
+    return value
