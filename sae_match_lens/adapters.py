@@ -24,7 +24,8 @@ Conventions (shared by the whole package):
     the output, the only scale such an SAE has. Rows whose decoder is exactly
     zero keep ``s = 1``.
   - TopK / AbsTopK with ``rescale_acts_by_decoder_norm=True``: the same
-    decoder-norm rule (exact, as SAELens' own fold shows).
+    decoder-norm rule (exact, as SAELens' own fold shows). Their ``encode`` output
+    is already ``pre-activation × ‖W_dec[i]‖``, so it is unchanged by the fold.
   - TopK / AbsTopK without it: ``s = 1``. The top-k selection compares raw
     pre-activations across features, so any non-uniform per-feature scale would
     change which features fire; the raw scale is already the canonical one.
@@ -51,6 +52,7 @@ from sae_lens import (
     SkipTranscoder,
     StandardSAE,
     TopKSAE,
+    TrainingSAE,
     Transcoder,
 )
 from sae_lens.saes.abstopk_sae import AbsTopKSAE
@@ -141,16 +143,16 @@ def _spec_of(sae: Any) -> ArchitectureSpec:
     arch = sae.cfg.architecture()
     spec = ARCHITECTURES.get(arch)
     known = ", ".join(sorted(ARCHITECTURES))
+    if isinstance(sae, TrainingSAE):
+        raise ValueError(
+            f"{describe_sae(sae)}: {type(sae).__name__} is a training SAE; sae_match_lens works on "
+            "inference SAEs. Save it with save_inference_model() and load the inference SAE with "
+            "SAE.load_from_disk()."
+        )
     if spec is None:
-        hint = ""
-        if hasattr(sae, "save_inference_model") or "Training" in type(sae).__name__:
-            hint = (
-                " Training SAEs are not accepted: save with save_inference_model() and "
-                "load the inference SAE with SAE.load_from_disk()."
-            )
         raise ValueError(
             f"{describe_sae(sae)}: architecture '{arch}' ({type(sae).__name__}) is not supported "
-            f"by sae_match_lens. Supported architectures: {known}.{hint}"
+            f"by sae_match_lens. Supported architectures: {known}."
         )
     if type(sae) is not spec.sae_class:
         raise ValueError(
@@ -309,6 +311,7 @@ def rescale(sae: SAE, scales_F: torch.Tensor) -> SAE:
             "pre-activations, so non-uniform per-feature scales would change its output."
         )
     new = copy.deepcopy(sae)
+    new._buffers.pop(FOLD_SCALES_BUFFER, None)  # a re-parametrised copy is no longer a fold() result
     with torch.no_grad():
         new.W_enc.data = _scaled(sae.W_enc, 1.0 / s[None, :])
         new.W_dec.data = _scaled(sae.W_dec, s[:, None])
@@ -320,10 +323,14 @@ def rescale(sae: SAE, scales_F: torch.Tensor) -> SAE:
             new.threshold = torch.nn.Parameter(
                 _scaled(theta.contiguous(), 1.0 / s), requires_grad=sae.threshold.requires_grad
             )
-    previous = getattr(sae, FOLD_SCALES_BUFFER, None)
-    total = s if previous is None else previous.to(s) * s
-    new.register_buffer(FOLD_SCALES_BUFFER, total, persistent=False)
     return new
+
+
+def _record_fold_scales(sae: SAE, scales_F: torch.Tensor | None) -> SAE:
+    sae._buffers.pop(FOLD_SCALES_BUFFER, None)
+    if scales_F is not None:
+        sae.register_buffer(FOLD_SCALES_BUFFER, scales_F, persistent=False)
+    return sae
 
 
 def fold(sae: SAE) -> SAE:
@@ -336,7 +343,10 @@ def fold(sae: SAE) -> SAE:
         >>> folded = fold(sae)
         >>> torch.testing.assert_close(folded.decode(folded.encode(x)), sae.decode(sae.encode(x)))
     """
-    return rescale(sae, fold_scales(sae))
+    s = fold_scales(sae)
+    previous = getattr(sae, FOLD_SCALES_BUFFER, None)
+    total = s if previous is None else previous.to(s) * s
+    return _record_fold_scales(rescale(sae, s), total)
 
 
 def unfold(sae: SAE, scales_F: torch.Tensor | None = None) -> SAE:
@@ -359,12 +369,7 @@ def unfold(sae: SAE, scales_F: torch.Tensor | None = None) -> SAE:
                 "(the fold scales are not saved with the SAE). Keep the original SAE, or call "
                 "unfold(sae, scales_F=fold_scales(original))."
             )
-    s = torch.as_tensor(scales_F).to(torch.float64)
-    new = rescale(sae, 1.0 / s)
-    total = getattr(new, FOLD_SCALES_BUFFER)
-    if bool(torch.allclose(total, torch.ones_like(total), rtol=1e-12, atol=0)):
-        del new._buffers[FOLD_SCALES_BUFFER]
-    return new
+    return _record_fold_scales(rescale(sae, 1.0 / torch.as_tensor(scales_F).to(torch.float64)), None)
 
 
 def feature_view(sae: SAE, *, fold: bool = True, dtype: torch.dtype = torch.float32) -> FeatureView:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import describe_sae, feature_view, sae_identity
+from .adapters import describe_sae, feature_view, hook_name_of, sae_identity
 from .costs import CostWeights, Metric, StackedFeatures, cost_blocks, stack_features
 from .permutation import Permutation
 
@@ -119,6 +119,7 @@ def match(
     block_rows: int = 1024,
     device: torch.device | str | None = None,
     progress: bool = True,
+    features: tuple[StackedFeatures, StackedFeatures] | None = None,
 ) -> MatchResult:
     """Match SAE A's features to SAE B's without data (SAE Match).
 
@@ -137,6 +138,9 @@ def match(
         block_rows: rows of the cost matrix computed at a time.
         device: where cost blocks are computed (default: SAE A's device).
         progress: show a progress bar.
+        features: ``stack_features`` of both SAEs computed with these same ``fold``,
+            ``weights`` and ``metric`` (as :func:`~sae_match_lens.chain.match_chain` does, to
+            fold each SAE of a stack once); computed here when omitted.
 
     Returns:
         A :class:`MatchResult`; its permutation's metadata records both SAEs' identities and
@@ -148,9 +152,14 @@ def match(
     """
     w = CostWeights.resolve(weights, metric)
     _check_pair(sae_a, sae_b, w)
-    view_a = feature_view(sae_a, fold=fold)
-    view_b = feature_view(sae_b, fold=fold)
-    stacked_a, stacked_b = stack_features(view_a, w, metric), stack_features(view_b, w, metric)
+    if features is None:
+        features = (stack_features(feature_view(sae_a, fold=fold), w, metric),
+                    stack_features(feature_view(sae_b, fold=fold), w, metric))
+    stacked_a, stacked_b = features
+    for sae, stacked in ((sae_a, stacked_a), (sae_b, stacked_b)):
+        if stacked.matrix_FK.shape[0] != sae.cfg.d_sae:
+            raise ValueError(f"precomputed features have {stacked.matrix_FK.shape[0]} rows but "
+                             f"{describe_sae(sae)} has d_sae={sae.cfg.d_sae}.")
     if max_cost == "auto":
         max_cost = null_max_cost(sae_a, sae_b, fold=fold, weights=w, metric=metric)
     options = {
@@ -160,7 +169,7 @@ def match(
     result = match_features(
         stacked_a, stacked_b, max_cost=max_cost, solver=solver, block_rows=block_rows,
         device=device, progress=progress, options=options,
-        label=f"{view_a.hook_name} -> {view_b.hook_name}",
+        label=f"{hook_name_of(sae_a)} -> {hook_name_of(sae_b)}",
     )
     metadata = {"source": sae_identity(sae_a), "target": sae_identity(sae_b), "options": options}
     perm = Permutation(result.permutation.indices, result.permutation.n_target, metadata)

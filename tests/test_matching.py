@@ -1,0 +1,211 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from helpers import build_sae, planted_pair
+from scipy.optimize import linear_sum_assignment
+
+from sae_match_lens import Permutation, fold
+from sae_match_lens import matching as matching_module
+from sae_match_lens.matching import match, null_max_cost
+
+
+def _manual_cost(sae_a, sae_b, folded=True, w=(1.0, 1.0, 1.0)):
+    """Independent cost matrix: summed squared distances of (folded) parameters, in float64."""
+    a, b = (fold(sae_a), fold(sae_b)) if folded else (sae_a, sae_b)
+
+    def parts(s):
+        return (s.W_dec.double(), s.W_enc.T.double(), s.b_enc.double()[:, None])
+
+    with torch.no_grad():
+        return sum(wk * torch.cdist(pa, pb).pow(2) for wk, pa, pb in zip(w, parts(a), parts(b), strict=True))
+
+
+def test_folded_matching_recovers_a_planted_permutation_exactly_without_noise():
+    pair = planted_pair(d_sae=256, noise=0.0, seed=1)
+    result = match(pair.sae_a, pair.sae_b, progress=False)
+    assert result.permutation == pair.truth
+    assert result.certified and result.gap < 1e-3
+
+
+def test_folded_matching_recovers_99_percent_at_moderate_noise_where_unfolded_fails():
+    pair = planted_pair(d_sae=384, noise=0.3, seed=2)
+    folded = match(pair.sae_a, pair.sae_b, progress=False).permutation
+    unfolded = match(pair.sae_a, pair.sae_b, fold=False, progress=False).permutation
+    assert pair.truth.agreement(folded) >= 0.99
+    assert pair.truth.agreement(unfolded) < pair.truth.agreement(folded) - 0.2
+
+
+def test_costs_equal_an_independent_computation():
+    sae_a, sae_b = build_sae("jumprelu", seed=0), build_sae("jumprelu", seed=1)
+    C = _manual_cost(sae_a, sae_b)
+    result = match(sae_a, sae_b, progress=False)
+    i = torch.arange(48)
+    torch.testing.assert_close(result.cost_F.double(), C[i, result.permutation.indices],
+                               rtol=1e-4, atol=1e-5)
+    rows, cols = linear_sum_assignment(C.numpy())
+    assert result.total_cost == pytest.approx(float(C[rows, cols].sum()), rel=1e-5)
+
+
+def test_margins_equal_a_brute_force_computation():
+    sae_a, sae_b = build_sae("jumprelu", seed=3), build_sae("jumprelu", seed=4)
+    C = _manual_cost(sae_a, sae_b)
+    result = match(sae_a, sae_b, progress=False)
+    for i, j in enumerate(result.permutation.indices.tolist()):
+        others = torch.cat([C[i, :j], C[i, j + 1:]])
+        assert result.margin_F[i].item() == pytest.approx(float(others.min() - C[i, j]), rel=1e-5, abs=1e-4)
+
+
+@pytest.mark.parametrize("n", [3, 5, 6])
+def test_assignment_is_optimal_by_brute_force_on_tiny_inputs(n):
+    sae_a, sae_b = build_sae("standard", d_sae=n, seed=n), build_sae("standard", d_sae=n, seed=n + 10)
+    C = _manual_cost(sae_a, sae_b).numpy()
+    best = min(sum(C[i, p[i]] for i in range(n)) for p in itertools.permutations(range(n)))
+    for solver in ("lapjv", "scipy"):
+        assert match(sae_a, sae_b, solver=solver, progress=False).total_cost == pytest.approx(best, rel=1e-5)
+
+
+def test_lapjv_and_scipy_agree_on_a_larger_instance():
+    pair = planted_pair(d_sae=300, noise=1.0, seed=5)
+    lap = match(pair.sae_a, pair.sae_b, solver="lapjv", progress=False)
+    ref = match(pair.sae_a, pair.sae_b, solver="scipy", progress=False)
+    assert lap.total_cost == pytest.approx(ref.total_cost, rel=1e-5)
+    assert lap.solver == "lapjv" and ref.solver == "scipy"
+
+
+def test_max_cost_solves_the_partial_matching_optimally_by_brute_force():
+    n = 5
+    sae_a, sae_b = build_sae("jumprelu", d_sae=n, seed=7), build_sae("jumprelu", d_sae=n, seed=8)
+    C = _manual_cost(sae_a, sae_b).numpy()
+    lam = float(np.median(C))
+    best = np.inf
+    for p in itertools.permutations(range(-1, n), n):  # -1 entries: unmatched
+        used = [j for j in p if j >= 0]
+        if len(used) != len(set(used)):
+            continue
+        best = min(best, sum(C[i, j] if j >= 0 else lam for i, j in enumerate(p)))
+    for solver in ("lapjv", "scipy"):
+        result = match(sae_a, sae_b, max_cost=lam, solver=solver, progress=False)
+        unmatched = n - result.permutation.n_matched
+        assert result.total_cost + lam * unmatched == pytest.approx(best, rel=1e-5)
+        assert torch.isnan(result.cost_F[~result.matched]).all()
+        assert (result.cost_F[result.matched] < lam).all()
+
+
+def test_max_cost_leaves_features_without_partners_unmatched():
+    pair = planted_pair(d_sae=256, noise=0.2, seed=6)
+    foreign = planted_pair(d_sae=256, seed=99).sae_b
+    with torch.no_grad():  # replace B's partners of A's first 40 features by unrelated features
+        targets = pair.truth.indices[:40]
+        pair.sae_b.W_enc[:, targets] = foreign.W_enc[:, targets]
+        pair.sae_b.W_dec[targets] = foreign.W_dec[targets]
+    result = match(pair.sae_a, pair.sae_b, max_cost="auto", progress=False)
+    assert result.max_cost is not None and result.max_cost > 0
+    unmatched = ~result.matched
+    assert unmatched[:40].float().mean() >= 0.9
+    assert unmatched[40:].float().mean() <= 0.02
+    assert pair.truth.agreement(result.permutation) >= 0.8
+    full = match(pair.sae_a, pair.sae_b, progress=False)
+    assert full.permutation.n_matched == 256 and full.max_cost is None
+
+
+def test_null_max_cost_sits_between_true_and_chance_costs():
+    pair = planted_pair(d_sae=256, noise=0.2, seed=11)
+    lam = null_max_cost(pair.sae_a, pair.sae_b)
+    result = match(pair.sae_a, pair.sae_b, progress=False)
+    assert result.cost_F.max() < lam < result.cost_F.mean() * 50
+
+
+@pytest.mark.parametrize(("n_a", "n_b"), [(40, 64), (64, 40)])
+def test_unequal_widths_give_an_optimal_rectangular_assignment(n_a, n_b):
+    sae_a, sae_b = build_sae("jumprelu", d_sae=n_a, seed=1), build_sae("jumprelu", d_sae=n_b, seed=2)
+    C = _manual_cost(sae_a, sae_b).numpy()
+    rows, cols = linear_sum_assignment(C)
+    for solver in ("lapjv", "scipy"):
+        result = match(sae_a, sae_b, solver=solver, progress=False)
+        assert result.permutation.n_source == n_a and result.permutation.n_target == n_b
+        assert result.permutation.n_matched == min(n_a, n_b)
+        assert result.total_cost == pytest.approx(float(C[rows, cols].sum()), rel=1e-5)
+
+
+def test_rectangular_planted_subset_is_recovered():
+    pair = planted_pair(d_sae=128, noise=0.1, seed=3)
+    keep = torch.arange(0, 128, 2)  # A keeps every other feature
+    sub = build_sae("jumprelu", d_in=32, d_sae=64)
+    with torch.no_grad():
+        sub.W_enc.copy_(pair.sae_a.W_enc[:, keep])
+        sub.W_dec.copy_(pair.sae_a.W_dec[keep])
+        sub.b_enc.copy_(pair.sae_a.b_enc[keep])
+        sub.threshold.copy_(pair.sae_a.threshold[keep])
+    result = match(sub, pair.sae_b, progress=False)
+    assert torch.equal(result.permutation.indices, pair.truth.indices[keep])
+
+
+def test_cosine_metric_recovers_the_planted_permutation():
+    pair = planted_pair(d_sae=256, noise=0.1, seed=4)
+    result = match(pair.sae_a, pair.sae_b, metric="cosine", progress=False)
+    assert pair.truth.agreement(result.permutation) >= 0.99
+    assert result.options["weights"] == {"decoder": 1.0, "encoder": 1.0, "b_enc": 0.0}
+
+
+def test_cost_weights_select_blocks():
+    sae_a, sae_b = build_sae("jumprelu", seed=0), build_sae("jumprelu", seed=1)
+    C = _manual_cost(sae_a, sae_b, w=(1.0, 0.0, 0.0))
+    result = match(sae_a, sae_b, weights={"decoder": 1.0}, progress=False)
+    rows, cols = linear_sum_assignment(C.numpy())
+    assert result.total_cost == pytest.approx(float(C[rows, cols].sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"weights": {"b_dec": 1.0}}, "unknown cost weight"),
+        ({"weights": {"decoder": 0.0}}, "at least one cost weight"),
+        ({"weights": {"decoder": -1.0}}, "finite number >= 0"),
+        ({"metric": "cosine", "weights": {"b_enc": 1.0}}, "scalar b_enc has none"),
+        ({"metric": "l1"}, "metric must be"),
+        ({"solver": "hungarian"}, "solver must be"),
+        ({"max_cost": float("nan")}, "max_cost must be"),
+    ],
+)
+def test_bad_options_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        match(build_sae("jumprelu"), build_sae("jumprelu", seed=1), progress=False, **kwargs)
+
+
+def test_mismatched_d_in_names_both_saes():
+    a = build_sae("jumprelu", d_in=16, hook_name="blocks.1.hook_resid_post")
+    b = build_sae("jumprelu", d_in=24, hook_name="blocks.2.hook_resid_post")
+    with pytest.raises(ValueError, match=r"blocks\.1\.hook_resid_post.*d_in=16.*blocks\.2\.hook_resid_post.*d_in=24"):
+        match(a, b, progress=False)
+
+
+def test_nan_weights_and_bad_thresholds_are_refused():
+    a, b = build_sae("jumprelu"), build_sae("jumprelu", seed=1, hook_name="blocks.3.hook_resid_post")
+    with torch.no_grad():
+        b.threshold[5] = -0.5
+    with pytest.raises(ValueError, match=r"blocks\.3\.hook_resid_post.*1 of 48 features have threshold <= 0"):
+        match(a, b, progress=False)
+    assert match(a, b, fold=False, progress=False).permutation.n_matched == 48
+    with torch.no_grad():
+        b.b_enc[0] = float("inf")
+    with pytest.raises(ValueError, match="b_enc has 1 non-finite"):
+        match(a, b, fold=False, progress=False)
+
+
+def test_memory_guard_refuses_before_allocating(monkeypatch):
+    monkeypatch.setattr(matching_module, "_available_bytes", lambda: 1024)
+    with pytest.raises(MemoryError, match=r"needs about .* GiB, but only .* GiB is available"):
+        match(build_sae("jumprelu"), build_sae("jumprelu", seed=1), progress=False)
+
+
+def test_result_records_provenance_and_saves_with_it(tmp_path):
+    pair = planted_pair(d_sae=64, seed=8)
+    result = match(pair.sae_a, pair.sae_b, progress=False)
+    meta = result.permutation.metadata
+    assert meta["source"]["hook_name"] == "blocks.0.hook_resid_post"
+    assert meta["target"]["hook_name"] == "blocks.1.hook_resid_post"
+    assert meta["options"]["fold"] is True
+    path = result.permutation.save(tmp_path / "p.safetensors")
+    assert Permutation.load(path, source=pair.sae_a, target=pair.sae_b) == result.permutation
