@@ -65,7 +65,9 @@ class PeakMemory:
         self.peak = max(self.peak, rss_bytes())
 
 
-def synthetic_pair(n: int, d: int, *, noise: float = 0.3, seed: int = 0) -> tuple[JumpReLUSAE, JumpReLUSAE, torch.Tensor]:
+def synthetic_pair(
+    n: int, d: int, *, noise: float = 0.3, seed: int = 0
+) -> tuple[JumpReLUSAE, JumpReLUSAE, torch.Tensor]:
     """Two JumpReLU SAEs whose features correspond by a hidden permutation (returned)."""
     planted = planted_chain(2, d_in=d, d_sae=n, noise=noise, seed=seed)
     return planted.saes[0], planted.saes[1], planted.truths[0].indices

@@ -128,7 +128,7 @@ def describe_sae(sae: Any) -> str:
     cfg = getattr(sae, "cfg", None)
     try:
         arch = cfg.architecture()  # type: ignore[union-attr]
-    except Exception:  # noqa: BLE001 - any object may reach an error message
+    except Exception:
         arch = type(sae).__name__
     d_sae = getattr(cfg, "d_sae", "?")
     return f"SAE '{hook_name_of(sae)}' ({arch}, d_sae={d_sae})"

@@ -80,10 +80,10 @@ class ChainMatch:
                 f"a chain of {len(self.steps)} steps needs {len(self.steps) + 1} hook names, "
                 f"got {len(self.hook_names)}."
             )
-        for l, (p, q) in enumerate(zip(self.steps, self.steps[1:], strict=False)):
+        for layer, (p, q) in enumerate(zip(self.steps, self.steps[1:], strict=False)):
             if p.permutation.n_target != q.permutation.n_source:
                 raise ValueError(
-                    f"step {l} maps into {p.permutation.n_target} features but step {l + 1} "
+                    f"step {layer} maps into {p.permutation.n_target} features but step {layer + 1} "
                     f"starts from {q.permutation.n_source}."
                 )
 
@@ -204,9 +204,9 @@ def match_chain(
     previous = stack_features(feature_view(saes[0], fold=fold), w, metric)  # type: ignore[arg-type]
     steps = []
     pairs = tqdm(range(len(saes) - 1), desc="matching layers", unit="pair", disable=not progress)
-    for l in pairs:
-        current = stack_features(feature_view(saes[l + 1], fold=fold), w, metric)  # type: ignore[arg-type]
-        steps.append(match(saes[l], saes[l + 1], fold=fold, weights=w, metric=metric,  # type: ignore[arg-type]
+    for layer in pairs:
+        current = stack_features(feature_view(saes[layer + 1], fold=fold), w, metric)  # type: ignore[arg-type]
+        steps.append(match(saes[layer], saes[layer + 1], fold=fold, weights=w, metric=metric,  # type: ignore[arg-type]
                            progress=False, features=(previous, current), **match_kwargs))
         previous = current
     return ChainMatch(tuple(steps), tuple(hook_name_of(s) for s in saes))
@@ -244,10 +244,10 @@ def compare_composed_direct(
     saes = list(saes)
     if len(saes) != chain.n_layers:
         raise ValueError(f"the chain has {chain.n_layers} layers but {len(saes)} SAEs were given.")
-    for l, sae in enumerate(saes):
-        if hook_name_of(sae) != chain.hook_names[l]:
-            raise ValueError(f"SAE {l} is {describe_sae(sae)} but the chain has "
-                             f"'{chain.hook_names[l]}' at layer {l}.")
+    for layer, sae in enumerate(saes):
+        if hook_name_of(sae) != chain.hook_names[layer]:
+            raise ValueError(f"SAE {layer} is {describe_sae(sae)} but the chain has "
+                             f"'{chain.hook_names[layer]}' at layer {layer}.")
     pairs = [(s, s + d) for d in range(2, max_distance + 1) for s in range(chain.n_layers - d)]
     checks = []
     for src, dst in tqdm(pairs, desc="direct matches", unit="pair", disable=not progress):

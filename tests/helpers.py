@@ -91,7 +91,7 @@ def build_sae(
     sae = cls(cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in sae.named_parameters():
+        for param in sae.parameters():
             param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
         sae.W_dec.mul_(torch.exp(torch.randn(d_sae, 1, generator=gen)))
         if hasattr(sae, "threshold"):

@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 from helpers import build_sae, planted_chain
 
 from sae_match_lens import Permutation
@@ -37,8 +36,8 @@ def test_trace_follows_a_feature_with_per_step_costs(chain_and_truth):
         expected.append(int(truth.indices[expected[-1]]))
     assert path.features == expected and path.complete
     assert math.isnan(path.steps[0].cost)
-    assert [s.hook_name for s in path.steps] == [f"blocks.{l}.hook_resid_post" for l in range(4)]
-    costs = [float(chain.steps[l].cost_F[expected[l]]) for l in range(3)]
+    assert [s.hook_name for s in path.steps] == [f"blocks.{k}.hook_resid_post" for k in range(4)]
+    costs = [float(chain.steps[k].cost_F[expected[k]]) for k in range(3)]
     assert [s.cost for s in path.steps[1:]] == costs
     assert path.total_cost == pytest.approx(sum(costs))
 

@@ -177,7 +177,8 @@ def test_bad_options_are_clear_errors(kwargs, message):
 def test_mismatched_d_in_names_both_saes():
     a = build_sae("jumprelu", d_in=16, hook_name="blocks.1.hook_resid_post")
     b = build_sae("jumprelu", d_in=24, hook_name="blocks.2.hook_resid_post")
-    with pytest.raises(ValueError, match=r"blocks\.1\.hook_resid_post.*d_in=16.*blocks\.2\.hook_resid_post.*d_in=24"):
+    pattern = r"blocks\.1\.hook_resid_post.*d_in=16.*blocks\.2\.hook_resid_post.*d_in=24"
+    with pytest.raises(ValueError, match=pattern):
         match(a, b, progress=False)
 
 

@@ -94,7 +94,8 @@ def test_agreement_counts_features_matched_in_either_map():
 
 
 def test_save_and_load_round_trip_with_provenance(tmp_path):
-    sae_a, sae_b = build_sae("jumprelu", seed=0), build_sae("jumprelu", seed=1, hook_name="blocks.1.hook_resid_post")
+    sae_a = build_sae("jumprelu", seed=0)
+    sae_b = build_sae("jumprelu", seed=1, hook_name="blocks.1.hook_resid_post")
     from sae_match_lens import sae_identity
 
     meta = {"source": sae_identity(sae_a), "target": sae_identity(sae_b), "options": {"fold": True}}

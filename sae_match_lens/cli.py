@@ -1,0 +1,110 @@
+"""``sae-match``: the command line (a thin wrapper; the work is done by the library).
+
+Subcommands:
+
+* ``sae-match demo`` — run the whole method end to end on built-in SAEs and write a report.
+* ``sae-match match A B --out FILE`` — match two SAEs (saved directories, or
+  ``release:sae_id`` for ``SAE.from_pretrained``) and save the permutation.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def _max_cost(value: str) -> float | str | None:
+    if value == "none":
+        return None
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--max-cost must be 'none', 'auto' or a number, got {value!r}"
+        ) from None
+
+
+def _load_sae(spec: str):
+    from sae_lens import SAE
+
+    if os.path.isdir(spec):
+        return SAE.load_from_disk(spec)
+    if ":" not in spec:
+        raise SystemExit(f"error: {spec!r} is neither a saved SAE directory nor 'release:sae_id'.")
+    release, sae_id = spec.split(":", 1)
+    try:
+        return SAE.from_pretrained(release, sae_id)
+    except OSError as exc:
+        raise SystemExit(f"error: could not download {release}:{sae_id} ({exc.__class__.__name__}); "
+                         "the Hugging Face hub is unreachable from this machine.") from None
+
+
+def _cmd_match(args: argparse.Namespace) -> int:
+    from .matching import match
+
+    sae_a, sae_b = _load_sae(args.sae_a), _load_sae(args.sae_b)
+    result = match(sae_a, sae_b, fold=not args.no_fold, metric=args.metric, max_cost=args.max_cost,
+                   solver=args.solver, progress=not args.quiet)
+    path = result.permutation.save(args.out)
+    print(f"matched {result.permutation.n_matched}/{result.permutation.n_source} features, "
+          f"total cost {result.total_cost:.6g}, certified={result.certified}; saved {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(args.out, family=args.family, quick=args.quick, progress=not args.quiet)
+    print(summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sae-match`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="sae-match", description="Data-free matching of SAE features across layers."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the method end to end on built-in SAEs and write a report")
+    demo.add_argument("--out", default="sae_match_report", help="report directory (default: %(default)s)")
+    demo.add_argument("--family", default="jumprelu", choices=["jumprelu", "topk"],
+                      help="which built-in SAE family to use (default: %(default)s)")
+    demo.add_argument("--quick", action="store_true", help="a reduced setting (fewer pairs and tokens)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_cmd_demo)
+
+    m = sub.add_parser("match", help="match two SAEs and save the permutation")
+    m.add_argument("sae_a", help="source SAE: a saved SAE directory or release:sae_id")
+    m.add_argument("sae_b", help="target SAE: a saved SAE directory or release:sae_id")
+    m.add_argument("--out", required=True,
+                   help="output .safetensors file (a .json sidecar is written beside it)")
+    m.add_argument("--no-fold", action="store_true", help="match raw instead of folded parameters")
+    m.add_argument("--metric", default="mse", choices=["mse", "cosine"])
+    m.add_argument("--max-cost", type=_max_cost, default=None,
+                   help="'none' (full bijection, default), 'auto' (null model) or a number")
+    m.add_argument("--solver", default="auto", choices=["auto", "lapjv", "scipy"])
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
+    m.set_defaults(func=_cmd_match)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sae-match`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
