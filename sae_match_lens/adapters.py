@@ -204,6 +204,8 @@ def validate_sae(sae: Any) -> ArchitectureSpec:
     names = [*expected, "b_dec"] + (["threshold"] if spec.has_threshold else [])
     for name in names:
         tensor = getattr(sae, name).detach()
+        if bool(torch.isfinite(tensor.sum())):
+            continue  # a NaN or inf anywhere would make the sum non-finite
         bad = int((~torch.isfinite(tensor)).sum())
         if bad:
             raise ValueError(
@@ -248,7 +250,10 @@ def fold_scales(sae: SAE) -> torch.Tensor:
     Raises:
         ValueError: for a JumpReLU SAE with a threshold ≤ 0 (naming how many features).
     """
-    spec = validate_sae(sae)
+    return _fold_scales(sae, validate_sae(sae))
+
+
+def _fold_scales(sae: SAE, spec: ArchitectureSpec) -> torch.Tensor:
     d_sae = sae.cfg.d_sae
     device = sae.W_dec.device
     if spec.scale_rule == "threshold":
@@ -378,27 +383,30 @@ def feature_view(sae: SAE, *, fold: bool = True, dtype: torch.dtype = torch.floa
     Args:
         sae: any supported SAELens inference SAE.
         fold: apply the architecture's fold scale rule (:func:`fold_scales`).
-        dtype: dtype of the returned tensors (computations are done in float64 first).
+        dtype: dtype of the returned tensors; the scaling is done in this dtype (one rounding
+            per entry), so the view costs one copy of the encoder and decoder.
 
     Returns:
         A :class:`FeatureView` whose tensors live on the SAE's device.
     """
     spec = validate_sae(sae)
-    biases = torch.stack([getattr(sae, n).detach() for n in spec.bias_names], dim=1)
+    biases = torch.stack([getattr(sae, n).detach() for n in spec.bias_names], dim=1).to(dtype)
     theta = _threshold_F(sae, spec)
-    enc, dec = sae.W_enc.detach().T, sae.W_dec.detach()
+    theta = None if theta is None else theta.to(dtype)
+    enc = sae.W_enc.detach().T.to(dtype, copy=True, memory_format=torch.contiguous_format)
+    dec = sae.W_dec.detach().to(dtype, copy=True)
     if fold:
-        s = fold_scales(sae)
-        inv = (1.0 / s)[:, None]
-        enc = enc.to(torch.float64) * inv
-        dec = dec.to(torch.float64) * s[:, None]
-        biases = biases.to(torch.float64) * inv
-        theta = None if theta is None else theta.to(torch.float64) / s
+        s = _fold_scales(sae, spec)
+        s_dt, inv = s.to(dtype), (1.0 / s).to(dtype)
+        enc.mul_(inv[:, None])
+        dec.mul_(s_dt[:, None])
+        biases.mul_(inv[:, None])
+        theta = None if theta is None else theta * inv
     return FeatureView(
-        encoder_FD=enc.to(dtype).contiguous(),
-        decoder_FO=dec.to(dtype).contiguous(),
-        bias_FB=biases.to(dtype).contiguous(),
-        threshold_F=None if theta is None else theta.to(dtype).contiguous(),
+        encoder_FD=enc.contiguous(),
+        decoder_FO=dec.contiguous(),
+        bias_FB=biases.contiguous(),
+        threshold_F=None if theta is None else theta.contiguous(),
         bias_names=spec.bias_names,
         folded=fold,
         hook_name=hook_name_of(sae),
@@ -412,7 +420,7 @@ def sae_identity(sae: SAE) -> dict[str, Any]:
     encoder biases exactly as stored, so it is cheap at any width and changes with any re-training,
     folding or editing of the sampled features.
     """
-    spec = validate_sae(sae)
+    spec = _spec_of(sae)
     md = sae.cfg.metadata
     rows = torch.arange(0, sae.cfg.d_sae, max(1, sae.cfg.d_sae // 256))
     digest = hashlib.sha256()

@@ -96,20 +96,24 @@ class StackedFeatures:
 
 def stack_features(view: FeatureView, weights: CostWeights, metric: Metric) -> StackedFeatures:
     """Stack the weighted blocks of a :class:`FeatureView` into one matrix (float32)."""
-    parts = []
-    for name, tensor in (("decoder", view.decoder_FO), ("encoder", view.encoder_FD),
-                         ("b_enc", view.bias_FB)):
-        w = getattr(weights, name)
-        if w == 0:
-            continue
-        t = tensor.to(torch.float32)
+    blocks = [(getattr(weights, name), tensor) for name, tensor in (
+        ("decoder", view.decoder_FO), ("encoder", view.encoder_FD), ("b_enc", view.bias_FB))]
+    blocks = [(w, t) for w, t in blocks if w != 0]
+    width = sum(t.shape[1] for _, t in blocks)
+    matrix = torch.empty((view.d_sae, width), dtype=torch.float32, device=view.decoder_FO.device)
+    col = 0
+    for w, tensor in blocks:
+        out = matrix[:, col:col + tensor.shape[1]]
+        out.copy_(tensor)
         if metric == "cosine":
-            t = t / t.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            out.div_(out.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny))
             w = w / 2.0  # C = Σw − 2·Σ(w/2)·cos
-        parts.append(t * math.sqrt(w))
-    matrix = torch.cat(parts, dim=1).contiguous()
+        if w != 1.0:
+            out.mul_(math.sqrt(w))
+        col += tensor.shape[1]
     if metric == "mse":
-        const = matrix.to(torch.float64).pow(2).sum(dim=1)
+        const = torch.cat([torch.linalg.vector_norm(matrix[r:r + 4096], dim=1).to(torch.float64).square()
+                           for r in range(0, matrix.shape[0], 4096)])
     else:
         total = sum(getattr(weights, n) for n in BLOCKS)
         const = torch.full((matrix.shape[0],), total / 2.0, dtype=torch.float64, device=matrix.device)
