@@ -2,7 +2,8 @@
 
 Subcommands:
 
-* ``sae-match demo`` — run the whole method end to end on built-in SAEs and write a report.
+* ``sae-match demo`` — run the whole method end to end on the built-in model and SAEs (or a
+  SAELens release with ``--release``) and write a report.
 * ``sae-match match A B --out FILE`` — match two SAEs (saved directories, or
   ``release:sae_id`` for ``SAE.from_pretrained``) and save the permutation.
 """
@@ -60,9 +61,16 @@ def _cmd_match(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import HubUnavailableError, parse_layers, run_demo
 
-    summary = run_demo(args.out, family=args.family, quick=args.quick, progress=not args.quiet)
+    try:
+        layers = parse_layers(args.layers) if args.layers else None
+        summary = run_demo(args.out, family=args.family, quick=args.quick, progress=not args.quiet,
+                           release=args.release, sae_id_template=args.sae_id_template,
+                           model_name=args.model, layers=layers)
+    except (HubUnavailableError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(summary)
     return 0
 
@@ -81,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="which built-in SAE family to use (default: %(default)s)")
     demo.add_argument("--quick", action="store_true", help="a reduced setting (fewer pairs and tokens)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--release", help="a SAELens release to use instead of the built-in suite, "
+                      "e.g. gemma-scope-2b-pt-res-canonical (needs the hub or a local cache)")
+    demo.add_argument("--sae-id-template", help="SAE id with {layer}, e.g. 'layer_{layer}/width_16k/canonical'")
+    demo.add_argument("--model", help="TransformerLens model name for --release, e.g. gemma-2-2b")
+    demo.add_argument("--layers", help="layers for --release, e.g. 10-14 or 3,5,7")
     demo.set_defaults(func=_cmd_demo)
 
     m = sub.add_parser("match", help="match two SAEs and save the permutation")
