@@ -29,6 +29,15 @@ __all__ = [
 _METHOD_VARIANTS = ("folded", "raw", "hybrid", "error_preserving")
 
 
+def _finish(fig: Any, ax: Any, path: Path) -> Path:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _pair_label(a: Any, b: Any) -> str:
     return f"{a}→{b}"
 
@@ -74,12 +83,7 @@ def plot_agreement(checks: Sequence[dict[str, Any]], path: Path) -> Path:
     ax.set_ylim(0, 1.02)
     ax.set_xticks(sorted(frame.distance.unique()))
     ax.set_title("Does P(A→C) ≈ P(B→C)∘P(A→B)?")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path)
 
 
 def plot_costs(costs: dict[str, Sequence[float]], thresholds: dict[str, float], path: Path) -> Path:
@@ -99,12 +103,7 @@ def plot_costs(costs: dict[str, Sequence[float]], thresholds: dict[str, float], 
     ax.set_xlabel("match cost of the assigned partner (folded, summed squared distance)")
     ax.set_ylabel("features")
     ax.set_title("Match costs; dashed: data-free unmatched threshold (null model)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path)
 
 
 def plot_paths(paths: Sequence[dict[str, Any]], path: Path) -> Path:
