@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--release", help="a SAELens release to use instead of the built-in suite, "
                       "e.g. gemma-scope-2b-pt-res-canonical (needs the hub or a local cache)")
-    demo.add_argument("--sae-id-template", help="SAE id with {layer}, e.g. 'layer_{layer}/width_16k/canonical'")
+    demo.add_argument("--sae-id-template",
+                      help="SAE id with {layer}, e.g. 'layer_{layer}/width_16k/canonical'")
     demo.add_argument("--model", help="TransformerLens model name for --release, e.g. gemma-2-2b")
     demo.add_argument("--layers", help="layers for --release, e.g. 10-14 or 3,5,7")
     demo.set_defaults(func=_cmd_demo)
