@@ -11,13 +11,14 @@ The SAEs come from the embedded default suite (offline), or from a SAELens relea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,27 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         socket.setdefaulttimeout(previous)
 
 
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Within the block, load from the local Hugging Face cache only (no network retries)."""
+    if not offline:
+        yield
+        return
+    import huggingface_hub.constants as hub_constants
+
+    previous = (os.environ.get("HF_HUB_OFFLINE"), hub_constants.HF_HUB_OFFLINE)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if previous[0] is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous[0]
+        hub_constants.HF_HUB_OFFLINE = previous[1]
+
+
 def _default_sae_loader(release: str, sae_id: str) -> Any:
     from sae_lens import SAE
 
@@ -113,12 +135,11 @@ def load_release(
     sae_loader = sae_loader or _default_sae_loader
     model_loader = model_loader or _default_model_loader
     offline = defaults and not _hub_reachable()
-    if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"  # use the local cache only, without retries
     try:
-        saes = [sae_loader(release, sae_id_template.format(layer=layer))
-                for layer in tqdm(layers, desc="loading SAEs", disable=not progress)]
-        model = model_loader(model_name)
+        with _hub_offline(offline):
+            saes = [sae_loader(release, sae_id_template.format(layer=layer))
+                    for layer in tqdm(layers, desc="loading SAEs", disable=not progress)]
+            model = model_loader(model_name)
     except OSError as exc:
         if not offline:
             raise
