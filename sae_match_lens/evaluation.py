@@ -8,7 +8,7 @@ of tokens.
 
 Metrics (position 0, the BOS position, is excluded from all of them):
 
-* ``explained_variance``: ``1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²`` with ``x`` the true state at B,
+* ``explained_variance``: ``1 - Σ‖x - x̂‖² / Σ‖x - x̄‖²`` with ``x`` the true state at B,
   ``x̂`` the substitute and ``x̄`` the per-dimension mean of ``x`` over all scored tokens;
   pooled over tokens and dimensions.
 * ``delta_ce``: mean next-token cross-entropy (nats) with the substitute minus without.
@@ -24,6 +24,7 @@ hooks) the whole model runs with a hook writing the substitute at B. Both give t
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
@@ -54,6 +55,7 @@ __all__ = [
     "PermutationSource",
     "Variant",
     "evaluate_substitution",
+    "pair_costs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -167,7 +169,9 @@ def _random_permutation(n_source: int, n_target: int, seed: int) -> Permutation:
     return Permutation(indices, n_target)
 
 
-def pair_costs(sae_a: Any, sae_b: Any, permutation: Permutation, *, fold: bool = True) -> torch.Tensor:
+def pair_costs(
+    sae_a: Any, sae_b: Any, permutation: Permutation, *, fold: bool = True
+) -> torch.Tensor:
     """The default ``mse`` matching cost of each source feature's assigned pair (NaN: unmatched).
 
     Used for the ``hybrid`` method when only a :class:`Permutation` (no ``MatchResult``) is known.
@@ -254,7 +258,7 @@ def evaluate_substitution(
     """
     sae_map = _as_dict(saes)
     keys = list(sae_map)
-    pair_list = list(pairs) if pairs is not None else list(zip(keys[:-1], keys[1:], strict=True))
+    pair_list = list(pairs) if pairs is not None else list(itertools.pairwise(keys))
     for pair in pair_list:
         if len(pair) != 2 or any(k not in sae_map for k in pair):
             raise KeyError(f"pair {pair!r} does not name two SAEs; keys are {keys}.")
@@ -304,7 +308,7 @@ class _PairPlan:
         sst = ps.sumsq - float(ps.sum_x.pow(2).sum()) / ps.n
         ce_clean = self.ce_clean / self.n_ce
         out = []
-        for variant, sub in self.subs:
+        for variant, _ in self.subs:
             s = self.sums[variant.name]
             spec = variant.substitution
             perm = self.perms.get(variant.permutation) if spec.uses_permutation else None

@@ -28,8 +28,10 @@ coincide.
 * ``"permute"``: ``SAE_B.decode(P f_A)``.
 * ``"hybrid"`` (the paper's Appendix B): the ``round(quantile · n_matched)`` matched features with
   the lowest match cost go through ``P`` to B's decoder; the rest (and unmatched features) are
-  decoded by A's own decoder: ``SAE_B.decode(P(f_A ⊙ m)) + SAE_A.decode(f_A ⊙ ¬m) − SAE_A.decode(0)``.
-* ``"error_preserving"``: ``h_A − SAE_A.decode(f_A) + SAE_B.decode(P f_A)``; carries SAE A's
+  decoded by A's own decoder:
+  ``SAE_B.decode(P(f_A ⊙ m)) + SAE_A.decode(f_A ⊙ ¬m) - SAE_A.decode(0)``. At ``quantile=1`` this
+  is ``permute``; at 0 it is SAE A's reconstruction with B's ``b_dec`` in place of A's.
+* ``"error_preserving"``: ``h_A - SAE_A.decode(f_A) + SAE_B.decode(P f_A)``; carries SAE A's
   reconstruction error across, separating the SAE's error from the matching error.
 * ``"identity"``: ``h_A`` (drop the blocks).
 * ``"reconstruct_a"``: ``SAE_A.decode(f_A)`` used as the state at B.
@@ -103,7 +105,9 @@ class Substitution:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"unknown substitution method {self.method!r}; valid: {list(METHODS)}.")
+            raise ValueError(
+                f"unknown substitution method {self.method!r}; valid: {list(METHODS)}."
+            )
         if self.transfer not in ("folded", "raw"):
             raise ValueError(f"transfer must be 'folded' or 'raw', got {self.transfer!r}.")
         if not 0.0 <= float(self.quantile) <= 1.0:
@@ -139,11 +143,11 @@ class BlockSubstitute:
     """Where the approximation is written."""
     permutation: Permutation | None = None
     """The map A→B (``None`` for methods that use none)."""
-    source_T: torch.Tensor | None = field(default=None, repr=False)
+    source_index: torch.Tensor | None = field(default=None, repr=False)
     """For each target feature, the source feature moved into it (0 where none), on B's device."""
-    factor_T: torch.Tensor | None = field(default=None, repr=False)
+    factor: torch.Tensor | None = field(default=None, repr=False)
     """Per-target multiplier: transfer scale ``s_B/s_A`` (or 1), 0 where nothing is moved in."""
-    keep_S: torch.Tensor | None = field(default=None, repr=False)
+    keep_mask: torch.Tensor | None = field(default=None, repr=False)
     """``hybrid`` only: 1 for source features decoded by A's own decoder, else 0."""
 
     def encode_a(self, h_A: torch.Tensor) -> torch.Tensor:
@@ -152,9 +156,9 @@ class BlockSubstitute:
 
     def move(self, f_A: torch.Tensor) -> torch.Tensor:
         """Move activations ``f_A [..., S]`` into B's features and units ``[..., T]``."""
-        assert self.source_T is not None and self.factor_T is not None
-        f = f_A.to(self.source_T.device, self.sae_b.W_dec.dtype)
-        return f.index_select(-1, self.source_T) * self.factor_T
+        assert self.source_index is not None and self.factor is not None
+        f = f_A.to(self.source_index.device, self.sae_b.W_dec.dtype)
+        return f.index_select(-1, self.source_index) * self.factor
 
     def __call__(
         self,
@@ -191,8 +195,8 @@ class BlockSubstitute:
         elif method == "permute":
             out = self.sae_b.decode(self.move(f_A))
         elif method == "hybrid":
-            assert self.keep_S is not None
-            kept = f_A * self.keep_S
+            assert self.keep_mask is not None
+            kept = f_A * self.keep_mask
             zero = f_A.new_zeros((1, f_A.shape[-1]))
             from_a = self.sae_a.decode(kept) - self.sae_a.decode(zero)
             out = self.sae_b.decode(self.move(f_A)) + from_a.to(self.sae_b.W_dec.device)
@@ -283,10 +287,10 @@ def block_substitute(
                 "n_target = SAE B's d_sae)."
             )
     send_S = perm.matched.clone()
-    keep_S = None
+    keep_mask = None
     if spec.method == "hybrid":
         send_S = _hybrid_mask(perm, cost, spec.quantile, hook_a)
-        keep_S = (~send_S).to(device=sae_a.W_enc.device, dtype=sae_a.W_enc.dtype)
+        keep_mask = (~send_S).to(device=sae_a.W_enc.device, dtype=sae_a.W_enc.dtype)
     ratio_S = torch.ones(perm.n_source, dtype=torch.float64)
     target_scale = torch.ones(perm.n_target, dtype=torch.float64)
     if spec.transfer == "folded":
@@ -294,15 +298,15 @@ def block_substitute(
         target_scale = fold_scales(sae_b).cpu()
     sent = torch.nonzero(send_S).flatten()
     targets = perm.indices[sent]
-    source_T = torch.zeros(perm.n_target, dtype=torch.int64)
-    factor_T = torch.zeros(perm.n_target, dtype=torch.float64)
-    source_T[targets] = sent
-    factor_T[targets] = ratio_S[sent] * target_scale[targets]
+    source_index = torch.zeros(perm.n_target, dtype=torch.int64)
+    factor = torch.zeros(perm.n_target, dtype=torch.float64)
+    source_index[targets] = sent
+    factor[targets] = ratio_S[sent] * target_scale[targets]
     device, dtype = sae_b.W_dec.device, sae_b.W_dec.dtype
     return BlockSubstitute(
         sae_a, sae_b, spec, hook_a, hook_b, perm,
-        source_T=source_T.to(device), factor_T=factor_T.to(device=device, dtype=dtype),
-        keep_S=keep_S,
+        source_index=source_index.to(device), factor=factor.to(device=device, dtype=dtype),
+        keep_mask=keep_mask,
     )
 
 

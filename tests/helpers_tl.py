@@ -117,8 +117,8 @@ def tiny_bridge() -> object:
     a ``name_or_path`` so that TransformerLens does not try to reload it from the hub.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
     vocab = {"<|endoftext|>": 0, **{f"t{i}": i for i in range(1, D_VOCAB)}}

@@ -132,7 +132,8 @@ def test_random_permutation_is_worse_than_the_planted_one_on_a_planted_pair(mode
         errors, kls = {}, {}
         for name, p in (("planted", planted), ("random", random)):
             with substitute(model, sae_1, sae_b, p):
-                errors[name] = (_written(model, tokens, "blocks.2.hook_resid_pre") - h_B).pow(2).sum()
+                written = _written(model, tokens, "blocks.2.hook_resid_pre")
+                errors[name] = (written - h_B).pow(2).sum()
                 logp = torch.log_softmax(model(tokens), -1)
             kls[name] = (clean.exp() * (clean - logp)).sum(-1).mean()
     recon_error = (sae_1.decode(sae_1.encode(h_B)) - h_B).pow(2).sum()
@@ -189,10 +190,9 @@ def test_hooks_are_removed_after_an_exception_and_user_hooks_are_kept(model, tok
     hook_points = [model.hook_dict[HOOK_1], model.hook_dict[HOOK_3]]
     model.add_hook(HOOK_3, user_hook)
     try:
-        with pytest.raises(RuntimeError, match="boom"):
-            with substitute(model, sae_1, sae_3, perm):
-                assert len(hook_points[0].fwd_hooks) == 1
-                model.run_with_hooks(tokens, fwd_hooks=[("blocks.2.hook_resid_post", failing)])
+        with pytest.raises(RuntimeError, match="boom"), substitute(model, sae_1, sae_3, perm):
+            assert len(hook_points[0].fwd_hooks) == 1
+            model.run_with_hooks(tokens, fwd_hooks=[("blocks.2.hook_resid_post", failing)])
         assert [len(hp.fwd_hooks) for hp in hook_points] == [0, 1]
         model(tokens)
         assert len(calls) == 1
@@ -253,7 +253,7 @@ def test_missing_permutation_or_costs_are_clear_errors(model, sae_1, sae_3, perm
 def test_sae_without_hook_name_is_a_clear_error(model, sae_3, perm):
     sae = random_jumprelu_sae(HOOK_1, seed=1)
     sae.cfg.metadata.hook_name = None
-    with pytest.raises(ValueError, match="no cfg.metadata.hook_name"):
+    with pytest.raises(ValueError, match=r"no cfg\.metadata\.hook_name"):
         substitution_hooks(model, sae, sae_3, perm)
 
 
