@@ -392,11 +392,10 @@ def _process_batch(model: Any, batch: torch.Tensor, plans: list[_PairPlan]) -> N
 
     with model.hooks(fwd_hooks=[(n, recorder(n)) for n in names]):
         logits = model(batch, return_type="logits")
-    logp_clean = torch.log_softmax(logits[:, 1:].float(), dim=-1)
+    logp_clean = torch.log_softmax(logits.float(), dim=-1)[:, 1:]
     targets = batch[:, 2:].to(logp_clean.device)
     ce_clean = -logp_clean[:, :-1].gather(-1, targets[..., None]).sum().item()
     n_ce = targets.numel()
-    p_clean = logp_clean.exp()
     for plan in plans:
         missing = [n for n in (plan.hook_a, plan.hook_b) if n not in states]
         if missing:
@@ -410,12 +409,13 @@ def _process_batch(model: Any, batch: torch.Tensor, plans: list[_PairPlan]) -> N
         _update_pair(plan, f_A, h_B)
         for variant, sub in plan.subs:
             h_hat = sub(h_A, h_B, f_A=f_A)
-            logp = torch.log_softmax(_substituted_logits(model, batch, plan, h_hat)[:, 1:].float(),
-                                     dim=-1)
+            logits_sub = _substituted_logits(model, batch, plan, h_hat)
+            logp = torch.log_softmax(logits_sub.float(), dim=-1)[:, 1:]
             s = plan.sums[variant.name]
             s.sse += float((h_B[:, 1:] - h_hat[:, 1:]).double().pow(2).sum())
             s.ce += -logp[:, :-1].gather(-1, targets[..., None]).sum().item()
-            s.kl += float((p_clean * (logp_clean - logp)).sum())
+            s.kl += float(torch.nn.functional.kl_div(logp, logp_clean, reduction="sum",
+                                                     log_target=True))
 
 
 def _update_pair(plan: _PairPlan, f_A: torch.Tensor | None, h_B: torch.Tensor) -> None:
@@ -433,8 +433,8 @@ def _update_pair(plan: _PairPlan, f_A: torch.Tensor | None, h_B: torch.Tensor) -
     fire_b = fire_b.reshape(-1, fire_b.shape[-1]).to(fire_a.device)
     count_a = fire_a.sum(0).cpu()
     for source, perm in plan.perms.items():
-        partner = fire_b.index_select(1, perm.indices.clamp(min=0).to(fire_b.device))
-        both = (fire_a & partner).sum(0).cpu()
+        index = perm.indices.clamp(min=0).to(fire_b.device).expand(fire_b.shape[0], -1)
+        both = (fire_a & torch.gather(fire_b, 1, index)).sum(0).cpu()
         ps.fire_a[source] = ps.fire_a.get(source, 0) + count_a
         ps.both[source] = ps.both.get(source, 0) + both
 

@@ -158,7 +158,8 @@ class BlockSubstitute:
         """Move activations ``f_A [..., S]`` into B's features and units ``[..., T]``."""
         assert self.source_index is not None and self.factor is not None
         f = f_A.to(self.source_index.device, self.sae_b.W_dec.dtype)
-        return f.index_select(-1, self.source_index) * self.factor
+        index = self.source_index.expand(*f.shape[:-1], -1)
+        return torch.gather(f, -1, index) * self.factor
 
     def __call__(
         self,
