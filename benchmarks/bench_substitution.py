@@ -18,18 +18,18 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+import argparse
+import statistics
+import time
+from collections.abc import Callable
 
-import torch  # noqa: E402
-from sae_lens import JumpReLUSAE, JumpReLUSAEConfig  # noqa: E402
-from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
+import torch
+from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from sae_match_lens.evaluation import evaluate_substitution  # noqa: E402
-from sae_match_lens.hooks import run_skipping, substitute  # noqa: E402
-from sae_match_lens.matching import match  # noqa: E402
+from sae_match_lens.evaluation import evaluate_substitution
+from sae_match_lens.hooks import block_substitute, run_skipping, substitute
+from sae_match_lens.matching import match
 
 
 def random_sae(hook_name: str, d_in: int, d_sae: int, seed: int) -> JumpReLUSAE:
@@ -63,6 +63,22 @@ def interleaved(contenders: dict[str, Callable[[], object]], repeats: int) -> di
         for name, fn in contenders.items():
             times[name].append(timed(fn))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _metrics(logits_clean: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor) -> float:
+    """The per-batch metric work of one variant: both log-softmaxes, CE, KL by dot products."""
+    v = logits.shape[-1]
+
+    def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(a.reshape(-1, 1, v), b.reshape(-1, v, 1)).reshape(a.shape[:-1])
+
+    logp_clean = torch.log_softmax(logits_clean, -1)
+    p_clean = logp_clean.exp()
+    logp = torch.log_softmax(logits, -1)
+    targets = tokens[:, 2:, None]
+    ce = logp_clean[:, 1:-1].gather(-1, targets).sum() - logp[:, 1:-1].gather(-1, targets).sum()
+    kl = (dot(p_clean, logp_clean) - dot(p_clean, logp))[:, 1:].sum()
+    return float(ce + kl)
 
 
 def main() -> None:
@@ -118,6 +134,29 @@ def main() -> None:
     print(f"  evaluate_substitution:                 {n_tokens / t['evaluate']:9.0f} tokens/s")
     print(f"  overhead (evaluate / clean wall time): {t['evaluate'] / t['clean']:.2f}x "
           "(target <= 1.3x)")
+
+    batch = batches[0]
+    sub = block_substitute(sae_a, sae_b, result)
+    start = b + 1
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch, names_filter=names)
+        h_A, h_B = cache[names[0]], cache[names[1]]
+        f_A = sub.encode_a(h_A)
+        h_hat = sub(h_A, f_A=f_A)
+        logits = model(batch)
+        parts = interleaved({
+            "clean forward": lambda: model(batch),
+            f"forward from block {start}": lambda: model(h_hat, start_at_layer=start),
+            "SAE A encode + move + SAE B decode": lambda: sub(h_A),
+            "SAE B encode (co-activation)": lambda: sae_b.encode(h_B),
+            "log-softmax, CE, KL (one variant)": lambda: _metrics(logits, logits, batch),
+        }, args.repeats)
+    print(f"  per batch of {batch.numel()} tokens:")
+    for name, seconds in parts.items():
+        print(f"    {name:36s} {seconds * 1000:8.1f} ms")
+    floor = sum(parts.values()) / parts["clean forward"]
+    print(f"  sum of the parts / clean forward: {floor:.2f}x (the work any evaluation of this "
+          "pair must do)")
 
     first, last = 0, args.layers - 2
     skip_a = random_sae(f"blocks.{first}.hook_resid_post", args.d_model, args.d_sae, 3)

@@ -392,9 +392,11 @@ def _process_batch(model: Any, batch: torch.Tensor, plans: list[_PairPlan]) -> N
 
     with model.hooks(fwd_hooks=[(n, recorder(n)) for n in names]):
         logits = model(batch, return_type="logits")
-    logp_clean = torch.log_softmax(logits.float(), dim=-1)[:, 1:]
+    logp_clean = torch.log_softmax(logits.float(), dim=-1)
+    p_clean = logp_clean.exp()
+    neg_entropy = _dot(p_clean, logp_clean)
     targets = batch[:, 2:].to(logp_clean.device)
-    ce_clean = -logp_clean[:, :-1].gather(-1, targets[..., None]).sum().item()
+    ce_clean = _ce_sum(logp_clean, targets)
     n_ce = targets.numel()
     for plan in plans:
         missing = [n for n in (plan.hook_a, plan.hook_b) if n not in states]
@@ -410,12 +412,27 @@ def _process_batch(model: Any, batch: torch.Tensor, plans: list[_PairPlan]) -> N
         for variant, sub in plan.subs:
             h_hat = sub(h_A, h_B, f_A=f_A)
             logits_sub = _substituted_logits(model, batch, plan, h_hat)
-            logp = torch.log_softmax(logits_sub.float(), dim=-1)[:, 1:]
+            logp = torch.log_softmax(logits_sub.float(), dim=-1)
             s = plan.sums[variant.name]
             s.sse += float((h_B[:, 1:] - h_hat[:, 1:]).double().pow(2).sum())
-            s.ce += -logp[:, :-1].gather(-1, targets[..., None]).sum().item()
-            s.kl += float(torch.nn.functional.kl_div(logp, logp_clean, reduction="sum",
-                                                     log_target=True))
+            s.ce += _ce_sum(logp, targets)
+            s.kl += float((neg_entropy - _dot(p_clean, logp))[:, 1:].double().sum())
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-position dot product over the vocabulary, ``[batch, pos, V] x2 -> [batch, pos]``.
+
+    One batched matrix product: no ``[batch, pos, V]`` temporary. ``KL(p ‖ q)`` per position is
+    ``dot(p, log p) - dot(p, log q)``; both terms go through this same function, so identical
+    distributions give exactly 0.
+    """
+    v = a.shape[-1]
+    return torch.bmm(a.reshape(-1, 1, v), b.reshape(-1, v, 1)).reshape(a.shape[:-1])
+
+
+def _ce_sum(logp: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed next-token cross-entropy of positions 1..pos-2 (BOS position excluded)."""
+    return -float(logp[:, 1:-1].gather(-1, targets[..., None]).double().sum())
 
 
 def _update_pair(plan: _PairPlan, f_A: torch.Tensor | None, h_B: torch.Tensor) -> None:
