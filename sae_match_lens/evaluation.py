@@ -1,0 +1,471 @@
+"""Measure what substituting blocks costs: explained variance, ΔCE, KL, co-activation.
+
+:func:`evaluate_substitution` streams token batches through the model once per batch (the clean
+pass, recording the states at every SAE's hook and the clean logits), then, for every pair
+(A, B) and every :class:`Variant`, computes the substitute from the recorded states and runs
+the model from B onwards. Only running sums are kept, so memory does not grow with the number
+of tokens.
+
+Metrics (position 0, the BOS position, is excluded from all of them):
+
+* ``explained_variance``: ``1 - Σ‖x - x̂‖² / Σ‖x - x̄‖²`` with ``x`` the true state at B,
+  ``x̂`` the substitute and ``x̄`` the per-dimension mean of ``x`` over all scored tokens;
+  pooled over tokens and dimensions.
+* ``delta_ce``: mean next-token cross-entropy (nats) with the substitute minus without.
+* ``kl``: mean ``KL(clean ‖ substituted)`` of the next-token distributions.
+* ``coactivation``: ``P(f_B[π(i)] > 0 | f_A[i] > 0)`` with ``f_A = SAE_A.encode(h_A)``,
+  ``f_B = SAE_B.encode(true h_B)``, averaged over matched source features that fire at least
+  once (NaN for variants that use no permutation).
+
+The substituted run starts at B's block boundary (``start_at_layer``) on a ``HookedTransformer``
+whose SAEs read ``hook_resid_pre`` / ``hook_resid_post``; elsewhere (``TransformerBridge``, other
+hooks) the whole model runs with a hook writing the substitute at B. Both give the same numbers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import feature_view
+from .costs import CostWeights, stack_features
+from .hooks import (
+    BlockSubstitute,
+    Substitution,
+    _run_from,
+    _validate_route,
+    block_substitute,
+    skip_boundaries,
+)
+from .matching import MatchResult, match
+from .permutation import Permutation
+
+__all__ = [
+    "DEFAULT_VARIANTS",
+    "RESULT_COLUMNS",
+    "VARIANTS",
+    "PermutationSource",
+    "Variant",
+    "evaluate_substitution",
+    "pair_costs",
+]
+
+logger = logging.getLogger(__name__)
+
+PermutationSource = Literal["matched", "unfolded", "random"]
+Route = Literal["auto", "skip", "hooks"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row kind of the evaluation table: a substitution and where its permutation comes from.
+
+    Example:
+        >>> Variant("hybrid_q90", Substitution("hybrid", quantile=0.9))
+    """
+
+    name: str
+    """The ``variant`` column's value."""
+    substitution: Substitution = field(default_factory=Substitution)
+    """How the state at B is computed (:class:`~sae_match_lens.hooks.Substitution`)."""
+    permutation: PermutationSource = "matched"
+    """``"matched"``: ``match(sae_a, sae_b)`` (or the permutation passed in); ``"unfolded"``:
+    ``match(..., fold=False)``; ``"random"``: a seeded random one-to-one map."""
+
+    def __post_init__(self) -> None:
+        if self.permutation not in ("matched", "unfolded", "random"):
+            raise ValueError(
+                f"variant {self.name!r}: permutation must be 'matched', 'unfolded' or 'random', "
+                f"got {self.permutation!r}."
+            )
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("folded", Substitution("permute", "folded")),
+        Variant("raw", Substitution("permute", "raw")),
+        Variant("hybrid", Substitution("hybrid", "folded", quantile=0.5)),
+        Variant("error_preserving", Substitution("error_preserving", "folded")),
+        Variant("identity", Substitution("identity")),
+        Variant("sae_b_reconstruction", Substitution("reconstruct_b")),
+        Variant("sae_a_reconstruction", Substitution("reconstruct_a")),
+        Variant("random_permutation", Substitution("permute", "folded"), "random"),
+        Variant("unfolded_matching", Substitution("permute", "folded"), "unfolded"),
+    )
+}
+"""The built-in variants. ``folded`` is the method; ``raw`` changes only the transfer units,
+``random_permutation`` / ``unfolded_matching`` only the permutation (folded transfer), so each
+baseline differs from ``folded`` in one thing."""
+
+DEFAULT_VARIANTS: tuple[str, ...] = tuple(VARIANTS)
+
+RESULT_COLUMNS: tuple[str, ...] = (
+    "layer_a", "layer_b", "hook_a", "hook_b", "variant", "method", "transfer", "permutation",
+    "explained_variance", "delta_ce", "kl", "coactivation", "ce_clean", "ce_substituted",
+    "mse", "n_matched", "n_tokens",
+)
+"""Columns of :func:`evaluate_substitution`'s table, in order."""
+
+
+@dataclass
+class _Sums:
+    """Running sums for one (pair, variant) row."""
+
+    sse: float = 0.0
+    ce: float = 0.0
+    kl: float = 0.0
+
+
+@dataclass
+class _PairSums:
+    """Running sums shared by every variant of one pair."""
+
+    n: int = 0
+    sum_x: torch.Tensor | None = None
+    sumsq: float = 0.0
+    fire_a: dict[str, torch.Tensor] = field(default_factory=dict)
+    both: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _as_dict(saes: Sequence[Any] | Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+    if isinstance(saes, Mapping):
+        return dict(saes)
+    if isinstance(saes, Sequence) and not isinstance(saes, str | bytes):
+        return dict(enumerate(saes))
+    raise TypeError(f"saes must be a list or a dict of SAEs, got {type(saes).__name__}.")
+
+
+def _resolve_variants(variants: Iterable[str | Variant]) -> list[Variant]:
+    out = []
+    for v in variants:
+        if isinstance(v, Variant):
+            out.append(v)
+        elif v in VARIANTS:
+            out.append(VARIANTS[v])
+        else:
+            raise ValueError(f"unknown variant {v!r}; built-in variants: {list(VARIANTS)}, or "
+                             "pass a Variant.")
+    names = [v.name for v in out]
+    if len(set(names)) != len(names) or not out:
+        raise ValueError(f"variants must be non-empty with distinct names, got {names}.")
+    return out
+
+
+def _random_permutation(n_source: int, n_target: int, seed: int) -> Permutation:
+    gen = torch.Generator().manual_seed(seed)
+    indices = torch.full((n_source,), -1, dtype=torch.int64)
+    n = min(n_source, n_target)
+    sources = torch.randperm(n_source, generator=gen)[:n]
+    indices[sources] = torch.randperm(n_target, generator=gen)[:n]
+    return Permutation(indices, n_target)
+
+
+def pair_costs(
+    sae_a: Any, sae_b: Any, permutation: Permutation, *, fold: bool = True
+) -> torch.Tensor:
+    """The default ``mse`` matching cost of each source feature's assigned pair (NaN: unmatched).
+
+    Used for the ``hybrid`` method when only a :class:`Permutation` (no ``MatchResult``) is known.
+    """
+    w = CostWeights.resolve(None, "mse")
+    a = stack_features(feature_view(sae_a, fold=fold), w, "mse").matrix_FK.to(torch.float64)
+    b = stack_features(feature_view(sae_b, fold=fold), w, "mse").matrix_FK.to(torch.float64)
+    cost = torch.full((permutation.n_source,), float("nan"), dtype=torch.float64)
+    ok = permutation.matched
+    cost[ok] = (a[ok] - b.to(a.device)[permutation.indices[ok]]).pow(2).sum(dim=1).cpu()
+    return cost
+
+
+def _permutations(
+    sae_a: Any, sae_b: Any, sources: set[str], given: Permutation | MatchResult | None,
+    match_options: Mapping[str, Any], seed: int, progress: bool,
+) -> dict[str, tuple[Permutation, torch.Tensor | None]]:
+    """Each permutation source needed → (permutation, cost_F or None)."""
+    out: dict[str, tuple[Permutation, torch.Tensor | None]] = {}
+    for source in sorted(sources):
+        if source == "matched" and given is not None:
+            result = given
+        elif source in ("matched", "unfolded"):
+            result = match(sae_a, sae_b, **{**match_options, "fold": source == "matched",
+                                            "progress": progress})
+        else:
+            result = _random_permutation(sae_a.cfg.d_sae, sae_b.cfg.d_sae, seed)
+        if isinstance(result, MatchResult):
+            out[source] = (result.permutation, result.cost_F)
+        else:
+            out[source] = (result, None)
+    return out
+
+
+def _batches(tokens: torch.Tensor | Iterable[torch.Tensor], batch_size: int
+             ) -> tuple[Iterator[torch.Tensor], int | None]:
+    if isinstance(tokens, torch.Tensor):
+        toks = tokens[None] if tokens.ndim == 1 else tokens
+        if toks.ndim != 2:
+            raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}.")
+        return iter(toks.split(batch_size)), math.ceil(toks.shape[0] / batch_size)
+    return iter(tokens), None
+
+
+def evaluate_substitution(
+    model: Any,
+    saes: Sequence[Any] | Mapping[Hashable, Any],
+    tokens: torch.Tensor | Iterable[torch.Tensor],
+    *,
+    pairs: Sequence[tuple[Hashable, Hashable]] | None = None,
+    variants: Sequence[str | Variant] = DEFAULT_VARIANTS,
+    permutations: Mapping[tuple[Hashable, Hashable], Permutation | MatchResult] | None = None,
+    batch_size: int = 8,
+    route: Route = "auto",
+    match_options: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Evaluate block substitutes and their baselines on a token set.
+
+    Args:
+        model: ``HookedTransformer``, ``HookedSAETransformer`` or ``TransformerBridge``.
+        saes: one SAE per layer, as a list (keys 0, 1, ...) or a dict (any keys, e.g. layers).
+        tokens: token ids ``[n_seq, pos]`` (split into ``batch_size`` sequences), or an
+            iterable of ``[batch, pos]`` tensors (used as given). Position 0 is the BOS position.
+        pairs: ``(a, b)`` keys of ``saes``; default: adjacent SAEs in the given order.
+        variants: built-in names (:data:`VARIANTS`) or :class:`Variant` objects.
+        permutations: ``{(a, b): Permutation or MatchResult}`` to use as the ``matched``
+            permutation; pairs not in it are matched with :func:`~sae_match_lens.matching.match`.
+        batch_size: sequences per forward pass (memory is bounded by it).
+        route: ``"skip"`` runs the substituted model from B's block boundary
+            (``HookedTransformer`` with residual hooks), ``"hooks"`` runs the whole model with a
+            hook at B, ``"auto"`` skips where possible. The numbers are the same.
+        match_options: extra keyword arguments for ``match`` (e.g. ``{"max_cost": "auto"}``).
+        seed: seed of the random-permutation baseline.
+        progress: show progress bars.
+
+    Returns:
+        A DataFrame with one row per (pair, variant) and the columns :data:`RESULT_COLUMNS`.
+
+    Example:
+        >>> table = evaluate_substitution(model, saes, tokens, pairs=[(3, 4)], batch_size=16)
+        >>> table.pivot(index="variant", columns="layer_b", values="delta_ce")
+    """
+    sae_map = _as_dict(saes)
+    keys = list(sae_map)
+    pair_list = list(pairs) if pairs is not None else list(itertools.pairwise(keys))
+    for pair in pair_list:
+        if len(pair) != 2 or any(k not in sae_map for k in pair):
+            raise KeyError(f"pair {pair!r} does not name two SAEs; keys are {keys}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if route not in ("auto", "skip", "hooks"):
+        raise ValueError(f"route must be 'auto', 'skip' or 'hooks', got {route!r}.")
+    chosen = _resolve_variants(variants)
+    given = dict(permutations or {})
+    sources = {v.permutation for v in chosen if v.substitution.uses_permutation}
+    plans = [
+        _plan_pair(model, sae_map[a], sae_map[b], chosen, sources, given.get((a, b)),
+                   dict(match_options or {}), seed, route, progress)
+        for a, b in pair_list
+    ]
+    batches, total = _batches(tokens, batch_size)
+    device = getattr(model.cfg, "device", None)
+    with torch.no_grad():
+        for batch in tqdm(batches, total=total, desc="evaluate substitution", unit="batch",
+                          disable=not progress):
+            _process_batch(model, batch.to(device) if device is not None else batch, plans)
+    rows = [row for (a, b), plan in zip(pair_list, plans, strict=True)
+            for row in plan.rows(a, b)]
+    return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+
+
+@dataclass
+class _PairPlan:
+    """Everything prepared for one pair: the substitutes, permutations and running sums."""
+
+    hook_a: str
+    hook_b: str
+    sae_b: Any
+    subs: list[tuple[Variant, BlockSubstitute]]
+    perms: dict[str, Permutation]
+    start: int | None
+    pair_sums: _PairSums = field(default_factory=_PairSums)
+    sums: dict[str, _Sums] = field(default_factory=dict)
+    ce_clean: float = 0.0
+    n_ce: int = 0
+
+    def rows(self, a: Hashable, b: Hashable) -> list[dict[str, Any]]:
+        ps = self.pair_sums
+        if ps.n == 0:
+            raise ValueError("no tokens were evaluated (every sequence needs at least 3 tokens).")
+        assert ps.sum_x is not None
+        sst = ps.sumsq - float(ps.sum_x.pow(2).sum()) / ps.n
+        ce_clean = self.ce_clean / self.n_ce
+        out = []
+        for variant, _ in self.subs:
+            s = self.sums[variant.name]
+            spec = variant.substitution
+            perm = self.perms.get(variant.permutation) if spec.uses_permutation else None
+            out.append({
+                "layer_a": a, "layer_b": b, "hook_a": self.hook_a, "hook_b": self.hook_b,
+                "variant": variant.name, "method": spec.method,
+                "transfer": spec.transfer if spec.uses_permutation else None,
+                "permutation": variant.permutation if spec.uses_permutation else None,
+                "explained_variance": 1.0 - s.sse / sst if sst > 0 else float("nan"),
+                "delta_ce": s.ce / self.n_ce - ce_clean,
+                "kl": s.kl / ps.n,
+                "coactivation": (_coactivation(ps, variant.permutation, perm)
+                                 if perm is not None else float("nan")),
+                "ce_clean": ce_clean, "ce_substituted": s.ce / self.n_ce,
+                "mse": s.sse / ps.n, "n_matched": perm.n_matched if perm is not None else None,
+                "n_tokens": ps.n,
+            })
+        return out
+
+
+def _coactivation(ps: _PairSums, source: str, perm: Permutation) -> float:
+    fire, both = ps.fire_a[source], ps.both[source]
+    ok = perm.matched & (fire > 0)
+    if not bool(ok.any()):
+        return float("nan")
+    return float((both[ok].double() / fire[ok].double()).mean())
+
+
+def _plan_pair(
+    model: Any, sae_a: Any, sae_b: Any, variants: list[Variant], sources: set[str],
+    given: Permutation | MatchResult | None, match_options: dict[str, Any], seed: int,
+    route: Route, progress: bool,
+) -> _PairPlan:
+    perms = _permutations(sae_a, sae_b, sources, given, match_options, seed, progress)
+    subs = []
+    for variant in variants:
+        spec = variant.substitution
+        perm, cost = perms.get(variant.permutation, (None, None))
+        if spec.method == "hybrid" and perm is not None and cost is None:
+            cost = pair_costs(sae_a, sae_b, perm)
+        sub = block_substitute(sae_a, sae_b, perm, substitution=spec, cost_F=cost)
+        _validate_route(model, sub)
+        subs.append((variant, sub))
+    hook_a, hook_b = subs[0][1].hook_a, subs[0][1].hook_b
+    start = _start_layer(model, hook_a, hook_b, route)
+    plan = _PairPlan(hook_a, hook_b, sae_b, subs, {k: p for k, (p, _) in perms.items()}, start)
+    plan.sums = {v.name: _Sums() for v in variants}
+    return plan
+
+
+def _start_layer(model: Any, hook_a: str, hook_b: str, route: Route) -> int | None:
+    from transformer_lens import HookedTransformer
+
+    if route == "hooks":
+        return None
+    bounds = skip_boundaries(hook_a, hook_b)
+    ok = (isinstance(model, HookedTransformer) and bounds is not None
+          and getattr(model.cfg, "positional_embedding_type", None) != "shortformer")
+    if not ok and route == "skip":
+        raise ValueError(
+            f"route='skip' needs a HookedTransformer and residual hooks "
+            f"(blocks.L.hook_resid_pre/post); got {type(model).__name__} with "
+            f"'{hook_a}' -> '{hook_b}'. Use route='hooks' or 'auto'."
+        )
+    return bounds[1] if ok and bounds is not None else None
+
+
+def _process_batch(model: Any, batch: torch.Tensor, plans: list[_PairPlan]) -> None:
+    if batch.ndim != 2 or batch.shape[1] < 3:
+        raise ValueError(
+            f"each token batch must be [batch, pos] with pos >= 3 (position 0 is excluded as "
+            f"BOS, and the last position has no next token), got shape {tuple(batch.shape)}."
+        )
+    names = list(dict.fromkeys(n for p in plans for n in (p.hook_a, p.hook_b)))
+    states: dict[str, torch.Tensor] = {}
+
+    def recorder(name: str) -> Any:
+        def record(x: torch.Tensor, *, hook: Any) -> None:
+            states[name] = x
+        return record
+
+    with model.hooks(fwd_hooks=[(n, recorder(n)) for n in names]):
+        logits = model(batch, return_type="logits")
+    logp_clean = torch.log_softmax(logits.float(), dim=-1)
+    p_clean = logp_clean.exp()
+    neg_entropy = _dot(p_clean, logp_clean)
+    targets = batch[:, 2:].to(logp_clean.device)
+    ce_clean = _ce_sum(logp_clean, targets)
+    n_ce = targets.numel()
+    for plan in plans:
+        missing = [n for n in (plan.hook_a, plan.hook_b) if n not in states]
+        if missing:
+            raise RuntimeError(f"hooks {missing} did not fire during the forward pass.")
+        h_A, h_B = states[plan.hook_a], states[plan.hook_b]
+        plan.ce_clean += ce_clean
+        plan.n_ce += n_ce
+        needs_f_A = bool(plan.perms) or any(
+            sub.substitution.method not in ("identity", "reconstruct_b") for _, sub in plan.subs)
+        f_A = plan.subs[0][1].encode_a(h_A) if needs_f_A else None
+        _update_pair(plan, f_A, h_B)
+        for variant, sub in plan.subs:
+            h_hat = sub(h_A, h_B, f_A=f_A)
+            logits_sub = _substituted_logits(model, batch, plan, h_hat)
+            logp = torch.log_softmax(logits_sub.float(), dim=-1)
+            s = plan.sums[variant.name]
+            s.sse += float((h_B[:, 1:] - h_hat[:, 1:]).double().pow(2).sum())
+            s.ce += _ce_sum(logp, targets)
+            s.kl += float((neg_entropy - _dot(p_clean, logp))[:, 1:].double().sum())
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-position dot product over the vocabulary, ``[batch, pos, V] x2 -> [batch, pos]``.
+
+    One batched matrix product: no ``[batch, pos, V]`` temporary. ``KL(p ‖ q)`` per position is
+    ``dot(p, log p) - dot(p, log q)``; both terms go through this same function, so identical
+    distributions give exactly 0.
+    """
+    v = a.shape[-1]
+    return torch.bmm(a.reshape(-1, 1, v), b.reshape(-1, v, 1)).reshape(a.shape[:-1])
+
+
+def _ce_sum(logp: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed next-token cross-entropy of positions 1..pos-2 (BOS position excluded)."""
+    return -float(logp[:, 1:-1].gather(-1, targets[..., None]).double().sum())
+
+
+def _update_pair(plan: _PairPlan, f_A: torch.Tensor | None, h_B: torch.Tensor) -> None:
+    ps = plan.pair_sums
+    x = h_B[:, 1:].double().reshape(-1, h_B.shape[-1])
+    ps.n += x.shape[0]
+    ps.sum_x = x.sum(0) if ps.sum_x is None else ps.sum_x + x.sum(0)
+    ps.sumsq += float(x.pow(2).sum())
+    if not plan.perms or f_A is None:
+        return
+    sae_b = plan.sae_b
+    fire_a = f_A[:, 1:] > 0
+    fire_b = (sae_b.encode(h_B[:, 1:].to(sae_b.W_enc.device, sae_b.W_enc.dtype)) > 0)
+    fire_a = fire_a.reshape(-1, fire_a.shape[-1])
+    fire_b = fire_b.reshape(-1, fire_b.shape[-1]).to(fire_a.device)
+    count_a = fire_a.sum(0).cpu()
+    for source, perm in plan.perms.items():
+        index = perm.indices.clamp(min=0).to(fire_b.device).expand(fire_b.shape[0], -1)
+        both = (fire_a & torch.gather(fire_b, 1, index)).sum(0).cpu()
+        ps.fire_a[source] = ps.fire_a.get(source, 0) + count_a
+        ps.both[source] = ps.both.get(source, 0) + both
+
+
+def _substituted_logits(model: Any, batch: torch.Tensor, plan: _PairPlan,
+                        h_hat: torch.Tensor) -> torch.Tensor:
+    if plan.start is not None:
+        return _run_from(model, batch, h_hat, plan.start)
+
+    def write(x: torch.Tensor, *, hook: Any) -> torch.Tensor:
+        if x.shape != h_hat.shape:
+            raise ValueError(f"state at '{plan.hook_b}' has shape {tuple(x.shape)}, the "
+                             f"substitute {tuple(h_hat.shape)}.")
+        return h_hat
+
+    with model.hooks(fwd_hooks=[(plan.hook_b, write)]):
+        return model(batch, return_type="logits")

@@ -1,0 +1,573 @@
+"""Substitute blocks of a TransformerLens model by encode → permute → decode (SAE Match, Eq. 5).
+
+Read the residual stream ``h_A`` at SAE A's hook (``cfg.metadata.hook_name``), and write an
+approximation of ``h_B`` at SAE B's hook, skipping the blocks in between:
+
+``h_B ≈ SAE_B.decode(P · SAE_A.encode(h_A))``
+
+where ``P`` is a :class:`~sae_match_lens.permutation.Permutation` A→B
+(``f_B[..., P.indices] = f_A``). The blocks between the two hooks still run on the hook route
+(their output is overwritten); :func:`run_skipping` does not compute them at all.
+
+**Transfer units.** The paper's Eq. 5 does not say in which units activations cross from A to B.
+Two choices are offered (:class:`Substitution`'s ``transfer``):
+
+* ``"folded"`` (default): encode with ``fold(SAE_A)``, permute, decode with ``fold(SAE_B)``.
+  Activations cross in each SAE's fold units (threshold units for JumpReLU), the units in which
+  :func:`~sae_match_lens.matching.match` compared the features. Equivalently
+  ``f_B[P(i)] = f_A[i] · s_B[P(i)] / s_A[i]`` with ``s = fold_scales(sae)``, which is how it is
+  computed (no folded copies of the SAEs are made).
+* ``"raw"``: raw activations of SAE A are decoded by raw SAE B (``f_B[P(i)] = f_A[i]``).
+
+For a JumpReLU pair, ``folded`` keeps "how far above its threshold" a feature is, ``raw`` keeps
+its raw magnitude; for SAEs whose fold scale is 1 (TopK without decoder-norm rescaling) they
+coincide.
+
+**Methods** (:data:`Method`):
+
+* ``"permute"``: ``SAE_B.decode(P f_A)``.
+* ``"hybrid"`` (the paper's Appendix B): the ``round(quantile · n_matched)`` matched features with
+  the lowest match cost go through ``P`` to B's decoder; the rest (and unmatched features) are
+  decoded by A's own decoder:
+  ``SAE_B.decode(P(f_A ⊙ m)) + SAE_A.decode(f_A ⊙ ¬m) - SAE_A.decode(0)``. At ``quantile=1`` this
+  is ``permute``; at 0 it is SAE A's reconstruction with B's ``b_dec`` in place of A's.
+* ``"error_preserving"``: ``h_A - SAE_A.decode(f_A) + SAE_B.decode(P f_A)``; carries SAE A's
+  reconstruction error across, separating the SAE's error from the matching error.
+* ``"identity"``: ``h_A`` (drop the blocks).
+* ``"reconstruct_a"``: ``SAE_A.decode(f_A)`` used as the state at B.
+* ``"reconstruct_b"``: ``SAE_B.decode(SAE_B.encode(h_B))`` of the true ``h_B`` (needs the
+  skipped blocks, so it has no skipping route).
+
+Hooks are plain TransformerLens hook functions ``fn(tensor, *, hook)``; they never read
+``hook.name`` (a ``TransformerBridge`` calls them under its own names), the names are captured
+when they are built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from .adapters import describe_sae, fold_scales, hook_name_of, validate_sae
+from .matching import MatchResult
+from .permutation import Permutation
+
+__all__ = [
+    "METHODS",
+    "BlockSubstitute",
+    "HookFn",
+    "Method",
+    "Substitution",
+    "Transfer",
+    "block_substitute",
+    "hook_order",
+    "run_skipping",
+    "skip_boundaries",
+    "substitute",
+    "substitution_hooks",
+]
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["permute", "hybrid", "error_preserving", "identity", "reconstruct_a",
+                 "reconstruct_b"]
+Transfer = Literal["folded", "raw"]
+HookFn = Callable[..., torch.Tensor | None]
+METHODS: tuple[str, ...] = ("permute", "hybrid", "error_preserving", "identity",
+                            "reconstruct_a", "reconstruct_b")
+_USES_PERMUTATION = ("permute", "hybrid", "error_preserving")
+_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class Substitution:
+    """How the state at B's hook is computed from the state at A's hook (see module docstring).
+
+    Example:
+        >>> Substitution("hybrid", quantile=0.8)
+        Substitution(method='hybrid', transfer='folded', quantile=0.8)
+    """
+
+    method: Method = "permute"
+    """One of :data:`METHODS`."""
+    transfer: Transfer = "folded"
+    """Units in which activations cross from A to B: ``"folded"`` or ``"raw"``."""
+    quantile: float = 0.5
+    """``hybrid`` only: the fraction of matched features (lowest cost first) sent through P."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(
+                f"unknown substitution method {self.method!r}; valid: {list(METHODS)}."
+            )
+        if self.transfer not in ("folded", "raw"):
+            raise ValueError(f"transfer must be 'folded' or 'raw', got {self.transfer!r}.")
+        if not 0.0 <= float(self.quantile) <= 1.0:
+            raise ValueError(f"quantile must be in [0, 1], got {self.quantile}.")
+
+    @property
+    def uses_permutation(self) -> bool:
+        """Whether the method moves SAE A's features through a permutation."""
+        return self.method in _USES_PERMUTATION
+
+    @property
+    def needs_target_state(self) -> bool:
+        """Whether the method needs the true state at B (so the blocks must run)."""
+        return self.method == "reconstruct_b"
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSubstitute:
+    """A prepared substitute ``h_A (, h_B) -> ĥ_B``; build it with :func:`block_substitute`.
+
+    Shape suffixes: S = source features (SAE A), T = target features (SAE B), D = d_model.
+    """
+
+    sae_a: Any
+    """Source SAE (reads ``hook_a``)."""
+    sae_b: Any
+    """Target SAE (reads ``hook_b``)."""
+    substitution: Substitution
+    """The method and transfer units."""
+    hook_a: str
+    """Where ``h_A`` is read."""
+    hook_b: str
+    """Where the approximation is written."""
+    permutation: Permutation | None = None
+    """The map A→B (``None`` for methods that use none)."""
+    source_index: torch.Tensor | None = field(default=None, repr=False)
+    """For each target feature, the source feature moved into it (0 where none), on B's device."""
+    factor: torch.Tensor | None = field(default=None, repr=False)
+    """Per-target multiplier: transfer scale ``s_B/s_A`` (or 1), 0 where nothing is moved in."""
+    keep_mask: torch.Tensor | None = field(default=None, repr=False)
+    """``hybrid`` only: 1 for source features decoded by A's own decoder, else 0."""
+
+    def encode_a(self, h_A: torch.Tensor) -> torch.Tensor:
+        """SAE A's activations of ``h_A`` (on A's device and dtype)."""
+        return self.sae_a.encode(_to_sae(h_A, self.sae_a))
+
+    def move(self, f_A: torch.Tensor) -> torch.Tensor:
+        """Move activations ``f_A [..., S]`` into B's features and units ``[..., T]``."""
+        assert self.source_index is not None and self.factor is not None
+        f = f_A.to(self.source_index.device, self.sae_b.W_dec.dtype)
+        index = self.source_index.expand(*f.shape[:-1], -1)
+        return torch.gather(f, -1, index) * self.factor
+
+    def __call__(
+        self,
+        h_A: torch.Tensor,
+        h_B: torch.Tensor | None = None,
+        *,
+        f_A: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Compute the approximation of the state at B.
+
+        Args:
+            h_A: the state at A's hook ``[..., d_in]``.
+            h_B: the true state at B's hook (only ``reconstruct_b`` reads it).
+            f_A: SAE A's activations of ``h_A`` if already computed (saves one encode).
+
+        Returns:
+            ``ĥ_B`` with the shape, device and dtype of ``h_A``.
+        """
+        method = self.substitution.method
+        if method == "identity":
+            return h_A
+        if method == "reconstruct_b":
+            if h_B is None:
+                raise ValueError(
+                    f"substitution 'reconstruct_b' at '{self.hook_b}' needs the true state at B; "
+                    "it cannot skip the blocks."
+                )
+            sae = self.sae_b
+            return sae.decode(sae.encode(_to_sae(h_B, sae))).to(h_B.device, h_B.dtype)
+        if f_A is None:
+            f_A = self.encode_a(h_A)
+        if method == "reconstruct_a":
+            out = self.sae_a.decode(f_A)
+        elif method == "permute":
+            out = self.sae_b.decode(self.move(f_A))
+        elif method == "hybrid":
+            assert self.keep_mask is not None
+            kept = f_A * self.keep_mask
+            zero = f_A.new_zeros((1, f_A.shape[-1]))
+            from_a = self.sae_a.decode(kept) - self.sae_a.decode(zero)
+            out = self.sae_b.decode(self.move(f_A)) + from_a.to(self.sae_b.W_dec.device)
+        else:
+            error_A = _to_sae(h_A, self.sae_a) - self.sae_a.decode(f_A)
+            out = self.sae_b.decode(self.move(f_A)) + error_A.to(self.sae_b.W_dec.device)
+        return out.to(h_A.device, h_A.dtype)
+
+
+def _to_sae(h: torch.Tensor, sae: Any) -> torch.Tensor:
+    return h.to(sae.W_enc.device, sae.W_enc.dtype)
+
+
+def _check_sae(sae: Any, role: str) -> str:
+    validate_sae(sae)
+    d_out = getattr(sae.cfg, "d_out", sae.cfg.d_in)
+    if d_out != sae.cfg.d_in:
+        raise ValueError(
+            f"{describe_sae(sae)} ({role}) is a transcoder (d_in={sae.cfg.d_in}, d_out={d_out}); "
+            "block substitution needs SAEs that reconstruct the state they read."
+        )
+    name = hook_name_of(sae)
+    if name == "<no hook_name>":
+        raise ValueError(
+            f"{describe_sae(sae)} ({role}) has no cfg.metadata.hook_name, so it is unknown where "
+            "it reads; set sae.cfg.metadata.hook_name = 'blocks.L.hook_resid_post' (for example)."
+        )
+    return name
+
+
+def _split(permutation: Permutation | MatchResult | None,
+           cost_F: torch.Tensor | None) -> tuple[Permutation | None, torch.Tensor | None]:
+    if isinstance(permutation, MatchResult):
+        return permutation.permutation, permutation.cost_F if cost_F is None else cost_F
+    if permutation is not None and not isinstance(permutation, Permutation):
+        raise TypeError(
+            f"permutation must be a Permutation or a MatchResult, got {type(permutation).__name__}."
+        )
+    return permutation, cost_F
+
+
+def block_substitute(
+    sae_a: Any,
+    sae_b: Any,
+    permutation: Permutation | MatchResult | None = None,
+    *,
+    substitution: Substitution | Method = "permute",
+    cost_F: torch.Tensor | None = None,
+) -> BlockSubstitute:
+    """Prepare the substitute ``h_A -> ĥ_B`` for a pair of SAEs (no model needed).
+
+    Args:
+        sae_a: source SAE; reads ``sae_a.cfg.metadata.hook_name``.
+        sae_b: target SAE; its hook is where the approximation goes.
+        permutation: the map A→B, or a :class:`~sae_match_lens.matching.MatchResult` (whose
+            ``cost_F`` then serves the ``hybrid`` method). Needed by ``permute``, ``hybrid``
+            and ``error_preserving``; ignored by the others.
+        substitution: a :class:`Substitution`, or a method name (folded transfer).
+        cost_F: per-source-feature match cost ``[n_source]`` for ``hybrid`` (NaN: unmatched);
+            default: the MatchResult's.
+
+    Raises:
+        ValueError: unsupported SAE, missing hook name, permutation sizes that do not match the
+            SAEs (naming the SAE and expected vs actual), missing permutation or costs.
+
+    Example:
+        >>> sub = block_substitute(sae_3, sae_4, match(sae_3, sae_4))
+        >>> h_4_hat = sub(h_3)
+    """
+    spec = Substitution(method=substitution) if isinstance(substitution, str) else substitution
+    if not isinstance(spec, Substitution):
+        raise TypeError(f"substitution must be a Substitution or a method name, got {spec!r}.")
+    hook_a, hook_b = _check_sae(sae_a, "SAE A"), _check_sae(sae_b, "SAE B")
+    perm, cost = _split(permutation, cost_F)
+    if not spec.uses_permutation:
+        return BlockSubstitute(sae_a, sae_b, spec, hook_a, hook_b, perm)
+    if perm is None:
+        raise ValueError(
+            f"substitution '{spec.method}' from '{hook_a}' to '{hook_b}' needs a permutation "
+            "A→B (a Permutation or the MatchResult of match(sae_a, sae_b))."
+        )
+    for role, sae, n in (("source", sae_a, perm.n_source), ("target", sae_b, perm.n_target)):
+        if n != sae.cfg.d_sae:
+            raise ValueError(
+                f"the permutation's {role} side has {n} features but {describe_sae(sae)} has "
+                f"d_sae={sae.cfg.d_sae}; expected a permutation of shape "
+                f"{sae_a.cfg.d_sae}->{sae_b.cfg.d_sae} (n_source = SAE A's d_sae, "
+                "n_target = SAE B's d_sae)."
+            )
+    send_S = perm.matched.clone()
+    keep_mask = None
+    if spec.method == "hybrid":
+        send_S = _hybrid_mask(perm, cost, spec.quantile, hook_a)
+        keep_mask = (~send_S).to(device=sae_a.W_enc.device, dtype=sae_a.W_enc.dtype)
+    ratio_S = torch.ones(perm.n_source, dtype=torch.float64)
+    target_scale = torch.ones(perm.n_target, dtype=torch.float64)
+    if spec.transfer == "folded":
+        ratio_S = 1.0 / fold_scales(sae_a).cpu()
+        target_scale = fold_scales(sae_b).cpu()
+    sent = torch.nonzero(send_S).flatten()
+    targets = perm.indices[sent]
+    source_index = torch.zeros(perm.n_target, dtype=torch.int64)
+    factor = torch.zeros(perm.n_target, dtype=torch.float64)
+    source_index[targets] = sent
+    factor[targets] = ratio_S[sent] * target_scale[targets]
+    device, dtype = sae_b.W_dec.device, sae_b.W_dec.dtype
+    return BlockSubstitute(
+        sae_a, sae_b, spec, hook_a, hook_b, perm,
+        source_index=source_index.to(device), factor=factor.to(device=device, dtype=dtype),
+        keep_mask=keep_mask,
+    )
+
+
+def _hybrid_mask(perm: Permutation, cost_F: torch.Tensor | None, quantile: float,
+                 hook_a: str) -> torch.Tensor:
+    if cost_F is None:
+        raise ValueError(
+            f"the hybrid substitution from '{hook_a}' needs per-feature match costs: pass the "
+            "MatchResult of match() as the permutation, or cost_F=."
+        )
+    cost = torch.as_tensor(cost_F).detach().to("cpu", torch.float64).flatten()
+    if cost.numel() != perm.n_source:
+        raise ValueError(
+            f"cost_F has {cost.numel()} entries but the permutation from '{hook_a}' maps "
+            f"{perm.n_source} source features."
+        )
+    matched = perm.matched & torch.isfinite(cost)
+    n_send = round(quantile * int(matched.sum()))
+    order = torch.argsort(torch.where(matched, cost, torch.inf), stable=True)
+    send = torch.zeros(perm.n_source, dtype=torch.bool)
+    send[order[:n_send]] = True
+    return send
+
+
+_IN_BLOCK_RANK = (("hook_resid_pre", 0), ("ln1.", 1), ("attn.", 1), ("hook_attn", 1),
+                  ("hook_q_input", 1), ("hook_k_input", 1), ("hook_v_input", 1),
+                  ("hook_resid_mid", 2), ("ln2.", 3), ("mlp.", 3), ("hook_mlp", 3),
+                  ("hook_resid_post", 4))
+
+
+def hook_order(name: str, n_layers: int) -> tuple[int, int]:
+    """Where a hook sits in the forward pass: ``(layer, rank within the block)``.
+
+    ``blocks.L.hook_resid_pre`` < ``...attn...`` < ``hook_resid_mid`` < ``...mlp...`` <
+    ``blocks.L.hook_resid_post``; embedding hooks come before block 0, everything else outside
+    the blocks (``ln_final``, ``unembed``) after the last block.
+    """
+    m = _BLOCK.match(name)
+    if m is None:
+        return (-1, 0) if "embed" in name and "unembed" not in name else (n_layers, 0)
+    layer, rest = int(m.group(1)), m.group(2)
+    for prefix, rank in _IN_BLOCK_RANK:
+        if rest.startswith(prefix):
+            return layer, rank
+    return layer, 2
+
+
+def _hook_width(model: Any, name: str) -> int | None:
+    cfg = model.cfg
+    rest = name.split(".", 2)[-1] if name.startswith("blocks.") else name
+    if rest in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
+                "hook_mlp_out", "hook_embed", "hook_pos_embed"):
+        return int(cfg.d_model)
+    if rest in ("mlp.hook_pre", "mlp.hook_post") and getattr(cfg, "d_mlp", None):
+        return int(cfg.d_mlp)
+    return None
+
+
+def _validate_route(model: Any, sub: BlockSubstitute) -> None:
+    hook_dict = model.hook_dict
+    for sae, name in ((sub.sae_a, sub.hook_a), (sub.sae_b, sub.hook_b)):
+        if name not in hook_dict:
+            close = difflib.get_close_matches(name, list(hook_dict), n=3)
+            hint = f" Did you mean {close}?" if close else ""
+            raise ValueError(
+                f"{describe_sae(sae)}: hook '{name}' is not a hook point of this "
+                f"{type(model).__name__} (it has {len(hook_dict)} hook points, e.g. "
+                f"'blocks.0.hook_resid_post').{hint}"
+            )
+        width = _hook_width(model, name)
+        if width is not None and sae.cfg.d_in != width:
+            raise ValueError(
+                f"{describe_sae(sae)}: d_in={sae.cfg.d_in} but the model's activation at "
+                f"'{name}' has width {width}; this SAE was not trained on this model."
+            )
+    n_layers = int(model.cfg.n_layers)
+    if hook_order(sub.hook_a, n_layers) > hook_order(sub.hook_b, n_layers) and (
+        skip_boundaries(sub.hook_a, sub.hook_b) is None
+    ):
+        raise ValueError(
+            f"SAE A's hook '{sub.hook_a}' comes after SAE B's hook '{sub.hook_b}' in the forward "
+            f"pass ({describe_sae(sub.sae_a)} -> {describe_sae(sub.sae_b)}); the substitute reads "
+            "at A and writes at B, so A must precede B (swap them, and invert the permutation)."
+        )
+
+
+def skip_boundaries(hook_a: str, hook_b: str) -> tuple[int, int] | None:
+    """Block indices ``(stop_at_layer, start_at_layer)`` for skipping from ``hook_a`` to ``hook_b``.
+
+    ``blocks.L.hook_resid_pre`` is the boundary before block ``L``, ``blocks.L.hook_resid_post``
+    the one after it (``L + 1``). Returns ``None`` unless both are such residual hooks with
+    A's boundary not after B's.
+    """
+    bounds = []
+    for name in (hook_a, hook_b):
+        m = _RESID.match(name)
+        if m is None:
+            return None
+        bounds.append(int(m.group(1)) + (m.group(2) == "post"))
+    return (bounds[0], bounds[1]) if bounds[0] <= bounds[1] else None
+
+
+def _make_hooks(sub: BlockSubstitute) -> list[tuple[str, HookFn]]:
+    state: dict[str, torch.Tensor] = {}
+    hook_a, hook_b = sub.hook_a, sub.hook_b
+
+    def read_a(h_A: torch.Tensor, *, hook: Any) -> None:
+        state["h_A"] = h_A
+
+    def write_b(h_B: torch.Tensor, *, hook: Any) -> torch.Tensor:
+        h_A = state.pop("h_A", None)
+        if h_A is None:
+            raise RuntimeError(
+                f"the substitute for '{hook_b}' ran before the hook at '{hook_a}' saw this "
+                "forward pass; A's hook must run first (was the pass started after A?)."
+            )
+        if h_A.shape != h_B.shape:
+            raise ValueError(
+                f"state at '{hook_a}' has shape {tuple(h_A.shape)} but the state at '{hook_b}' "
+                f"has {tuple(h_B.shape)}; block substitution needs the same shape at both hooks."
+            )
+        return sub(h_A, h_B)
+
+    return [(hook_a, read_a), (hook_b, write_b)]
+
+
+def _prepare(model: Any, sae_a: Any, sae_b: Any, permutation: Permutation | MatchResult | None,
+             substitution: Substitution | Method, cost_F: torch.Tensor | None) -> BlockSubstitute:
+    sub = block_substitute(sae_a, sae_b, permutation, substitution=substitution, cost_F=cost_F)
+    _validate_route(model, sub)
+    return sub
+
+
+def substitution_hooks(
+    model: Any,
+    sae_a: Any,
+    sae_b: Any,
+    permutation: Permutation | MatchResult | None = None,
+    *,
+    substitution: Substitution | Method = "permute",
+    cost_F: torch.Tensor | None = None,
+) -> list[tuple[str, HookFn]]:
+    """Forward hooks that substitute the blocks between SAE A's and SAE B's hooks.
+
+    Works on ``HookedTransformer``, ``HookedSAETransformer`` and ``TransformerBridge``; every
+    hook name, the hook order, the SAEs' ``d_in`` and the permutation's sizes are checked first.
+    The first hook records ``h_A``, the second returns the substitute at B.
+
+    Args:
+        model: the TransformerLens model.
+        sae_a, sae_b, permutation, substitution, cost_F: see :func:`block_substitute`.
+
+    Returns:
+        ``[(hook_a, read_fn), (hook_b, write_fn)]`` for ``model.run_with_hooks(fwd_hooks=...)``.
+
+    Example:
+        >>> hooks = substitution_hooks(model, sae_3, sae_5, match(sae_3, sae_5))
+        >>> loss = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=hooks)
+    """
+    return _make_hooks(_prepare(model, sae_a, sae_b, permutation, substitution, cost_F))
+
+
+@contextmanager
+def substitute(
+    model: Any,
+    sae_a: Any,
+    sae_b: Any,
+    permutation: Permutation | MatchResult | None = None,
+    *,
+    substitution: Substitution | Method = "permute",
+    cost_F: torch.Tensor | None = None,
+) -> Iterator[Any]:
+    """Context manager: inside it, every forward pass of ``model`` uses the substitute.
+
+    Only the hooks added here are removed on exit (also when the forward pass raises); hooks
+    the caller installed before are kept. Arguments as in :func:`substitution_hooks`.
+
+    Example:
+        >>> with substitute(model, sae_3, sae_5, result, substitution="error_preserving"):
+        ...     loss = model(tokens, return_type="loss")
+    """
+    hooks = substitution_hooks(model, sae_a, sae_b, permutation, substitution=substitution,
+                               cost_F=cost_F)
+    with model.hooks(fwd_hooks=hooks) as hooked:
+        yield hooked
+
+
+def _check_skippable(model: Any, sub: BlockSubstitute) -> tuple[int, int]:
+    from transformer_lens import HookedTransformer
+
+    if not isinstance(model, HookedTransformer):
+        raise TypeError(
+            f"run_skipping needs a HookedTransformer (start_at_layer/stop_at_layer), got "
+            f"{type(model).__name__}; use substitute() / substitution_hooks() instead."
+        )
+    if sub.substitution.needs_target_state:
+        raise ValueError(
+            f"substitution '{sub.substitution.method}' reads the true state at '{sub.hook_b}', so "
+            "the blocks cannot be skipped; use substitute() instead."
+        )
+    if getattr(model.cfg, "positional_embedding_type", None) == "shortformer":
+        raise ValueError("run_skipping does not support shortformer positional embeddings.")
+    bounds = skip_boundaries(sub.hook_a, sub.hook_b)
+    if bounds is None:
+        raise ValueError(
+            f"run_skipping needs residual hooks 'blocks.L.hook_resid_pre' or "
+            f"'blocks.L.hook_resid_post' at both ends, got '{sub.hook_a}' -> '{sub.hook_b}'."
+        )
+    return bounds
+
+
+def run_skipping(
+    model: Any,
+    tokens: torch.Tensor,
+    sae_a: Any,
+    sae_b: Any,
+    permutation: Permutation | MatchResult | None = None,
+    *,
+    substitution: Substitution | Method = "permute",
+    cost_F: torch.Tensor | None = None,
+    return_type: Literal["logits", "loss", "both"] = "loss",
+    loss_per_token: bool = False,
+) -> Any:
+    """Run ``model`` without computing the blocks between A's and B's hooks (true skip).
+
+    The model runs up to A's boundary (``stop_at_layer``), the substitute is computed, and the
+    model resumes at B's boundary (``start_at_layer``). Gives the same result as the hook route
+    (:func:`substitute`) at a fraction of the cost. Hooks inside the skipped blocks, and hooks
+    at B's own hook point, do not fire; the next ``hook_resid_pre`` sees the substitute.
+
+    Args:
+        model: a ``HookedTransformer`` (or ``HookedSAETransformer``).
+        tokens: token ids ``[batch, pos]``.
+        sae_a, sae_b, permutation, substitution, cost_F: see :func:`block_substitute`; both
+            hooks must be ``blocks.L.hook_resid_pre`` / ``blocks.L.hook_resid_post``.
+        return_type, loss_per_token: as in ``HookedTransformer.forward``.
+
+    Example:
+        >>> loss = run_skipping(model, tokens, sae_3, sae_5, match(sae_3, sae_5))
+    """
+    sub = _prepare(model, sae_a, sae_b, permutation, substitution, cost_F)
+    stop, start = _check_skippable(model, sub)
+    return _run_from(model, tokens, sub(_run_to(model, tokens, stop)), start,
+                     return_type=return_type, loss_per_token=loss_per_token)
+
+
+def _attention_mask(model: Any, tokens: torch.Tensor) -> torch.Tensor | None:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None or tokenizer.padding_side != "left":
+        return None
+    from transformer_lens import utils
+
+    return utils.get_attention_mask(tokenizer, tokens, model.cfg.default_prepend_bos)
+
+
+def _run_to(model: Any, tokens: torch.Tensor, stop: int) -> torch.Tensor:
+    return model(tokens, stop_at_layer=stop, attention_mask=_attention_mask(model, tokens))
+
+
+def _run_from(model: Any, tokens: torch.Tensor, resid: torch.Tensor, start: int, *,
+              return_type: str = "logits", loss_per_token: bool = False) -> Any:
+    return model(resid, start_at_layer=start, tokens=tokens, return_type=return_type,
+                 loss_per_token=loss_per_token, attention_mask=_attention_mask(model, tokens))
