@@ -25,12 +25,29 @@ from .chain import (
     match_chain,
 )
 from .costs import CostWeights
+from .evaluation import DEFAULT_VARIANTS, RESULT_COLUMNS, VARIANTS, Variant, evaluate_substitution, pair_costs
+from .hooks import (
+    METHODS,
+    BlockSubstitute,
+    Method,
+    Substitution,
+    Transfer,
+    block_substitute,
+    run_skipping,
+    substitute,
+    substitution_hooks,
+)
 from .matching import MatchResult, match, null_max_cost
 from .permutation import Permutation, PermutationFileError
 from .synthetic import PlantedChain, planted_chain
 
 __all__ = [
     "ARCHITECTURES",
+    "DEFAULT_VARIANTS",
+    "METHODS",
+    "RESULT_COLUMNS",
+    "VARIANTS",
+    "BlockSubstitute",
     "ChainMatch",
     "CompositionCheck",
     "CostWeights",
@@ -38,11 +55,17 @@ __all__ = [
     "FeatureStep",
     "FeatureView",
     "MatchResult",
+    "Method",
     "Permutation",
     "PermutationFileError",
     "PlantedChain",
+    "Substitution",
+    "Transfer",
+    "Variant",
+    "block_substitute",
     "compare_composed_direct",
     "describe_sae",
+    "evaluate_substitution",
     "feature_view",
     "fold",
     "fold_scales",
@@ -50,9 +73,13 @@ __all__ = [
     "match",
     "match_chain",
     "null_max_cost",
+    "pair_costs",
     "planted_chain",
     "rescale",
+    "run_skipping",
     "sae_identity",
+    "substitute",
+    "substitution_hooks",
     "unfold",
     "validate_sae",
 ]

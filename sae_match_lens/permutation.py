@@ -179,13 +179,23 @@ class Permutation:
                 f"activations have {acts.shape[-1]} features in their last dimension, but the "
                 f"permutation maps {self.n_source} source features."
             )
-        idx = self.indices.to(acts.device)
         if self.is_bijection:
-            return acts[..., self.inverse().indices.to(acts.device)]
+            gather = self._gather_index().to(acts.device)
+            return torch.gather(acts, -1, gather.expand(*acts.shape[:-1], self.n_target))
+        idx = self.indices.to(acts.device)
         out = acts.new_zeros((*acts.shape[:-1], self.n_target))
         ok = idx >= 0
         out[..., idx[ok]] = acts[..., ok]
         return out
+
+    def _gather_index(self) -> torch.Tensor:
+        """``inv[j] = i`` for a bijection (computed once; the object is immutable)."""
+        cached = self.__dict__.get("_gather")
+        if cached is None:
+            cached = torch.empty_like(self.indices)
+            cached[self.indices] = torch.arange(self.n_source)
+            object.__setattr__(self, "_gather", cached)
+        return cached
 
     # -- persistence --------------------------------------------------------------------------
     def checksum(self) -> str:
