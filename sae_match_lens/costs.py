@@ -154,11 +154,13 @@ def cost_blocks(
     for r0 in range(0, n_a, block_rows):
         r1 = min(n_a, r0 + block_rows)
         rows = a.matrix_FK[r0:r1].to(dev)
+        row = a.const_F[r0:r1].to(dev, torch.float32)
         if out is not None and dev.type == "cpu" and out[r0:r1, :n_b].is_contiguous():
-            block = torch.mm(rows, B_KN, out=out[r0:r1, :n_b])
+            block = out[r0:r1, :n_b]
         else:
-            block = rows @ B_KN
-        block.mul_(-2.0).add_(col[None, :]).add_(a.const_F[r0:r1].to(dev, torch.float32)[:, None])
+            block = torch.empty((r1 - r0, n_b), dtype=torch.float32, device=dev)
+        torch.add(row[:, None], col[None, :], out=block)
+        block.addmm_(rows, B_KN, beta=1.0, alpha=-2.0)  # one GEMM pass: C = r + c - 2 A Bᵀ
         block.clamp_(min=0.0)
         if out is not None and block.data_ptr() != out[r0:r1, :n_b].data_ptr():
             out[r0:r1, :n_b].copy_(block)
