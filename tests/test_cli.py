@@ -1,5 +1,3 @@
-import json
-
 import pytest
 from helpers import planted_pair
 
@@ -20,11 +18,3 @@ def test_match_command_saves_a_loadable_permutation(tmp_path, capsys):
 def test_match_command_rejects_a_bad_sae_spec(tmp_path):
     with pytest.raises(SystemExit, match="neither a saved SAE directory nor 'release:sae_id'"):
         main(["match", "nowhere", "nowhere", "--out", str(tmp_path / "p.safetensors")])
-
-
-def test_demo_command_writes_its_report(tmp_path, capsys):
-    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
-    assert "folded matching recovered" in capsys.readouterr().out
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert {"adjacent", "composition"} <= set(results)
-    assert (tmp_path / "report.md").read_text().startswith("# SAE Match demo report")

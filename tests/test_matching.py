@@ -54,7 +54,8 @@ def test_margins_equal_a_brute_force_computation():
     result = match(sae_a, sae_b, progress=False)
     for i, j in enumerate(result.permutation.indices.tolist()):
         others = torch.cat([C[i, :j], C[i, j + 1:]])
-        assert result.margin_F[i].item() == pytest.approx(float(others.min() - C[i, j]), abs=2e-7 * float(C.max()))
+        expected = float(others.min() - C[i, j])
+        assert result.margin_F[i].item() == pytest.approx(expected, abs=2e-7 * float(C.max()))
 
 
 @pytest.mark.parametrize("n", [3, 5, 6])
