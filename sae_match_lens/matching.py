@@ -8,8 +8,10 @@ one alive), then solved exactly:
 * ``solver="lapjv"``: the Jonker–Volgenant solver of the ``lapjv`` package, whose dual
   variables are checked against the whole cost matrix afterwards (a certificate of optimality);
 * ``solver="scipy"``: ``scipy.optimize.linear_sum_assignment`` (the reference);
-* ``solver="auto"``: lapjv where it is safe (n < 46342; larger sizes crash lapjv 1.3.29),
-  otherwise scipy.
+* ``solver="sparse"``: top-``k`` candidate edges, never the whole matrix, with a certificate of
+  global optimality and repair rounds (:mod:`sae_match_lens.sparse`); for 16k to 1M features;
+* ``solver="auto"``: lapjv when the dense matrix fits comfortably in memory (at most half of the
+  available memory, and n < 46342: larger sizes crash lapjv 1.3.29), otherwise sparse.
 
 **Unmatched features.** With ``max_cost=λ`` a source feature may stay unmatched at cost λ. This is
 solved inside the same optimal assignment: leaving row ``i`` unmatched is a dummy partner of
@@ -37,12 +39,13 @@ from tqdm.auto import tqdm
 from .adapters import describe_sae, feature_view, hook_name_of, sae_identity
 from .costs import CostWeights, Metric, StackedFeatures, cost_blocks, stack_features
 from .permutation import Permutation
+from .sparse import Precision, solve_sparse, sparse_bytes
 
 __all__ = ["LAPJV_MAX_N", "MatchResult", "Solver", "match", "match_features", "null_max_cost"]
 
 logger = logging.getLogger(__name__)
 
-Solver = Literal["auto", "lapjv", "scipy"]
+Solver = Literal["auto", "lapjv", "scipy", "sparse"]
 LAPJV_MAX_N = 46341
 """Largest square size passed to lapjv (lapjv 1.3.29 overflows an int32 index at n ≥ 46342)."""
 
@@ -64,9 +67,10 @@ class MatchResult(NamedTuple):
     """The cost above which features stayed unmatched (``None``: full assignment)."""
     certified: bool
     """True when the assignment is known to be optimal: dual certificate checked on the whole
-    cost matrix (lapjv), or solved by scipy's exact reference solver."""
+    cost matrix (lapjv, sparse), or solved by scipy's exact reference solver."""
     gap: float
-    """Upper bound on ``total − optimum`` from the dual certificate (0 for scipy)."""
+    """Upper bound on ``total − optimum`` from the dual certificate (0 for scipy; for sparse the
+    sum of the negative reduced costs found, inf when not bounded)."""
     solver: str
     """The solver that produced the assignment."""
     options: dict[str, Any]
@@ -120,6 +124,11 @@ def match(
     device: torch.device | str | None = None,
     progress: bool = True,
     features: tuple[StackedFeatures, StackedFeatures] | None = None,
+    k: int = 16,
+    certify: bool = True,
+    max_rounds: int = 4,
+    screen_dims: int | Literal["auto"] | None = "auto",
+    precision: Precision = "float32",
 ) -> MatchResult:
     """Match SAE A's features to SAE B's without data (SAE Match).
 
@@ -134,13 +143,23 @@ def match(
         max_cost: leave a source feature unmatched when no partner costs less than this;
             ``"auto"`` picks it from a null model (:func:`null_max_cost`); ``None`` forces a
             full one-to-one assignment as in the paper.
-        solver: ``"auto"``, ``"lapjv"`` or ``"scipy"`` (all exact).
+        solver: ``"auto"``, ``"lapjv"``, ``"scipy"`` or ``"sparse"`` (all exact; sparse is
+            certified or reports its gap). ``"auto"`` takes lapjv when the dense matrix fits
+            comfortably in memory, otherwise sparse.
         block_rows: rows of the cost matrix computed at a time.
-        device: where cost blocks are computed (default: SAE A's device).
+        device: where cost blocks are computed (default: SAE A's device), e.g. ``"cuda"``.
         progress: show a progress bar.
         features: ``stack_features`` of both SAEs computed with these same ``fold``,
             ``weights`` and ``metric`` (as :func:`~sae_match_lens.chain.match_chain` does, to
             fold each SAE of a stack once); computed here when omitted.
+        k: sparse solver: candidate partners kept per source feature (target features keep
+            ``max(4, k // 4)``); repairs add what is missing.
+        certify: sparse solver: prove optimality, repairing if needed; ``False``: one pass.
+        max_rounds: sparse solver: repair rounds at most.
+        screen_dims: sparse solver: width of the cheap screening bound (``None``: exact screen;
+            ``"auto"``: estimated from a sample of rows).
+        precision: sparse solver: arithmetic of the screen (``"bfloat16"``/``"float16"`` pay
+            off on GPUs; on AVX2 CPUs they are slower than float32).
 
     Returns:
         A :class:`MatchResult`; its permutation's metadata records both SAEs' identities and
@@ -166,9 +185,13 @@ def match(
         "fold": fold, "metric": metric, "weights": w.as_dict(), "max_cost": max_cost,
         "solver": solver,
     }
+    if solver == "sparse" or solver == "auto":
+        options.update(k=k, certify=certify, max_rounds=max_rounds, screen_dims=screen_dims,
+                       precision=precision)
     result = match_features(
         stacked_a, stacked_b, max_cost=max_cost, solver=solver, block_rows=block_rows,
-        device=device, progress=progress, options=options,
+        device=device, progress=progress, options=options, k=k, certify=certify,
+        max_rounds=max_rounds, screen_dims=screen_dims, precision=precision,
         label=f"{hook_name_of(sae_a)} -> {hook_name_of(sae_b)}",
     )
     metadata = {"source": sae_identity(sae_a), "target": sae_identity(sae_b), "options": options}
@@ -187,28 +210,55 @@ def match_features(
     progress: bool = True,
     options: dict[str, Any] | None = None,
     label: str = "match",
+    k: int = 16,
+    certify: bool = True,
+    max_rounds: int = 4,
+    screen_dims: int | Literal["auto"] | None = "auto",
+    precision: Precision = "float32",
 ) -> MatchResult:
-    """Solve the assignment between two stacked feature sets (the engine behind :func:`match`)."""
+    """Solve the assignment between two stacked feature sets (the engine behind :func:`match`).
+
+    Matching a chain of SAEs: stack each SAE once (:func:`~sae_match_lens.costs.stack_features`)
+    and call this for each adjacent pair; the folded, stacked tensors are then computed once per
+    SAE instead of twice. Arguments are those of :func:`match`.
+    """
     if max_cost is not None and not (isinstance(max_cost, int | float) and math.isfinite(max_cost)):
         raise ValueError(f"max_cost must be a finite number, 'auto' or None, got {max_cost!r}.")
-    if solver not in ("auto", "lapjv", "scipy"):
-        raise ValueError(f"solver must be 'auto', 'lapjv' or 'scipy', got {solver!r}.")
+    if solver not in ("auto", "lapjv", "scipy", "sparse"):
+        raise ValueError(f"solver must be 'auto', 'lapjv', 'scipy' or 'sparse', got {solver!r}.")
     n_a, n_b = a.matrix_FK.shape[0], b.matrix_FK.shape[0]
     n = max(n_a, n_b)
+    free = _available_bytes()
     if solver == "auto":
-        solver = "lapjv" if n <= LAPJV_MAX_N else "scipy"
+        dense_fits = n * n * 4 <= 0.5 * free and n <= LAPJV_MAX_N
+        solver = "lapjv" if dense_fits else "sparse"
+        logger.info("%s: solver='auto' chose %s (dense matrix %.1f GiB, %.1f GiB available)",
+                    label, solver, n * n * 4 / 2**30, free / 2**30)
     if solver == "lapjv" and n > LAPJV_MAX_N:
         raise ValueError(
-            f"lapjv cannot solve n={n} (it crashes at n >= {LAPJV_MAX_N + 1}); use solver='scipy'."
+            f"lapjv cannot solve n={n} (it crashes at n >= {LAPJV_MAX_N + 1}); use "
+            "solver='sparse' (or 'scipy' if the dense matrix fits in memory)."
         )
+    if solver == "sparse":
+        need = sparse_bytes(n_a, n_b, k, block_rows)
+        if need > 0.9 * free:
+            raise MemoryError(
+                f"{label}: the sparse solve of {n_a}x{n_b} features with k={k}, "
+                f"block_rows={block_rows} needs about {need / 2**30:.1f} GiB, but only "
+                f"{free / 2**30:.1f} GiB is available. Lower block_rows or k, or free memory."
+            )
+        return _match_sparse(a, b, max_cost=max_cost, block_rows=block_rows, device=device,
+                             progress=progress, options=options, label=label, k=k,
+                             certify=certify, max_rounds=max_rounds, screen_dims=screen_dims,
+                             precision=precision)
     shape = (n, n) if solver == "lapjv" else (n_a, n_b)
     need = shape[0] * shape[1] * 4 * (3 if solver == "scipy" else 1)
-    free = _available_bytes()
     if need > 0.9 * free:
         raise MemoryError(
             f"{label}: the dense {solver} solve of a {n_a}x{n_b} cost matrix needs about "
-            f"{need / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB is available. Match on a "
-            "machine with more memory, or use fewer features."
+            f"{need / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB is available. Use "
+            f"solver='sparse' (about {sparse_bytes(n_a, n_b, k, block_rows) / 2**30:.1f} GiB), "
+            "or match on a machine with more memory."
         )
     t0 = time.perf_counter()
     C = torch.zeros(shape, dtype=torch.float32)
@@ -251,6 +301,37 @@ def match_features(
         cost_F=cost, total_cost=total, margin_F=margin,
         max_cost=None if max_cost is None else float(max_cost),
         certified=certified, gap=gap, solver=solver, options=dict(options or {}),
+    )
+
+
+def _match_sparse(a: StackedFeatures, b: StackedFeatures, *, max_cost: float | None,
+                  options: dict[str, Any] | None, label: str, **kwargs: Any) -> MatchResult:
+    """The sparse route of :func:`match_features`, assembled into the same :class:`MatchResult`.
+
+    ``margin_F`` is computed from each row's candidate edges (exact when its two cheapest
+    partners are among its candidates, which the screening pass makes the rule)."""
+    sol = solve_sparse(a, b, max_cost=max_cost, label=label, **kwargs)
+    n_a, n_b = a.matrix_FK.shape[0], b.matrix_FK.shape[0]
+    indices = torch.full((n_a,), -1, dtype=torch.int64)
+    cost = torch.full((n_a,), float("nan"), dtype=torch.float32)
+    keep = sol.cost < max_cost if max_cost is not None else np.ones(len(sol.rows), dtype=bool)
+    rows = torch.from_numpy(sol.rows[keep])
+    indices[rows] = torch.from_numpy(sol.cols[keep])
+    cost[rows] = torch.from_numpy(sol.cost[keep]).float()
+    best2 = torch.from_numpy(sol.best2).float()
+    matched = indices >= 0
+    margin = best2[:, 1] - best2[:, 0]
+    took_best = indices == torch.from_numpy(sol.argbest)
+    margin = torch.where(matched & ~took_best, best2[:, 0] - cost, margin)
+    total = float(cost[matched].to(torch.float64).sum())
+    logger.info("%s: %d/%d matched, total cost %.6g, sparse solve %.2fs (%d rounds, %d edges), "
+                "certified=%s, gap=%.3g", label, int(matched.sum()), n_a, total,
+                sol.stats["t_total"], sol.rounds, sol.stats["edges"], sol.certified, sol.gap)
+    return MatchResult(
+        permutation=Permutation(indices, n_b),
+        cost_F=cost, total_cost=total, margin_F=margin,
+        max_cost=None if max_cost is None else float(max_cost),
+        certified=sol.certified, gap=sol.gap, solver="sparse", options=dict(options or {}),
     )
 
 
