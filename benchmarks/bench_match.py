@@ -73,8 +73,10 @@ def synthetic_pair(
     return planted.saes[0], planted.saes[1], planted.truths[0].indices
 
 
-def reference_scipy(sae_a: JumpReLUSAE, sae_b: JumpReLUSAE) -> tuple[float, float, float]:
-    """The same folded cost matrix solved by scipy: (matrix seconds, solve seconds, total cost)."""
+def reference_scipy(
+    sae_a: JumpReLUSAE, sae_b: JumpReLUSAE
+) -> tuple[float, float, float, torch.Tensor]:
+    """The same folded cost matrix solved by scipy: (matrix s, solve s, total cost, column of each row)."""
     from scipy.optimize import linear_sum_assignment
 
     t0 = time.perf_counter()
@@ -89,7 +91,7 @@ def reference_scipy(sae_a: JumpReLUSAE, sae_b: JumpReLUSAE) -> tuple[float, floa
     t1 = time.perf_counter()
     rows, cols = linear_sum_assignment(C_np)
     t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, float(C_np[rows, cols].astype("float64").sum())
+    return t1 - t0, t2 - t1, float(C_np[rows, cols].astype("float64").sum()), torch.from_numpy(cols)
 
 
 def main() -> None:
@@ -97,10 +99,13 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--dims", type=int, nargs="+", default=[768, 2304])
     parser.add_argument("--no-scipy", action="store_true", help="skip the reference solve")
+    parser.add_argument("--solver", default="auto", choices=["auto", "lapjv", "scipy", "sparse"],
+                        help="solver of match() (default: %(default)s)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cores {os.cpu_count()}")
     header = (f"{'n':>6} {'d':>5} | {'match s':>8} {'peak GB':>8} {'+GB':>6} "
-              f"{'recall':>6} {'cert':>5} | {'C s':>6} {'scipy s':>8} {'ratio':>6} {'same cost':>9}")
+              f"{'recall':>6} {'cert':>5} {'solver':>6} | "
+              f"{'C s':>6} {'scipy s':>8} {'ratio':>6} {'same cost':>9}")
     print(header)
     print("-" * len(header))
     for d in args.dims:
@@ -110,22 +115,25 @@ def main() -> None:
             base = rss_bytes()
             with PeakMemory() as mem:
                 t0 = time.perf_counter()
-                result = match(sae_a, sae_b, progress=False)
+                result = match(sae_a, sae_b, solver=args.solver, progress=False)
                 seconds = time.perf_counter() - t0
             recall = float((result.permutation.indices == perm).float().mean())
             line = (f"{n:>6} {d:>5} | {seconds:>8.2f} {mem.peak / 1e9:>8.2f} "
-                    f"{(mem.peak - base) / 1e9:>6.2f} {recall:>6.3f} {result.certified!s:>5} | ")
+                    f"{(mem.peak - base) / 1e9:>6.2f} {recall:>6.3f} {result.certified!s:>5} "
+                    f"{result.solver:>6} | ")
             if args.no_scipy:
                 print(line + "   (skipped)", flush=True)
                 continue
-            ours_cost = result.total_cost
+            ours_cost, ours_perm = result.total_cost, result.permutation.indices
             del result
             gc.collect()
-            matrix_s, scipy_s, scipy_cost = reference_scipy(sae_a, sae_b)
+            matrix_s, scipy_s, scipy_cost, scipy_cols = reference_scipy(sae_a, sae_b)
             same = math.isclose(ours_cost, scipy_cost, rel_tol=1e-6, abs_tol=1e-6)
+            same_perm = torch.equal(ours_perm, scipy_cols.to(torch.int64))
             ratio = (matrix_s + scipy_s) / seconds
             print(line + f"{matrix_s:>6.2f} {scipy_s:>8.2f} {ratio:>6.2f} {same!s:>9} "
-                  f"(ours {ours_cost:.8g}, scipy {scipy_cost:.8g})", flush=True)
+                  f"(ours {ours_cost:.8g}, scipy {scipy_cost:.8g}, same permutation {same_perm})",
+                  flush=True)
             del sae_a, sae_b
             gc.collect()
     print("match s: whole match() call (fold, cost matrix, solve, dual certificate); peak GB: "
