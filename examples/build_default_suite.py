@@ -90,10 +90,10 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import torch
+from safetensors.torch import save_file
 
-from sae_match_lens import assets  # noqa: E402
+from sae_match_lens import assets
 
 BIBLE_SPEC = "Gen1:1-Rev22:21"
 FORTUNE_DIR = Path("/usr/share/games/fortunes")
@@ -443,7 +443,9 @@ def train_topk(cfg: BuildConfig, acts: torch.Tensor, hook_name: str, steps: int,
     sae = TopKTrainingSAE(sae_cfg)
     with torch.no_grad():
         sae.b_dec.copy_(acts[:65536].mean(0))
-    trainer = SAETrainer(trainer_config(cfg, steps, cfg.sae_lr), sae, batches(acts, cfg.sae_batch, seed))
+    trainer = SAETrainer(
+        trainer_config(cfg, steps, cfg.sae_lr), sae, batches(acts, cfg.sae_batch, seed)
+    )
     return trainer.fit()
 
 
@@ -541,7 +543,9 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out, work = Path(cfg.out), Path(cfg.work)
-    staging = Path(tempfile.mkdtemp(prefix="default_suite_", dir=out.parent if out.parent.exists() else None))
+    staging = Path(
+        tempfile.mkdtemp(prefix="default_suite_", dir=out.parent if out.parent.exists() else None)
+    )
 
     ensure_packages(cfg.apt)
     sources = write_sources(work)
@@ -558,7 +562,11 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         raise ValueError(f"only {held_tokens.shape[0]} held-out sequences; need {cfg.eval_seqs}")
     eval_tokens = held_tokens[: cfg.eval_seqs]
     save_file(
-        {assets.EVAL_TOKENS_KEY: eval_tokens.to(torch.int16 if cfg.vocab_size < 2**15 else torch.int32)},
+        {
+            assets.EVAL_TOKENS_KEY: eval_tokens.to(
+                torch.int16 if cfg.vocab_size < 2**15 else torch.int32
+            )
+        },
         str(staging / assets.EVAL_TOKENS_FILE),
     )
     timings["corpus_and_tokenizer_s"] = time.time() - t0
@@ -619,7 +627,9 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
                 sae = train_topk(cfg, x_scaled, hook_name, cfg.topk_steps, seed + 10)
             else:
                 sae = train_jumprelu(cfg, x_scaled, hook_name, seed + 20)
-            save_sae(sae, scale, staging / assets.SAES_DIR / family / assets.sae_dir_name(hook_name))
+            save_sae(
+                sae, scale, staging / assets.SAES_DIR / family / assets.sae_dir_name(hook_name)
+            )
             sae_records[family][hook_name] = {
                 "seed": seed + (10 if family == "topk" else 20),
                 "input_scale": scale,
@@ -635,9 +645,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         for sae in saes:
             hook_name = sae.cfg.metadata.hook_name
             full = assets.compute_sae_metrics(model, sae, eval_tokens, clean_ce_loss=clean_ce)
-            test = assets.compute_sae_metrics(
-                model, sae, test_tokens, clean_ce_loss=clean_ce_test
-            )
+            test = assets.compute_sae_metrics(model, sae, test_tokens, clean_ce_loss=clean_ce_test)
             sae_records[family][hook_name].update(
                 architecture=sae.cfg.architecture(),
                 metrics=full.to_dict(),

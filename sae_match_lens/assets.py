@@ -206,9 +206,7 @@ def build_model(
     return HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=True)
 
 
-def load_suite_model(
-    root: str | Path | None = None, *, device: str = "cpu"
-) -> HookedTransformer:
+def load_suite_model(root: str | Path | None = None, *, device: str = "cpu") -> HookedTransformer:
     """Load the suite's language model (float32) with its tokenizer attached.
 
     Args:
@@ -309,9 +307,7 @@ def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[float, in
         tokens: ``[batch, pos]`` with BOS in column 0.
     """
     if logits.shape[:2] != tokens.shape:
-        raise ValueError(
-            f"logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)}."
-        )
+        raise ValueError(f"logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)}.")
     log_probs = torch.log_softmax(logits[:, 1:-1].float(), dim=-1)
     target = tokens[:, 2:].unsqueeze(-1)
     nll = -log_probs.gather(-1, target).squeeze(-1)
@@ -420,9 +416,7 @@ def compute_sae_metrics(
     total, count = 0.0, 0
     for batch in _batches(tokens, batch_size, progress, f"SAE metrics {hook_name}"):
         batch = batch.to(device)
-        logits = model.run_with_hooks(
-            batch, return_type="logits", fwd_hooks=[(hook_name, splice)]
-        )
+        logits = model.run_with_hooks(batch, return_type="logits", fwd_hooks=[(hook_name, splice)])
         s, n = next_token_ce(logits, batch)
         total, count = total + s, count + n
     n = stats["n"]
