@@ -57,10 +57,10 @@ Flags (defaults in brackets; ``--help`` lists them all):
 * ``--seed`` [0] base seed for every random choice;
 * ``--vocab-size`` [4096], ``--n-layers`` [6], ``--d-model`` [128],
   ``--n-heads`` [4], ``--d-mlp`` [512], ``--n-ctx`` [128];
-* ``--lm-steps`` [300], ``--lm-batch`` [32], ``--lm-lr`` [3e-3];
+* ``--lm-steps`` [640], ``--lm-batch`` [16], ``--lm-lr`` [3e-3];
 * ``--act-seqs`` [4096] training sequences whose activations train the SAEs;
 * ``--d-sae`` [1024], ``--sae-batch`` [4096], ``--topk-k`` [32],
-  ``--topk-steps`` [250], ``--warm-steps`` [150], ``--jumprelu-steps`` [200],
+  ``--topk-steps`` [200], ``--warm-steps`` [120], ``--jumprelu-steps`` [150],
   ``--target-l0`` [40], ``--sae-lr`` [1e-3];
 * ``--eval-seqs`` [256] held-out sequences shipped, ``--test-seqs`` [32] of
   them measured by the tests;
@@ -131,9 +131,9 @@ class BuildConfig:
     """MLP hidden width."""
     n_ctx: int = 128
     """Sequence length, BOS included."""
-    lm_steps: int = 300
+    lm_steps: int = 640
     """Language-model optimiser steps."""
-    lm_batch: int = 32
+    lm_batch: int = 16
     """Sequences per language-model step."""
     lm_lr: float = 3e-3
     """Peak language-model learning rate (linear warm-up, cosine decay to 10%)."""
@@ -145,11 +145,11 @@ class BuildConfig:
     """Activation vectors per SAE step."""
     topk_k: int = 32
     """k of the TopK family (and of the JumpReLU warm start)."""
-    topk_steps: int = 250
+    topk_steps: int = 200
     """Steps of each TopK-family SAE."""
-    warm_steps: int = 150
+    warm_steps: int = 120
     """TopK warm-start steps of each JumpReLU SAE."""
-    jumprelu_steps: int = 200
+    jumprelu_steps: int = 150
     """JumpReLU fine-tuning steps after the warm start."""
     target_l0: float = 40.0
     """Target L0 of the JumpReLU quadratic sparsity penalty."""
