@@ -157,6 +157,9 @@ class BuildConfig:
     """Weight of the JumpReLU sparsity penalty."""
     pre_act_loss_coefficient: float = 1e-3
     """Weight of the pre-activation loss that revives dead JumpReLU features."""
+    ste_to_input: int = 1
+    """1: the JumpReLU straight-through estimator also reaches the encoder (not only the
+    thresholds), so the sparsity penalty can act through it; 0: thresholds only."""
     sae_lr: float = 1e-3
     """Peak SAE learning rate (cosine decay to 10%)."""
     eval_seqs: int = 256
@@ -475,6 +478,7 @@ def topk_to_jumprelu(cfg: BuildConfig, topk: Any, acts: torch.Tensor, hook_name:
         jumprelu_init_threshold=0.0,
         jumprelu_bandwidth=bandwidth,
         jumprelu_sparsity_loss_mode="quadratic",
+        jumprelu_ste_to_input=bool(cfg.ste_to_input),
         target_l0=cfg.target_l0,
         l0_coefficient=cfg.l0_coefficient,
         pre_act_loss_coefficient=cfg.pre_act_loss_coefficient,
