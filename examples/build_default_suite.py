@@ -28,11 +28,18 @@ Stages:
    * ``topk``: a ``TopKTrainingSAE`` with the dead-latent auxiliary loss;
    * ``jumprelu``: a separately seeded TopK warm start, converted to per-feature
      thresholds (feature ``i``'s threshold is the quantile of its
-     pre-activation that reproduces its TopK firing rate), then fine-tuned as a
-     ``JumpReLUTrainingSAE`` with the quadratic L0 penalty around a target L0
-     and the pre-activation loss for dead features. Trained from scratch,
-     JumpReLU SAEs this short leave about half of their features dead; the warm
-     start keeps nearly all of them alive.
+     pre-activation that reproduces its TopK firing rate), fine-tuned as a
+     ``JumpReLUTrainingSAE`` (quadratic L0 penalty around ``--target-l0``,
+     pre-activation loss for dead features), and finally calibrated: every
+     threshold is re-set so the mean L0 is ``--target-l0`` while each feature
+     keeps its relative firing rate. What we found: trained from scratch this
+     briefly, JumpReLU SAEs leave about half their features dead; after the
+     warm start, a fine-tune whose estimator reaches only the thresholds keeps
+     every feature alive but cannot hold L0 down (Adam moves a threshold by
+     about the learning rate per step, so L0 drifts from 32 to ~150 while the
+     encoder adapts), and letting the estimator reach the encoder
+     (``--ste-to-input 1``) holds L0 but kills about half of the features.
+     Hence the calibration (``--calibrate-l0 1``).
 
    Inputs are scaled so the mean norm is ``sqrt(d_model)`` while training, and
    the scale is folded back into the weights.
@@ -61,7 +68,9 @@ Flags (defaults in brackets; ``--help`` lists them all):
 * ``--act-seqs`` [4096] training sequences whose activations train the SAEs;
 * ``--d-sae`` [1024], ``--sae-batch`` [4096], ``--topk-k`` [32],
   ``--topk-steps`` [200], ``--warm-steps`` [120], ``--jumprelu-steps`` [150],
-  ``--target-l0`` [40], ``--sae-lr`` [1e-3];
+  ``--target-l0`` [40], ``--l0-coefficient`` [1.0],
+  ``--pre-act-loss-coefficient`` [1e-3], ``--calibrate-l0`` [1],
+  ``--ste-to-input`` [0], ``--sae-lr`` [1e-3];
 * ``--eval-seqs`` [256] held-out sequences shipped, ``--test-seqs`` [32] of
   them measured by the tests;
 * ``--threads`` [2] torch threads.
@@ -157,11 +166,17 @@ class BuildConfig:
     """Weight of the JumpReLU sparsity penalty."""
     pre_act_loss_coefficient: float = 1e-3
     """Weight of the pre-activation loss that revives dead JumpReLU features."""
-    ste_to_input: int = 1
+    calibrate_l0: int = 0
+    """1: after JumpReLU fine-tuning, re-set the thresholds so the mean L0 is
+    ``target_l0`` (every feature keeps its relative firing rate); 0: keep them."""
+    ste_to_input: int = 0
     """1: the JumpReLU straight-through estimator also reaches the encoder (not only the
     thresholds), so the sparsity penalty can act through it; 0: thresholds only."""
     sae_lr: float = 1e-3
     """Peak SAE learning rate (cosine decay to 10%)."""
+    jumprelu_lr: float = 2e-4
+    """Peak learning rate of the JumpReLU fine-tuning (cosine decay to 10%); it bounds how
+    far L0 drifts up from the warm start's k while the thresholds barely move."""
     eval_seqs: int = 256
     """Held-out sequences shipped in the evaluation shard."""
     test_seqs: int = 32
@@ -498,15 +513,37 @@ def train_jumprelu(cfg: BuildConfig, acts: torch.Tensor, hook_name: str, seed: i
     warm = train_topk(cfg, acts, hook_name, cfg.warm_steps, seed)
     jr = topk_to_jumprelu(cfg, warm, acts, hook_name)
     trainer = SAETrainer(
-        trainer_config(cfg, cfg.jumprelu_steps, cfg.sae_lr / 2),
+        trainer_config(cfg, cfg.jumprelu_steps, cfg.jumprelu_lr),
         jr,
         batches(acts, cfg.sae_batch, seed + 1),
     )
     jr = trainer.fit()
+    if cfg.calibrate_l0:
+        calibrate_thresholds(jr, acts[-32768:], cfg.target_l0)
     with torch.no_grad():
         positive = jr.threshold[jr.threshold > 0]
         jr.threshold.clamp_(min=positive.min().item() if positive.numel() else 1e-3)
     return jr
+
+
+@torch.no_grad()
+def calibrate_thresholds(jr: Any, sample: torch.Tensor, target_l0: float) -> None:
+    """Re-set every threshold so the mean L0 on ``sample`` is ``target_l0``.
+
+    Each feature keeps its share of the firing: its new rate is its current rate
+    times one common factor, ``target_l0 / L0``, and its threshold becomes the
+    matching quantile of its pre-activation. A feature that fires keeps firing.
+    """
+    hidden_pre = jr.encode_with_hidden_pre(sample)[1].float()
+    rate = (hidden_pre > jr.threshold).float().mean(0)
+    factor = target_l0 / rate.sum().item()
+    new_rate = (rate * factor).clamp(max=1.0)
+    n = hidden_pre.shape[0]
+    rank = ((1 - new_rate) * n).long().clamp(max=n - 1)
+    sorted_pre = hidden_pre.sort(dim=0).values
+    calibrated = sorted_pre.gather(0, rank.unsqueeze(0)).squeeze(0)
+    fires = rate > 0
+    jr.threshold[fires] = calibrated[fires].clamp(min=0.0)
 
 
 def save_sae(training_sae: Any, scale: float, sae_dir: Path) -> None:
