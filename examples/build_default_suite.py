@@ -374,11 +374,13 @@ def train_model(cfg: BuildConfig, model: Any, train_tokens: torch.Tensor) -> lis
     return losses
 
 
-def model_stage_key(cfg: BuildConfig) -> str:
-    """Hash of the settings that determine the trained model (for ``--resume``)."""
+def model_stage_key(cfg: BuildConfig, tokenizer_file: Path) -> str:
+    """Hash of the settings and tokenizer that determine the trained model (for ``--resume``)."""
     keys = ("seed", "vocab_size", "n_layers", "d_model", "n_heads", "d_mlp", "n_ctx")
     keys += ("lm_steps", "lm_batch", "lm_lr", "threads")
-    blob = json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True)
+    record = {k: getattr(cfg, k) for k in keys}
+    record["tokenizer_sha256"] = sha256(tokenizer_file)
+    blob = json.dumps(record, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -620,7 +622,8 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     config = model_config(cfg, len(tokenizer))
     model = assets.build_model(config, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    cache = work / f"model_{model_stage_key(cfg)}"
+    tokenizer_file = staging / assets.TOKENIZER_DIR / "tokenizer.json"
+    cache = work / f"model_{model_stage_key(cfg, tokenizer_file)}"
     reused = cfg.resume and (cache / "lm.json").is_file()
     if reused:
         log(f"reusing the model stage cached in {cache}")
