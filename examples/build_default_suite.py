@@ -30,17 +30,20 @@ Stages:
      thresholds (feature ``i``'s threshold is the quantile of its
      pre-activation that reproduces its TopK firing rate), fine-tuned as a
      ``JumpReLUTrainingSAE`` (quadratic L0 penalty around ``--target-l0``,
-     pre-activation loss for dead features) at a low learning rate. What we
-     found: trained from scratch this briefly, JumpReLU SAEs leave about half
-     their features dead. After the warm start, a fine-tune whose estimator
-     reaches only the thresholds keeps every feature alive, but Adam moves a
-     threshold by about the learning rate per step, so the L0 penalty cannot
-     hold L0 while the encoder adapts: at 5e-4 L0 drifted from 32 to 125-157.
-     Letting the estimator reach the encoder (``--ste-to-input 1``) holds L0
-     at the target but kills about half of the features; re-setting the
-     thresholds afterwards to hit the target L0 (``--calibrate-l0 1``) keeps
-     them alive but drops explained variance from 0.97 to 0.70. So the
-     fine-tune runs at ``--jumprelu-lr`` (2e-4), which bounds the drift.
+     pre-activation loss for dead features).
+
+     Known gap: the JumpReLU family is alive (dead fraction ~0) and explains
+     97-98% of the variance, but its L0 is 124-157, above the 20-100 we aimed
+     for. During the fine-tune L0 climbs from the warm start's 32 whatever the
+     L0 penalty: coefficients 1, 10 and 40 gave the same L0 to four digits,
+     which suggests the penalty never reaches the thresholds in this setup (not
+     yet diagnosed). What else we tried, on layer 3 of an earlier model:
+     a lower fine-tune learning rate (2e-4) gave a higher L0 (150-196);
+     letting the estimator reach the encoder (``--ste-to-input 1``) holds L0 at
+     the target but kills about half of the features; re-setting the thresholds
+     afterwards to hit the target L0 (``--calibrate-l0 1``) keeps them alive but
+     drops explained variance from 0.97 to 0.70. Trained from scratch this
+     briefly, JumpReLU SAEs leave about half their features dead.
 
    Inputs are scaled so the mean norm is ``sqrt(d_model)`` while training, and
    the scale is folded back into the weights.
@@ -71,7 +74,7 @@ Flags (defaults in brackets; ``--help`` lists them all):
   ``--topk-steps`` [200], ``--warm-steps`` [120], ``--jumprelu-steps`` [150],
   ``--target-l0`` [40], ``--l0-coefficient`` [1.0],
   ``--pre-act-loss-coefficient`` [1e-3], ``--calibrate-l0`` [1],
-  ``--ste-to-input`` [0], ``--sae-lr`` [1e-3], ``--jumprelu-lr`` [2e-4];
+  ``--ste-to-input`` [0], ``--sae-lr`` [1e-3], ``--jumprelu-lr`` [5e-4];
 * ``--eval-seqs`` [256] held-out sequences shipped, ``--test-seqs`` [32] of
   them measured by the tests;
 * ``--threads`` [2] torch threads.
@@ -175,9 +178,8 @@ class BuildConfig:
     thresholds), so the sparsity penalty can act through it; 0: thresholds only."""
     sae_lr: float = 1e-3
     """Peak SAE learning rate (cosine decay to 10%)."""
-    jumprelu_lr: float = 2e-4
-    """Peak learning rate of the JumpReLU fine-tuning (cosine decay to 10%); it bounds how
-    far L0 drifts up from the warm start's k while the thresholds barely move."""
+    jumprelu_lr: float = 5e-4
+    """Peak learning rate of the JumpReLU fine-tuning (cosine decay to 10%)."""
     eval_seqs: int = 256
     """Held-out sequences shipped in the evaluation shard."""
     test_seqs: int = 32
