@@ -35,9 +35,16 @@ Stages:
      Known gap: the JumpReLU family is alive (dead fraction ~0) and explains
      97-98% of the variance, but its L0 is 124-157, above the 20-100 we aimed
      for. During the fine-tune L0 climbs from the warm start's 32 whatever the
-     L0 penalty: coefficients 1, 10 and 40 gave the same L0 to four digits,
-     which suggests the penalty never reaches the thresholds in this setup (not
-     yet diagnosed). What else we tried, on layer 3 of an earlier model:
+     L0 penalty: coefficients 1, 10 and 40 gave the same L0 to four digits.
+     Likely cause (not yet verified): with the estimator reaching only the
+     thresholds, the penalty's gradient lands on the thresholds alone, where
+     it already dominates at coefficient 1, and Adam's per-parameter
+     normalisation makes a larger coefficient change nothing; each threshold
+     moves about one learning rate per step while the 128 encoder weights of
+     its feature, driven by the reconstruction loss, move the pre-activation
+     much faster. A next step is a separate, larger learning rate for the
+     thresholds (an optimizer parameter group). What else we tried, on layer 3
+     of an earlier model:
      a lower fine-tune learning rate (2e-4) gave a higher L0 (150-196);
      letting the estimator reach the encoder (``--ste-to-input 1``) holds L0 at
      the target but kills about half of the features; re-setting the thresholds
