@@ -16,6 +16,7 @@ from .adapters import (
     unfold,
     validate_sae,
 )
+from .assets import load_default_suite, load_eval_tokens, load_manifest
 from .chain import (
     ChainMatch,
     CompositionCheck,
@@ -70,6 +71,9 @@ __all__ = [
     "fold",
     "fold_scales",
     "hook_name_of",
+    "load_default_suite",
+    "load_eval_tokens",
+    "load_manifest",
     "match",
     "match_chain",
     "null_max_cost",
