@@ -3,6 +3,14 @@
 See README.md for the method, conventions and examples.
 """
 
+import os
+
+# Idle OpenMP threads yield instead of spinning (must be set before torch is imported): with
+# few cores, spinning threads slow torch several-fold whenever another process uses a core.
+# Only a default; an explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 from .adapters import (
     ARCHITECTURES,
     FeatureView,

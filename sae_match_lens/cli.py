@@ -10,12 +10,9 @@ Subcommands:
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
