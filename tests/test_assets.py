@@ -138,11 +138,6 @@ def test_jumprelu_family_is_alive_and_faithful_on_the_full_shard(
         assert metrics["explained_variance"] >= 0.9, hook_name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: the shipped JumpReLU SAEs have L0 above 100 "
-    "(see examples/build_default_suite.py)",
-)
 def test_jumprelu_family_l0_is_in_the_target_range(manifest: dict[str, Any]) -> None:
     for hook_name, record in manifest["saes"]["families"]["jumprelu"].items():
         assert 20 <= record["metrics"]["l0"] <= 100, hook_name
