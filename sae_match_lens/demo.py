@@ -361,8 +361,8 @@ def _reading(summary: pd.DataFrame, adjacent: list[dict[str, Any]], by_distance:
     if "error_preserving" in summary.index:
         sentences.append(
             f"The error-preserving substitute (SAE A's reconstruction error carried across) costs "
-            f"{val('error_preserving', 'delta_ce'):.3f} nats: that is the matching error alone; the rest "
-            f"of the folded method's cost is SAE reconstruction error.")
+            f"{val('error_preserving', 'delta_ce'):.3f} nats: it removes SAE A's reconstruction error, "
+            f"so what remains is the error of moving the features into B's dictionary.")
     agree = sum(a["agreement_folded_unfolded"] for a in adjacent) / len(adjacent)
     co_f = sum(a["coactivation_folded"] for a in adjacent) / len(adjacent)
     co_u = sum(a["coactivation_unfolded"] for a in adjacent) / len(adjacent)
