@@ -34,15 +34,23 @@ Run
 ::
 
     OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. python examples/real_model_smollm2.py \\
-        --tokens 30000 --steps 600 --eval-seqs 16 --out smollm2_run
+        --tokens 30000 --steps 500 --eval-seqs 8 --out smollm2_run
 
 Defaults (``--tokens 300000 --steps 3000``) are a more serious run; runtime grows about
 linearly in both.
 
 Measured runtime
 ----------------
-On 2 CPU cores (no GPU), ``--tokens 30000 --steps 600 --d-sae 2048 --k 32 --batch 512
---eval-seqs 16 --ctx 128``: see the bottom of this docstring (filled in from the run).
+On 2 CPU cores (no GPU), ``--tokens 30000 --steps 500 --eval-seqs 8`` (other options at their
+defaults: layers 10,11,12, ctx 128, d_sae 2048, k 32, batch 512): **371 s in all** --
+45 s loading and converting the model (logit check: max |HF - TL| = 4e-5), 36 s collecting
+30,099 activations per layer, 70-85 s training each SAE, 1 s ``match_chain``, 60 s
+``evaluate_substitution`` on 8 x 128 held-out tokens. That short run gives under-trained SAEs
+(held-out EV 0.67-0.70, 29-38% dead features), both matches certified optimal (mean cost
+1.24 for L10->L11, 1.19 for L11->L12), folded-match coactivation 0.51 / 0.56 against 0.014
+for a random permutation; ``identity`` (simply skipping the block) still beats every SAE
+substitute on delta CE at this training budget, so use the defaults or more for a meaningful
+comparison.
 """
 
 from __future__ import annotations
