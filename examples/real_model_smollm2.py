@@ -69,7 +69,7 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -234,11 +234,11 @@ def batches(acts: torch.Tensor, batch: int, seed: int) -> Iterator[torch.Tensor]
 
 def train_sae(acts: torch.Tensor, hook: str, args: argparse.Namespace, seed: int, out: Path):
     """TopK SAE trained with SAELens' SAETrainer, saved and reloaded as an inference SAE."""
-    from safetensors.torch import save_file
     from sae_lens import SAE, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.training.sae_trainer import SAETrainer
+    from safetensors.torch import save_file
 
     scale = math.sqrt(acts.shape[1]) / acts[:65536].norm(dim=-1).mean().item()
     x = acts * scale
