@@ -40,10 +40,10 @@ from .costs import CostWeights, stack_features
 from .hooks import (
     BlockSubstitute,
     Substitution,
-    _run_from,
-    _validate_route,
     block_substitute,
+    run_from,
     skip_boundaries,
+    validate_route,
 )
 from .matching import MatchResult, match
 from .permutation import Permutation
@@ -350,7 +350,7 @@ def _plan_pair(
         if spec.method == "hybrid" and perm is not None and cost is None:
             cost = pair_costs(sae_a, sae_b, perm)
         sub = block_substitute(sae_a, sae_b, perm, substitution=spec, cost_F=cost)
-        _validate_route(model, sub)
+        validate_route(model, sub)
         subs.append((variant, sub))
     hook_a, hook_b = subs[0][1].hook_a, subs[0][1].hook_b
     start = _start_layer(model, hook_a, hook_b, route)
@@ -459,7 +459,7 @@ def _update_pair(plan: _PairPlan, f_A: torch.Tensor | None, h_B: torch.Tensor) -
 def _substituted_logits(model: Any, batch: torch.Tensor, plan: _PairPlan,
                         h_hat: torch.Tensor) -> torch.Tensor:
     if plan.start is not None:
-        return _run_from(model, batch, h_hat, plan.start)
+        return run_from(model, batch, h_hat, plan.start)
 
     def write(x: torch.Tensor, *, hook: Any) -> torch.Tensor:
         if x.shape != h_hat.shape:

@@ -68,10 +68,12 @@ __all__ = [
     "Transfer",
     "block_substitute",
     "hook_order",
+    "run_from",
     "run_skipping",
     "skip_boundaries",
     "substitute",
     "substitution_hooks",
+    "validate_route",
 ]
 
 logger = logging.getLogger(__name__)
@@ -366,7 +368,9 @@ def _hook_width(model: Any, name: str) -> int | None:
     return None
 
 
-def _validate_route(model: Any, sub: BlockSubstitute) -> None:
+def validate_route(model: Any, sub: BlockSubstitute) -> None:
+    """Check, before anything is installed, that ``sub`` can run on ``model``: both hooks exist,
+    A precedes B and the SAEs' widths match the model's at those hooks (clear ``ValueError``)."""
     hook_dict = model.hook_dict
     for sae, name in ((sub.sae_a, sub.hook_a), (sub.sae_b, sub.hook_b)):
         if name not in hook_dict:
@@ -437,7 +441,7 @@ def _make_hooks(sub: BlockSubstitute) -> list[tuple[str, HookFn]]:
 def _prepare(model: Any, sae_a: Any, sae_b: Any, permutation: Permutation | MatchResult | None,
              substitution: Substitution | Method, cost_F: torch.Tensor | None) -> BlockSubstitute:
     sub = block_substitute(sae_a, sae_b, permutation, substitution=substitution, cost_F=cost_F)
-    _validate_route(model, sub)
+    validate_route(model, sub)
     return sub
 
 
@@ -550,7 +554,7 @@ def run_skipping(
     """
     sub = _prepare(model, sae_a, sae_b, permutation, substitution, cost_F)
     stop, start = _check_skippable(model, sub)
-    return _run_from(model, tokens, sub(_run_to(model, tokens, stop)), start,
+    return run_from(model, tokens, sub(_run_to(model, tokens, stop)), start,
                      return_type=return_type, loss_per_token=loss_per_token)
 
 
@@ -567,7 +571,9 @@ def _run_to(model: Any, tokens: torch.Tensor, stop: int) -> torch.Tensor:
     return model(tokens, stop_at_layer=stop, attention_mask=_attention_mask(model, tokens))
 
 
-def _run_from(model: Any, tokens: torch.Tensor, resid: torch.Tensor, start: int, *,
+def run_from(model: Any, tokens: torch.Tensor, resid: torch.Tensor, start: int, *,
               return_type: str = "logits", loss_per_token: bool = False) -> Any:
+    """Run a ``HookedTransformer`` from block ``start`` on the residual stream ``resid``
+    (``tokens`` give the loss targets and the attention mask)."""
     return model(resid, start_at_layer=start, tokens=tokens, return_type=return_type,
                  loss_per_token=loss_per_token, attention_mask=_attention_mask(model, tokens))
