@@ -56,6 +56,7 @@ comparison.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -162,7 +163,7 @@ def load_models(gguf: Path) -> tuple[Any, Any, Any]:
 @torch.no_grad()
 def check_logits(hf_model: Any, tokenizer: Any, model: Any) -> float:
     text = "In the beginning God created the heaven and the earth."
-    ids = torch.tensor([[BOS_ID] + tokenizer(text).input_ids])
+    ids = torch.tensor([[BOS_ID, *tokenizer(text).input_ids]])
     ref = hf_model(ids).logits
     got = model(ids, return_type="logits")
     diff = (ref - got).abs().max().item()
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     chain = match_chain(list(saes.values()), progress=False)
     log(f"match_chain in {time.time() - t:.1f}s")
     print("\nAdjacent matches (folded, mse cost over decoder + encoder + b_enc):")
-    for (a, b), res in zip(zip(layers, layers[1:]), chain.steps, strict=True):
+    for (a, b), res in zip(itertools.pairwise(layers), chain.steps, strict=True):
         cost = res.cost_F[res.permutation.indices >= 0].double()
         margin = res.margin_F[res.permutation.indices >= 0].double()
         print(f"  L{a} -> L{b}: matched {res.permutation.n_matched}/{res.permutation.n_source}, "
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  feature 0 of L{layers[0]} traced: {path.features} (total cost {path.total_cost:.4f})")
 
     t = time.time()
-    perms = {(a, b): res for (a, b), res in zip(zip(layers, layers[1:]), chain.steps,
+    perms = {(a, b): res for (a, b), res in zip(itertools.pairwise(layers), chain.steps,
                                                   strict=True)}
     table = evaluate_substitution(model, saes, eval_tok, permutations=perms, batch_size=8,
                                   progress=False)

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from .adapters import describe_sae, feature_view, hook_name_of, sae_identity
 from .costs import CostWeights, Metric, StackedFeatures, cost_blocks, stack_features
 from .permutation import Permutation
+from .screen import block_rows_for
 from .sparse import Precision, solve_sparse, sparse_bytes
 
 __all__ = ["LAPJV_MAX_N", "MatchResult", "Solver", "match", "match_features", "null_max_cost"]
@@ -123,7 +124,7 @@ def match(
     metric: Metric = "mse",
     max_cost: float | Literal["auto"] | None = None,
     solver: Solver = "auto",
-    block_rows: int = 1024,
+    block_rows: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
     features: tuple[StackedFeatures, StackedFeatures] | None = None,
@@ -149,7 +150,8 @@ def match(
         solver: ``"auto"``, ``"lapjv"``, ``"scipy"`` or ``"sparse"`` (all exact; sparse is
             certified or reports its gap). ``"auto"`` takes lapjv when the dense matrix fits
             comfortably in memory, otherwise sparse.
-        block_rows: rows of the cost matrix computed at a time.
+        block_rows: rows of the cost matrix computed at a time (``None``: 1024 on the dense
+            route, about 128 MiB per block on the sparse route).
         device: where cost blocks are computed (default: SAE A's device), e.g. ``"cuda"``.
         progress: show a progress bar.
         features: ``stack_features`` of both SAEs computed with these same ``fold``,
@@ -208,7 +210,7 @@ def match_features(
     *,
     max_cost: float | None = None,
     solver: Solver = "auto",
-    block_rows: int = 1024,
+    block_rows: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
     options: dict[str, Any] | None = None,
@@ -246,8 +248,8 @@ def match_features(
         need = sparse_bytes(n_a, n_b, k, block_rows)
         if need > 0.9 * free:
             raise MemoryError(
-                f"{label}: the sparse solve of {n_a}x{n_b} features with k={k}, "
-                f"block_rows={block_rows} needs about {need / 2**30:.1f} GiB, but only "
+                f"{label}: the sparse solve of {n_a}x{n_b} features with k={k}, block_rows="
+                f"{block_rows or block_rows_for(n_b)} needs about {need / 2**30:.1f} GiB, but only "
                 f"{free / 2**30:.1f} GiB is available. Lower block_rows or k, or free memory."
             )
         return _match_sparse(a, b, max_cost=max_cost, block_rows=block_rows, device=device,
@@ -268,7 +270,7 @@ def match_features(
     best2 = torch.empty((n_a, 2), dtype=torch.float32)
     argbest = torch.empty(n_a, dtype=torch.int64)
     bar = tqdm(total=n_a, desc=f"cost {label}", unit="row", disable=not progress, leave=False)
-    for r0, r1, block in cost_blocks(a, b, block_rows=block_rows, device=device, out=C):
+    for r0, r1, block in cost_blocks(a, b, block_rows=block_rows or 1024, device=device, out=C):
         k = min(2, n_b)
         vals, idx = torch.topk(block, k, dim=1, largest=False)
         best2[r0:r1, :k] = vals

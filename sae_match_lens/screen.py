@@ -1,0 +1,342 @@
+"""Screening: a cheap lower bound ``L ≤ C`` of the cost matrix, and the candidate edges it keeps.
+
+The sparse solver (:mod:`sae_match_lens.sparse`) never holds the cost matrix. One pass over row
+blocks of ``L`` keeps each row's ``k`` and each column's ``max(4, k // 4)`` cheapest entries;
+only those candidate edges leave the device. The ``k``-th value of row ``i`` (``row_floor_i``)
+and the last kept value of column ``j`` (``col_floor_j``) bound every edge that was not kept:
+``C_ij ≥ L_ij ≥ max(row_floor_i, col_floor_j)``. The certificate
+(:mod:`sae_match_lens.certificate`) uses them to prove most rows without another pass.
+
+**The bound.** ``C_ij = c_i + c_j − 2 a_i·b_j``. Splitting the stacked coordinates into a set
+``S`` (the ``m`` coordinates of largest energy over both SAEs) and the rest ``R``,
+Cauchy–Schwarz gives ``a_i·b_j ≤ a_iS·b_jS + ‖a_iR‖‖b_jR‖``, hence
+``L_ij = c_i + c_j − 2(a_iS·b_jS + ‖a_iR‖‖b_jR‖)`` (for ``mse`` this is
+``‖a_S − b_S‖² + (‖a_R‖ − ‖b_R‖)²``): one matrix product of width ``m + 1`` instead of ``K``.
+Any ``S`` gives a valid bound; energy only makes it tight. With ``m = K`` the screen is the cost.
+
+**Rounding.** The norms ``‖x_R‖`` are rounded up. In float32 one product gives ``L`` directly:
+it also carries the constants and an allowance ``γ(c_i + c_j + 2‖a'_i‖‖b'_j‖)``,
+``γ = 2(m + 9)·2⁻²⁴``, that covers its own accumulation error in any summation order, so ``L`` is
+rigorously ≤ the exact real cost. With ``precision="bfloat16"``/``"float16"`` the product runs
+in that precision and the bound subtracts a rigorous allowance for the rounding of the inputs
+(``‖δa_i‖‖b̃_j‖ + ‖a_i‖‖δb_j‖``, measured exactly), of the product's accumulation and output
+(``(K·2⁻²⁴ + u_out)‖ã_i‖‖b̃_j‖``) and of the float32 constants. On CPUs without bf16/fp16 matrix
+units (e.g. AVX2-only) low precision is slower than float32 (measured on an AVX2 EPYC: float32
+≈ 139, bf16 ≈ 14, fp16 ≈ 10 GFLOP/s); it is meant for GPUs.
+
+**Width.** ``screen_dims="auto"`` (:func:`screen_dims_auto`) estimates from a sample of rows how
+many rows each width would leave for the certificate to recheck, and picks the cheapest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .costs import StackedFeatures, exact_rows, matmul_nt
+
+__all__ = ["Candidates", "Precision", "Screen", "block_rows_for", "coordinate_order", "make_screen",
+           "screen_block", "screen_dims_auto", "screen_pass"]
+
+Precision = Literal["float32", "bfloat16", "float16"]
+LOW_PRECISION = {"bfloat16": (torch.bfloat16, 2.0**-8), "float16": (torch.float16, 2.0**-11)}
+"""Low-precision screens: torch dtype and unit roundoff of its output."""
+_EPS32 = 2.0**-24
+_ENERGY_SAMPLE = 4096
+
+
+class Screen(NamedTuple):
+    """Operands of the screening product and per-feature rounding allowances."""
+
+    a_FS: torch.Tensor
+    """Source side of the product [n_a, width] (float32 fused form, or low precision)."""
+    b_FS: torch.Tensor
+    """Target side of the product [n_b, width]."""
+    norm_a: torch.Tensor
+    """Upper bounds of the source rows' norms (low precision: of the unrounded rows)."""
+    norm_b: torch.Tensor
+    """Upper bounds of the target rows' norms (low precision: of the rounded rows)."""
+    err_a: torch.Tensor
+    """Low precision: per-row rounding allowance of the source side."""
+    err_b: torch.Tensor
+    """Low precision: per-row input rounding of the target side."""
+    const_a: torch.Tensor
+    """Cost constants of the source rows (float32)."""
+    const_b: torch.Tensor
+    """Cost constants of the target rows (float32)."""
+    fused: bool
+    """True when the product alone is ``L`` (float32)."""
+
+
+class Candidates(NamedTuple):
+    """What one screening pass keeps."""
+
+    row_idx: torch.Tensor
+    """Candidate columns of each row [n_a, k_rows] (int64, CPU)."""
+    col_idx: torch.Tensor
+    """Candidate rows of each column [n_b, k_cols] (int64, CPU)."""
+    row_floor: np.ndarray
+    """Lower bound of every non-candidate edge of each row [n_a] (inf: none pruned)."""
+    col_floor: np.ndarray
+    """Lower bound of every non-candidate edge of each column [n_b] (inf: none pruned)."""
+
+
+def coordinate_order(a: StackedFeatures, b: StackedFeatures) -> torch.Tensor:
+    """Stacked coordinates by decreasing energy over (a row sample of) both SAEs."""
+    energy = torch.zeros(a.matrix_FK.shape[1], dtype=torch.float64)
+    for x in (a.matrix_FK, b.matrix_FK):
+        stride = max(1, x.shape[0] // _ENERGY_SAMPLE)
+        energy += x[::stride].square().sum(dim=0).cpu().double()
+    return torch.argsort(energy, descending=True, stable=True)
+
+
+def make_screen(a: StackedFeatures, b: StackedFeatures, m: int, precision: Precision,
+                dev: torch.device, order: torch.Tensor | None = None) -> Screen:
+    """Screening operands ``[x_S, ‖x_R‖↑]`` (``S``: the first ``m`` coordinates of ``order``,
+    by default :func:`coordinate_order`) with their rounding allowances (see the module doc)."""
+    K = a.matrix_FK.shape[1]
+    if m >= K:
+        keep = torch.arange(K)
+    else:
+        keep = (coordinate_order(a, b) if order is None else order)[:m].sort().values
+    has_rest = len(keep) < K
+    # float32 norms of w coordinates are within a relative (w + 2)·2⁻²⁴ of the exact ones
+    up_full, down_part = 1.0 + (K + 2) * _EPS32, 1.0 - (len(keep) + 2) * _EPS32
+    up_rest = 1.0 + 2 * (K + 2) * _EPS32  # float32 norms times this are upper bounds
+    up_part = 1.0 + 2 * (len(keep) + 3) * _EPS32
+
+    def side(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[x_S, ‖x_R‖↑]`` on ``dev`` and upper bounds of its row norms, in chunks of rows."""
+        width = len(keep) + int(has_rest)
+        out = torch.empty((x.shape[0], width), dtype=torch.float32, device=dev)
+        norms = torch.empty(x.shape[0], dtype=torch.float32, device=dev)
+        for r0 in range(0, x.shape[0], 4096):
+            chunk = x[r0:r0 + 4096].to(dev)
+            part = chunk[:, keep.to(dev)]
+            if has_rest:
+                # ‖x_R‖² ≤ ‖x‖↑² − ‖x_S‖↓² (no copy of the rest): float32 norms widened by their
+                # error bound, the difference in float64, the result rounded up
+                full_sq = (torch.linalg.vector_norm(chunk, dim=1).double() * up_full).square_()
+                part_sq = (torch.linalg.vector_norm(part, dim=1).double() * down_part).square_()
+                rest_norm = (full_sq - part_sq).clamp_(min=0.0).sqrt_().float() * up_rest
+                part = torch.cat([part, rest_norm[:, None]], dim=1)
+            out[r0:r0 + 4096] = part
+            norms[r0:r0 + 4096] = torch.linalg.vector_norm(part, dim=1) * up_part
+        return out, norms
+
+    sa, na = side(a.matrix_FK)
+    sb, nb = side(b.matrix_FK)
+    ca, cb = a.const_F.to(dev, torch.float32), b.const_F.to(dev, torch.float32)
+    if precision == "float32":
+        # One product gives L directly: [x_S, r, c_a(1−γ), 1, ν_a] · [−2y_S, −2r, 1, c_b(1−γ),
+        # −2γν_b] = c_a + c_b − 2(x_S·y_S + r_a r_b) − γ(c_a + c_b + 2ν_aν_b); γ covers the
+        # accumulation (≤ γ_w Σ|terms|), the float32 constants, and the rounding of these columns.
+        g = 2 * (sa.shape[1] + 8) * _EPS32
+        one_a = torch.ones_like(ca)[:, None]
+        one_b = torch.ones_like(cb)[:, None]
+        fa = torch.cat([sa, (ca * (1 - g))[:, None], one_a, na[:, None]], dim=1)
+        fb = torch.cat([sb.mul_(-2.0), one_b, (cb * (1 - g))[:, None], (-2 * g * nb)[:, None]],
+                       dim=1)
+        return Screen(fa, fb, na, nb, na, nb, ca, cb, True)
+    gamma = (sa.shape[1] + 2) * _EPS32
+    dtype, u_out = LOW_PRECISION[precision]
+    la, lb = sa.to(dtype), sb.to(dtype)
+    if not (bool(torch.isfinite(la).all()) and bool(torch.isfinite(lb).all())):
+        raise ValueError(f"features overflow {precision}; use precision='float32' (or bfloat16).")
+    da = (sa.double() - la.double()).norm(dim=1)
+    db = (sb.double() - lb.double()).norm(dim=1)
+    nla, nlb = la.double().norm(dim=1), lb.double().norm(dim=1)
+    # |a·b − ã·b̃| ≤ ‖δa‖‖b̃‖ + ‖a‖‖δb‖ (exact), accumulation and output rounding ≤ (γ + u)‖ã‖‖b̃‖:
+    # allowance err_a_i·‖b̃_j‖ + ‖a_i‖·err_b_j with the terms below.
+    err_a = (da + (gamma + u_out) * nla) * 1.001
+    return Screen(la, lb, na, (nlb * 1.001).float(), err_a.float(), (db * 1.001).float(),
+                  ca, cb, False)
+
+
+@contextlib.contextmanager
+def _full_precision_reductions(dev: torch.device) -> Iterator[None]:
+    """On CUDA, keep float32 accumulation for half-precision products (the allowance needs it)."""
+    if dev.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cuda.matmul
+    saved = (flags.allow_bf16_reduced_precision_reduction,
+             flags.allow_fp16_reduced_precision_reduction)
+    flags.allow_bf16_reduced_precision_reduction = False
+    flags.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        (flags.allow_bf16_reduced_precision_reduction,
+         flags.allow_fp16_reduced_precision_reduction) = saved
+
+
+def screen_block(s: Screen, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``r0:r1`` of the lower bound ``L`` (float32, on the screen's device), written into
+    ``out`` ([r1 − r0, n_b]) when given."""
+    if out is None:
+        out = torch.empty((r1 - r0, s.b_FS.shape[0]), dtype=torch.float32, device=s.a_FS.device)
+    if s.fused:
+        return matmul_nt(s.a_FS[r0:r1], s.b_FS, out)
+    with _full_precision_reductions(s.a_FS.device):
+        out.copy_(s.a_FS[r0:r1] @ s.b_FS.T)
+    na, ca = s.norm_a[r0:r1], s.const_a[r0:r1]
+    # 2 (err_a_i ‖b_j‖ + ‖a_i‖ err_b_j) + float32 rounding of the constants and the sum
+    allow = torch.outer(s.err_a[r0:r1], s.norm_b).add_(torch.outer(na, s.err_b)).mul_(2.0)
+    allow.add_(torch.outer(na, s.norm_b).mul_(2.0).add_(ca[:, None]).add_(s.const_b[None, :])
+               .mul_(4 * _EPS32))
+    return out.mul_(-2.0).add_(ca[:, None]).add_(s.const_b[None, :]).sub_(allow)
+
+
+def screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, *, sample: int = 256,
+                     sample_cols: int = 4096, seed: int = 0,
+                     order: torch.Tensor | None = None) -> int:
+    """Pick the screen width that minimises the expected work, from a sample of rows.
+
+    For ``sample`` random rows of A the exact costs against all of B give each row's best cost
+    (a proxy for the dual prices ``u_i + v_j`` near that row, which scale with the features'
+    norms). For each width ``m`` from ``K/10`` to ``K/2`` the screened ``k``-th cost of each
+    sample row is estimated on ``sample_cols`` random columns (the matching quantile); the
+    fraction ``f_m`` of rows whose floor falls below 1.1 × their best cost estimates how many
+    rows a certificate would recheck exactly. The width minimising ``m/K + 1.2 f_m`` wins against
+    the exact pass (cost 1); returns ``K`` for no screening. The nested widths share one
+    product, so the estimate costs about ``sample / n_a`` of a full pass.
+    """
+    n_a, n_b = a.matrix_FK.shape[0], b.matrix_FK.shape[0]
+    K = a.matrix_FK.shape[1]
+    if min(n_a, n_b) < 4096 or K < 512:
+        return K
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(n_a, generator=gen)[:sample]
+    cols = torch.randperm(n_b, generator=gen)[:sample_cols]
+    sub_a = StackedFeatures(a.matrix_FK[rows], a.const_F[rows])
+    proxy = 1.1 * exact_rows(sub_a, b, torch.arange(len(rows)), block_rows=len(rows),
+                             device=None).min(dim=1).values.double()
+    order = coordinate_order(a, b) if order is None else order
+    xa = a.matrix_FK[rows][:, order].cpu()
+    yb = b.matrix_FK[cols][:, order].cpu()
+    const = a.const_F[rows].cpu().float()[:, None] + b.const_F[cols].cpu().float()[None, :]
+    rest_a = xa.square().flip(1).cumsum(1).flip(1)  # rest_a[:, m] = ‖x over coords m:‖²
+    rest_b = yb.square().flip(1).cumsum(1).flip(1)
+    kk = max(1, min(len(cols), round(k * len(cols) / n_b)))
+    dot = torch.zeros((len(rows), len(cols)), dtype=torch.float32)
+    best_m, best_work, prev = K, 1.0, 0
+    for frac in (1 / 10, 1 / 8, 1 / 7, 1 / 6, 1 / 5.5, 1 / 5, 1 / 4.5, 1 / 4, 1 / 3.5, 1 / 3,
+                 1 / 2.5, 1 / 2):
+        m = round(K * frac)
+        dot += xa[:, prev:m] @ yb[:, prev:m].T
+        prev = m
+        low = const - 2 * (dot + torch.outer(rest_a[:, m].sqrt(), rest_b[:, m].sqrt()))
+        floor = torch.topk(low, kk, dim=1, largest=False).values[:, -1]
+        share = float((floor.double() < proxy).double().mean())
+        work = m / K + 1.2 * share
+        if work < best_work:
+            best_m, best_work = m, work
+    return best_m
+
+
+def block_rows_for(n_b: int) -> int:
+    """Rows per screening block: two float32 buffers of about 128 MiB each."""
+    return int(min(4096, max(128, (1 << 27) // (4 * max(1, n_b)))))
+
+
+def screen_pass(screen: Screen, n_a: int, n_b: int, k: int, block_rows: int | None,
+                progress: bool, label: str) -> Candidates:
+    """One pass over the row blocks of ``L``: the candidates of each row and column, and the
+    floors bounding every other edge of each row and column. The block buffer is reused for the
+    whole pass (fresh allocations of this size cost as much as the selections)."""
+    kr, kc = min(k, n_b), min(max(4, k // 4), n_a)
+    block_rows = block_rows or block_rows_for(n_b)
+    dev = screen.a_FS.device
+    cols = _ColumnLists(n_b, kc, dev)
+    row_idx = torch.empty((n_a, kr), dtype=torch.int64)
+    row_floor = torch.empty(n_a, dtype=torch.float64)
+    low_buf = torch.empty((min(block_rows, n_a), n_b), dtype=torch.float32, device=dev)
+    bar = tqdm(total=n_a, desc=f"screen {label}", unit="row", disable=not progress, leave=False)
+    for r0 in range(0, n_a, block_rows):
+        r1 = min(n_a, r0 + block_rows)
+        low = screen_block(screen, r0, r1, out=low_buf[: r1 - r0])
+        vals, idx = torch.topk(low, kr, dim=1, largest=False, sorted=False)
+        row_idx[r0:r1] = idx.cpu()
+        row_floor[r0:r1] = vals.amax(dim=1).double().cpu()
+        cols.update(low, r0)
+        bar.update(r1 - r0)
+    bar.close()
+    if kr == n_b:  # every edge of the row is a candidate
+        row_floor.fill_(math.inf)
+    col_floor = cols.val[:, -1].double().cpu() if kc < n_a else torch.full((n_b,), math.inf,
+                                                                          dtype=torch.float64)
+    return Candidates(row_idx, cols.idx.cpu(), row_floor.numpy(), col_floor.numpy())
+
+
+class _ColumnLists:
+    """The ``kc`` cheapest entries of every column seen so far (values ascending).
+
+    Only entries below their column's current ``kc``-th value can enter its list. After the
+    first blocks few do, so a block is filtered by one comparison and only the survivors are
+    merged; a block with many survivors (the first one) is selected by sorting its transpose.
+    Every entry left out is ≥ its column's final ``kc``-th value (thresholds only decrease), so
+    that value bounds the column's pruned edges."""
+
+    def __init__(self, n_b: int, kc: int, dev: torch.device) -> None:
+        self.kc = kc
+        self.val = torch.full((n_b, kc), math.inf, device=dev)
+        self.idx = torch.zeros((n_b, kc), dtype=torch.int64, device=dev)
+        self._mask: torch.Tensor | None = None
+
+    def update(self, low: torch.Tensor, r0: int) -> None:
+        """Merge the block ``low`` (rows ``r0 : r0 + len(low)``, all columns)."""
+        n_rows, n_b = low.shape
+        dev = low.device
+        if self._mask is None or self._mask.shape[0] < n_rows:
+            self._mask = torch.empty(low.shape, dtype=torch.bool, device=dev)
+        thr = self.val[:, -1].contiguous()
+        compare = torch.lt
+        if n_rows >= self.kc and bool(torch.isinf(thr).any()):
+            # kc disjoint row groups each hold an entry ≤ their minimum, so the largest group
+            # minimum bounds the block's kc-th value from above: a valid first threshold
+            groups = low[: n_rows // self.kc * self.kc].view(self.kc, -1, n_b)
+            thr = torch.minimum(thr, groups.amin(dim=1).amax(dim=0))
+            compare = torch.le  # keeps at least kc entries of every column
+        mask = compare(low, thr[None, :], out=self._mask[:n_rows])
+        survivors = int(torch.count_nonzero(mask))
+        if survivors == 0:
+            return
+        if survivors > 4 * self.kc * n_b:
+            vals, rows = torch.topk(low.T.contiguous(), min(self.kc, n_rows), dim=1,
+                                    largest=False, sorted=False)
+            self._merge(torch.arange(n_b, device=dev), vals, rows + r0)
+            return
+        if dev.type == "cpu":  # numpy's flatnonzero is several times faster here
+            flat = torch.from_numpy(np.flatnonzero(mask.numpy()))
+        else:
+            flat = torch.nonzero(mask.view(-1)).squeeze(1)
+        rr, cc = flat // n_b, flat % n_b
+        vv = low.view(-1)[flat]
+        by_val = torch.argsort(vv)
+        order = by_val[torch.argsort(cc[by_val], stable=True)]  # by column, then by value
+        rr, cc, vv = rr[order], cc[order], vv[order]
+        cols, counts = torch.unique_consecutive(cc, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(len(cc), device=dev) - torch.repeat_interleave(starts, counts)
+        slot = torch.repeat_interleave(torch.arange(len(cols), device=dev), counts)
+        keep = rank < self.kc
+        width = int(min(self.kc, int(counts.max())))
+        vals = torch.full((len(cols), width), math.inf, device=dev)
+        rows = torch.zeros((len(cols), width), dtype=torch.int64, device=dev)
+        vals[slot[keep], rank[keep]] = vv[keep]
+        rows[slot[keep], rank[keep]] = rr[keep] + r0
+        self._merge(cols, vals, rows)
+
+    def _merge(self, cols: torch.Tensor, vals: torch.Tensor, rows: torch.Tensor) -> None:
+        merged_v = torch.cat([self.val[cols], vals], dim=1)
+        merged_i = torch.cat([self.idx[cols], rows], dim=1)
+        best_v, pos = torch.topk(merged_v, self.kc, dim=1, largest=False, sorted=True)
+        self.val[cols] = best_v
+        self.idx[cols] = torch.gather(merged_i, 1, pos)

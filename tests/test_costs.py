@@ -1,0 +1,64 @@
+"""Cost matrices by blocks and by entries: every route computes the same numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sae_match_lens.costs import (
+    StackedFeatures,
+    cost_blocks,
+    edge_costs,
+    exact_rows,
+    listed_costs,
+    matmul_nt,
+)
+
+
+def stacked(x: torch.Tensor) -> StackedFeatures:
+    return StackedFeatures(x.float().contiguous(), x.double().pow(2).sum(dim=1))
+
+
+@pytest.fixture
+def pair() -> tuple[StackedFeatures, StackedFeatures, np.ndarray]:
+    gen = torch.Generator().manual_seed(0)
+    a = stacked(torch.randn(37, 11, generator=gen))
+    b = stacked(torch.randn(29, 11, generator=gen) * 2)
+    exact = ((a.matrix_FK.double()[:, None] - b.matrix_FK.double()[None]) ** 2).sum(-1).numpy()
+    return a, b, exact
+
+
+def test_matmul_nt_matches_torch_on_contiguous_and_strided_outputs():
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(13, 7, generator=gen), torch.randn(9, 7, generator=gen)
+    out = torch.empty(13, 9)
+    torch.testing.assert_close(matmul_nt(x, y, out), x @ y.T)
+    strided = torch.empty(9, 13).T  # not contiguous: the torch route
+    torch.testing.assert_close(matmul_nt(x, y, strided), x @ y.T)
+    assert out.data_ptr() == matmul_nt(x, y, out).data_ptr()
+
+
+@pytest.mark.parametrize("block_rows", [1, 5, 64])
+def test_cost_blocks_cover_the_matrix_with_squared_distances(pair, block_rows):
+    a, b, exact = pair
+    blocks = list(cost_blocks(a, b, block_rows=block_rows))
+    assert [r0 for r0, _, _ in blocks] == list(range(0, 37, block_rows))
+    C = torch.cat([blk for _, _, blk in blocks]).double().numpy()
+    np.testing.assert_allclose(C, exact, rtol=1e-5, atol=1e-4)
+    assert (C >= 0).all()
+
+
+def test_entry_routes_agree_with_the_full_matrix(pair):
+    a, b, exact = pair
+    rows = torch.tensor([3, 0, 36, 3])
+    np.testing.assert_allclose(exact_rows(a, b, rows, block_rows=3, device=None).double().numpy(),
+                               exact[rows.numpy()], rtol=1e-5, atol=1e-4)
+    idx = torch.randint(0, 29, (37, 4), generator=torch.Generator().manual_seed(2))
+    listed = listed_costs(a, b, idx, torch.device("cpu")).numpy()
+    np.testing.assert_allclose(listed, np.take_along_axis(exact, idx.numpy(), 1), rtol=1e-5,
+                               atol=1e-4)
+    r, c = np.array([0, 5, 36]), np.array([28, 5, 0])
+    np.testing.assert_allclose(edge_costs(a, b, r, c, torch.device("cpu")), exact[r, c],
+                               rtol=1e-5, atol=1e-4)
+    assert edge_costs(a, b, r[:0], c[:0], torch.device("cpu")).shape == (0,)
