@@ -244,13 +244,14 @@ def match_features(
             f"lapjv cannot solve n={n} (it crashes at n >= {LAPJV_MAX_N + 1}); use "
             "solver='sparse' (or 'scipy' if the dense matrix fits in memory)."
         )
+    sparse_need = sparse_bytes(n_a, n_b, k, block_rows, a.matrix_FK.shape[1], screen_dims)
     if solver == "sparse":
-        need = sparse_bytes(n_a, n_b, k, block_rows)
-        if need > 0.9 * free:
+        if sparse_need > 0.9 * free:
             raise MemoryError(
                 f"{label}: the sparse solve of {n_a}x{n_b} features with k={k}, block_rows="
-                f"{block_rows or block_rows_for(n_b)} needs about {need / 2**30:.1f} GiB, but only "
-                f"{free / 2**30:.1f} GiB is available. Lower block_rows or k, or free memory."
+                f"{block_rows or block_rows_for(n_b)} needs about {sparse_need / 2**30:.1f} GiB "
+                f"beyond the features, but only {free / 2**30:.1f} GiB is available. Lower "
+                "block_rows or k, pass a smaller screen_dims, or free memory."
             )
         return _match_sparse(a, b, max_cost=max_cost, block_rows=block_rows, device=device,
                              progress=progress, options=options, label=label, k=k,
@@ -262,7 +263,7 @@ def match_features(
         raise MemoryError(
             f"{label}: the dense {solver} solve of a {n_a}x{n_b} cost matrix needs about "
             f"{need / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB is available. Use "
-            f"solver='sparse' (about {sparse_bytes(n_a, n_b, k, block_rows) / 2**30:.1f} GiB), "
+            f"solver='sparse' (about {sparse_need / 2**30:.1f} GiB), "
             "or match on a machine with more memory."
         )
     t0 = time.perf_counter()

@@ -31,6 +31,7 @@ many rows each width would leave for the certificate to recheck, and picks the c
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator
 from typing import Literal, NamedTuple
@@ -39,10 +40,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .costs import StackedFeatures, exact_rows, matmul_nt
+from .costs import StackedFeatures, matmul_nt
 
 __all__ = ["Candidates", "Precision", "Screen", "block_rows_for", "coordinate_order", "make_screen",
            "screen_block", "screen_dims_auto", "screen_pass"]
+
+logger = logging.getLogger(__name__)
 
 Precision = Literal["float32", "bfloat16", "float16"]
 LOW_PRECISION = {"bfloat16": (torch.bfloat16, 2.0**-8), "float16": (torch.float16, 2.0**-11)}
@@ -194,19 +197,26 @@ def screen_block(s: Screen, r0: int, r1: int, out: torch.Tensor | None = None) -
     return out.mul_(-2.0).add_(ca[:, None]).add_(s.const_b[None, :]).sub_(allow)
 
 
-def screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, *, sample: int = 256,
-                     sample_cols: int = 4096, seed: int = 0,
-                     order: torch.Tensor | None = None) -> int:
+_WIDTHS = (1 / 10, 1 / 8, 1 / 7, 1 / 6, 1 / 5.5, 1 / 5, 1 / 4.5, 1 / 4, 1 / 3.5, 1 / 3, 1 / 2.5,
+           1 / 2)
+"""Screen widths tried by :func:`screen_dims_auto`, as fractions of the stacked width."""
+
+
+def screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, *, sample: int = 128,
+                     seed: int = 0, order: torch.Tensor | None = None,
+                     chunk: int = 4096) -> int:
     """Pick the screen width that minimises the expected work, from a sample of rows.
 
-    For ``sample`` random rows of A the exact costs against all of B give each row's best cost
-    (a proxy for the dual prices ``u_i + v_j`` near that row, which scale with the features'
-    norms). For each width ``m`` from ``K/10`` to ``K/2`` the screened ``k``-th cost of each
-    sample row is estimated on ``sample_cols`` random columns (the matching quantile); the
-    fraction ``f_m`` of rows whose floor falls below 1.1 × their best cost estimates how many
-    rows a certificate would recheck exactly. The width minimising ``m/K + 1.2 f_m`` wins against
-    the exact pass (cost 1); returns ``K`` for no screening. The nested widths share one
-    product, so the estimate costs about ``sample / n_a`` of a full pass.
+    For ``sample`` random rows of A, one pass over all of B (in chunks) gives each row's exact
+    best cost and, for every width ``m`` from ``K/10`` to ``K/2``, the floor the screening pass
+    would give it (its ``k``-th smallest bound; all columns are needed: siblings of a feature
+    cluster make column samples misleading). With the solver's duals (``u_i ≈ 0``, ``v_j`` ≈ the
+    cost of column ``j``'s match) a row's pruned edges are proven when its floor exceeds
+    ``max_j v_j``, estimated as 1.05 × the largest best cost in the sample. The share ``f_m`` of
+    rows below it estimates how many rows the certificate would recheck; the width minimising
+    ``m/K + 1.2 f_m`` wins against the exact pass (cost 1). Returns ``K`` for no screening
+    (also for fewer than 4096 features or ``K < 512``). The nested widths share one product:
+    the estimate costs about ``1.5 · sample / n_a`` of an exact pass.
     """
     n_a, n_b = a.matrix_FK.shape[0], b.matrix_FK.shape[0]
     K = a.matrix_FK.shape[1]
@@ -214,30 +224,48 @@ def screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, *, sample: 
         return K
     gen = torch.Generator().manual_seed(seed)
     rows = torch.randperm(n_a, generator=gen)[:sample]
-    cols = torch.randperm(n_b, generator=gen)[:sample_cols]
-    sub_a = StackedFeatures(a.matrix_FK[rows], a.const_F[rows])
-    proxy = 1.1 * exact_rows(sub_a, b, torch.arange(len(rows)), block_rows=len(rows),
-                             device=None).min(dim=1).values.double()
-    order = coordinate_order(a, b) if order is None else order
-    xa = a.matrix_FK[rows][:, order].cpu()
-    yb = b.matrix_FK[cols][:, order].cpu()
-    const = a.const_F[rows].cpu().float()[:, None] + b.const_F[cols].cpu().float()[None, :]
-    rest_a = xa.square().flip(1).cumsum(1).flip(1)  # rest_a[:, m] = ‖x over coords m:‖²
-    rest_b = yb.square().flip(1).cumsum(1).flip(1)
-    kk = max(1, min(len(cols), round(k * len(cols) / n_b)))
-    dot = torch.zeros((len(rows), len(cols)), dtype=torch.float32)
-    best_m, best_work, prev = K, 1.0, 0
-    for frac in (1 / 10, 1 / 8, 1 / 7, 1 / 6, 1 / 5.5, 1 / 5, 1 / 4.5, 1 / 4, 1 / 3.5, 1 / 3,
-                 1 / 2.5, 1 / 2):
-        m = round(K * frac)
-        dot += xa[:, prev:m] @ yb[:, prev:m].T
-        prev = m
-        low = const - 2 * (dot + torch.outer(rest_a[:, m].sqrt(), rest_b[:, m].sqrt()))
-        floor = torch.topk(low, kk, dim=1, largest=False).values[:, -1]
-        share = float((floor.double() < proxy).double().mean())
+    order = (coordinate_order(a, b) if order is None else order).cpu()
+    widths = sorted({round(K * f) for f in _WIDTHS})
+    sel = order[: widths[-1]]
+
+    def prefix_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` restricted to the screened coordinates, and ``‖x‖² − ‖x_S‖²`` per width."""
+        xs = torch.index_select(x, 1, sel)
+        total = torch.linalg.vector_norm(x, dim=1).square()
+        seg = [torch.linalg.vector_norm(xs[:, p:m], dim=1).square()
+               for p, m in zip([0, *widths[:-1]], widths, strict=True)]
+        rest = total[:, None] - torch.stack(seg, dim=1).cumsum(dim=1)
+        return xs, rest.clamp_(min=0.0).sqrt_()
+
+    x = a.matrix_FK[rows].cpu()
+    xs, rest_a = prefix_norms(x)
+    ca = a.const_F[rows].cpu().float()
+    kk = min(k, n_b)
+    floors = torch.full((len(widths), len(rows), kk), math.inf)
+    best = torch.full((len(rows),), math.inf)
+    for c0 in range(0, n_b, chunk):
+        y = b.matrix_FK[c0:c0 + chunk].cpu()
+        ys, rest_b = prefix_norms(y)
+        const = ca[:, None] + b.const_F[c0:c0 + chunk].cpu().float()[None, :]
+        exact = matmul_nt(x, y, torch.empty((len(rows), len(y))))
+        best = torch.minimum(best, (const - 2 * exact).amin(dim=1))
+        dot = torch.zeros((len(rows), len(y)))
+        seg = torch.empty_like(dot)
+        for w, (p, m) in enumerate(zip([0, *widths[:-1]], widths, strict=True)):
+            dot += matmul_nt(xs[:, p:m].contiguous(), ys[:, p:m].contiguous(), seg)
+            low = const - 2 * (dot + torch.outer(rest_a[:, w], rest_b[:, w]))
+            merged = torch.cat([floors[w], low], dim=1)
+            floors[w] = torch.topk(merged, kk, dim=1, largest=False, sorted=False).values
+    need = 1.05 * float(best.max())
+    best_m, best_work = K, 1.0
+    for w, m in enumerate(widths):
+        share = float((floors[w].amax(dim=1) < need).double().mean())
         work = m / K + 1.2 * share
+        logger.debug("screen width %d: estimated share of rows to recheck %.3f", m, share)
         if work < best_work:
             best_m, best_work = m, work
+    logger.info("screen width %d of %d (estimated work %.2f of an exact pass)", best_m, K,
+                best_work)
     return best_m
 
 

@@ -84,11 +84,21 @@ class SparseSolution(NamedTuple):
     """Timings and counts for logs and benchmarks."""
 
 
-def sparse_bytes(n_a: int, n_b: int, k: int, block_rows: int | None) -> int:
-    """Rough peak host memory of :func:`solve_sparse` beyond the stacked features (bytes)."""
+def sparse_bytes(n_a: int, n_b: int, k: int, block_rows: int | None, width: int = 0,
+                 screen_dims: int | Literal["auto"] | None = "auto") -> int:
+    """Rough peak host memory of :func:`solve_sparse` beyond the stacked features (bytes):
+    block buffers, the screening operands (for stacked ``width``; ``"auto"`` never screens wider
+    than half of it) and the candidate graph."""
     edges = (n_a + n_b) * (2 * k + 4)
     rows = min(block_rows or block_rows_for(n_b), n_a)
-    return 3 * rows * n_b * 4 + edges * 80 + (n_a + n_b) * 200
+    if screen_dims is None:
+        screen = width
+    elif screen_dims == "auto":
+        screen = width // 2
+    else:
+        screen = min(int(screen_dims), width)
+    return (3 * rows * n_b * 4 + (n_a + n_b) * (screen + 4) * 4 + edges * 80
+            + (n_a + n_b) * 200)
 
 
 class EdgeSet:
