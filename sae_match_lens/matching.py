@@ -249,9 +249,10 @@ def match_features(
         if sparse_need > 0.9 * free:
             raise MemoryError(
                 f"{label}: the sparse solve of {n_a}x{n_b} features with k={k}, block_rows="
-                f"{block_rows or block_rows_for(n_b)} needs about {sparse_need / 2**30:.1f} GiB "
-                f"beyond the features, but only {free / 2**30:.1f} GiB is available. Lower "
-                "block_rows or k, pass a smaller screen_dims, or free memory."
+                f"{min(n_a, block_rows or block_rows_for(n_b))} needs about "
+                f"{sparse_need / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB is available "
+                "(beyond the features themselves). Lower block_rows or k, pass a smaller "
+                "screen_dims, or free memory."
             )
         return _match_sparse(a, b, max_cost=max_cost, block_rows=block_rows, device=device,
                              progress=progress, options=options, label=label, k=k,
