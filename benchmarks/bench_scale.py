@@ -21,6 +21,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import logging
 import math
 import resource
 import threading
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--no-dense", action="store_true", help="skip the naive dense baseline")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="    [%(name)s] %(message)s")
     sizes = list(args.sizes) + ([262144] if args.big else [])
     screen = None if args.screen_dims == "none" else (
         "auto" if args.screen_dims == "auto" else int(args.screen_dims))

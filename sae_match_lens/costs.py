@@ -14,6 +14,8 @@ and :func:`edge_costs` compute chosen entries only (the sparse solver's recomput
 
 On the CPU the products run in numpy's BLAS (:func:`matmul_nt`): for these shapes it measured
 1.4–1.6× the throughput of torch's CPU GEMM on an AVX2 EPYC (136–160 vs 99 GFLOP/s, float32).
+That BLAS has its own thread pool (``OPENBLAS_NUM_THREADS`` or ``threadpoolctl`` limit it, not
+``torch.set_num_threads``).
 """
 
 from __future__ import annotations

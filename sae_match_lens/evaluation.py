@@ -37,16 +37,10 @@ from tqdm.auto import tqdm
 
 from .adapters import feature_view
 from .costs import CostWeights, stack_features
-from .hooks import (
-    BlockSubstitute,
-    Substitution,
-    block_substitute,
-    run_from,
-    skip_boundaries,
-    validate_route,
-)
+from .hooks import BlockSubstitute, Substitution, block_substitute
 from .matching import MatchResult, match
 from .permutation import Permutation
+from .routes import run_from, skip_boundaries, validate_route
 
 __all__ = [
     "DEFAULT_VARIANTS",

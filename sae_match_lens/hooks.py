@@ -45,9 +45,7 @@ when they are built.
 
 from __future__ import annotations
 
-import difflib
 import logging
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,6 +56,7 @@ import torch
 from .adapters import describe_sae, fold_scales, hook_name_of, validate_sae
 from .matching import MatchResult
 from .permutation import Permutation
+from .routes import check_skippable, run_from, run_to, validate_route
 
 __all__ = [
     "METHODS",
@@ -67,13 +66,9 @@ __all__ = [
     "Substitution",
     "Transfer",
     "block_substitute",
-    "hook_order",
-    "run_from",
     "run_skipping",
-    "skip_boundaries",
     "substitute",
     "substitution_hooks",
-    "validate_route",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,8 +80,6 @@ HookFn = Callable[..., torch.Tensor | None]
 METHODS: tuple[str, ...] = ("permute", "hybrid", "error_preserving", "identity",
                             "reconstruct_a", "reconstruct_b")
 _USES_PERMUTATION = ("permute", "hybrid", "error_preserving")
-_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
-_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
 @dataclass(frozen=True)
@@ -334,86 +327,6 @@ def _hybrid_mask(perm: Permutation, cost_F: torch.Tensor | None, quantile: float
     return send
 
 
-_IN_BLOCK_RANK = (("hook_resid_pre", 0), ("ln1.", 1), ("attn.", 1), ("hook_attn", 1),
-                  ("hook_q_input", 1), ("hook_k_input", 1), ("hook_v_input", 1),
-                  ("hook_resid_mid", 2), ("ln2.", 3), ("mlp.", 3), ("hook_mlp", 3),
-                  ("hook_resid_post", 4))
-
-
-def hook_order(name: str, n_layers: int) -> tuple[int, int]:
-    """Where a hook sits in the forward pass: ``(layer, rank within the block)``.
-
-    ``blocks.L.hook_resid_pre`` < ``...attn...`` < ``hook_resid_mid`` < ``...mlp...`` <
-    ``blocks.L.hook_resid_post``; embedding hooks come before block 0, everything else outside
-    the blocks (``ln_final``, ``unembed``) after the last block.
-    """
-    m = _BLOCK.match(name)
-    if m is None:
-        return (-1, 0) if "embed" in name and "unembed" not in name else (n_layers, 0)
-    layer, rest = int(m.group(1)), m.group(2)
-    for prefix, rank in _IN_BLOCK_RANK:
-        if rest.startswith(prefix):
-            return layer, rank
-    return layer, 2
-
-
-def _hook_width(model: Any, name: str) -> int | None:
-    cfg = model.cfg
-    rest = name.split(".", 2)[-1] if name.startswith("blocks.") else name
-    if rest in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
-                "hook_mlp_out", "hook_embed", "hook_pos_embed"):
-        return int(cfg.d_model)
-    if rest in ("mlp.hook_pre", "mlp.hook_post") and getattr(cfg, "d_mlp", None):
-        return int(cfg.d_mlp)
-    return None
-
-
-def validate_route(model: Any, sub: BlockSubstitute) -> None:
-    """Check, before anything is installed, that ``sub`` can run on ``model``: both hooks exist,
-    A precedes B and the SAEs' widths match the model's at those hooks (clear ``ValueError``)."""
-    hook_dict = model.hook_dict
-    for sae, name in ((sub.sae_a, sub.hook_a), (sub.sae_b, sub.hook_b)):
-        if name not in hook_dict:
-            close = difflib.get_close_matches(name, list(hook_dict), n=3)
-            hint = f" Did you mean {close}?" if close else ""
-            raise ValueError(
-                f"{describe_sae(sae)}: hook '{name}' is not a hook point of this "
-                f"{type(model).__name__} (it has {len(hook_dict)} hook points, e.g. "
-                f"'blocks.0.hook_resid_post').{hint}"
-            )
-        width = _hook_width(model, name)
-        if width is not None and sae.cfg.d_in != width:
-            raise ValueError(
-                f"{describe_sae(sae)}: d_in={sae.cfg.d_in} but the model's activation at "
-                f"'{name}' has width {width}; this SAE was not trained on this model."
-            )
-    n_layers = int(model.cfg.n_layers)
-    if hook_order(sub.hook_a, n_layers) > hook_order(sub.hook_b, n_layers) and (
-        skip_boundaries(sub.hook_a, sub.hook_b) is None
-    ):
-        raise ValueError(
-            f"SAE A's hook '{sub.hook_a}' comes after SAE B's hook '{sub.hook_b}' in the forward "
-            f"pass ({describe_sae(sub.sae_a)} -> {describe_sae(sub.sae_b)}); the substitute reads "
-            "at A and writes at B, so A must precede B (swap them, and invert the permutation)."
-        )
-
-
-def skip_boundaries(hook_a: str, hook_b: str) -> tuple[int, int] | None:
-    """Block indices ``(stop_at_layer, start_at_layer)`` for skipping from ``hook_a`` to ``hook_b``.
-
-    ``blocks.L.hook_resid_pre`` is the boundary before block ``L``, ``blocks.L.hook_resid_post``
-    the one after it (``L + 1``). Returns ``None`` unless both are such residual hooks with
-    A's boundary not after B's.
-    """
-    bounds = []
-    for name in (hook_a, hook_b):
-        m = _RESID.match(name)
-        if m is None:
-            return None
-        bounds.append(int(m.group(1)) + (m.group(2) == "post"))
-    return (bounds[0], bounds[1]) if bounds[0] <= bounds[1] else None
-
-
 def _make_hooks(sub: BlockSubstitute) -> list[tuple[str, HookFn]]:
     state: dict[str, torch.Tensor] = {}
     hook_a, hook_b = sub.hook_a, sub.hook_b
@@ -499,30 +412,6 @@ def substitute(
         yield hooked
 
 
-def _check_skippable(model: Any, sub: BlockSubstitute) -> tuple[int, int]:
-    from transformer_lens import HookedTransformer
-
-    if not isinstance(model, HookedTransformer):
-        raise TypeError(
-            f"run_skipping needs a HookedTransformer (start_at_layer/stop_at_layer), got "
-            f"{type(model).__name__}; use substitute() / substitution_hooks() instead."
-        )
-    if sub.substitution.needs_target_state:
-        raise ValueError(
-            f"substitution '{sub.substitution.method}' reads the true state at '{sub.hook_b}', so "
-            "the blocks cannot be skipped; use substitute() instead."
-        )
-    if getattr(model.cfg, "positional_embedding_type", None) == "shortformer":
-        raise ValueError("run_skipping does not support shortformer positional embeddings.")
-    bounds = skip_boundaries(sub.hook_a, sub.hook_b)
-    if bounds is None:
-        raise ValueError(
-            f"run_skipping needs residual hooks 'blocks.L.hook_resid_pre' or "
-            f"'blocks.L.hook_resid_post' at both ends, got '{sub.hook_a}' -> '{sub.hook_b}'."
-        )
-    return bounds
-
-
 def run_skipping(
     model: Any,
     tokens: torch.Tensor,
@@ -553,27 +442,6 @@ def run_skipping(
         >>> loss = run_skipping(model, tokens, sae_3, sae_5, match(sae_3, sae_5))
     """
     sub = _prepare(model, sae_a, sae_b, permutation, substitution, cost_F)
-    stop, start = _check_skippable(model, sub)
-    return run_from(model, tokens, sub(_run_to(model, tokens, stop)), start,
+    stop, start = check_skippable(model, sub)
+    return run_from(model, tokens, sub(run_to(model, tokens, stop)), start,
                      return_type=return_type, loss_per_token=loss_per_token)
-
-
-def _attention_mask(model: Any, tokens: torch.Tensor) -> torch.Tensor | None:
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None or tokenizer.padding_side != "left":
-        return None
-    from transformer_lens import utils
-
-    return utils.get_attention_mask(tokenizer, tokens, model.cfg.default_prepend_bos)
-
-
-def _run_to(model: Any, tokens: torch.Tensor, stop: int) -> torch.Tensor:
-    return model(tokens, stop_at_layer=stop, attention_mask=_attention_mask(model, tokens))
-
-
-def run_from(model: Any, tokens: torch.Tensor, resid: torch.Tensor, start: int, *,
-              return_type: str = "logits", loss_per_token: bool = False) -> Any:
-    """Run a ``HookedTransformer`` from block ``start`` on the residual stream ``resid``
-    (``tokens`` give the loss targets and the attention mask)."""
-    return model(resid, start_at_layer=start, tokens=tokens, return_type=return_type,
-                 loss_per_token=loss_per_token, attention_mask=_attention_mask(model, tokens))
