@@ -20,6 +20,7 @@ That BLAS has its own thread pool (``OPENBLAS_NUM_THREADS`` or ``threadpoolctl``
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import torch
 from .adapters import FeatureView
 
 __all__ = ["BLOCKS", "CostWeights", "Metric", "StackedFeatures", "cost_blocks", "edge_costs",
-           "exact_rows", "listed_costs", "matmul_nt", "stack_features"]
+           "exact_rows", "ieee_products", "listed_costs", "matmul_nt", "stack_features"]
 
 _GATHER_BYTES = 1 << 27
 """Size of the gather buffer used to compute listed entries (128 MiB)."""
@@ -177,6 +178,29 @@ def cost_blocks(
             out[r0:r1, :n_b].copy_(block)
             block = out[r0:r1, :n_b]
         yield r0, r1, block.cpu()
+
+
+@contextlib.contextmanager
+def ieee_products(device: torch.device) -> Iterator[None]:
+    """On CUDA, run float32 products in IEEE float32 (no TF32, whatever
+    ``torch.set_float32_matmul_precision`` the caller chose) and accumulate bf16/fp16 products in
+    float32; the previous settings are restored on exit. The rounding allowances of the sparse
+    screen and the certificates assume exactly this arithmetic. A no-op on other devices."""
+    if device.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cuda.matmul
+    saved = (torch.get_float32_matmul_precision(), flags.allow_bf16_reduced_precision_reduction,
+             flags.allow_fp16_reduced_precision_reduction)
+    torch.set_float32_matmul_precision("highest")
+    flags.allow_bf16_reduced_precision_reduction = False
+    flags.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        flags.allow_bf16_reduced_precision_reduction = saved[1]
+        flags.allow_fp16_reduced_precision_reduction = saved[2]
 
 
 def matmul_nt(x_RK: torch.Tensor, y_NK: torch.Tensor, out_RN: torch.Tensor) -> torch.Tensor:

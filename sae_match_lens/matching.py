@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import describe_sae, feature_view, hook_name_of, sae_identity
-from .costs import CostWeights, Metric, StackedFeatures, cost_blocks, stack_features
+from .costs import CostWeights, Metric, StackedFeatures, cost_blocks, ieee_products, stack_features
 from .permutation import Permutation
 from .screen import block_rows_for
 from .sparse import Precision, solve_sparse, sparse_bytes
@@ -272,14 +272,16 @@ def match_features(
     best2 = torch.empty((n_a, 2), dtype=torch.float32)
     argbest = torch.empty(n_a, dtype=torch.int64)
     bar = tqdm(total=n_a, desc=f"cost {label}", unit="row", disable=not progress, leave=False)
-    for r0, r1, block in cost_blocks(a, b, block_rows=block_rows or 1024, device=device, out=C):
-        k = min(2, n_b)
-        vals, idx = torch.topk(block, k, dim=1, largest=False)
-        best2[r0:r1, :k] = vals
-        if k < 2:
-            best2[r0:r1, 1] = float("inf")
-        argbest[r0:r1] = idx[:, 0]
-        bar.update(r1 - r0)
+    with ieee_products(torch.device(device) if device is not None else a.matrix_FK.device):
+        for r0, r1, block in cost_blocks(a, b, block_rows=block_rows or 1024, device=device,
+                                         out=C):
+            k = min(2, n_b)
+            vals, idx = torch.topk(block, k, dim=1, largest=False)
+            best2[r0:r1, :k] = vals
+            if k < 2:
+                best2[r0:r1, 1] = float("inf")
+            argbest[r0:r1] = idx[:, 0]
+            bar.update(r1 - r0)
     bar.close()
     t_cost = time.perf_counter() - t0
     if max_cost is not None:

@@ -30,17 +30,15 @@ many rows each width would leave for the certificate to recheck, and picks the c
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator
 from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .costs import StackedFeatures, matmul_nt
+from .costs import StackedFeatures, ieee_products, matmul_nt
 
 __all__ = ["Candidates", "Precision", "Screen", "block_rows_for", "coordinate_order", "make_screen",
            "screen_block", "screen_dims_auto", "screen_pass"]
@@ -162,32 +160,14 @@ def make_screen(a: StackedFeatures, b: StackedFeatures, m: int, precision: Preci
                   ca, cb, False)
 
 
-@contextlib.contextmanager
-def _full_precision_reductions(dev: torch.device) -> Iterator[None]:
-    """On CUDA, keep float32 accumulation for half-precision products (the allowance needs it)."""
-    if dev.type != "cuda":
-        yield
-        return
-    flags = torch.backends.cuda.matmul
-    saved = (flags.allow_bf16_reduced_precision_reduction,
-             flags.allow_fp16_reduced_precision_reduction)
-    flags.allow_bf16_reduced_precision_reduction = False
-    flags.allow_fp16_reduced_precision_reduction = False
-    try:
-        yield
-    finally:
-        (flags.allow_bf16_reduced_precision_reduction,
-         flags.allow_fp16_reduced_precision_reduction) = saved
-
-
 def screen_block(s: Screen, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows ``r0:r1`` of the lower bound ``L`` (float32, on the screen's device), written into
     ``out`` ([r1 − r0, n_b]) when given."""
     if out is None:
         out = torch.empty((r1 - r0, s.b_FS.shape[0]), dtype=torch.float32, device=s.a_FS.device)
-    if s.fused:
-        return matmul_nt(s.a_FS[r0:r1], s.b_FS, out)
-    with _full_precision_reductions(s.a_FS.device):
+    with ieee_products(s.a_FS.device):
+        if s.fused:
+            return matmul_nt(s.a_FS[r0:r1], s.b_FS, out)
         out.copy_(s.a_FS[r0:r1] @ s.b_FS.T)
     na, ca = s.norm_a[r0:r1], s.const_a[r0:r1]
     # 2 (err_a_i ‖b_j‖ + ‖a_i‖ err_b_j) + float32 rounding of the constants and the sum

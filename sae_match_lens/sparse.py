@@ -45,7 +45,7 @@ import torch
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from .certificate import Problem, duals, graph_violation, recheck, suspect_rows
-from .costs import StackedFeatures, edge_costs, listed_costs
+from .costs import StackedFeatures, edge_costs, ieee_products, listed_costs
 from .screen import (
     LOW_PRECISION,
     Precision,
@@ -271,9 +271,24 @@ def solve_sparse(
         )
     if block_rows is not None and not (isinstance(block_rows, int) and block_rows >= 1):
         raise ValueError(f"block_rows must be a positive integer or None, got {block_rows!r}.")
+    if not (screen_dims in ("auto", None) or (isinstance(screen_dims, int) and screen_dims >= 1)):
+        raise ValueError(
+            f"screen_dims must be a positive integer, 'auto' or None, got {screen_dims!r}."
+        )
     dev = torch.device(device) if device is not None else a.matrix_FK.device
+    with ieee_products(dev):
+        return _solve(a, b, k=k, max_cost=max_cost, certify=certify, max_rounds=max_rounds,
+                      screen_dims=screen_dims, precision=precision,
+                      block_rows=block_rows or block_rows_for(b.matrix_FK.shape[0]), dev=dev,
+                      progress=progress, label=label)
+
+
+def _solve(a: StackedFeatures, b: StackedFeatures, *, k: int, max_cost: float | None,
+           certify: bool, max_rounds: int, screen_dims: int | Literal["auto"] | None,
+           precision: Precision, block_rows: int, dev: torch.device, progress: bool,
+           label: str) -> SparseSolution:
+    """:func:`solve_sparse` after its arguments are checked."""
     n_a, n_b = a.matrix_FK.shape[0], b.matrix_FK.shape[0]
-    block_rows = block_rows or block_rows_for(n_b)
     K = a.matrix_FK.shape[1]
     stats: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -282,12 +297,8 @@ def solve_sparse(
         m = screen_dims_auto(a, b, k, order=order) if precision == "float32" else K
     elif screen_dims is None:
         m = K
-    elif isinstance(screen_dims, int) and screen_dims >= 1:
-        m = min(int(screen_dims), K)
     else:
-        raise ValueError(
-            f"screen_dims must be a positive integer, 'auto' or None, got {screen_dims!r}."
-        )
+        m = min(int(screen_dims), K)
     stats["screen_dims"] = m
     stats["t_width"] = time.perf_counter() - t0
     screen = make_screen(a, b, m, precision, dev, order=order)

@@ -11,6 +11,7 @@ from sae_match_lens.costs import (
     cost_blocks,
     edge_costs,
     exact_rows,
+    ieee_products,
     listed_costs,
     matmul_nt,
 )
@@ -62,3 +63,23 @@ def test_entry_routes_agree_with_the_full_matrix(pair):
     np.testing.assert_allclose(edge_costs(a, b, r, c, torch.device("cpu")), exact[r, c],
                                rtol=1e-5, atol=1e-4)
     assert edge_costs(a, b, r[:0], c[:0], torch.device("cpu")).shape == (0,)
+
+
+def test_ieee_products_switch_off_tf32_on_cuda_and_restore_the_callers_setting():
+    flags = torch.backends.cuda.matmul
+    before = (torch.get_float32_matmul_precision(), flags.allow_bf16_reduced_precision_reduction,
+              flags.allow_fp16_reduced_precision_reduction)
+    torch.set_float32_matmul_precision("high")  # a user who allows TF32
+    try:
+        with ieee_products(torch.device("cuda")):
+            assert torch.get_float32_matmul_precision() == "highest"
+            assert not flags.allow_bf16_reduced_precision_reduction
+            assert not flags.allow_fp16_reduced_precision_reduction
+        assert torch.get_float32_matmul_precision() == "high"
+        assert (flags.allow_bf16_reduced_precision_reduction,
+                flags.allow_fp16_reduced_precision_reduction) == before[1:]
+        with ieee_products(torch.device("cpu")):
+            assert torch.get_float32_matmul_precision() == "high"  # untouched off CUDA
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        flags.allow_bf16_reduced_precision_reduction = before[1]
