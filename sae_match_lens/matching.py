@@ -275,10 +275,10 @@ def match_features(
     with ieee_products(torch.device(device) if device is not None else a.matrix_FK.device):
         for r0, r1, block in cost_blocks(a, b, block_rows=block_rows or 1024, device=device,
                                          out=C):
-            k = min(2, n_b)
-            vals, idx = torch.topk(block, k, dim=1, largest=False)
-            best2[r0:r1, :k] = vals
-            if k < 2:
+            n_best = min(2, n_b)  # the two cheapest partners (one when B has one feature)
+            vals, idx = torch.topk(block, n_best, dim=1, largest=False)
+            best2[r0:r1, :n_best] = vals
+            if n_best < 2:
                 best2[r0:r1, 1] = float("inf")
             argbest[r0:r1] = idx[:, 0]
             bar.update(r1 - r0)

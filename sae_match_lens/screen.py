@@ -250,7 +250,7 @@ def screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, *, sample: 
 
 
 def block_rows_for(n_b: int) -> int:
-    """Rows per screening block: two float32 buffers of about 128 MiB each."""
+    """Rows per screening block: a float32 block buffer of about 128 MiB (and its boolean mask)."""
     return int(min(4096, max(128, (1 << 27) // (4 * max(1, n_b)))))
 
 
