@@ -11,7 +11,12 @@ Conventions (shared by the whole package):
   ``decoder row * s``. For ReLU, JumpReLU and gated encoders this leaves
   ``decode(encode(x))`` unchanged and divides feature ``i``'s activation by
   ``s_i`` (all three activations are positively homogeneous in the
-  pre-activation and its threshold).
+  pre-activation and its threshold). TopK / AbsTopK SAEs with
+  ``rescale_acts_by_decoder_norm=True`` are the exception: their ``encode`` returns
+  ``pre-activation × ‖W_dec[i]‖``, which the re-parametrisation leaves unchanged, so
+  their activations do **not** change. :func:`folded_activation_factor` is the one
+  place that says, per architecture, how an SAE's ``encode`` output relates to
+  folded units; everything that moves activations between SAEs uses it.
 * **Folding** applies the re-parametrisation with each architecture's *scale
   rule* (:func:`fold_scales`):
 
@@ -63,15 +68,22 @@ FOLD_SCALES_BUFFER = "sae_match_fold_scales"
 
 __all__ = [
     "ARCHITECTURES",
+    "IDENTITY_KEYS",
+    "RUNTIME_NORMALISATION",
     "ArchitectureSpec",
     "FeatureView",
+    "check_no_runtime_normalisation",
     "describe_sae",
+    "direction_signature",
     "feature_view",
     "fold",
     "fold_scales",
+    "folded_activation_factor",
     "hook_name_of",
+    "identity_mismatch",
     "rescale",
     "sae_identity",
+    "same_sae",
     "unfold",
     "validate_sae",
 ]
@@ -280,6 +292,68 @@ def _fold_scales(sae: SAE, spec: ArchitectureSpec) -> torch.Tensor:
     return torch.where(zero, torch.ones_like(norms), 1.0 / norms)
 
 
+def _encode_absorbs_scale(sae: SAE, spec: ArchitectureSpec) -> bool:
+    """TopK / AbsTopK with ``rescale_acts_by_decoder_norm``: ``encode`` multiplies by the
+    decoder-row norm, so a re-parametrisation leaves its activations unchanged."""
+    return spec.name in ("topk", "abstopk") and bool(sae.cfg.rescale_acts_by_decoder_norm)
+
+
+def folded_activation_factor(sae: SAE) -> torch.Tensor:
+    """The per-feature factor [d_sae] (float64) that takes ``sae.encode(x)`` into folded units.
+
+    ``fold(sae).encode(x) == sae.encode(x) * folded_activation_factor(sae)`` for every
+    supported architecture:
+
+    * ``1 / fold_scales(sae)`` for ReLU, JumpReLU, gated SAEs and transcoders, and plain TopK
+      (whose fold scale is 1);
+    * ``1`` for TopK / AbsTopK with ``rescale_acts_by_decoder_norm=True``: their ``encode`` is
+      already ``pre-activation × ‖W_dec[i]‖``, i.e. in unit-decoder-norm (folded) units.
+
+    Moving activations from SAE A into SAE B "in folded units" is therefore
+    ``f_B_raw[P(i)] = f_A_raw[i] · factor_A[i] / factor_B[P(i)]``, which equals
+    ``fold(B).decode``-ready units for B and is what :mod:`sae_match_lens.hooks` does.
+    """
+    spec = validate_sae(sae)
+    if _encode_absorbs_scale(sae, spec):
+        return torch.ones(sae.cfg.d_sae, dtype=torch.float64, device=sae.W_dec.device)
+    return 1.0 / _fold_scales(sae, spec)
+
+
+RUNTIME_NORMALISATION = ("constant_norm_rescale", "layer_norm")
+"""``normalize_activations`` settings whose SAE keeps per-input state between ``encode`` and
+``decode`` (a norm coefficient, or a mean and a standard deviation)."""
+
+
+def check_no_runtime_normalisation(sae: SAE, role: str) -> None:
+    """Refuse an SAE that normalises its input at run time, for substitution and steering.
+
+    With ``normalize_activations`` = ``constant_norm_rescale`` or ``layer_norm`` SAELens stores a
+    per-input coefficient in ``encode`` and uses it in ``decode``. Decoding SAE A's permuted
+    activations with SAE B then needs B's coefficient of an input it never saw (SAELens crashes,
+    or uses the coefficient of the true state at B, which leaks it into the substitute). There is
+    no data-free choice that is right, so such SAEs are refused here; matching their parameters
+    is still allowed. ``expected_average_only_in`` and ``covariance_whitening`` are statistics that
+    SAELens folds into the weights at load time; left unfolded, the SAE expects inputs that the
+    model does not produce, so they are refused too.
+    """
+    setting = getattr(sae.cfg, "normalize_activations", "none")
+    if setting in (None, "none"):
+        return
+    if setting in RUNTIME_NORMALISATION:
+        raise ValueError(
+            f"{describe_sae(sae)} ({role}) normalises its input at run time "
+            f"(normalize_activations={setting!r}): its decode needs a coefficient computed from "
+            "the input of its own encode, which a substitute does not have. Use an SAE trained "
+            "without run-time normalisation (normalize_activations='none')."
+        )
+    raise ValueError(
+        f"{describe_sae(sae)} ({role}) has normalize_activations={setting!r} that was not folded "
+        "into its weights, so it expects inputs the model does not produce. Fold it first "
+        "(SAE.fold_activation_norm_scaling_factor(...) or fold_activation_whitening(...)), "
+        "which sets normalize_activations='none'."
+    )
+
+
 def _scaled(param: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return (param.detach().to(torch.float64) * factor).to(param.dtype)
 
@@ -288,8 +362,12 @@ def rescale(sae: SAE, scales_F: torch.Tensor) -> SAE:
     """Return a copy of ``sae`` re-parametrised by positive per-feature scales ``s``.
 
     Encoder column ``i``, feature ``i``'s encoder biases and threshold are divided by ``s_i``,
-    decoder row ``i`` is multiplied by ``s_i``. The copy computes the same ``decode(encode(x))``
-    and its activations are the originals divided by ``s``. The input is not modified.
+    decoder row ``i`` is multiplied by ``s_i``. The copy computes the same ``decode(encode(x))``.
+    Its activations are the originals divided by ``s`` for ReLU, JumpReLU, gated and
+    plain TopK SAEs, and unchanged for TopK / AbsTopK SAEs with
+    ``rescale_acts_by_decoder_norm=True`` (their ``encode`` multiplies by the decoder norm,
+    which absorbs ``s``). :func:`folded_activation_factor` gives the factor for any SAE.
+    The input is not modified.
 
     Raises:
         ValueError: if ``s`` has the wrong shape or is not finite and positive, or if the
@@ -341,8 +419,11 @@ def _record_fold_scales(sae: SAE, scales_F: torch.Tensor | None) -> SAE:
 def fold(sae: SAE) -> SAE:
     """Return the folded copy of ``sae`` (threshold units for JumpReLU; see module docstring).
 
-    The SAE's output is unchanged and its activations are divided by :func:`fold_scales`.
-    The input SAE is not modified; :func:`unfold` inverts the result exactly.
+    The SAE's output is unchanged. Its activations are ``sae.encode(x) *
+    folded_activation_factor(sae)``: divided by :func:`fold_scales` for every architecture
+    except TopK / AbsTopK with ``rescale_acts_by_decoder_norm=True``, whose activations the
+    fold leaves as they are. The input SAE is not modified; :func:`unfold` inverts the
+    result exactly.
 
     Example:
         >>> folded = fold(sae)
@@ -413,16 +494,45 @@ def feature_view(sae: SAE, *, fold: bool = True, dtype: torch.dtype = torch.floa
     )
 
 
-def sae_identity(sae: SAE) -> dict[str, Any]:
-    """A JSON-able record that identifies an SAE: hook, sizes, release/id, weight fingerprint.
+def _sampled_rows(d_sae: int) -> torch.Tensor:
+    return torch.arange(0, d_sae, max(1, d_sae // 256))
 
-    The fingerprint hashes a strided sample (at most ~256 rows) of ``W_dec``, ``W_enc`` and the
+
+def direction_signature(sae: SAE) -> str:
+    """A fingerprint of the SAE that folding and any positive per-feature rescaling keep.
+
+    For a strided sample of at most ~256 features it hashes, for the decoder row and the encoder
+    column, the indices of the three largest-magnitude coordinates and their signs. Multiplying
+    a vector by a positive number (with rounding) never reverses the order of its coordinates'
+    magnitudes nor flips a sign, so ``fold(sae)``, ``unfold`` and :func:`rescale` give the same
+    signature, while another SAE (another layer, another training run) almost surely does not.
+    """
+    spec = _spec_of(sae)
+    rows = _sampled_rows(sae.cfg.d_sae)
+    digest = hashlib.sha256()
+    for vectors in (sae.W_dec.detach()[rows], sae.W_enc.detach()[:, rows].T):
+        v = vectors.to(torch.float64).cpu()
+        order = torch.argsort(v.abs(), dim=1, descending=True, stable=True)[:, :3]
+        signs = torch.gather(torch.sign(v), 1, order)
+        digest.update(order.numpy().astype("int64").tobytes())
+        digest.update(signs.numpy().astype("int8").tobytes())
+    digest.update(spec.name.encode())
+    return digest.hexdigest()[:16]
+
+
+def sae_identity(sae: SAE) -> dict[str, Any]:
+    """A JSON-able record that identifies an SAE: hook, sizes, release/id, weight fingerprints.
+
+    ``fingerprint`` hashes a strided sample (at most ~256 rows) of ``W_dec``, ``W_enc`` and the
     encoder biases exactly as stored, so it is cheap at any width and changes with any re-training,
-    folding or editing of the sampled features.
+    folding or editing of the sampled features (saved files are checked against it).
+    ``directions`` (:func:`direction_signature`) is kept by folding and rescaling; it is what
+    :func:`same_sae` compares when a permutation is used with SAEs, so a permutation made on
+    folded SAEs works with the unfolded originals and vice versa.
     """
     spec = _spec_of(sae)
     md = sae.cfg.metadata
-    rows = torch.arange(0, sae.cfg.d_sae, max(1, sae.cfg.d_sae // 256))
+    rows = _sampled_rows(sae.cfg.d_sae)
     digest = hashlib.sha256()
     parts = [sae.W_dec.detach()[rows], sae.W_enc.detach()[:, rows]]
     parts += [getattr(sae, n).detach()[rows] for n in spec.bias_names]
@@ -437,4 +547,29 @@ def sae_identity(sae: SAE) -> dict[str, Any]:
         "sae_id": md.get("sae_id"),
         "model_name": md.get("model_name"),
         "fingerprint": digest.hexdigest()[:16],
+        "directions": direction_signature(sae),
     }
+
+
+IDENTITY_KEYS = ("hook_name", "d_sae", "d_in", "architecture", "directions")
+"""The fields of :func:`sae_identity` that must agree for an SAE to be "the same SAE" as a
+recorded one (:func:`same_sae`); the exact ``fingerprint`` is not among them, folding changes it."""
+
+
+def identity_mismatch(recorded: Any, actual: Any) -> str | None:
+    """Why two identity records (:func:`sae_identity`) describe different SAEs, or ``None``.
+
+    Only fields present in both records are compared (hand-made records may hold fewer).
+    """
+    if not recorded or not actual:
+        return None
+    for key in IDENTITY_KEYS:
+        a, b = recorded.get(key), actual.get(key)
+        if a is not None and b is not None and a != b:
+            return f"{key} {a!r} vs {b!r}"
+    return None
+
+
+def same_sae(recorded: Any, sae: SAE) -> str | None:
+    """Why ``sae`` is not the SAE described by the identity record ``recorded``, or ``None``."""
+    return identity_mismatch(recorded, sae_identity(sae))

@@ -103,10 +103,16 @@ class ChainMatch:
         self._check_layer(dst, "dst")
         if dst < src:
             return self.compose(dst, src).inverse()
-        perm = Permutation.identity(self.steps[src].permutation.n_source if src < len(self.steps)
-                                    else self.steps[-1].permutation.n_target)
-        for step in self.steps[src:dst]:
-            perm = step.permutation @ perm
+        if src == dst:
+            step = self.steps[src] if src < len(self.steps) else self.steps[-1]
+            end = step.permutation.source if src < len(self.steps) else step.permutation.target
+            width = (step.permutation.n_source if src < len(self.steps)
+                     else step.permutation.n_target)
+            ends = {"source": end, "target": end} if end is not None else {}
+            return Permutation(torch.arange(width), width, ends)
+        perm = self.steps[src].permutation
+        for step in self.steps[src + 1:dst]:
+            perm = step.permutation @ perm  # checks that each step starts where the last ended
         return perm
 
     def trace(self, feature: int, src: int = 0, dst: int | None = None) -> FeaturePath:

@@ -15,8 +15,10 @@ Two choices are offered (:class:`Substitution`'s ``transfer``):
 * ``"folded"`` (default): encode with ``fold(SAE_A)``, permute, decode with ``fold(SAE_B)``.
   Activations cross in each SAE's fold units (threshold units for JumpReLU), the units in which
   :func:`~sae_match_lens.matching.match` compared the features. Equivalently
-  ``f_B[P(i)] = f_A[i] · s_B[P(i)] / s_A[i]`` with ``s = fold_scales(sae)``, which is how it is
-  computed (no folded copies of the SAEs are made).
+  ``f_B[P(i)] = f_A[i] · c_A[i] / c_B[P(i)]`` with ``c = folded_activation_factor(sae)`` (the
+  factor taking an SAE's ``encode`` output into folded units: ``1/s`` for most architectures,
+  ``1`` for TopK/AbsTopK with ``rescale_acts_by_decoder_norm``), which is how it is computed (no
+  folded copies of the SAEs are made).
 * ``"raw"``: raw activations of SAE A are decoded by raw SAE B (``f_B[P(i)] = f_A[i]``).
 
 For a JumpReLU pair, ``folded`` keeps "how far above its threshold" a feature is, ``raw`` keeps
@@ -29,14 +31,29 @@ coincide.
 * ``"hybrid"`` (the paper's Appendix B): the ``round(quantile · n_matched)`` matched features with
   the lowest match cost go through ``P`` to B's decoder; the rest (and unmatched features) are
   decoded by A's own decoder:
-  ``SAE_B.decode(P(f_A ⊙ m)) + SAE_A.decode(f_A ⊙ ¬m) - SAE_A.decode(0)``. At ``quantile=1`` this
-  is ``permute``; at 0 it is SAE A's reconstruction with B's ``b_dec`` in place of A's.
+  ``SAE_B.decode(P(f_A ⊙ m)) + SAE_A.decode(f_A ⊙ ¬m) - SAE_A.decode(0)``. At ``quantile=1`` every
+  matched feature goes through ``P`` but unmatched ones are still decoded by A, so it equals
+  ``permute`` only when every feature is matched (a bijection); at 0 it is SAE A's
+  reconstruction with B's ``b_dec`` in place of A's.
 * ``"error_preserving"``: ``h_A - SAE_A.decode(f_A) + SAE_B.decode(P f_A)``; carries SAE A's
   reconstruction error across, separating the SAE's error from the matching error.
 * ``"identity"``: ``h_A`` (drop the blocks).
 * ``"reconstruct_a"``: ``SAE_A.decode(f_A)`` used as the state at B.
 * ``"reconstruct_b"``: ``SAE_B.decode(SAE_B.encode(h_B))`` of the true ``h_B`` (needs the
   skipped blocks, so it has no skipping route).
+
+**BOS.** The SAEs this package meets (Gemma Scope, the default suite) are trained without the
+BOS position, whose residual state is an attention sink with a huge norm that every later
+position reads. So by default (``bos="keep"``) position 0 keeps its true state at B: on the hook
+route it is the state the skipped blocks computed, on the true-skip route a one-token run gives
+it (under causal attention position 0 only attends to itself). ``bos="substitute"`` substitutes
+it too. Either way the tokens must start with the model's BOS token (checked where tokens are
+seen; the hook route checks the embedding of position 0): a sequence without BOS would have its
+first real token treated as BOS, so it is refused with a clear error.
+
+**Provenance.** A permutation made by :func:`~sae_match_lens.matching.match` records which SAEs
+it maps; using it with other SAEs raises
+:class:`~sae_match_lens.permutation.ProvenanceError` naming both.
 
 Hooks are plain TransformerLens hook functions ``fn(tensor, *, hook)``; they never read
 ``hook.name`` (a ``TransformerBridge`` calls them under its own names), the names are captured
@@ -53,14 +70,34 @@ from typing import Any, Literal
 
 import torch
 
-from .adapters import describe_sae, fold_scales, hook_name_of, validate_sae
+from .adapters import (
+    check_no_runtime_normalisation,
+    describe_sae,
+    folded_activation_factor,
+    hook_name_of,
+    validate_sae,
+)
 from .matching import MatchResult
 from .permutation import Permutation
-from .routes import check_skippable, run_from, run_to, validate_route
+from .routes import (
+    BOS_POLICIES,
+    BosPolicy,
+    check_bos_tokens,
+    check_skippable,
+    embedding_of_bos,
+    reads_after_write,
+    resolve_bos_token_id,
+    run_from,
+    run_to,
+    starts_with_bos,
+    validate_route,
+)
 
 __all__ = [
+    "BOS_POLICIES",
     "METHODS",
     "BlockSubstitute",
+    "BosPolicy",
     "HookFn",
     "Method",
     "Substitution",
@@ -141,7 +178,8 @@ class BlockSubstitute:
     source_index: torch.Tensor | None = field(default=None, repr=False)
     """For each target feature, the source feature moved into it (0 where none), on B's device."""
     factor: torch.Tensor | None = field(default=None, repr=False)
-    """Per-target multiplier: transfer scale ``s_B/s_A`` (or 1), 0 where nothing is moved in."""
+    """Per-target multiplier: transfer scale ``c_A/c_B`` (folded transfer, ``c`` =
+    :func:`~sae_match_lens.adapters.folded_activation_factor`) or 1, 0 where nothing is moved in."""
     keep_mask: torch.Tensor | None = field(default=None, repr=False)
     """``hybrid`` only: 1 for source features decoded by A's own decoder, else 0."""
 
@@ -208,6 +246,7 @@ def _to_sae(h: torch.Tensor, sae: Any) -> torch.Tensor:
 
 def _check_sae(sae: Any, role: str) -> str:
     validate_sae(sae)
+    check_no_runtime_normalisation(sae, role)
     d_out = getattr(sae.cfg, "d_out", sae.cfg.d_in)
     if d_out != sae.cfg.d_in:
         raise ValueError(
@@ -274,6 +313,7 @@ def block_substitute(
             f"substitution '{spec.method}' from '{hook_a}' to '{hook_b}' needs a permutation "
             "A→B (a Permutation or the MatchResult of match(sae_a, sae_b))."
         )
+    perm.check_saes(sae_a, sae_b, what=f"the permutation for '{hook_a}' -> '{hook_b}'")
     for role, sae, n in (("source", sae_a, perm.n_source), ("target", sae_b, perm.n_target)):
         if n != sae.cfg.d_sae:
             raise ValueError(
@@ -290,8 +330,8 @@ def block_substitute(
     ratio_S = torch.ones(perm.n_source, dtype=torch.float64)
     target_scale = torch.ones(perm.n_target, dtype=torch.float64)
     if spec.transfer == "folded":
-        ratio_S = 1.0 / fold_scales(sae_a).cpu()
-        target_scale = fold_scales(sae_b).cpu()
+        ratio_S = folded_activation_factor(sae_a).cpu()
+        target_scale = 1.0 / folded_activation_factor(sae_b).cpu()
     sent = torch.nonzero(send_S).flatten()
     targets = perm.indices[sent]
     source_index = torch.zeros(perm.n_target, dtype=torch.int64)
@@ -327,9 +367,44 @@ def _hybrid_mask(perm: Permutation, cost_F: torch.Tensor | None, quantile: float
     return send
 
 
-def _make_hooks(sub: BlockSubstitute) -> list[tuple[str, HookFn]]:
+def _with_true_bos(h_hat: torch.Tensor, true_state_0: torch.Tensor) -> torch.Tensor:
+    """``h_hat`` with position 0 replaced by the true state there (``[batch, 1 or pos, d]``)."""
+    out = h_hat.clone()
+    out[:, :1] = true_state_0[:, :1].to(out.device, out.dtype)
+    return out
+
+
+def _check_policy(bos: str) -> None:
+    if bos not in BOS_POLICIES:
+        raise ValueError(f"bos must be one of {list(BOS_POLICIES)}, got {bos!r}.")
+
+
+def _make_hooks(model: Any, sub: BlockSubstitute, bos: BosPolicy,
+                bos_token_id: int | None) -> list[tuple[str, HookFn]]:
+    _check_policy(bos)
     state: dict[str, torch.Tensor] = {}
     hook_a, hook_b = sub.hook_a, sub.hook_b
+    bos_id = resolve_bos_token_id(model, bos_token_id)
+    expected = embedding_of_bos(model, bos_id)
+
+    def check_embed(x: torch.Tensor, *, hook: Any) -> None:
+        bad = ~starts_with_bos(x, expected)
+        if bool(bad.any()):
+            raise ValueError(
+                f"the substitute '{hook_a}' -> '{hook_b}' expects every sequence to start with "
+                f"the model's BOS token (id {bos_id}), but {int(bad.sum())} of {x.shape[0]} do "
+                "not; prepend it (model.to_tokens(text, prepend_bos=True)), or pass "
+                "bos_token_id= if the model's BOS is another token."
+            )
+
+    def substitute_at_b(h_A: torch.Tensor, h_B: torch.Tensor) -> torch.Tensor:
+        if h_A.shape != h_B.shape:
+            raise ValueError(
+                f"state at '{hook_a}' has shape {tuple(h_A.shape)} but the state at '{hook_b}' "
+                f"has {tuple(h_B.shape)}; block substitution needs the same shape at both hooks."
+            )
+        h_hat = sub(h_A, h_B)
+        return _with_true_bos(h_hat, h_B) if bos == "keep" else h_hat
 
     def read_a(h_A: torch.Tensor, *, hook: Any) -> None:
         state["h_A"] = h_A
@@ -341,14 +416,17 @@ def _make_hooks(sub: BlockSubstitute) -> list[tuple[str, HookFn]]:
                 f"the substitute for '{hook_b}' ran before the hook at '{hook_a}' saw this "
                 "forward pass; A's hook must run first (was the pass started after A?)."
             )
-        if h_A.shape != h_B.shape:
-            raise ValueError(
-                f"state at '{hook_a}' has shape {tuple(h_A.shape)} but the state at '{hook_b}' "
-                f"has {tuple(h_B.shape)}; block substitution needs the same shape at both hooks."
-            )
-        return sub(h_A, h_B)
+        return substitute_at_b(h_A, h_B)
 
-    return [(hook_a, read_a), (hook_b, write_b)]
+    def write_b_same_boundary(h_B: torch.Tensor, *, hook: Any) -> torch.Tensor:
+        return substitute_at_b(h_B, h_B)
+
+    hooks: list[tuple[str, HookFn]] = [("hook_embed", check_embed)]
+    if reads_after_write(model, hook_a, hook_b):
+        # Both hooks are the same block boundary (e.g. blocks.2.hook_resid_pre after
+        # blocks.1.hook_resid_post): the state at B *is* the state at A.
+        return [*hooks, (hook_b, write_b_same_boundary)]
+    return [*hooks, (hook_a, read_a), (hook_b, write_b)]
 
 
 def _prepare(model: Any, sae_a: Any, sae_b: Any, permutation: Permutation | MatchResult | None,
@@ -366,25 +444,33 @@ def substitution_hooks(
     *,
     substitution: Substitution | Method = "permute",
     cost_F: torch.Tensor | None = None,
+    bos: BosPolicy = "keep",
+    bos_token_id: int | None = None,
 ) -> list[tuple[str, HookFn]]:
     """Forward hooks that substitute the blocks between SAE A's and SAE B's hooks.
 
     Works on ``HookedTransformer``, ``HookedSAETransformer`` and ``TransformerBridge``; every
-    hook name, the hook order, the SAEs' ``d_in`` and the permutation's sizes are checked first.
-    The first hook records ``h_A``, the second returns the substitute at B.
+    hook name, the hook order, the SAEs' ``d_in``, the permutation's sizes and provenance are
+    checked first. One hook checks that position 0 is the BOS token, one records ``h_A``, the
+    last returns the substitute at B.
 
     Args:
         model: the TransformerLens model.
         sae_a, sae_b, permutation, substitution, cost_F: see :func:`block_substitute`.
+        bos: ``"keep"`` (default): position 0 (BOS) keeps its true state at B; ``"substitute"``:
+            it is substituted like every other position.
+        bos_token_id: the BOS token id (default: the model tokenizer's ``bos_token_id``; needed
+            when the model has no tokenizer).
 
     Returns:
-        ``[(hook_a, read_fn), (hook_b, write_fn)]`` for ``model.run_with_hooks(fwd_hooks=...)``.
+        ``[(name, fn), ...]`` for ``model.run_with_hooks(fwd_hooks=...)``.
 
     Example:
         >>> hooks = substitution_hooks(model, sae_3, sae_5, match(sae_3, sae_5))
         >>> loss = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=hooks)
     """
-    return _make_hooks(_prepare(model, sae_a, sae_b, permutation, substitution, cost_F))
+    sub = _prepare(model, sae_a, sae_b, permutation, substitution, cost_F)
+    return _make_hooks(model, sub, bos, bos_token_id)
 
 
 @contextmanager
@@ -396,6 +482,8 @@ def substitute(
     *,
     substitution: Substitution | Method = "permute",
     cost_F: torch.Tensor | None = None,
+    bos: BosPolicy = "keep",
+    bos_token_id: int | None = None,
 ) -> Iterator[Any]:
     """Context manager: inside it, every forward pass of ``model`` uses the substitute.
 
@@ -407,7 +495,7 @@ def substitute(
         ...     loss = model(tokens, return_type="loss")
     """
     hooks = substitution_hooks(model, sae_a, sae_b, permutation, substitution=substitution,
-                               cost_F=cost_F)
+                               cost_F=cost_F, bos=bos, bos_token_id=bos_token_id)
     with model.hooks(fwd_hooks=hooks) as hooked:
         yield hooked
 
@@ -423,6 +511,8 @@ def run_skipping(
     cost_F: torch.Tensor | None = None,
     return_type: Literal["logits", "loss", "both"] = "loss",
     loss_per_token: bool = False,
+    bos: BosPolicy = "keep",
+    bos_token_id: int | None = None,
 ) -> Any:
     """Run ``model`` without computing the blocks between A's and B's hooks (true skip).
 
@@ -437,11 +527,21 @@ def run_skipping(
         sae_a, sae_b, permutation, substitution, cost_F: see :func:`block_substitute`; both
             hooks must be ``blocks.L.hook_resid_pre`` / ``blocks.L.hook_resid_post``.
         return_type, loss_per_token: as in ``HookedTransformer.forward``.
+        bos, bos_token_id: see :func:`substitution_hooks`. With ``bos="keep"`` the true state of
+            position 0 at B comes from a one-token run of the model (causal attention: position
+            0 attends only to itself), so no skipped block runs on the other positions.
 
     Example:
         >>> loss = run_skipping(model, tokens, sae_3, sae_5, match(sae_3, sae_5))
     """
+    _check_policy(bos)
     sub = _prepare(model, sae_a, sae_b, permutation, substitution, cost_F)
     stop, start = check_skippable(model, sub)
-    return run_from(model, tokens, sub(run_to(model, tokens, stop)), start,
-                     return_type=return_type, loss_per_token=loss_per_token)
+    tokens = tokens[None] if tokens.ndim == 1 else tokens
+    check_bos_tokens(tokens, resolve_bos_token_id(model, bos_token_id),
+                     f"run_skipping '{sub.hook_a}' -> '{sub.hook_b}'")
+    h_hat = sub(run_to(model, tokens, stop))
+    if bos == "keep":
+        h_hat = _with_true_bos(h_hat, run_to(model, tokens[:, :1], start))
+    return run_from(model, tokens, h_hat, start,
+                    return_type=return_type, loss_per_token=loss_per_token)

@@ -24,7 +24,6 @@ data-free null model (:func:`null_max_cost`).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -42,7 +41,8 @@ from .permutation import Permutation
 from .screen import block_rows_for
 from .sparse import Precision, solve_sparse, sparse_bytes
 
-__all__ = ["LAPJV_MAX_N", "MatchResult", "Solver", "match", "match_features", "null_max_cost"]
+__all__ = ["LAPJV_MAX_N", "MatchResult", "Solver", "match", "match_features", "null_costs",
+           "null_max_cost"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ def match(
     weights: CostWeights | Mapping[str, float] | None = None,
     metric: Metric = "mse",
     max_cost: float | Literal["auto"] | None = None,
+    null_rate: float = 0.01,
     solver: Solver = "auto",
     block_rows: int | None = None,
     device: torch.device | str | None = None,
@@ -145,8 +146,11 @@ def match(
             (:class:`CostWeights` or a mapping); default: all three (cosine: decoder+encoder).
         metric: ``"mse"`` (summed squared distances, the paper's) or ``"cosine"``.
         max_cost: leave a source feature unmatched when no partner costs less than this;
-            ``"auto"`` picks it from a null model (:func:`null_max_cost`); ``None`` forces a
+            ``"auto"`` picks it from a null model (:func:`null_max_cost`) so that a feature with
+            no partner is matched with probability about ``null_rate``; ``None`` forces a
             full one-to-one assignment as in the paper.
+        null_rate: ``max_cost="auto"`` only: the false-match rate the threshold is calibrated
+            for (default 1%).
         solver: ``"auto"``, ``"lapjv"``, ``"scipy"`` or ``"sparse"`` (all exact; sparse is
             certified or reports its gap). ``"auto"`` takes lapjv when the dense matrix fits
             comfortably in memory, otherwise sparse.
@@ -184,12 +188,12 @@ def match(
         if stacked.matrix_FK.shape[0] != sae.cfg.d_sae:
             raise ValueError(f"precomputed features have {stacked.matrix_FK.shape[0]} rows but "
                              f"{describe_sae(sae)} has d_sae={sae.cfg.d_sae}.")
+    options = {"fold": fold, "metric": metric, "weights": w.as_dict(), "solver": solver}
     if max_cost == "auto":
-        max_cost = null_max_cost(sae_a, sae_b, fold=fold, weights=w, metric=metric)
-    options = {
-        "fold": fold, "metric": metric, "weights": w.as_dict(), "max_cost": max_cost,
-        "solver": solver,
-    }
+        max_cost = null_max_cost(sae_a, sae_b, fold=fold, weights=w, metric=metric,
+                                 null_rate=null_rate, features=features)
+        options["null_rate"] = null_rate
+    options["max_cost"] = max_cost
     if solver == "sparse" or solver == "auto":
         options.update(k=k, certify=certify, max_rounds=max_rounds, screen_dims=screen_dims,
                        precision=precision)
@@ -388,6 +392,66 @@ def _dual_certificate(C: torch.Tensor, u: torch.Tensor, v: torch.Tensor, primal:
     return gap <= tol, gap
 
 
+def _block_columns(weights: CostWeights, d_in: int, d_out: int) -> dict[str, slice]:
+    """Column ranges of the decoder and encoder blocks in :func:`stack_features`' matrix."""
+    out, col = {}, 0
+    for name, width in (("decoder", d_out), ("encoder", d_in)):
+        if getattr(weights, name) != 0:
+            out[name] = slice(col, col + width)
+            col += width
+    return out
+
+
+def _haar_orthogonal(d: int, gen: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))[None, :]
+
+
+def null_costs(
+    stacked_a: StackedFeatures,
+    stacked_b: StackedFeatures,
+    *,
+    columns: Mapping[str, slice],
+    shared_rotation: bool,
+    n_rows: int = 2048,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Best-by-chance costs: for sampled features of A, the cheapest partner in a rotated B.
+
+    The null model is B's dictionary expressed in a Haar-random orthonormal basis. Rotating B by
+    ``Q`` and comparing with A is the same as comparing ``A·Qᵀ`` with B (norms are kept), so A's
+    sampled rows are rotated instead (no copy of B). With ``shared_rotation`` the decoder and
+    encoder blocks get the same ``Q``, which keeps every feature's encoder–decoder alignment;
+    otherwise they get independent ones. Rows are drawn without replacement; when A has fewer
+    than ``n_rows`` features, fresh rotations are drawn until ``n_rows`` costs are collected.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n_a = stacked_a.matrix_FK.shape[0]
+    best: list[torch.Tensor] = []
+    collected = 0
+    while collected < n_rows:
+        take = min(n_a, n_rows - collected)
+        rows = torch.randperm(n_a, generator=gen)[:take].to(stacked_a.matrix_FK.device)
+        sub = stacked_a.matrix_FK[rows].to(torch.float64)
+        rotations: dict[int, torch.Tensor] = {}
+        for name in ("decoder", "encoder"):
+            if name not in columns:
+                continue
+            cols = columns[name]
+            width = cols.stop - cols.start
+            if shared_rotation and width in rotations:
+                q = rotations[width]
+            else:
+                q = _haar_orthogonal(width, gen).to(sub.device)
+                rotations[width] = q
+            sub[:, cols] = sub[:, cols] @ q.T
+        rotated = StackedFeatures(sub.to(torch.float32).contiguous(), stacked_a.const_F[rows])
+        best.append(torch.cat([blk.min(dim=1).values.cpu()
+                               for _, _, blk in cost_blocks(rotated, stacked_b)]))
+        collected += take
+    return torch.cat(best).to(torch.float64)
+
+
 def null_max_cost(
     sae_a: Any,
     sae_b: Any,
@@ -395,40 +459,54 @@ def null_max_cost(
     fold: bool = True,
     weights: CostWeights | Mapping[str, float] | None = None,
     metric: Metric = "mse",
-    quantile: float = 0.01,
+    null_rate: float = 0.01,
     n_rows: int = 2048,
     seed: int = 0,
+    features: tuple[StackedFeatures, StackedFeatures] | None = None,
 ) -> float:
-    """A data-free ``max_cost``: the cost that chance alone rarely beats.
+    """A data-free ``max_cost``: the cost that chance alone beats with probability ``null_rate``.
 
-    The null model is SAE B's dictionary in a random orthonormal basis of the residual stream
-    (its encoder and decoder vectors rotated by one Haar-random orthogonal matrix): it keeps
-    all of B's geometry (norms, angles between features, biases) but none of its alignment with
-    A. For ``n_rows`` random features of A the cheapest null partner is found; the returned
-    threshold is the ``quantile`` of those best-by-chance costs. With it, a feature of A that
-    has no true partner in B is matched with probability about ``quantile``.
+    **Null model.** SAE B's dictionary in a Haar-random orthonormal basis of the residual stream:
+    every encoder and decoder vector of B is rotated by one shared random orthogonal matrix. It
+    keeps all of B's own geometry (norms, angles between features, biases, and each feature's
+    encoder–decoder alignment, which real SAEs have) but none of its alignment with A. For
+    ``n_rows`` sampled features of A the cheapest null partner is found; the returned threshold
+    is the ``null_rate`` quantile of those best-by-chance costs. With it, a feature of A that has
+    no true partner in B (and whose chance costs look like the null's) is matched with
+    probability about ``null_rate`` (tested on unrelated SAEs with aligned encoders and
+    decoders, JumpReLU, standard and TopK).
+
+    **Transcoders.** When ``d_in == d_out`` the encoder and decoder live in the same residual
+    basis and share the rotation, as for SAEs. When the widths differ they are different spaces
+    with no cross-space alignment to keep, so each gets its own rotation; all of B's invariants
+    (Gram matrices of its encoders and of its decoders, norms, biases) are still kept.
+
+    **Limits.** Two SAEs of one model share the model's anisotropy (directions every layer
+    uses); a random basis removes it, so real unrelated features may beat chance somewhat more
+    often than ``null_rate``.
+
+    Args:
+        sae_a, sae_b, fold, weights, metric: as in :func:`match`.
+        null_rate: the false-match rate to calibrate for, in (0, 1).
+        n_rows: best-by-chance costs to collect (A's features, several rotations if A has fewer).
+        seed: seed of the rotations and the row sample.
+        features: both SAEs' :func:`~sae_match_lens.costs.stack_features` for these ``fold``,
+            ``weights`` and ``metric`` (reused from :func:`match`; computed when omitted).
     """
-    if not 0 < quantile < 1:
-        raise ValueError(f"quantile must be in (0, 1), got {quantile}.")
+    if not (isinstance(null_rate, int | float) and 0 < null_rate < 1):
+        raise ValueError(f"null_rate must be in (0, 1), got {null_rate!r}.")
+    if not isinstance(n_rows, int) or n_rows < 1:
+        raise ValueError(f"n_rows must be a positive integer, got {n_rows!r}.")
     w = CostWeights.resolve(weights, metric)
     _check_pair(sae_a, sae_b, w)
-    gen = torch.Generator().manual_seed(seed)
-    view_a, view_b = feature_view(sae_a, fold=fold), feature_view(sae_b, fold=fold)
-    rows = torch.randperm(view_a.d_sae, generator=gen)[: min(n_rows, view_a.d_sae)]
-
-    def rotate(t: torch.Tensor) -> torch.Tensor:
-        q, r = torch.linalg.qr(torch.randn(t.shape[1], t.shape[1], generator=gen, dtype=torch.float64))
-        q = q * torch.sign(torch.diagonal(r))[None, :]
-        return (t.to(torch.float64) @ q.to(t.device)).to(t.dtype)
-
-    null_b = dataclasses.replace(view_b, encoder_FD=rotate(view_b.encoder_FD),
-                                 decoder_FO=rotate(view_b.decoder_FO))
-    sub_a = dataclasses.replace(view_a, encoder_FD=view_a.encoder_FD[rows],
-                                decoder_FO=view_a.decoder_FO[rows], bias_FB=view_a.bias_FB[rows],
-                                threshold_F=None)
-    stacked_a, stacked_b = stack_features(sub_a, w, metric), stack_features(null_b, w, metric)
-    best = torch.cat([blk.min(dim=1).values for _, _, blk in cost_blocks(stacked_a, stacked_b)])
-    value = float(torch.quantile(best.to(torch.float64), quantile))
-    logger.info("null max_cost for %s -> %s: %.6g (quantile %.3g of %d best-by-chance costs)",
-                view_a.hook_name, view_b.hook_name, value, quantile, len(best))
+    if features is None:
+        features = (stack_features(feature_view(sae_a, fold=fold), w, metric),
+                    stack_features(feature_view(sae_b, fold=fold), w, metric))
+    d_in = int(sae_b.cfg.d_in)
+    d_out = int(getattr(sae_b.cfg, "d_out", d_in))
+    best = null_costs(*features, columns=_block_columns(w, d_in, d_out),
+                      shared_rotation=d_in == d_out, n_rows=n_rows, seed=seed)
+    value = float(torch.quantile(best, null_rate))
+    logger.info("null max_cost for %s -> %s: %.6g (rate %.3g of %d best-by-chance costs)",
+                hook_name_of(sae_a), hook_name_of(sae_b), value, null_rate, len(best))
     return value

@@ -7,14 +7,24 @@ Direction convention (one, used everywhere in the package):
 * Composition: ``(P_BC @ P_AB).indices == P_BC.indices[P_AB.indices]`` (``-1`` propagates).
 * Moving activations from A's order to B's order is a scatter:
   ``f_B[..., perm.indices] = f_A`` (:meth:`Permutation.apply`).
+
+Provenance: a permutation made by :func:`~sae_match_lens.matching.match` records the identities
+of its source and target SAEs (``metadata["source"]``, ``metadata["target"]``: hook name, widths,
+architecture, a fold-invariant weight signature; see
+:func:`~sae_match_lens.adapters.sae_identity`). Using it with other SAEs raises
+(:meth:`Permutation.check_saes`); composition checks that the inner map's target is the outer
+map's source and keeps the outer ends. Permutations built by hand carry no identities and are
+never checked.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import logging
 import os
-import tempfile
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +33,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["FORMAT_VERSION", "Permutation", "PermutationFileError"]
+__all__ = ["FORMAT_VERSION", "Permutation", "PermutationFileError", "ProvenanceError"]
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _SIDECAR_SUFFIX = ".json"
@@ -31,6 +43,17 @@ _SIDECAR_SUFFIX = ".json"
 
 class PermutationFileError(ValueError):
     """A saved permutation is unreadable, corrupt, or does not belong to the given SAEs."""
+
+
+class ProvenanceError(ValueError):
+    """A permutation is used with (or composed with) SAEs other than the ones it was made for."""
+
+
+def _describe_identity(record: Mapping[str, Any] | None) -> str:
+    if not record:
+        return "an SAE of unknown identity"
+    return (f"SAE '{record.get('hook_name')}' ({record.get('architecture', '?')}, "
+            f"d_sae={record.get('d_sae', '?')})")
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,6 +138,37 @@ class Permutation:
         """True when every source and every target feature has exactly one partner."""
         return self.n_source == self.n_target == self.n_matched
 
+    @property
+    def source(self) -> dict[str, Any] | None:
+        """Identity record of the source SAE it was made for (``None``: built by hand)."""
+        record = self.metadata.get("source")
+        return dict(record) if isinstance(record, Mapping) else None
+
+    @property
+    def target(self) -> dict[str, Any] | None:
+        """Identity record of the target SAE it was made for (``None``: built by hand)."""
+        record = self.metadata.get("target")
+        return dict(record) if isinstance(record, Mapping) else None
+
+    def check_saes(self, sae_a: Any, sae_b: Any, *, what: str = "this permutation") -> None:
+        """Raise :class:`ProvenanceError` unless ``sae_a``/``sae_b`` are the SAEs it maps.
+
+        Compares hook name, widths, architecture and the fold-invariant weight signature
+        (:func:`~sae_match_lens.adapters.same_sae`) with the identities recorded by ``match``;
+        a side without a recorded identity is not checked (hand-made permutations).
+        """
+        from .adapters import describe_sae, same_sae
+
+        for role, record, sae in (("source", self.source, sae_a), ("target", self.target, sae_b)):
+            reason = same_sae(record, sae) if record else None
+            if reason is not None:
+                raise ProvenanceError(
+                    f"{what} was made for source {_describe_identity(self.source)} -> target "
+                    f"{_describe_identity(self.target)}, but its {role} here is {describe_sae(sae)} "
+                    f"({reason}). Match these SAEs with match(sae_a, sae_b), or pass the "
+                    "permutation made for them."
+                )
+
     def __len__(self) -> int:
         return self.n_source
 
@@ -141,18 +195,33 @@ class Permutation:
                 f"cannot compose: the inner map has n_target={other.n_target} but the outer map "
                 f"has n_source={self.n_source}. In P_BC @ P_AB, P_AB must map into B's features."
             )
+        from .adapters import identity_mismatch
+
+        reason = identity_mismatch(other.target, self.source)
+        if reason is not None:
+            raise ProvenanceError(
+                f"cannot compose: in P_BC @ P_AB, P_AB maps into {_describe_identity(other.target)} "
+                f"but P_BC starts from {_describe_identity(self.source)} ({reason}); the inner "
+                "map's target must be the outer map's source."
+            )
         inner = other.indices
         out = torch.full_like(inner, -1)
         ok = inner >= 0
         out[ok] = self.indices[inner[ok]]
-        return Permutation(out, self.n_target)
+        metadata: dict[str, Any] = {}
+        if other.source is not None or self.target is not None:
+            metadata = {"source": other.source, "target": self.target, "composed": True}
+        return Permutation(out, self.n_target, metadata)
 
     def inverse(self) -> Permutation:
         """The map B→A: ``inverse().indices[j] = i`` where ``indices[i] = j``; -1 where unmatched."""
         inv = torch.full((self.n_target,), -1, dtype=torch.int64)
         ok = self.matched
         inv[self.indices[ok]] = torch.nonzero(ok).flatten()
-        return Permutation(inv, self.n_source)
+        metadata: dict[str, Any] = {}
+        if self.source is not None or self.target is not None:
+            metadata = {"source": self.target, "target": self.source, "inverted": True}
+        return Permutation(inv, self.n_source, metadata)
 
     def agreement(self, other: Permutation) -> float:
         """Fraction of source features (matched in either map) that both maps send to the same target."""
@@ -208,9 +277,12 @@ class Permutation:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``path`` (safetensors) and ``path + '.json'`` (metadata sidecar) atomically.
 
-        Each file is written to a temporary file in the same directory and moved into place,
-        so a failed write never leaves a half-written file or damages an existing one.
-        Returns the path of the safetensors file.
+        Each file is written to a temporary file in the same directory
+        (``.NAME.PID.RANDOM.sae-match-tmp``) and moved into place, so a failed write never leaves
+        a half-written file or damages an existing one. Temporaries that an earlier, killed save
+        of the same target left behind (their process is gone) are removed. The files get the
+        permissions of any newly created file (the user's umask). Returns the path of the
+        safetensors file.
         """
         path = Path(path)
         sidecar = Path(str(path) + _SIDECAR_SUFFIX)
@@ -225,11 +297,15 @@ class Permutation:
         }
         text = json.dumps(record, indent=2, sort_keys=True, default=_json_default)
         path.parent.mkdir(parents=True, exist_ok=True)
+        for target in (path, sidecar):
+            _remove_stale_temporaries(target)
         tmp_tensor = _temp_beside(path)
         tmp_json = _temp_beside(sidecar)
         try:
+            mode = tmp_tensor.stat().st_mode & 0o777  # what the umask gave a new file
             save_file({"indices": self.indices}, str(tmp_tensor),
                       metadata={"n_target": str(self.n_target), "checksum": record["checksum"]})
+            os.chmod(tmp_tensor, mode)  # safetensors re-creates the file with mode 0600
             tmp_json.write_text(text)
             os.replace(tmp_tensor, path)
             os.replace(tmp_json, sidecar)
@@ -303,10 +379,41 @@ def _check_identity(path: Path, role: str, recorded: Mapping[str, Any] | None, s
             )
 
 
+_TEMP_SUFFIX = ".sae-match-tmp"
+
+
 def _temp_beside(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(name)
+    """A new empty file ``.NAME.PID.RANDOM.sae-match-tmp`` beside ``path``, created with the
+    permissions the umask gives (unlike ``tempfile.mkstemp``'s 0600)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TEMP_SUFFIX}"
+        try:
+            with open(tmp, "x"):
+                return tmp
+        except FileExistsError:
+            continue
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporaries of ``path`` whose writing process no longer exists."""
+    prefix = f".{path.name}."
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*{_TEMP_SUFFIX}"):
+        middle = tmp.name[len(prefix):-len(_TEMP_SUFFIX)]
+        pid_text = middle.split(".", 1)[0]
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        logger.info("removing %s, left by an interrupted save of %s", tmp, path)
+        tmp.unlink(missing_ok=True)
 
 
 def _json_default(value: Any) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -20,8 +20,25 @@ from .adapters import describe_sae
 if TYPE_CHECKING:
     from .hooks import BlockSubstitute
 
-__all__ = ["check_skippable", "hook_order", "run_from", "run_to", "skip_boundaries",
-           "validate_route"]
+__all__ = [
+    "BOS_POLICIES",
+    "BosPolicy",
+    "check_bos_tokens",
+    "check_skippable",
+    "embedding_of_bos",
+    "hook_order",
+    "reads_after_write",
+    "resolve_bos_token_id",
+    "run_from",
+    "run_to",
+    "skip_boundaries",
+    "starts_with_bos",
+    "validate_route",
+]
+
+BosPolicy = Literal["keep", "substitute"]
+BOS_POLICIES: tuple[str, ...] = ("keep", "substitute")
+"""What a substitute does at position 0: ``"keep"`` its true state, or ``"substitute"`` it."""
 
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -87,6 +104,76 @@ def validate_route(model: Any, sub: BlockSubstitute) -> None:
             f"pass ({describe_sae(sub.sae_a)} -> {describe_sae(sub.sae_b)}); the substitute reads "
             "at A and writes at B, so A must precede B (swap them, and invert the permutation)."
         )
+
+
+def reads_after_write(model: Any, hook_a: str, hook_b: str) -> bool:
+    """True when A's hook fires after B's although both are the same block boundary
+    (``blocks.L+1.hook_resid_pre`` after ``blocks.L.hook_resid_post``): then the state at B is
+    the state at A, and the hook route reads it at B."""
+    n_layers = int(model.cfg.n_layers)
+    return hook_order(hook_a, n_layers) > hook_order(hook_b, n_layers)
+
+
+def resolve_bos_token_id(model: Any, bos_token_id: int | None) -> int:
+    """The BOS token id: ``bos_token_id`` if given, else the model tokenizer's.
+
+    Raises:
+        ValueError: when neither is known (a model built without a tokenizer).
+    """
+    if bos_token_id is not None:
+        if not isinstance(bos_token_id, int) or bos_token_id < 0:
+            raise ValueError(f"bos_token_id must be a token id >= 0, got {bos_token_id!r}.")
+        return bos_token_id
+    tokenizer = getattr(model, "tokenizer", None)
+    found = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    if found is None:
+        raise ValueError(
+            f"cannot tell which token is BOS: this {type(model).__name__} has "
+            f"{'no tokenizer' if tokenizer is None else 'a tokenizer without a BOS token'}. "
+            "Pass bos_token_id= (the id your sequences start with)."
+        )
+    return int(found)
+
+
+def check_bos_tokens(tokens: torch.Tensor, bos_id: int, where: str) -> None:
+    """Raise unless every sequence of ``tokens [batch, pos]`` starts with ``bos_id``."""
+    if tokens.ndim != 2 or tokens.shape[1] < 1:
+        raise ValueError(f"{where}: tokens must be [batch, pos], got shape {tuple(tokens.shape)}.")
+    bad = tokens[:, 0] != bos_id
+    if bool(bad.any()):
+        first = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(
+            f"{where}: {int(bad.sum())} of {tokens.shape[0]} sequences do not start with the BOS "
+            f"token (id {bos_id}); sequence {first} starts with {int(tokens[first, 0])}. The SAEs "
+            "are trained without the BOS position and position 0 is treated as BOS, so a first "
+            "real token would be mistaken for it: prepend BOS (model.to_tokens(text, "
+            "prepend_bos=True)), or pass bos_token_id= if your BOS is another token."
+        )
+
+
+def embedding_of_bos(model: Any, bos_id: int) -> torch.Tensor:
+    """The BOS token's embedding row ``W_E[bos_id]`` ([d_model]), what ``hook_embed`` sees at a
+    BOS position up to a positive scale (some models scale embeddings); no forward pass is run.
+    """
+    if "hook_embed" not in model.hook_dict:
+        raise ValueError(
+            f"this {type(model).__name__} has no 'hook_embed' hook point, so the substitute "
+            "cannot check that sequences start with BOS; use bos_token_id= with run_skipping, "
+            "or evaluate_substitution, which see the tokens."
+        )
+    W_E = model.W_E
+    if not 0 <= bos_id < W_E.shape[0]:
+        raise ValueError(f"bos_token_id {bos_id} is outside the vocabulary (d_vocab={W_E.shape[0]}).")
+    return W_E.detach()[bos_id].clone()
+
+
+def starts_with_bos(embedded: torch.Tensor, bos_row: torch.Tensor) -> torch.Tensor:
+    """Per sequence of ``embedded [batch, pos, d]`` (``hook_embed``): is position 0 the BOS
+    embedding (parallel to ``bos_row``, cosine > 1 - 1e-5)?"""
+    first = embedded[:, 0].to(bos_row.device, torch.float32)
+    row = bos_row.to(torch.float32)
+    cos = torch.nn.functional.cosine_similarity(first, row[None], dim=-1)
+    return cos > 1 - 1e-5
 
 
 def skip_boundaries(hook_a: str, hook_b: str) -> tuple[int, int] | None:

@@ -33,9 +33,27 @@ def tiny_model_config(**overrides: object) -> HookedTransformerConfig:
     return HookedTransformerConfig(**kwargs)
 
 
+def tiny_tokenizer() -> object:
+    """A word-level ``PreTrainedTokenizerFast`` built in memory: BOS (= EOS = pad) is id 0,
+    ``t1`` .. ``t49`` are ids 1..49. It needs ``add_bos_token=True`` and a ``name_or_path`` so
+    that TransformerLens does not try to reload it from the hub."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, **{f"t{i}": i for i in range(1, D_VOCAB)}}
+    word_level = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=word_level, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>", add_bos_token=True, name_or_path="tiny-local-word-level",
+    )
+
+
 def tiny_model(model_class: type = HookedTransformer, **overrides: object) -> HookedTransformer:
-    """A seeded random ``HookedTransformer`` (or subclass, e.g. ``HookedSAETransformer``)."""
+    """A seeded random ``HookedTransformer`` (or subclass, e.g. ``HookedSAETransformer``) with the
+    in-memory word-level tokenizer (BOS id 0)."""
     model = model_class(tiny_model_config(**overrides))
+    model.set_tokenizer(tiny_tokenizer(), default_padding_side="right")
     model.eval()
     return model
 
@@ -116,18 +134,11 @@ def tiny_bridge() -> object:
     word-level ``PreTrainedTokenizerFast`` made in memory; it needs ``add_bos_token=True`` and
     a ``name_or_path`` so that TransformerLens does not try to reload it from the hub.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    vocab = {"<|endoftext|>": 0, **{f"t{i}": i for i in range(1, D_VOCAB)}}
-    word_level = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
-    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=word_level, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>", add_bos_token=True, name_or_path="tiny-local-word-level",
-    )
+    tokenizer = tiny_tokenizer()
     hf_config = GPT2Config(vocab_size=D_VOCAB, n_positions=N_CTX, n_embd=D_MODEL,
                            n_layer=N_LAYERS, n_head=4)
     hf_model = GPT2LMHeadModel(hf_config).eval()

@@ -78,7 +78,8 @@ def test_value_written_at_b_equals_manual_encode_permute_decode(model, tokens, s
             expected = fold(sae_3).decode(perm.apply(fold(sae_1).encode(h_A)))
         else:
             expected = sae_3.decode(perm.apply(sae_1.encode(h_A)))
-        with substitute(model, sae_1, sae_3, perm, substitution=Substitution(transfer=transfer)):
+        with substitute(model, sae_1, sae_3, perm, substitution=Substitution(transfer=transfer),
+                        bos="substitute"):
             written = _written(model, tokens, HOOK_3)
     torch.testing.assert_close(written, expected, rtol=1e-5, atol=1e-5)
 
@@ -90,7 +91,7 @@ def test_permutation_direction_is_a_scatter_into_target_order(model, tokens, sae
         f_B[..., perm.indices] = f_A
         with substitute(model, sae_1, sae_3, perm, substitution=Substitution(transfer="raw")):
             written = _written(model, tokens, HOOK_3)
-    torch.testing.assert_close(written, sae_3.decode(f_B), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(written[:, 1:], sae_3.decode(f_B)[:, 1:], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["permute", "hybrid", "error_preserving", "identity",
@@ -116,7 +117,7 @@ def test_sae_matched_with_itself_reproduces_its_own_splice_loss(tokens):
     sae = random_jumprelu_sae(HOOK_1, seed=1)
     with torch.no_grad():
         splice = hooked_sae_model.run_with_saes(tokens, saes=[sae], return_type="loss")
-        with substitute(hooked_sae_model, sae, sae, Permutation.identity(D_SAE)):
+        with substitute(hooked_sae_model, sae, sae, Permutation.identity(D_SAE), bos="substitute"):
             matched = hooked_sae_model(tokens, return_type="loss")
         clean = hooked_sae_model(tokens, return_type="loss")
     torch.testing.assert_close(matched, splice, rtol=1e-6, atol=1e-6)
@@ -131,7 +132,7 @@ def test_random_permutation_is_worse_than_the_planted_one_on_a_planted_pair(mode
         clean = torch.log_softmax(model(tokens), -1)
         errors, kls = {}, {}
         for name, p in (("planted", planted), ("random", random)):
-            with substitute(model, sae_1, sae_b, p):
+            with substitute(model, sae_1, sae_b, p, bos="substitute"):
                 written = _written(model, tokens, "blocks.2.hook_resid_pre")
                 errors[name] = (written - h_B).pow(2).sum()
                 logp = torch.log_softmax(model(tokens), -1)
@@ -171,7 +172,8 @@ def test_tensors_move_to_the_sae_dtype_and_back(model, tokens, perm):
     with torch.no_grad():
         h_A = _state(model, tokens, HOOK_1)
         expected = sae_b.decode(perm.apply(sae_a.encode(h_A.double()))).float()
-        with substitute(model, sae_a, sae_b, perm, substitution=Substitution(transfer="raw")):
+        with substitute(model, sae_a, sae_b, perm, substitution=Substitution(transfer="raw"),
+                        bos="substitute"):
             written = _written(model, tokens, HOOK_3)
     assert written.dtype == torch.float32
     torch.testing.assert_close(written, expected, rtol=1e-5, atol=1e-5)
@@ -204,7 +206,7 @@ def test_hooks_are_removed_after_an_exception_and_user_hooks_are_kept(model, tok
 
 def test_hooks_compose_with_the_users_own_hooks(model, tokens, sae_1, sae_3, perm):
     hooks = substitution_hooks(model, sae_1, sae_3, perm)
-    assert [name for name, _ in hooks] == [HOOK_1, HOOK_3]
+    assert [name for name, _ in hooks] == ["hook_embed", HOOK_1, HOOK_3]
     with torch.no_grad():
         with substitute(model, sae_1, sae_3, perm):
             expected = _written(model, tokens, HOOK_3)
@@ -272,6 +274,7 @@ def test_same_substitution_runs_on_a_transformer_bridge_built_offline(tokens, sa
     try:
         with torch.no_grad():
             h_A = _state(bridge, tokens, HOOK_1)
+            h_B_true = _state(bridge, tokens, HOOK_3)
             expected = fold(sae_3).decode(perm.apply(fold(sae_1).encode(h_A)))
             clean = bridge(tokens, return_type="loss")
             with substitute(bridge, sae_1, sae_3, perm):
@@ -280,10 +283,11 @@ def test_same_substitution_runs_on_a_transformer_bridge_built_offline(tokens, sa
             loss_hooks = bridge.run_with_hooks(tokens, return_type="loss",
                                                fwd_hooks=substitution_hooks(bridge, sae_1, sae_3,
                                                                             perm))
-        torch.testing.assert_close(written, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(written[:, 1:], expected[:, 1:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(written[:, 0], h_B_true[:, 0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loss, loss_hooks)
         assert not torch.isclose(loss, clean)
-        assert len(user_calls) == 5
+        assert len(user_calls) == 6
         with pytest.raises(TypeError, match="needs a HookedTransformer"):
             run_skipping(bridge, tokens, sae_1, sae_3, perm)
         with pytest.raises(ValueError, match="not a hook point"):
