@@ -1,99 +1,90 @@
 """sae_match_lens: data-free matching of SAE features across transformer layers (SAE Match).
 
 See README.md for the method, conventions and examples.
+
+Public names are re-exported lazily (PEP 562): ``import sae_match_lens`` is cheap, and a name's
+submodule (with torch, SAELens and TransformerLens behind it) is imported on first access, so
+``sae-match --help`` answers without loading them. To export a new name, add one line to
+``_EXPORTS``: ``"name": "submodule"``. Submodules are also reachable as attributes
+(``sae_match_lens.evaluation``).
 """
 
+import importlib
 import os
+from typing import Any
 
 # Idle OpenMP threads yield instead of spinning (must be set before torch is imported): with
 # few cores, spinning threads slow torch several-fold whenever another process uses a core.
 # Only a default; an explicit OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+_EXPORTS: dict[str, str] = {
+    "ARCHITECTURES": "adapters",
+    "DEFAULT_VARIANTS": "evaluation",
+    "METHODS": "hooks",
+    "RESULT_COLUMNS": "evaluation",
+    "VARIANTS": "evaluation",
+    "BlockSubstitute": "hooks",
+    "ChainMatch": "chain",
+    "CompositionCheck": "chain",
+    "CostWeights": "costs",
+    "FeaturePath": "chain",
+    "FeatureStep": "chain",
+    "FeatureView": "adapters",
+    "MatchResult": "matching",
+    "Method": "hooks",
+    "Permutation": "permutation",
+    "PermutationFileError": "permutation",
+    "PlantedChain": "synthetic",
+    "Substitution": "hooks",
+    "Transfer": "hooks",
+    "Variant": "evaluation",
+    "block_substitute": "hooks",
+    "compare_composed_direct": "chain",
+    "describe_sae": "adapters",
+    "evaluate_substitution": "evaluation",
+    "feature_view": "adapters",
+    "fold": "adapters",
+    "fold_scales": "adapters",
+    "hook_name_of": "adapters",
+    "load_default_suite": "assets",
+    "load_eval_tokens": "assets",
+    "load_manifest": "assets",
+    "match": "matching",
+    "match_chain": "chain",
+    "null_max_cost": "matching",
+    "pair_costs": "evaluation",
+    "planted_chain": "synthetic",
+    "rescale": "adapters",
+    "run_skipping": "hooks",
+    "sae_identity": "adapters",
+    "substitute": "hooks",
+    "substitution_hooks": "hooks",
+    "unfold": "adapters",
+    "validate_sae": "adapters",
+}
+"""Each public name → the submodule that defines it."""
 
-from .adapters import (
-    ARCHITECTURES,
-    FeatureView,
-    describe_sae,
-    feature_view,
-    fold,
-    fold_scales,
-    hook_name_of,
-    rescale,
-    sae_identity,
-    unfold,
-    validate_sae,
-)
-from .assets import load_default_suite, load_eval_tokens, load_manifest
-from .chain import (
-    ChainMatch,
-    CompositionCheck,
-    FeaturePath,
-    FeatureStep,
-    compare_composed_direct,
-    match_chain,
-)
-from .costs import CostWeights
-from .evaluation import DEFAULT_VARIANTS, RESULT_COLUMNS, VARIANTS, Variant, evaluate_substitution, pair_costs
-from .hooks import (
-    METHODS,
-    BlockSubstitute,
-    Method,
-    Substitution,
-    Transfer,
-    block_substitute,
-    run_skipping,
-    substitute,
-    substitution_hooks,
-)
-from .matching import MatchResult, match, null_max_cost
-from .permutation import Permutation, PermutationFileError
-from .synthetic import PlantedChain, planted_chain
-
-__all__ = [
-    "ARCHITECTURES",
-    "DEFAULT_VARIANTS",
-    "METHODS",
-    "RESULT_COLUMNS",
-    "VARIANTS",
-    "BlockSubstitute",
-    "ChainMatch",
-    "CompositionCheck",
-    "CostWeights",
-    "FeaturePath",
-    "FeatureStep",
-    "FeatureView",
-    "MatchResult",
-    "Method",
-    "Permutation",
-    "PermutationFileError",
-    "PlantedChain",
-    "Substitution",
-    "Transfer",
-    "Variant",
-    "block_substitute",
-    "compare_composed_direct",
-    "describe_sae",
-    "evaluate_substitution",
-    "feature_view",
-    "fold",
-    "fold_scales",
-    "hook_name_of",
-    "load_default_suite",
-    "load_eval_tokens",
-    "load_manifest",
-    "match",
-    "match_chain",
-    "null_max_cost",
-    "pair_costs",
-    "planted_chain",
-    "rescale",
-    "run_skipping",
-    "sae_identity",
-    "substitute",
-    "substitution_hooks",
-    "unfold",
-    "validate_sae",
-]
+__all__ = list(_EXPORTS)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    else:
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -19,7 +19,8 @@ Contents:
 * a held-out token shard (never seen in training), ``[n_seq, n_ctx]`` with BOS
   in column 0.
 
-Metric conventions (shared by the build script, the manifest and the tests):
+Metric conventions (implemented once in :mod:`sae_match_lens.metrics`, shared with
+``evaluate_substitution``, the build script, the manifest and the tests):
 
 * **BOS is excluded everywhere.** The BOS position's residual stream is left
   untouched when an SAE is spliced in and does not enter any SAE statistic;
@@ -56,6 +57,8 @@ from sae_lens import SAE
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from .metrics import FiringSums, StateSums, explained_variance, next_token_ce, squared_error_sum
 
 logger = logging.getLogger(__name__)
 
@@ -296,24 +299,6 @@ def load_default_suite(
     return model, load_suite_saes(family, device=device)
 
 
-def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token cross-entropy (nats) and its count, BOS prediction excluded.
-
-    Predictions made at positions ``1 .. n_ctx-2`` are scored against the tokens at
-    ``2 .. n_ctx-1``; the prediction made at the BOS position is not counted.
-
-    Args:
-        logits: ``[batch, pos, d_vocab]``.
-        tokens: ``[batch, pos]`` with BOS in column 0.
-    """
-    if logits.shape[:2] != tokens.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)}.")
-    log_probs = torch.log_softmax(logits[:, 1:-1].float(), dim=-1)
-    target = tokens[:, 2:].unsqueeze(-1)
-    nll = -log_probs.gather(-1, target).squeeze(-1)
-    return nll.double().sum().item(), nll.numel()
-
-
 def _batches(tokens: torch.Tensor, batch_size: int, progress: bool, desc: str):
     if tokens.ndim != 2 or tokens.shape[1] < 3:
         raise ValueError(f"tokens must be [n_seq, n_ctx >= 3]; got {tuple(tokens.shape)}.")
@@ -386,31 +371,18 @@ def compute_sae_metrics(
     if clean_ce_loss is None:
         clean_ce_loss = compute_model_ce(model, tokens, batch_size=batch_size, progress=progress)
     device = next(model.parameters()).device
-    d_in = sae.cfg.d_in
-    stats = {
-        "sq_err": torch.zeros((), dtype=torch.float64),
-        "sum_x": torch.zeros(d_in, dtype=torch.float64),
-        "sum_sq": torch.zeros((), dtype=torch.float64),
-        "active": torch.zeros((), dtype=torch.float64),
-        "fired": torch.zeros(sae.cfg.d_sae, dtype=torch.bool),
-        "n": 0,
-    }
+    states, firing, sse = StateSums(), FiringSums(), 0.0
 
     def splice(activation: torch.Tensor, *, hook: Any) -> torch.Tensor:
         del hook
-        x = activation[:, 1:]
-        acts = sae.encode(x)
+        nonlocal sse
+        acts = sae.encode(activation)
         x_hat = sae.decode(acts)
-        x64, x_hat64 = x.double().reshape(-1, d_in), x_hat.double().reshape(-1, d_in)
-        stats["sq_err"] += (x64 - x_hat64).pow(2).sum().cpu()
-        stats["sum_x"] += x64.sum(0).cpu()
-        stats["sum_sq"] += x64.pow(2).sum().cpu()
-        active = acts.reshape(-1, acts.shape[-1]) != 0
-        stats["active"] += active.sum().double().cpu()
-        stats["fired"] |= active.any(0).cpu()
-        stats["n"] += x64.shape[0]
+        states.add(activation)
+        sse += squared_error_sum(activation, x_hat)
+        firing.add(acts)
         out = activation.clone()
-        out[:, 1:] = x_hat.to(activation.dtype)
+        out[:, 1:] = x_hat[:, 1:].to(activation.dtype)
         return out
 
     total, count = 0.0, 0
@@ -419,13 +391,11 @@ def compute_sae_metrics(
         logits = model.run_with_hooks(batch, return_type="logits", fwd_hooks=[(hook_name, splice)])
         s, n = next_token_ce(logits, batch)
         total, count = total + s, count + n
-    n = stats["n"]
-    total_var = stats["sum_sq"] - stats["sum_x"].pow(2).sum() / n
     return SAEMetrics(
-        explained_variance=float(1.0 - stats["sq_err"] / total_var),
-        l0=float(stats["active"] / n),
-        dead_fraction=float(1.0 - stats["fired"].double().mean()),
+        explained_variance=explained_variance(sse, states),
+        l0=firing.l0,
+        dead_fraction=firing.dead_fraction,
         ce_loss=total / count,
         clean_ce_loss=float(clean_ce_loss),
-        n_tokens=int(n),
+        n_tokens=states.n,
     )

@@ -12,7 +12,7 @@ Metrics (position 0, the BOS position, is excluded from all of them):
   ``x̂`` the substitute and ``x̄`` the per-dimension mean of ``x`` over all scored tokens;
   pooled over tokens and dimensions.
 * ``delta_ce``: mean next-token cross-entropy (nats) with the substitute minus without.
-* ``kl``: mean ``KL(clean ‖ substituted)`` of the next-token distributions.
+* ``kl``: mean ``KL(clean ‖ substituted)`` over the same predictions as ``delta_ce`` (metrics.py).
 * ``coactivation``: ``P(f_B[π(i)] > 0 | f_A[i] > 0)`` with ``f_A = SAE_A.encode(h_A)``,
   ``f_B = SAE_B.encode(true h_B)``, averaged over matched source features that fire at least
   once (NaN for variants that use no permutation).
@@ -39,6 +39,7 @@ from .adapters import feature_view
 from .costs import CostWeights, stack_features
 from .hooks import BlockSubstitute, Substitution, block_substitute
 from .matching import MatchResult, match
+from .metrics import cross_entropy_sum, kl_sum, squared_error_sum, vocab_dot
 from .permutation import Permutation
 from .routes import run_from, skip_boundaries, validate_route
 
@@ -313,7 +314,7 @@ class _PairPlan:
                 "permutation": variant.permutation if spec.uses_permutation else None,
                 "explained_variance": 1.0 - s.sse / sst if sst > 0 else float("nan"),
                 "delta_ce": s.ce / self.n_ce - ce_clean,
-                "kl": s.kl / ps.n,
+                "kl": s.kl / self.n_ce,
                 "coactivation": (_coactivation(ps, variant.permutation, perm)
                                  if perm is not None else float("nan")),
                 "ce_clean": ce_clean, "ce_substituted": s.ce / self.n_ce,
@@ -408,9 +409,9 @@ def _process_batch(model: Any, batch: torch.Tensor, plans: list[_PairPlan]) -> N
             logits_sub = _substituted_logits(model, batch, plan, h_hat)
             logp = torch.log_softmax(logits_sub.float(), dim=-1)
             s = plan.sums[variant.name]
-            s.sse += float((h_B[:, 1:] - h_hat[:, 1:]).double().pow(2).sum())
+            s.sse += squared_error_sum(h_B, h_hat)
             s.ce += _ce_sum(logp, targets)
-            s.kl += float((neg_entropy - _dot(p_clean, logp))[:, 1:].double().sum())
+            s.kl += kl_sum(p_clean, neg_entropy, logp)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -420,13 +421,12 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ``dot(p, log p) - dot(p, log q)``; both terms go through this same function, so identical
     distributions give exactly 0.
     """
-    v = a.shape[-1]
-    return torch.bmm(a.reshape(-1, 1, v), b.reshape(-1, v, 1)).reshape(a.shape[:-1])
+    return vocab_dot(a, b)
 
 
 def _ce_sum(logp: torch.Tensor, targets: torch.Tensor) -> float:
     """Summed next-token cross-entropy of positions 1..pos-2 (BOS position excluded)."""
-    return -float(logp[:, 1:-1].gather(-1, targets[..., None]).double().sum())
+    return cross_entropy_sum(logp, targets)
 
 
 def _update_pair(plan: _PairPlan, f_A: torch.Tensor | None, h_B: torch.Tensor) -> None:

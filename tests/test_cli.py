@@ -1,8 +1,46 @@
+"""The ``sae-match`` command: results, one-line user errors, and a light ``--help`` path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from helpers import planted_pair
 
 from sae_match_lens import Permutation
 from sae_match_lens.cli import main
+
+HEAVY_MODULES = ("torch", "sae_lens", "transformer_lens")
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``sae-match ARGS`` in a fresh interpreter, offline."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "sae_match_lens.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("sae-match: error:")]
+    assert len(errors) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], proc.stderr
+
+
+def heavy_modules_after(code: str) -> list[str]:
+    """Which of :data:`HEAVY_MODULES` a fresh interpreter has imported after running ``code``."""
+    probe = (f"{code}\nimport json, sys\n"
+             f"print(json.dumps(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_match_command_saves_a_loadable_permutation(tmp_path, capsys):
@@ -15,6 +53,68 @@ def test_match_command_saves_a_loadable_permutation(tmp_path, capsys):
     assert Permutation.load(out, source=pair.sae_a, target=pair.sae_b) == pair.truth
 
 
-def test_match_command_rejects_a_bad_sae_spec(tmp_path):
-    with pytest.raises(SystemExit, match="neither a saved SAE directory nor 'release:sae_id'"):
-        main(["match", "nowhere", "nowhere", "--out", str(tmp_path / "p.safetensors")])
+def test_importing_the_cli_does_not_import_torch_or_saelens():
+    assert heavy_modules_after("import sae_match_lens.cli") == []
+
+
+def test_help_is_answered_without_importing_torch_or_saelens():
+    code = ("from sae_match_lens.cli import main\n"
+            "for argv in (['--help'], ['demo', '--help'], ['match', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit as exc:\n        assert exc.code == 0")
+    assert heavy_modules_after(code) == []
+
+
+def test_a_folder_without_cfg_json_is_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("match", "empty", "empty", "--out", "p.safetensors", cwd=tmp_path)
+    assert_user_error(proc, "'empty'", "cfg.json")
+
+
+def test_a_nonexistent_sae_path_is_one_line_error(tmp_path):
+    proc = run_cli("match", "nowhere/sae", "nowhere/sae", "--out", "p.safetensors", cwd=tmp_path)
+    assert_user_error(proc, "'nowhere/sae'", "no such directory", "release:sae_id")
+
+
+def test_an_unknown_release_is_one_line_error(tmp_path):
+    proc = run_cli("match", "no-such-release:layer_0", "no-such-release:layer_1",
+                   "--out", "p.safetensors", cwd=tmp_path)
+    assert_user_error(proc, "no-such-release")
+
+
+def test_an_out_file_under_a_file_is_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("")
+    proc = run_cli("match", "empty", "empty", "--out", "afile/p.safetensors", cwd=tmp_path)
+    assert_user_error(proc, "cannot write --out", "'afile' is a file")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root can write into a read-only directory")
+def test_an_out_in_a_read_only_directory_is_one_line_error(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        proc = run_cli("demo", "--out", str(locked / "report"), cwd=tmp_path)
+    finally:
+        locked.chmod(0o700)
+    assert_user_error(proc, "not writable")
+
+
+def test_a_demo_out_that_is_a_file_is_one_line_error(tmp_path):
+    (tmp_path / "afile").write_text("")
+    proc = run_cli("demo", "--out", "afile", cwd=tmp_path)
+    assert_user_error(proc, "'afile'", "not a directory")
+
+
+def test_bad_layers_are_one_line_error(tmp_path):
+    proc = run_cli("demo", "--release", "gemma-scope-2b-pt-res-canonical", "--model", "gemma-2-2b",
+                   "--sae-id-template", "layer_{layer}/width_16k/canonical", "--layers", "ten",
+                   "--out", "report", cwd=tmp_path)
+    assert_user_error(proc, "'10-14' or '3,5,7'", "'ten'")
+    assert not (tmp_path / "report").exists()
+
+
+def test_release_options_without_release_are_one_line_error(tmp_path):
+    proc = run_cli("demo", "--layers", "3-5", cwd=tmp_path)
+    assert_user_error(proc, "--layers only applies with --release")
