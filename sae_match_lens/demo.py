@@ -12,10 +12,11 @@ The SAEs come from the embedded default suite (offline), or from a SAELens relea
 from __future__ import annotations
 
 import contextlib
-import json
+import inspect
 import logging
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,11 +27,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import hook_name_of
+from .adapters import fold_scales, hook_name_of, validate_sae
 from .chain import ChainMatch, compare_composed_direct, match_chain
 from .matching import null_max_cost
+from .verdicts import reading
 
-__all__ = ["HubUnavailableError", "load_release", "parse_layers", "run_demo", "run_pipeline"]
+__all__ = ["HubUnavailableError", "load_release", "parse_layers", "run_demo", "run_pipeline",
+           "scale_profile"]
 
 logger = logging.getLogger(__name__)
 
@@ -237,25 +240,92 @@ def run_pipeline(
     paths = _traced_paths(model, saes, chain, tokens, n_paths)
     results = _results(model, saes, tokens, chain, raw_chain, checks, raw_checks, thresholds, table,
                        paths, source, family)
+    results["scales"] = scale_profile(model, saes, tokens)
+    results["null_rate"] = _null_rate()
+    results["reading"] = reading(results)
     results["seconds"] = time.perf_counter() - t0
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    report.write_results(results, out / "results.json")
     report.plot_substitution(table, out / "substitution.png")
-    report.plot_agreement(results["composition"], out / "agreement_vs_distance.png")
-    report.plot_costs({f"{i}→{i + 1}": chain.steps[i].cost_F.tolist() for i in range(len(chain.steps))},
-                      {f"{i}→{i + 1}": t for i, t in enumerate(thresholds)}, out / "match_costs.png")
-    report.plot_paths(paths, out / "feature_paths.png")
+    report.plot_agreement(results["composition"], out / "agreement_vs_distance.png",
+                          chance=1 / results["setting"]["d_sae"])
+    labels = [_pair_label(results["setting"]["hooks"], i) for i in range(len(chain.steps))]
+    report.plot_costs({labels[i]: chain.steps[i].cost_F.tolist() for i in range(len(chain.steps))},
+                      {labels[i]: t for i, t in enumerate(thresholds)}, out / "match_costs.png",
+                      null_rate=results["null_rate"])
+    report.plot_paths(paths, out / "feature_paths.png", thresholds=thresholds,
+                      hooks=results["setting"]["hooks"])
     report.write_report(results, table, out)
     logger.info("demo finished in %.1f s; report in %s", results["seconds"], out)
     return (f"{results['reading'][0]} Report written to {out / 'report.md'} "
             f"({results['seconds']:.0f} s).")
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    raise TypeError(f"cannot serialise {type(value).__name__}")
+def _pair_label(hooks: Sequence[str], i: int) -> str:
+    """``"3→4"`` from the block numbers in the hook names, else from the positions in the stack."""
+    blocks = [re.match(r"blocks\.(\d+)\.", h) for h in hooks[i:i + 2]]
+    if all(blocks):
+        return "→".join(b.group(1) for b in blocks if b)
+    return f"{i}→{i + 1}"
+
+
+def _null_rate() -> float | None:
+    """The false-match rate ``null_max_cost`` is calibrated to by default (its ``null_rate`` or,
+    in older versions, ``quantile`` argument); None when neither is there."""
+    parameters = inspect.signature(null_max_cost).parameters
+    for name in ("null_rate", "quantile"):
+        default = parameters[name].default if name in parameters else None
+        if isinstance(default, float):
+            return default
+    return None
+
+
+def scale_profile(model: Any, saes: Sequence[Any], tokens: torch.Tensor,
+                  batch_size: int = 8) -> list[dict[str, Any]]:
+    """The paper's Figure 1 premise, per SAE: the scale the fold divides by against the norm of
+    the residual stream it reads.
+
+    One row per SAE with ``layer`` (position in the stack), ``hook_name``, ``fold_rule``
+    (``"threshold"``: JumpReLU, s = θ; ``"decoder_norm"``: s = 1/‖W_dec[i]‖; ``"none"``: s = 1),
+    ``mean_threshold`` (None without a threshold), ``mean_decoder_norm``, ``mean_fold_scale``,
+    ``fold_scale_cv`` (std / mean of the per-feature scales within the layer),
+    ``mean_resid_norm``: the mean L2 norm of the state at the SAE's hook over ``tokens``, and
+    ``mean_firing_activation``: the mean raw activation ``encode(x)`` of features where they fire
+    (> 0) on those tokens; BOS position excluded from both.
+    """
+    hooks = [hook_name_of(s) for s in saes]
+    wanted = set(hooks)
+    totals = torch.zeros(len(saes), dtype=torch.float64)
+    act_sums = torch.zeros(len(saes), dtype=torch.float64)
+    act_counts = torch.zeros(len(saes), dtype=torch.float64)
+    count = 0
+    with torch.no_grad():
+        for batch in tokens.split(batch_size):
+            _, cache = model.run_with_cache(batch, names_filter=lambda name: name in wanted)
+            for k, (sae, hook) in enumerate(zip(saes, hooks, strict=True)):
+                x = cache[hook][:, 1:]
+                totals[k] += x.to(torch.float64).norm(dim=-1).sum().cpu()
+                acts = sae.encode(x.to(sae.dtype)).to(torch.float64)
+                act_sums[k] += acts.clamp_min(0).sum().cpu()
+                act_counts[k] += (acts > 0).sum().cpu()
+            count += batch[:, 1:].numel()
+    rows = []
+    for k, (sae, hook) in enumerate(zip(saes, hooks, strict=True)):
+        scales = fold_scales(sae).to(torch.float64).cpu()
+        if validate_sae(sae).scale_rule == "threshold":
+            rule = "threshold"
+        else:
+            rule = "none" if bool((scales == 1).all()) else "decoder_norm"
+        decoder = sae.W_dec.detach().to(torch.float64).norm(dim=-1)
+        rows.append({
+            "layer": k, "hook_name": hook, "fold_rule": rule,
+            "mean_threshold": float(scales.mean()) if rule == "threshold" else None,
+            "mean_decoder_norm": float(decoder.mean()),
+            "mean_fold_scale": float(scales.mean()),
+            "fold_scale_cv": float(scales.std() / scales.mean()),
+            "mean_resid_norm": float(totals[k] / count) if count else math.nan,
+            "mean_firing_activation": float(act_sums[k] / act_counts[k]) if act_counts[k] else math.nan,
+        })
+    return rows
 
 
 def _traced_paths(model: Any, saes: Sequence[Any], chain: ChainMatch, tokens: torch.Tensor,
@@ -334,49 +404,8 @@ def _results(model: Any, saes: Sequence[Any], tokens: torch.Tensor, chain: Chain
         "composition_by_distance": by_distance.to_dict(orient="records"),
         "paths": paths,
     }
-    results["reading"] = _reading(summary.set_index("variant"), adjacent, by_distance)
     return results
 
 
 def _get(rows: pd.DataFrame, variant: str, column: str) -> float:
     return float(rows.loc[variant, column]) if variant in rows.index else math.nan
-
-
-def _reading(summary: pd.DataFrame, adjacent: list[dict[str, Any]], by_distance: pd.DataFrame) -> list[str]:
-    def val(variant: str, column: str) -> float:
-        return _get(summary, variant, column)
-
-    methods = [v for v in ("folded", "raw", "hybrid", "error_preserving") if v in summary.index]
-    best = min(methods, key=lambda v: val(v, "delta_ce")) if methods else "folded"
-    sentences = [
-        f"Replacing one block by encode→permute→decode costs {val('folded', 'delta_ce'):.3f} nats on "
-        f"average with the folded method (EV {val('folded', 'explained_variance'):.3f}); the best "
-        f"variant is '{best}' ({val(best, 'delta_ce'):.3f} nats).",
-        f"Baselines: dropping the block costs {val('identity', 'delta_ce'):.3f} nats, SAE B's own "
-        f"reconstruction {val('sae_b_reconstruction', 'delta_ce'):.3f}, SAE A's reconstruction used at B "
-        f"{val('sae_a_reconstruction', 'delta_ce'):.3f}, a random permutation "
-        f"{val('random_permutation', 'delta_ce'):.3f}, unfolded matching "
-        f"{val('unfolded_matching', 'delta_ce'):.3f}.",
-    ]
-    if "error_preserving" in summary.index:
-        sentences.append(
-            f"The error-preserving substitute (SAE A's reconstruction error carried across) costs "
-            f"{val('error_preserving', 'delta_ce'):.3f} nats: it removes SAE A's reconstruction error, "
-            f"so what remains is the error of moving the features into B's dictionary.")
-    agree = sum(a["agreement_folded_unfolded"] for a in adjacent) / len(adjacent)
-    co_f = sum(a["coactivation_folded"] for a in adjacent) / len(adjacent)
-    co_u = sum(a["coactivation_unfolded"] for a in adjacent) / len(adjacent)
-    confident = sum(a["fraction_below_null_threshold"] for a in adjacent) / len(adjacent)
-    sentences.append(
-        f"Folding changed {100 * (1 - agree):.1f}% of the adjacent matches; co-activation of matched "
-        f"features on held-out text is {co_f:.3f} folded vs {co_u:.3f} unfolded (random pairs: "
-        f"{val('random_permutation', 'coactivation'):.3f}).")
-    sentences.append(
-        f"{100 * confident:.1f}% of adjacent matches are cheaper than the data-free null threshold "
-        "(1% false-match rate): matched features co-fire far above chance, yet few matches are "
-        "individually certain from parameters alone.")
-    if len(by_distance):
-        parts = ", ".join(f"{100 * r.agreement:.1f}% at distance {int(r.distance)}"
-                          for r in by_distance.itertuples())
-        sentences.append(f"Composed and direct matches agree on {parts}.")
-    return sentences

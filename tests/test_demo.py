@@ -1,9 +1,9 @@
 import json
 
 import pytest
-from sae_match_lens.assets import load_suite_model, load_suite_saes
 
 from sae_match_lens import demo as demo_module
+from sae_match_lens.assets import load_suite_model, load_suite_saes
 from sae_match_lens.cli import main
 from sae_match_lens.demo import HubUnavailableError, load_release, parse_layers, run_demo
 
@@ -16,13 +16,21 @@ def test_quick_demo_writes_every_promised_file(tmp_path, capsys):
     assert "Report written to" in capsys.readouterr().out
     for name in REPORT_FILES:
         assert (tmp_path / name).stat().st_size > 0, name
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tmp_path / "results.json").read_text(), parse_constant=_refuse)
     variants = {row["variant"] for row in results["substitution"]}
     assert {"folded", "raw", "hybrid", "error_preserving", "identity", "sae_b_reconstruction",
             "sae_a_reconstruction", "random_permutation", "unfolded_matching"} <= variants
     assert results["paths"] and all(p["steps"][0]["top_tokens"] for p in results["paths"])
+    assert [row["hook_name"] for row in results["scales"]] == results["setting"]["hooks"]
+    assert all(row["mean_resid_norm"] > 0 and row["mean_threshold"] > 0 for row in results["scales"])
     report = (tmp_path / "report.md").read_text()
     assert "## Reading" in report and "random permutation" in report
+    assert "dropping the block (identity) in" in report and "paper's Figure 1" in report
+    assert results["reading"][0] in report
+
+
+def _refuse(constant):
+    raise ValueError(f"results.json holds the non-standard JSON constant {constant}")
 
 
 def test_release_path_goes_through_the_loaders(tmp_path):
@@ -61,7 +69,7 @@ def test_cli_reports_an_unreachable_hub_without_a_traceback(monkeypatch, capsys)
                  "layer_{layer}/width_16k/canonical", "--model", "gemma-2-2b", "--layers", "10-11",
                  "--quiet"])
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith("error: Cannot load") and "Traceback" not in err
+    assert code == 1 and "error: Cannot load" in err.splitlines()[0] and "Traceback" not in err
 
 
 @pytest.mark.parametrize(("spec", "layers"), [("10-14", [10, 11, 12, 13, 14]), ("3,5,7", [3, 5, 7])])
