@@ -9,8 +9,23 @@ sum over parameter blocks ``k`` ∈ {decoder, encoder, b_enc}:
 
 Both are computed as one matrix product of "stacked" feature matrices (each block scaled by
 ``√w_k``, normalised for cosine), plus per-row and per-column constants. ``b_dec`` never counts.
-:func:`cost_blocks` yields the matrix by blocks of rows; :func:`exact_rows`, :func:`listed_costs`
-and :func:`edge_costs` compute chosen entries only (the sparse solver's recomputations).
+:func:`cost_blocks` and :func:`exact_rows` give float32 rows of the matrix (used to *find* an
+assignment and as filters with a rigorous error bound); :func:`listed_costs` and
+:func:`edge_costs` give chosen entries in float64 (what certificates and results use).
+
+**The float64 cost.** The cost that certificates speak about is the real number
+``C_ij = ‖x_i − y_j‖² + o_i + o_j`` of the stacked float32 vectors ``x_i``, ``y_j`` and the
+float64 offsets ``o = const − fl(‖x‖²)`` (:func:`exact_scales`; 0 up to rounding for ``mse``,
+where ``const = ‖x‖²``, so ``C`` is the squared distance of the folded parameters; for
+``cosine`` it is ``Σ_k w_k − 2 x_i·y_j``). It is computed from direct differences in float64:
+the differences of float32 numbers, their squares and the sum of ``K`` non-negative terms have a
+relative error ≤ ``(K + 2)·2⁻⁵³`` of ``‖x_i − y_j‖²`` each way; adding the offsets costs two more
+roundings, so ``|ĉ − C| ≤ g64 · (|ĉ| + 2|o_i| + 2|o_j|)`` with ``g64 = 2(K + 6)·2⁻⁵³``
+(:func:`edge_error`). A float32 entry of :func:`cost_blocks` / :func:`exact_rows` (one GEMM of
+width ``K``, constants rounded to float32, three roundings of the sum; any summation order) is
+within ``g32 · (|c_i| + |c_j| + 2ν_iν_j)`` of ``c_i + c_j − 2x_i·y_j``, ``g32 = 2(K + 9)·2⁻²⁴``,
+``ν`` upper bounds of the row norms; that differs from ``C`` by the float64 rounding of the
+norms, ≤ ``g64 · (ν_i² + |o_i| + ν_j² + |o_j|)`` (:func:`float32_error` adds both).
 
 On the CPU the products run in numpy's BLAS (:func:`matmul_nt`): for these shapes it measured
 1.4–1.6× the throughput of torch's CPU GEMM on an AVX2 EPYC (136–160 vs 99 GFLOP/s, float32).
@@ -24,18 +39,21 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 
 from .adapters import FeatureView
 
-__all__ = ["BLOCKS", "CostWeights", "Metric", "StackedFeatures", "cost_blocks", "edge_costs",
-           "exact_rows", "ieee_products", "listed_costs", "matmul_nt", "stack_features"]
+__all__ = ["BLOCKS", "CostWeights", "ExactScales", "Metric", "StackedFeatures", "cost_blocks",
+           "edge_costs", "edge_error", "exact_rows", "exact_scales", "float32_error", "float32_error_max",
+           "ieee_products", "listed_costs", "matmul_nt", "stack_features"]
 
 _GATHER_BYTES = 1 << 27
 """Size of the gather buffer used to compute listed entries (128 MiB)."""
+_EPS64 = 2.0**-53
+_EPS32 = 2.0**-24
 
 Metric = Literal["mse", "cosine"]
 BLOCKS = ("decoder", "encoder", "b_enc")
@@ -104,7 +122,8 @@ class StackedFeatures:
     matrix_FK: torch.Tensor
     """Stacked, weighted feature vectors [d_sae, K]."""
     const_F: torch.Tensor
-    """Per-feature constant of the cost expansion [d_sae] (float64)."""
+    """Per-feature constant of the cost expansion [d_sae] (float64; for ``mse`` ``‖row‖²``
+    computed in float64, so that the float64 cost is the squared distance itself)."""
 
 
 def stack_features(view: FeatureView, weights: CostWeights, metric: Metric) -> StackedFeatures:
@@ -124,9 +143,8 @@ def stack_features(view: FeatureView, weights: CostWeights, metric: Metric) -> S
         if w != 1.0:
             out.mul_(math.sqrt(w))
         col += tensor.shape[1]
-    if metric == "mse":
-        const = torch.cat([torch.linalg.vector_norm(matrix[r:r + 4096], dim=1).to(torch.float64).square()
-                           for r in range(0, matrix.shape[0], 4096)])
+    if metric == "mse":  # ‖x‖² in float64 (a float32 norm would be off by ~K·2⁻²⁴ relative)
+        const = _squared_norms(matrix)
     else:
         total = sum(getattr(weights, n) for n in BLOCKS)
         const = torch.full((matrix.shape[0],), total / 2.0, dtype=torch.float64, device=matrix.device)
@@ -235,57 +253,131 @@ def exact_rows(a: StackedFeatures, b: StackedFeatures, rows: torch.Tensor, *, bl
     return out
 
 
+class ExactScales(NamedTuple):
+    """Per-feature quantities of the float64 cost and of its rounding bounds (module doc)."""
+
+    offset_a: np.ndarray
+    """``o_i = const_i − fl(‖x_i‖²)`` of the source features (float64)."""
+    offset_b: np.ndarray
+    """The same for the target features."""
+    norm_a: np.ndarray
+    """Upper bounds of the source rows' norms ``ν_i ≥ ‖x_i‖`` (float64)."""
+    norm_b: np.ndarray
+    """Upper bounds of the target rows' norms."""
+    const_a: np.ndarray
+    """``|const_i|`` of the source features (float64)."""
+    const_b: np.ndarray
+    """``|const_j|`` of the target features."""
+    width: int
+    """Stacked width ``K``."""
+
+    @property
+    def g64(self) -> float:
+        """Relative error factor of a float64 cost (module doc)."""
+        return 2 * (self.width + 6) * _EPS64
+
+    @property
+    def g32(self) -> float:
+        """Relative error factor of a float32 cost entry (module doc)."""
+        return 2 * (self.width + 9) * _EPS32
+
+
+def _squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """``‖x_i‖²`` in float64 [n] on ``x``'s device, in chunks of rows."""
+    return torch.cat([x[r:r + 4096].double().square().sum(dim=1) for r in range(0, x.shape[0], 4096)]
+                     ) if x.shape[0] else torch.zeros(0, dtype=torch.float64, device=x.device)
+
+
+def exact_scales(a: StackedFeatures, b: StackedFeatures) -> ExactScales:
+    """Offsets, norm bounds and constants of both sides (one float64 pass over the features)."""
+    K = a.matrix_FK.shape[1]
+    up = 1.0 + 2 * (K + 6) * _EPS64  # fl(‖x‖²) ≥ (1 − γ_K)‖x‖², one sqrt rounding
+    out = []
+    for x in (a, b):
+        sq = _squared_norms(x.matrix_FK).cpu()
+        const = x.const_F.to("cpu", torch.float64)
+        out.append(((const - sq).numpy(), (sq.sqrt() * up).numpy(), const.abs().numpy()))
+    (oa, na, ca), (ob, nb, cb) = out
+    return ExactScales(oa, ob, na, nb, ca, cb, K)
+
+
+def edge_error(scales: ExactScales, rows: np.ndarray, cols: np.ndarray,
+               cost: np.ndarray) -> np.ndarray:
+    """Bound on ``|ĉ − C|`` of float64 costs ``cost`` of entries ``(rows, cols)`` (module doc;
+    also valid for ``min(ĉ, λ)`` as a value of ``min(C, λ)``)."""
+    return scales.g64 * (np.abs(cost) + 2 * np.abs(scales.offset_a[rows])
+                         + 2 * np.abs(scales.offset_b[cols]))
+
+
+def float32_error(scales: ExactScales, rows: np.ndarray) -> np.ndarray:
+    """Bound on ``|C32_ij − C_ij|`` for float32 rows ``rows`` against all columns
+    ([len(rows), n_b], float64; module doc)."""
+    na, nb = scales.norm_a[rows], scales.norm_b
+    err = np.multiply.outer(na, nb)
+    err *= 2.0
+    err += scales.const_a[rows][:, None]
+    err += scales.const_b[None, :]
+    err *= scales.g32
+    err += (scales.g64 * (na * na + np.abs(scales.offset_a[rows])))[:, None]
+    err += (scales.g64 * (nb * nb + np.abs(scales.offset_b)))[None, :]
+    return err
+
+
+def float32_error_max(scales: ExactScales, rows: np.ndarray) -> np.ndarray:
+    """``max_j`` of :func:`float32_error` for each of ``rows`` [len(rows)], without the matrix."""
+    na = scales.norm_a[rows]
+    nb, cb = scales.norm_b, scales.const_b
+    tail = (scales.g64 * (nb * nb + np.abs(scales.offset_b))).max(initial=0.0)
+    return (scales.g32 * (2 * na * nb.max(initial=0.0) + scales.const_a[rows] + cb.max(initial=0.0))
+            + scales.g64 * (na * na + np.abs(scales.offset_a[rows])) + tail)
+
+
 def listed_costs(x: StackedFeatures, y: StackedFeatures, idx_XL: torch.Tensor,
-                 dev: torch.device) -> torch.Tensor:
-    """Float32 costs between each row ``i`` of ``x`` and the rows ``idx_XL[i]`` of ``y``
-    ([n_x, L], float64, CPU). Gathers into one preallocated buffer (fresh allocations per chunk
-    cost more than the arithmetic), then one batched product per chunk."""
+                 dev: torch.device, scales: ExactScales | None = None) -> torch.Tensor:
+    """Float64 costs between each row ``i`` of ``x`` and the rows ``idx_XL[i]`` of ``y``
+    ([n_x, L], float64, CPU), from direct differences (module doc). Gathers float32 rows into
+    one preallocated buffer per chunk and widens them chunk by chunk (no float64 copy of the
+    features)."""
     n_x, L = idx_XL.shape
     K = x.matrix_FK.shape[1]
     out = torch.empty((n_x, L), dtype=torch.float64)
     if n_x == 0 or L == 0:
         return out
-    rows = max(1, _GATHER_BYTES // (4 * K * L))
+    scales = scales or exact_scales(x, y)
+    rows = max(1, _GATHER_BYTES // (12 * K * L))
     buf = torch.empty((rows * L, K), dtype=torch.float32, device=dev)
     Y = y.matrix_FK.to(dev)
-    cy = y.const_F.to(dev, torch.float32)
     for r0 in range(0, n_x, rows):
         r1 = min(n_x, r0 + rows)
         idx = idx_XL[r0:r1].to(dev)
         gathered = torch.index_select(Y, 0, idx.reshape(-1), out=buf[: (r1 - r0) * L])
-        dot = _batched_dot(gathered.view(r1 - r0, L, K), x.matrix_FK[r0:r1].to(dev))
-        cost = (x.const_F[r0:r1].to(dev, torch.float32)[:, None] + cy[idx]
-                - 2.0 * dot).clamp_(min=0.0)
-        out[r0:r1] = cost.double().cpu()
+        diff = gathered.view(r1 - r0, L, K).double()
+        diff -= x.matrix_FK[r0:r1].to(dev).double()[:, None, :]
+        out[r0:r1] = diff.square_().sum(dim=2).cpu()
+    out += torch.from_numpy(scales.offset_a)[:, None]
+    out += torch.from_numpy(scales.offset_b)[idx_XL]
     return out
 
 
 def edge_costs(a: StackedFeatures, b: StackedFeatures, rows: np.ndarray, cols: np.ndarray,
-               dev: torch.device) -> np.ndarray:
-    """Float32 costs of individual entries ``(rows[e], cols[e])`` (float64 array)."""
+               dev: torch.device, scales: ExactScales | None = None) -> np.ndarray:
+    """Float64 costs of individual entries ``(rows[e], cols[e])`` from direct differences
+    (module doc)."""
     out = np.empty(len(rows), dtype=np.float64)
     if len(rows) == 0:
         return out
+    scales = scales or exact_scales(a, b)
     K = a.matrix_FK.shape[1]
-    chunk = max(1, _GATHER_BYTES // (8 * K))
+    chunk = max(1, _GATHER_BYTES // (16 * K))
     buf_a = torch.empty((chunk, K), dtype=torch.float32, device=dev)
     buf_b = torch.empty((chunk, K), dtype=torch.float32, device=dev)
     A, B = a.matrix_FK.to(dev), b.matrix_FK.to(dev)
-    ca, cb = a.const_F.to(dev, torch.float32), b.const_F.to(dev, torch.float32)
     r_t, c_t = torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev)
     for s0 in range(0, len(rows), chunk):
         r, c = r_t[s0:s0 + chunk], c_t[s0:s0 + chunk]
-        ga = torch.index_select(A, 0, r, out=buf_a[: len(r)])
-        gb = torch.index_select(B, 0, c, out=buf_b[: len(r)])
-        dot = _batched_dot(ga[:, None, :], gb)[:, 0]
-        cost = (ca[r] + cb[c] - 2.0 * dot).clamp_(min=0.0)
-        out[s0:s0 + len(r)] = cost.double().cpu().numpy()
+        diff = torch.index_select(A, 0, r, out=buf_a[: len(r)]).double()
+        diff -= torch.index_select(B, 0, c, out=buf_b[: len(r)]).double()
+        out[s0:s0 + len(r)] = diff.square_().sum(dim=1).cpu().numpy()
+    out += scales.offset_a[rows]
+    out += scales.offset_b[cols]
     return out
-
-
-def _batched_dot(g_RLK: torch.Tensor, x_RK: torch.Tensor) -> torch.Tensor:
-    """``out[r, l] = g[r, l] · x[r]`` ([R, L]); numpy's batched matmul on the CPU (about 1.8×
-    torch's ``bmm`` for these matrix-vector batches), ``torch.bmm`` elsewhere."""
-    if g_RLK.device.type == "cpu" and g_RLK.dtype == x_RK.dtype == torch.float32:
-        return torch.from_numpy(np.matmul(g_RLK.numpy(), x_RK.numpy()[:, :, None])[:, :, 0])
-    return torch.bmm(g_RLK, x_RK[:, :, None])[:, :, 0]

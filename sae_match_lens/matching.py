@@ -36,7 +36,17 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import describe_sae, feature_view, hook_name_of, sae_identity
-from .costs import CostWeights, Metric, StackedFeatures, cost_blocks, ieee_products, stack_features
+from .costs import (
+    CostWeights,
+    ExactScales,
+    Metric,
+    StackedFeatures,
+    cost_blocks,
+    exact_scales,
+    ieee_products,
+    stack_features,
+)
+from .dense import DenseCertificate, certify_dense, encode_max_cost, square_assignment
 from .permutation import Permutation
 from .screen import block_rows_for
 from .sparse import Precision, solve_sparse, sparse_bytes
@@ -60,21 +70,32 @@ class MatchResult(NamedTuple):
     permutation: Permutation
     """``permutation.indices[i] = j``: A's feature i ↔ B's feature j (-1: no partner)."""
     cost_F: torch.Tensor
-    """Cost of each source feature's assigned pair [n_a] (float32; NaN where unmatched)."""
+    """Cost of each source feature's assigned pair [n_a] (float64, computed in float64 from
+    direct differences of the stacked features, :mod:`~sae_match_lens.costs`; NaN where
+    unmatched)."""
     total_cost: float
-    """Sum of ``cost_F`` over matched features (float64)."""
+    """Sum of ``cost_F`` over matched features (float64, correctly rounded)."""
     margin_F: torch.Tensor
-    """Best alternative cost minus assigned cost, per source feature [n_a]: how much cheaper
-    the assigned partner is than the second-best one (≤ 0 when the global assignment took a
-    column that is not the row's cheapest; for unmatched rows: second-best minus best cost)."""
+    """Best alternative cost minus assigned cost, per source feature [n_a] (float64): how much
+    cheaper the assigned partner is than the second-best one (≤ 0 when the global assignment
+    took a column that is not the row's cheapest; for unmatched rows: second-best minus best
+    cost). Always a rigorous lower bound of that float64 quantity, exact when the rival is
+    among the row's listed edges: on the dense routes the row's 4 cheapest float32 entries
+    (recomputed in float64), on the sparse route its candidate edges; where the rival may lie
+    outside them, the row's floor (a lower bound of every other edge: the 4th float32 value
+    minus its error bound, or the screening floor) stands in for its cost."""
     max_cost: float | None
     """The cost above which features stayed unmatched (``None``: full assignment)."""
     certified: bool
-    """True when the assignment is known to be optimal: dual certificate checked on the whole
-    cost matrix (lapjv, sparse), or solved by scipy's exact reference solver."""
+    """True when the assignment is proven optimal for the float64 costs on every route: no
+    pair is known to violate the dual certificate, and ``gap`` is within the written rounding
+    tolerance (about ``1e-11 · n · max cost``; :mod:`~sae_match_lens.certificate`). The float32
+    solvers only find a start: near-ties they get wrong are repaired in float64
+    (:mod:`~sae_match_lens.dense`). False when ``max_rounds`` ran out with known violations
+    (or ``certify=False`` left suspect rows)."""
     gap: float
-    """Upper bound on ``total − optimum`` from the dual certificate (0 for scipy; for sparse the
-    sum of the negative reduced costs found, inf when not bounded)."""
+    """Rigorous upper bound on ``total − optimum`` for the float64 costs, from the dual
+    certificate (inf when not bounded)."""
     solver: str
     """The solver that produced the assignment."""
     options: dict[str, Any]
@@ -273,47 +294,38 @@ def match_features(
         )
     t0 = time.perf_counter()
     C = torch.zeros(shape, dtype=torch.float32)
-    best2 = torch.empty((n_a, 2), dtype=torch.float32)
-    argbest = torch.empty(n_a, dtype=torch.int64)
+    n_top = min(4, n_b)  # each row's cheapest float32 entries: the rivals of its margin
+    top_idx = torch.empty((n_a, n_top), dtype=torch.int64)
+    dev = torch.device(device) if device is not None else a.matrix_FK.device
     bar = tqdm(total=n_a, desc=f"cost {label}", unit="row", disable=not progress, leave=False)
-    with ieee_products(torch.device(device) if device is not None else a.matrix_FK.device):
+    with ieee_products(dev):
         for r0, r1, block in cost_blocks(a, b, block_rows=block_rows or 1024, device=device,
                                          out=C):
-            n_best = min(2, n_b)  # the two cheapest partners (one when B has one feature)
-            vals, idx = torch.topk(block, n_best, dim=1, largest=False)
-            best2[r0:r1, :n_best] = vals
-            if n_best < 2:
-                best2[r0:r1, 1] = float("inf")
-            argbest[r0:r1] = idx[:, 0]
+            top_idx[r0:r1] = torch.topk(block, n_top, dim=1, largest=False).indices
             bar.update(r1 - r0)
     bar.close()
     t_cost = time.perf_counter() - t0
+    scales = exact_scales(a, b)
     if max_cost is not None:
-        C[:n_a, :n_b].clamp_(max=float(max_cost))
-    rows_np, cols_np, certified, gap = _solve(C, n_a, n_b, solver)
-    rows = torch.from_numpy(np.asarray(rows_np, dtype=np.int64))
-    cols = torch.from_numpy(np.asarray(cols_np, dtype=np.int64))
+        encode_max_cost(C[:n_a, :n_b], float(max_cost), scales)
+    cert = _solve(C, a, b, solver, scales=scales, max_cost=max_cost, max_rounds=max_rounds,
+                  dev=dev, top_idx=top_idx, label=label)
     t_solve = time.perf_counter() - t0 - t_cost
+    keep = cert.cost < max_cost if max_cost is not None else np.ones(len(cert.rows), dtype=bool)
     indices = torch.full((n_a,), -1, dtype=torch.int64)
-    indices[rows] = cols
-    cost = torch.full((n_a,), float("nan"), dtype=torch.float32)
-    cost[rows] = C[rows, cols]
-    if max_cost is not None:
-        over = cost >= max_cost
-        indices[over] = -1
-        cost[over] = float("nan")
+    indices[torch.from_numpy(cert.rows[keep])] = torch.from_numpy(cert.cols[keep])
+    cost = torch.full((n_a,), float("nan"), dtype=torch.float64)
+    cost[torch.from_numpy(cert.rows[keep])] = torch.from_numpy(cert.cost[keep])
     matched = indices >= 0
-    margin = best2[:, 1] - best2[:, 0]
-    took_best = indices == argbest
-    margin = torch.where(matched & ~took_best, best2[:, 0] - cost, margin)
-    total = float(cost[matched].to(torch.float64).sum())
-    logger.info("%s: %d/%d matched, total cost %.6g, costs %.2fs, %s solve %.2fs, certified=%s",
-                label, int(matched.sum()), n_a, total, t_cost, solver, t_solve, certified)
+    total = math.fsum(cert.cost[keep].tolist())
+    logger.info("%s: %d/%d matched, total cost %.6g, costs %.2fs, %s solve %.2fs (%d float64 "
+                "rounds), certified=%s, gap=%.3g", label, int(matched.sum()), n_a, total, t_cost,
+                solver, t_solve, cert.rounds, cert.certified, cert.gap)
     return MatchResult(
         permutation=Permutation(indices, n_b),
-        cost_F=cost, total_cost=total, margin_F=margin,
+        cost_F=cost, total_cost=total, margin_F=torch.from_numpy(cert.margin),
         max_cost=None if max_cost is None else float(max_cost),
-        certified=certified, gap=gap, solver=solver, options=dict(options or {}),
+        certified=cert.certified, gap=cert.gap, solver=solver, options=dict(options or {}),
     )
 
 
@@ -321,75 +333,50 @@ def _match_sparse(a: StackedFeatures, b: StackedFeatures, *, max_cost: float | N
                   options: dict[str, Any] | None, label: str, **kwargs: Any) -> MatchResult:
     """The sparse route of :func:`match_features`, assembled into the same :class:`MatchResult`.
 
-    ``margin_F`` is computed from each row's candidate edges (exact when its two cheapest
-    partners are among its candidates, which the screening pass makes the rule)."""
+    ``margin_F`` is a rigorous lower bound: computed from each row's candidate edges, with the
+    row floor standing in for the rival where it may not be a candidate."""
     sol = solve_sparse(a, b, max_cost=max_cost, label=label, **kwargs)
     n_a, n_b = a.matrix_FK.shape[0], b.matrix_FK.shape[0]
     indices = torch.full((n_a,), -1, dtype=torch.int64)
-    cost = torch.full((n_a,), float("nan"), dtype=torch.float32)
+    cost = torch.full((n_a,), float("nan"), dtype=torch.float64)
     keep = sol.cost < max_cost if max_cost is not None else np.ones(len(sol.rows), dtype=bool)
     rows = torch.from_numpy(sol.rows[keep])
     indices[rows] = torch.from_numpy(sol.cols[keep])
-    cost[rows] = torch.from_numpy(sol.cost[keep]).float()
-    best2 = torch.from_numpy(sol.best2).float()
+    cost[rows] = torch.from_numpy(sol.cost[keep])
     matched = indices >= 0
-    margin = best2[:, 1] - best2[:, 0]
-    took_best = indices == torch.from_numpy(sol.argbest)
-    margin = torch.where(matched & ~took_best, best2[:, 0] - cost, margin)
-    total = float(cost[matched].to(torch.float64).sum())
+    total = math.fsum(sol.cost[keep].tolist())
     logger.info("%s: %d/%d matched, total cost %.6g, sparse solve %.2fs (%d rounds, %d edges), "
                 "certified=%s, gap=%.3g", label, int(matched.sum()), n_a, total,
                 sol.stats["t_total"], sol.rounds, sol.stats["edges"], sol.certified, sol.gap)
     return MatchResult(
         permutation=Permutation(indices, n_b),
-        cost_F=cost, total_cost=total, margin_F=margin,
+        cost_F=cost, total_cost=total, margin_F=torch.from_numpy(sol.margin),
         max_cost=None if max_cost is None else float(max_cost),
         certified=sol.certified, gap=sol.gap, solver="sparse", options=dict(options or {}),
     )
 
 
-def _solve(C: torch.Tensor, n_a: int, n_b: int, solver: str) -> tuple[np.ndarray, np.ndarray, bool, float]:
-    """Exact assignment on ``C`` (square padded for lapjv); returns real (row, col) pairs."""
+def _solve(C: torch.Tensor, a: StackedFeatures, b: StackedFeatures, solver: str, *,
+           scales: ExactScales, max_cost: float | None, max_rounds: int, dev: torch.device,
+           top_idx: torch.Tensor, label: str) -> DenseCertificate:
+    """Find an assignment on the float32 matrix ``C`` (square padded for lapjv), then certify
+    or repair it against the float64 costs (:func:`~sae_match_lens.dense.certify_dense`)."""
+    n_a, n_b = a.matrix_FK.shape[0], b.matrix_FK.shape[0]
     if solver == "scipy":
         from scipy.optimize import linear_sum_assignment
 
         rows, cols = linear_sum_assignment(C.numpy())
-        return rows, cols, True, 0.0
-    from lapjv import lapjv
+        match_right, v = square_assignment(rows, cols, n_a, n_b), None
+    else:
+        from lapjv import lapjv
 
-    C_np = C.numpy()
-    row_to_col, _, (_, u, v) = lapjv(C_np)
-    row_to_col = np.asarray(row_to_col, dtype=np.int64)
-    n = C.shape[0]
-    if sorted(row_to_col.tolist()) != list(range(n)):
-        raise RuntimeError("lapjv returned an invalid assignment; use solver='scipy'.")
-    primal = float(C_np[np.arange(n), row_to_col].astype(np.float64).sum())
-    certified, gap = _dual_certificate(C, torch.from_numpy(np.asarray(u, dtype=np.float64)),
-                                       torch.from_numpy(np.asarray(v, dtype=np.float64)), primal)
-    rows = np.arange(n_a)
-    cols = row_to_col[:n_a]
-    real = cols < n_b
-    return rows[real], cols[real], certified, gap
-
-
-def _dual_certificate(C: torch.Tensor, u: torch.Tensor, v: torch.Tensor, primal: float,
-                      block_rows: int = 2048) -> tuple[bool, float]:
-    """Check duals (u, v) against every entry of ``C``; return (certified, gap bound).
-
-    Lowering each ``u_i`` by its most negative reduced cost ``min_j (C_ij − u_i − v_j)`` makes
-    the duals feasible, so ``Σu' + Σv`` is a lower bound on the optimum and
-    ``gap = primal − (Σu' + Σv)`` bounds the distance of the assignment from it.
-    """
-    v32 = v.to(torch.float32)
-    u_feasible = u.clone()
-    for r0 in range(0, C.shape[0], block_rows):
-        r1 = min(C.shape[0], r0 + block_rows)
-        reduced_min = (C[r0:r1] - v32[None, :]).min(dim=1).values.to(torch.float64) - u[r0:r1]
-        u_feasible[r0:r1] += reduced_min.clamp(max=0.0)
-    dual = float(u_feasible.sum() + v.sum())
-    gap = max(0.0, primal - dual)
-    tol = 1e-5 * max(1.0, abs(primal)) + 1e-6 * C.shape[0]
-    return gap <= tol, gap
+        row_to_col, _, (_, _, v) = lapjv(C.numpy())
+        match_right = np.asarray(row_to_col, dtype=np.int64)
+        if sorted(match_right.tolist()) != list(range(C.shape[0])):
+            raise RuntimeError("lapjv returned an invalid assignment; use solver='scipy'.")
+        v = np.asarray(v, dtype=np.float64)
+    return certify_dense(C, a, b, match_right, v, scales=scales, max_cost=max_cost,
+                         max_rounds=max_rounds, dev=dev, top_idx=top_idx, label=label)
 
 
 def _block_columns(weights: CostWeights, d_in: int, d_out: int) -> dict[str, slice]:

@@ -17,8 +17,11 @@ Any ``S`` gives a valid bound; energy only makes it tight. With ``m = K`` the sc
 **Rounding.** The norms ``‖x_R‖`` are rounded up. In float32 one product gives ``L`` directly:
 it also carries the constants and an allowance ``γ(c_i + c_j + 2‖a'_i‖‖b'_j‖)``,
 ``γ = 2(m + 9)·2⁻²⁴``, that covers its own accumulation error in any summation order, so ``L`` is
-rigorously ≤ the exact real cost. With ``precision="bfloat16"``/``"float16"`` the product runs
-in that precision and the bound subtracts a rigorous allowance for the rounding of the inputs
+rigorously ≤ the exact real cost ``c_i + c_j − 2a_i·b_j`` with the stored float64 constants
+(the float64 cost of :mod:`sae_match_lens.costs` differs from it by the float64 rounding of the
+norms; the certificate widens the duals by that before comparing them with floors,
+:func:`~sae_match_lens.certificate.floor_pads`). With ``precision="bfloat16"``/``"float16"``
+the product runs in that precision and the bound subtracts a rigorous allowance for the rounding of the inputs
 (``‖δa_i‖‖b̃_j‖ + ‖a_i‖‖δb_j‖``, measured exactly), of the product's accumulation and output
 (``(K·2⁻²⁴ + u_out)‖ã_i‖‖b̃_j‖``) and of the float32 constants. On CPUs without bf16/fp16 matrix
 units (e.g. AVX2-only) low precision is slower than float32 (measured on an AVX2 EPYC: float32

@@ -7,20 +7,26 @@ features that is 16 GiB, at 1M 4 TiB. This route never holds more than one block
    cost itself with ``screen_dims=None``, or a narrower product) are computed on ``device`` and
    reduced there to each row's ``k`` and each column's ``max(4, k // 4)`` cheapest entries, plus
    floors that bound every pruned edge of each row and column.
-2. **Sparse solve.** Float32 costs of the candidate edges are computed (only those), the edges of
+2. **Sparse solve.** Float64 costs of the candidate edges are computed (only those), the edges of
    one complete greedy pairing are added (a perfect matching then exists), and
    ``scipy.sparse.csgraph.min_weight_full_bipartite_matching`` (LAPJVsp) solves the assignment
-   restricted to them. Its output is checked (every edge exists, one-to-one, right size).
+   restricted to them, by cost scaling (:func:`_staged_lapjvsp`: near-ties would otherwise start
+   price wars of range/gap steps). Its output is checked (every edge exists, one-to-one, right
+   size).
 3. **Certificate** (:mod:`sae_match_lens.certificate`): dual prices from the residual graph;
    rows whose floors prove every pruned edge has a non-negative reduced cost need no further
    work; the rest are checked exactly, violating edges join the graph and the problem is
    re-solved (at most ``max_rounds`` repairs). ``gap`` bounds ``total − optimum``.
 
-**Rigour.** Bounds hold for the exact real-valued costs of the stacked float32 features; the
-costs the solver compares are float32 computations of them (as in the dense route), so
-"certified" means optimal up to that rounding: the gap is compared with
-``1e-5 · max(1, |total|) + 1e-6 · n``, the dense route's tolerance. A screen is only a filter:
-candidate costs are always recomputed in float32.
+**Rigour.** Every cost the solver compares and every cost in the result is a float64 cost of the
+stacked features from direct differences (:mod:`sae_match_lens.costs`); the screen and float32
+rows are only filters with rigorous error bounds. "Certified" means what
+:mod:`sae_match_lens.certificate` proves: no edge is known to violate the duals, and
+``gap`` — an upper bound on ``total − optimum`` for the real-valued costs — is within the
+written rounding tolerance (about ``1e-11 · n · max cost``). Known violations are always added and
+re-solved while rounds remain (``max_rounds``); when they run out, ``certified`` is False and
+``gap`` still bounds the distance to the optimum. :func:`~sae_match_lens.dense.certify_dense`
+applies the same certificate and repairs to a dense float32 solution (lapjv, scipy).
 
 **Unmatched features** (``max_cost=λ``). As in the dense route, a pair costing ≥ λ is no better
 than leaving its row unmatched: the problem is ``min Σ_M (C_ij − λ)`` over partial matchings.
@@ -44,8 +50,25 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-from .certificate import Problem, duals, graph_violation, recheck, suspect_rows
-from .costs import StackedFeatures, edge_costs, ieee_products, listed_costs
+from .certificate import (
+    Problem,
+    dual_gap,
+    duals,
+    floor_pads,
+    graph_worst,
+    problem_errors,
+    recheck,
+    suspect_rows,
+)
+from .costs import (
+    ExactScales,
+    StackedFeatures,
+    edge_costs,
+    edge_error,
+    exact_scales,
+    ieee_products,
+    listed_costs,
+)
 from .screen import (
     LOW_PRECISION,
     Precision,
@@ -56,7 +79,8 @@ from .screen import (
     screen_pass,
 )
 
-__all__ = ["EdgeSet", "Precision", "SparseSolution", "solve_sparse", "sparse_bytes"]
+__all__ = ["EdgeSet", "Precision", "SparseSolution", "build_problem", "margins", "matched_costs",
+           "matched_errors", "pruned_pad", "solve_problem", "solve_sparse", "sparse_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +93,16 @@ class SparseSolution(NamedTuple):
     cols: np.ndarray
     """Their partners in the target (int64)."""
     cost: np.ndarray
-    """Float32 cost of each pair (float64 array)."""
-    best2: np.ndarray
-    """Cheapest two candidate costs of every source row [n_a, 2] (inf where fewer exist)."""
-    argbest: np.ndarray
-    """The candidate column of each row's cheapest cost [n_a] (-1 where none)."""
+    """Float64 cost of each pair (module doc of :mod:`sae_match_lens.costs`)."""
+    margin: np.ndarray
+    """Per source row [n_a]: a lower bound of (cheapest other partner − assigned cost), where a
+    row is assigned when its pair costs less than ``max_cost``; for unassigned rows of
+    (second cheapest − cheapest). Exact where the rival is a candidate edge, otherwise the row
+    floor (the bound of every pruned edge) stands in for it."""
     certified: bool
-    """True when the duals were proven feasible on the whole cost matrix."""
+    """True when no violation is known and ``gap`` is within rounding (see the module doc)."""
     gap: float
-    """Upper bound on ``total − optimum`` (inf when it could not be bounded)."""
+    """Upper bound on ``total − optimum`` for the float64 costs (inf when not bounded)."""
     rounds: int
     """Repair rounds used (0: certified on the first solve)."""
     stats: dict[str, Any]
@@ -159,7 +184,7 @@ def _complete_pairing(g: EdgeSet) -> tuple[np.ndarray, np.ndarray]:
     return left_r[:n], left_c[:n]
 
 
-def _build_problem(g: EdgeSet, max_cost: float | None) -> tuple[Problem, np.ndarray, np.ndarray]:
+def build_problem(g: EdgeSet, max_cost: float | None) -> tuple[Problem, np.ndarray, np.ndarray]:
     """Square problem and the extra solver-only edges (dummy × dummy transposes)."""
     n_a, n_b = g.n_a, g.n_b
     empty = np.empty(0, dtype=np.int64)
@@ -178,12 +203,22 @@ def _build_problem(g: EdgeSet, max_cost: float | None) -> tuple[Problem, np.ndar
     return Problem(n, g.rows, g.cols, g.cost, block_left, block_right), empty, empty
 
 
-def _solve_problem(prob: Problem, extra_l: np.ndarray, extra_r: np.ndarray, n_a: int,
+_TINY = float(np.finfo(np.float64).smallest_subnormal)
+
+
+def _weights(cost: np.ndarray) -> np.ndarray:
+    """Edge weights for LAPJVsp, which drops zero weights: exact zeros become the smallest
+    subnormal (a shift by a constant would round every cost)."""
+    return np.where(cost == 0.0, _TINY, cost)
+
+
+def solve_problem(prob: Problem, extra_l: np.ndarray, extra_r: np.ndarray, n_a: int,
                    n_b: int, padded: bool) -> tuple[np.ndarray, np.ndarray]:
     """Optimal perfect matching of the square problem: ``match_right[l]`` and the cost of it."""
     n = prob.n_left
     if padded:  # unequal widths, no max_cost: solve the real rectangle, pad with block edges
-        graph = sp.csr_matrix((prob.e_cost + 1.0, (prob.e_left, prob.e_right)), shape=(n_a, n_b))
+        graph = sp.csr_matrix((_weights(prob.e_cost), (prob.e_left, prob.e_right)),
+                              shape=(n_a, n_b))
         r_idx, c_idx = min_weight_full_bipartite_matching(graph)
         match_right = np.full(n, -1, dtype=np.int64)
         match_right[r_idx] = c_idx
@@ -196,14 +231,45 @@ def _solve_problem(prob: Problem, extra_l: np.ndarray, extra_r: np.ndarray, n_a:
     else:
         left = np.concatenate([prob.e_left, extra_l])
         right = np.concatenate([prob.e_right, extra_r])
-        cost = np.concatenate([prob.e_cost, np.zeros(len(extra_l))]) + 1.0
-        graph = sp.csr_matrix((cost, (left, right)), shape=(n, n))
+        match_right = _staged_lapjvsp(n, left, right,
+                                      np.concatenate([prob.e_cost, np.zeros(len(extra_l))]))
+    return match_right, matched_costs(prob, match_right)
+
+
+def _staged_lapjvsp(n: int, left: np.ndarray, right: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """Optimal perfect matching of a square sparse problem with LAPJVsp, by cost scaling.
+
+    LAPJVsp's augmenting row reduction is a price war: rows that must give way to a far edge
+    bid their columns up by their best-to-second gap at a time, so near-ties (gaps ~1e-7) under
+    a large cost range take range/gap steps (hours on a 180-row problem). So the problem is
+    solved on costs rounded to a grid of 2⁻²⁰ and 2⁻⁴⁰ of the largest cost, then exactly, each
+    stage on the reduced costs of the previous stage's duals: a stage's price wars are then
+    bounded by the previous grid over its own."""
+    scale = float(np.abs(cost).max(initial=0.0))
+    red = cost.copy()
+    for bits in (20, 40, None):
+        if bits is None or scale == 0.0:
+            w = red
+        else:
+            q = math.ldexp(1.0, math.frexp(scale)[1] - bits)
+            w = np.round(red / q) * q
+        graph = sp.csr_matrix((_weights(w), (left, right)), shape=(n, n))
         r_idx, c_idx = min_weight_full_bipartite_matching(graph)
         match_right = np.full(n, -1, dtype=np.int64)
         match_right[r_idx] = c_idx
+        if bits is None or scale == 0.0:
+            return match_right
+        stage = Problem(n, left, right, w, np.empty(0, np.int64), np.empty(0, np.int64))
+        du, dv = duals(stage, match_right, matched_costs(stage, match_right))
+        red = red - du[left] - dv[right]
+    return match_right
+
+
+def matched_costs(prob: Problem, match_right: np.ndarray) -> np.ndarray:
+    """Cost of every matched edge, looked up among the problem's edges (never trusted blindly)."""
+    n = prob.n_left
     if (match_right < 0).any() or len(np.unique(match_right)) != n:
         raise RuntimeError("the sparse solver returned an assignment that is not one-to-one.")
-    # cost of every matched edge, looked up among the problem's edges (never trusted blindly)
     in_block = np.zeros(n, dtype=bool)
     in_block[prob.block_left] = True
     block_r = np.zeros(n, dtype=bool)
@@ -211,13 +277,13 @@ def _solve_problem(prob: Problem, extra_l: np.ndarray, extra_r: np.ndarray, n_a:
     keys = prob.e_left.astype(np.int64) * n + prob.e_right
     order = np.argsort(keys)
     want = np.arange(n, dtype=np.int64) * n + match_right
-    pos = np.searchsorted(keys[order], want).clip(max=len(keys) - 1)
-    found = keys[order][pos] == want
-    mcost = np.where(found, prob.e_cost[order][pos], 0.0)
+    pos = np.searchsorted(keys[order], want).clip(max=max(0, len(keys) - 1))
+    found = keys[order][pos] == want if len(keys) else np.zeros(n, dtype=bool)
+    mcost = np.where(found, prob.e_cost[order][pos], 0.0) if len(keys) else np.zeros(n)
     bad = ~found & ~(in_block & block_r[match_right])
     if bad.any():
         raise RuntimeError(f"the sparse solver used {int(bad.sum())} edges that do not exist.")
-    return match_right, mcost
+    return mcost
 
 
 def solve_sparse(
@@ -307,76 +373,114 @@ def _solve(a: StackedFeatures, b: StackedFeatures, *, k: int, max_cost: float | 
     del screen
     stats["t_screen"] = time.perf_counter() - t0 - stats["t_width"]
     g = EdgeSet(n_a, n_b)
+    scales = exact_scales(a, b)
     g.add(np.repeat(np.arange(n_a), row_idx.shape[1]), row_idx.numpy().ravel(),
-          listed_costs(a, b, row_idx, dev).numpy().ravel())
+          listed_costs(a, b, row_idx, dev, scales).numpy().ravel())
     # columns' candidates: most are already some row's candidate
     r_new, c_new = g.missing(col_idx.numpy().ravel(), np.repeat(np.arange(n_b), col_idx.shape[1]))
-    g.add(r_new, c_new, edge_costs(a, b, r_new, c_new, dev))
+    g.add(r_new, c_new, edge_costs(a, b, r_new, c_new, dev, scales))
     if max_cost is None:
         pr, pc = _complete_pairing(g)
         r_new, c_new = g.missing(pr, pc)
-        g.add(r_new, c_new, edge_costs(a, b, r_new, c_new, dev))
+        g.add(r_new, c_new, edge_costs(a, b, r_new, c_new, dev, scales))
     stats["t_candidates"] = time.perf_counter() - t0 - stats["t_screen"] - stats["t_width"]
     padded = max_cost is None and n_a != n_b
-    certified, gap, rounds = False, math.inf, 0
+    rounds, n_known, unresolved = 0, 0, False
     for rounds in range(max_rounds + 1):
         t1 = time.perf_counter()
-        prob, extra_l, extra_r = _build_problem(g, max_cost)
-        match_right, mcost = _solve_problem(prob, extra_l, extra_r, n_a, n_b, padded)
+        prob, extra_l, extra_r = build_problem(g, max_cost)
+        match_right, mcost = solve_problem(prob, extra_l, extra_r, n_a, n_b, padded)
         u, v = duals(prob, match_right, mcost)
-        primal = float(mcost.sum())
-        tol = 1e-5 * max(1.0, abs(primal)) + 1e-6 * max(n_a, n_b)
-        in_graph_gap = graph_violation(prob, u, v)
         u_r, v_r = u[:n_a], v[:n_b]
-        suspects, count, col_order = suspect_rows(u_r, v_r, row_floor, col_floor)
+        pad_a, pad_b = floor_pads(scales, u_r, v_r, row_floor, col_floor)
+        suspects, count, col_order = suspect_rows(u_r + pad_a, v_r + pad_b, row_floor, col_floor)
+        outside, n_known = np.zeros(n_a), 0
         stats.setdefault("suspects", []).append(len(suspects))
         stats.setdefault("t_solve", []).append(time.perf_counter() - t1)
         logger.info("%s: round %d, %d edges, %d suspect rows", label, rounds, len(g.keys),
                     len(suspects))
         if len(suspects) == 0:
-            certified, gap = in_graph_gap <= tol, in_graph_gap
             break
-        if not certify:
-            vmax = v_r.max()
-            bound = np.maximum(0.0, u_r[suspects] + vmax - row_floor[suspects])
-            certified, gap = False, in_graph_gap + float(bound.sum())
+        if not certify:  # the suspects' pruned edges are bounded by their row floors only
+            vmax = float((v_r + pad_b).max())
+            outside[suspects] = np.minimum(0.0, row_floor[suspects] - u_r[suspects]
+                                           - pad_a[suspects] - vmax)
+            unresolved = True
             break
         t2 = time.perf_counter()
-        add_r, add_c, add_w, neg = recheck(a, b, g, suspects, count, col_order, u_r, v_r, col_floor,
-                                            row_floor, k, block_rows, dev)
+        add_r, add_c, add_w, outside, n_known = recheck(
+            a, b, g, suspects, count, col_order, u_r, v_r, pad_a, pad_b, col_floor, row_floor,
+            k, block_rows, dev, scales)
         stats.setdefault("t_recheck", []).append(time.perf_counter() - t2)
-        gap = in_graph_gap + neg
-        if gap <= tol or len(add_r) == 0:
-            certified = gap <= tol
+        if n_known == 0 or rounds == max_rounds:
             break
-        if rounds == max_rounds:
-            break
-        g.add(add_r, add_c, add_w)
-    rows_all = np.arange(n_a)
-    cols_all = match_right[:n_a]
-    real = cols_all < n_b
-    rows, cols = rows_all[real], cols_all[real]
-    key = rows.astype(np.int64) * n_b + cols
-    cost = g.cost[np.searchsorted(g.keys, key)]
-    best2, argbest = _best_two(g, n_a)
+        g.add(add_r, add_c, add_w)  # known violations: always re-solve while rounds remain
+    worst = graph_worst(prob, u, v, problem_errors(prob, scales, n_a, n_b))
+    worst[:n_a] = np.minimum(worst[:n_a], outside)
+    gap, tol = dual_gap(mcost, matched_errors(scales, match_right, mcost, n_a, n_b), u, v,
+                        worst, scales.g64)
+    certified = n_known == 0 and not unresolved and gap <= tol
+    if n_known:
+        logger.info("%s: %d known violations left after %d rounds (max_rounds)", label, n_known,
+                    rounds)
+    rows = np.flatnonzero(match_right[:n_a] < n_b)
+    cols = match_right[rows]
+    cost = g.cost[np.searchsorted(g.keys, rows.astype(np.int64) * n_b + cols)]
+    floor = row_floor - pruned_pad(scales, row_floor)
+    margin = margins(g.rows, g.cols, g.cost, floor, rows, cols, cost, max_cost)
     stats["t_total"] = time.perf_counter() - t0
     stats["edges"] = len(g.keys)
-    return SparseSolution(rows, cols, cost, best2, argbest, bool(certified), float(gap), rounds,
-                          stats)
+    return SparseSolution(rows, cols, cost, margin, bool(certified), float(gap), rounds, stats)
 
 
-def _best_two(g: EdgeSet, n_a: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cheapest two candidate costs of every row, and the column of the cheapest."""
-    rows, cols, cost = g.rows, g.cols, g.cost
-    order = np.lexsort((cost, rows))
-    rows, cols, cost = rows[order], cols[order], cost[order]
-    first = np.searchsorted(rows, np.arange(n_a), side="left")
-    last = np.searchsorted(rows, np.arange(n_a), side="right")
-    best2 = np.full((n_a, 2), np.inf)
-    argbest = np.full(n_a, -1, dtype=np.int64)
-    has1 = last > first
-    best2[has1, 0] = cost[first[has1]]
-    argbest[has1] = cols[first[has1]]
-    has2 = last > first + 1
-    best2[has2, 1] = cost[first[has2] + 1]
-    return best2, argbest
+def matched_errors(scales: ExactScales, match_right: np.ndarray, mcost: np.ndarray, n_a: int,
+                    n_b: int) -> np.ndarray:
+    """Error bounds of the matched edges' costs (dummy and padding edges are exact)."""
+    left = np.arange(len(match_right))
+    real = (left < n_a) & (match_right < n_b)
+    err = np.zeros(len(mcost))
+    err[real] = edge_error(scales, left[real], match_right[real], mcost[real])
+    return err
+
+
+def pruned_pad(scales: ExactScales, row_floor: np.ndarray) -> np.ndarray:
+    """What a row floor (a bound of ``c_i + c_j − 2x·y`` with the stored constants) must be
+    lowered by to bound the float64-defined cost of every column (certificate doc, (c))."""
+    g = scales.g64
+    tail = float((g * (scales.norm_b ** 2 + np.abs(scales.offset_b))).max(initial=0.0))
+    rf = np.where(np.isfinite(row_floor), np.abs(row_floor), 0.0)
+    return g * (scales.norm_a ** 2 + np.abs(scales.offset_a) + rf) + tail
+
+
+def margins(e_rows: np.ndarray, e_cols: np.ndarray, e_cost: np.ndarray, floor: np.ndarray,
+             rows: np.ndarray, cols: np.ndarray, cost: np.ndarray,
+             max_cost: float | None) -> np.ndarray:
+    """Lower bounds of the margins [n_a] from edges with known float64 costs and, per row, a
+    lower bound ``floor`` of every other edge. A pair is assigned when it costs less than
+    ``max_cost``; assigned rows get ``min(cheapest other edge, floor) − cost``, the others
+    ``max(0, min(second cheapest edge, floor) − cheapest edge)``."""
+    n_a = len(floor)
+    ok = cost < max_cost if max_cost is not None else np.ones(len(rows), dtype=bool)
+    assigned = np.full(n_a, -1, dtype=np.int64)
+    assigned[rows[ok]] = cols[ok]
+    own = np.full(n_a, np.nan)
+    own[rows[ok]] = cost[ok]
+    order = np.lexsort((e_cost, e_rows))
+    r, c, w = e_rows[order], e_cols[order], e_cost[order]
+
+    def first_two(rr: np.ndarray, ww: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.searchsorted(rr, np.arange(n_a), side="left")
+        hi = np.searchsorted(rr, np.arange(n_a), side="right")
+        c1, c2 = np.full(n_a, np.inf), np.full(n_a, np.inf)
+        c1[hi > lo] = ww[lo[hi > lo]]
+        c2[hi > lo + 1] = ww[lo[hi > lo + 1] + 1]
+        return c1, c2
+
+    other = c != assigned[r]
+    alt, _ = first_two(r[other], w[other])
+    margin = np.minimum(alt, floor) - own
+    c1, c2 = first_two(r, w)
+    second = np.minimum(c2, floor)
+    with np.errstate(invalid="ignore"):
+        spread = np.where(np.isfinite(c1), np.maximum(0.0, second - c1), 0.0)
+    return np.where(assigned >= 0, margin, spread)

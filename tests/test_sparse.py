@@ -96,8 +96,9 @@ def test_an_exhausted_round_limit_reports_an_honest_gap():
     sol = solve_sparse(a, b, k=1, max_rounds=0, screen_dims=None, progress=False)
     excess = float(sol.cost.sum()) - dense_objective(a, b)
     assert excess >= -1e-3
-    assert sol.certified == (sol.gap <= 1e-5 * float(sol.cost.sum()) + 1e-3)
-    assert sol.gap >= excess - 1e-3  # the gap bounds the distance to the optimum
+    if sol.certified:  # certified means optimal for the float64 costs, up to rounding
+        assert sol.gap <= 1e-9 * float(sol.cost.sum())
+    assert sol.gap >= excess - 1e-9 * float(sol.cost.sum())  # the gap bounds the distance
 
 
 @pytest.mark.parametrize("shape", [(250, 400), (400, 250)])
