@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .adapters import fold_scales, hook_name_of, validate_sae
 from .chain import ChainMatch, compare_composed_direct, match_chain
 from .matching import null_max_cost
+from .metrics import fires
 from .verdicts import reading
 
 __all__ = ["HubUnavailableError", "load_release", "parse_layers", "run_demo", "run_pipeline",
@@ -289,8 +290,9 @@ def scale_profile(model: Any, saes: Sequence[Any], tokens: torch.Tensor,
     ``mean_threshold`` (None without a threshold), ``mean_decoder_norm``, ``mean_fold_scale``,
     ``fold_scale_cv`` (std / mean of the per-feature scales within the layer),
     ``mean_resid_norm``: the mean L2 norm of the state at the SAE's hook over ``tokens``, and
-    ``mean_firing_activation``: the mean raw activation ``encode(x)`` of features where they fire
-    (> 0) on those tokens; BOS position excluded from both.
+    ``mean_firing_activation``: the mean magnitude of the raw activation ``encode(x)`` of features
+    where they fire (``!= 0``, :func:`~sae_match_lens.metrics.fires`) on those tokens; BOS
+    position excluded from both.
     """
     hooks = [hook_name_of(s) for s in saes]
     wanted = set(hooks)
@@ -305,8 +307,8 @@ def scale_profile(model: Any, saes: Sequence[Any], tokens: torch.Tensor,
                 x = cache[hook][:, 1:]
                 totals[k] += x.to(torch.float64).norm(dim=-1).sum().cpu()
                 acts = sae.encode(x.to(sae.dtype)).to(torch.float64)
-                act_sums[k] += acts.clamp_min(0).sum().cpu()
-                act_counts[k] += (acts > 0).sum().cpu()
+                act_sums[k] += acts.abs().sum().cpu()
+                act_counts[k] += fires(acts).sum().cpu()
             count += batch[:, 1:].numel()
     rows = []
     for k, (sae, hook) in enumerate(zip(saes, hooks, strict=True)):
@@ -338,10 +340,10 @@ def _traced_paths(model: Any, saes: Sequence[Any], chain: ChainMatch, tokens: to
         acts = [sae.encode(cache[hook_name_of(sae)].to(sae.dtype))[:, 1:] for sae in saes]
     table = chain.paths(0)
     complete = (table >= 0).all(dim=1)
-    fires = (acts[0] > 0).flatten(0, 1).any(dim=0)
+    ever = fires(acts[0]).flatten(0, 1).any(dim=0)
     totals = torch.stack([chain.steps[layer].cost_F[table[:, layer].clamp_min(0)]
                           for layer in range(len(chain.steps))], dim=1).sum(dim=1)
-    totals[~(complete & fires)] = float("inf")
+    totals[~(complete & ever)] = float("inf")
     chosen = [int(f) for f in torch.argsort(totals)[:n_paths] if math.isfinite(float(totals[f]))]
     tokenizer = getattr(model, "tokenizer", None)
     paths = []
@@ -350,13 +352,13 @@ def _traced_paths(model: Any, saes: Sequence[Any], chain: ChainMatch, tokens: to
         steps = []
         for step in trace.steps:
             a = acts[step.layer][..., step.feature].flatten()
-            top = torch.topk(a, k=min(5, a.numel())).indices
-            top = top[a[top] > 0]
+            top = torch.topk(a.abs(), k=min(5, a.numel())).indices
+            top = top[fires(a[top])]
             ids = tokens[:, 1:].flatten()[top].tolist()
             words = [tokenizer.decode([i]) for i in ids] if tokenizer is not None else [str(i) for i in ids]
             steps.append({"layer": step.layer, "hook_name": step.hook_name, "feature": step.feature,
                           "cost": step.cost, "margin": step.margin, "top_tokens": words,
-                          "firing_rate": float((a > 0).float().mean())})
+                          "firing_rate": float(fires(a).float().mean())})
         paths.append({"steps": steps, "total_cost": trace.total_cost})
     return paths
 

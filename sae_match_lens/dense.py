@@ -128,8 +128,9 @@ def certify_dense(C: torch.Tensor, a: StackedFeatures, b: StackedFeatures,
     pr = np.flatnonzero(match_right[:n_a] < n_b)
     pc = match_right[pr]
     g.add(pr, pc, clamped(edge_costs(a, b, pr, pc, dev, scales)))
-    if v_init is None:
-        g.add(top_r, top_c, clamped(top_w))
+    g.add(top_r, top_c, clamped(top_w))  # each row's cheapest columns: a repair round solved
+    # on G alone then has prices for every column a row is likely to want (with the assignment
+    # alone, one round's duals violated ~20% of a 2048² matrix on unrelated SAEs)
     empty = np.empty(0, dtype=np.int64)
     rounds, n_known = 0, 0
     for rounds in range(max_rounds + 1):

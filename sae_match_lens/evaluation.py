@@ -13,9 +13,17 @@ Metrics (position 0, the BOS position, is excluded from all of them):
   pooled over tokens and dimensions.
 * ``delta_ce``: mean next-token cross-entropy (nats) with the substitute minus without.
 * ``kl``: mean ``KL(clean ‖ substituted)`` over the same predictions as ``delta_ce`` (metrics.py).
-* ``coactivation``: ``P(f_B[π(i)] > 0 | f_A[i] > 0)`` with ``f_A = SAE_A.encode(h_A)``,
+* ``coactivation``: ``P(f_B[π(i)] fires | f_A[i] fires)`` with ``f_A = SAE_A.encode(h_A)``,
   ``f_B = SAE_B.encode(true h_B)``, averaged over matched source features that fire at least
-  once (NaN for variants that use no permutation).
+  once (NaN for variants that use no permutation). A feature fires when its activation is
+  non-zero (AbsTopK activations can be negative).
+
+**BOS.** Every sequence must start with the model's BOS token (checked). By default
+(``bos="keep"``) position 0 keeps its true state at B in every substituted run, as the SAEs are
+trained without it; ``bos="substitute"`` substitutes it too (it is still not scored).
+
+**Provenance.** Permutations passed in ``permutations`` are checked against the pair's SAEs
+(:meth:`~sae_match_lens.permutation.Permutation.check_saes`).
 
 The substituted run starts at B's block boundary (``start_at_layer``) on a ``HookedTransformer``
 whose SAEs read ``hook_resid_pre`` / ``hook_resid_post``; elsewhere (``TransformerBridge``, other
@@ -36,12 +44,21 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import feature_view
-from .costs import CostWeights, stack_features
+from .costs import CostWeights, Metric, stack_features
 from .hooks import BlockSubstitute, Substitution, block_substitute
+from .linking import SCORES, Transition, links
 from .matching import MatchResult, match
 from .metrics import cross_entropy_sum, kl_sum, squared_error_sum, vocab_dot
 from .permutation import Permutation
-from .routes import run_from, skip_boundaries, validate_route
+from .routes import (
+    BOS_POLICIES,
+    BosPolicy,
+    check_bos_tokens,
+    resolve_bos_token_id,
+    run_from,
+    skip_boundaries,
+    validate_route,
+)
 
 __all__ = [
     "DEFAULT_VARIANTS",
@@ -55,7 +72,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PermutationSource = Literal["matched", "unfolded", "random"]
+PermutationSource = Literal["matched", "unfolded", "random", "links"]
 Route = Literal["auto", "skip", "hooks"]
 
 
@@ -73,14 +90,33 @@ class Variant:
     """How the state at B is computed (:class:`~sae_match_lens.hooks.Substitution`)."""
     permutation: PermutationSource = "matched"
     """``"matched"``: ``match(sae_a, sae_b)`` (or the permutation passed in); ``"unfolded"``:
-    ``match(..., fold=False)``; ``"random"``: a seeded random one-to-one map."""
+    ``match(..., fold=False)``; ``"random"``: a seeded random one-to-one map; ``"links"``: a
+    many-to-one transition from :func:`~sae_match_lens.linking.links` (``link_score``,
+    ``link_k``): B's folded activation j is the sum of A's folded activations linked to j."""
+    link_score: str = "decoder_cosine"
+    """``"links"`` only: the link score (:data:`~sae_match_lens.linking.SCORES`)."""
+    link_k: int = 1
+    """``"links"`` only: links per source feature (binarised top-k transition)."""
 
     def __post_init__(self) -> None:
-        if self.permutation not in ("matched", "unfolded", "random"):
+        if self.permutation not in ("matched", "unfolded", "random", "links"):
             raise ValueError(
-                f"variant {self.name!r}: permutation must be 'matched', 'unfolded' or 'random', "
-                f"got {self.permutation!r}."
+                f"variant {self.name!r}: permutation must be 'matched', 'unfolded', 'random' or "
+                f"'links', got {self.permutation!r}."
             )
+        if self.permutation == "links":
+            if self.link_score not in SCORES:
+                raise ValueError(f"variant {self.name!r}: unknown link_score {self.link_score!r}; "
+                                 f"valid: {list(SCORES)}.")
+            if not isinstance(self.link_k, int) or self.link_k < 1:
+                raise ValueError(f"variant {self.name!r}: link_k must be >= 1, got {self.link_k!r}.")
+
+    @property
+    def source_key(self) -> str:
+        """Which map the variant uses (variants with the same key share it)."""
+        if self.permutation == "links":
+            return f"links:{self.link_score}:{self.link_k}"
+        return self.permutation
 
 
 VARIANTS: dict[str, Variant] = {
@@ -95,18 +131,25 @@ VARIANTS: dict[str, Variant] = {
         Variant("sae_a_reconstruction", Substitution("reconstruct_a")),
         Variant("random_permutation", Substitution("permute", "folded"), "random"),
         Variant("unfolded_matching", Substitution("permute", "folded"), "unfolded"),
+        Variant("transition_decoder_cosine", Substitution("permute", "folded"), "links",
+                "decoder_cosine", 1),
+        Variant("transition_cosine_density", Substitution("permute", "folded"), "links",
+                "cosine_density", 1),
     )
 }
 """The built-in variants. ``folded`` is the method; ``raw`` changes only the transfer units,
 ``random_permutation`` / ``unfolded_matching`` only the permutation (folded transfer), so each
 baseline differs from ``folded`` in one thing."""
 
-DEFAULT_VARIANTS: tuple[str, ...] = tuple(VARIANTS)
+DEFAULT_VARIANTS: tuple[str, ...] = tuple(v for v in VARIANTS if not v.startswith("transition_"))
+"""Every built-in variant except the many-to-one transitions (``transition_decoder_cosine``:
+Feature Flow's binarised top-1 decoder-cosine transition; ``transition_cosine_density``: the same
+with this package's default link score), which are asked for by name."""
 
 RESULT_COLUMNS: tuple[str, ...] = (
     "layer_a", "layer_b", "hook_a", "hook_b", "variant", "method", "transfer", "permutation",
     "explained_variance", "delta_ce", "kl", "coactivation", "ce_clean", "ce_substituted",
-    "mse", "n_matched", "n_tokens",
+    "mse", "n_matched", "n_tokens", "note",
 )
 """Columns of :func:`evaluate_substitution`'s table, in order."""
 
@@ -165,18 +208,33 @@ def _random_permutation(n_source: int, n_target: int, seed: int) -> Permutation:
 
 
 def pair_costs(
-    sae_a: Any, sae_b: Any, permutation: Permutation, *, fold: bool = True
+    sae_a: Any, sae_b: Any, permutation: Permutation, *, fold: bool | None = None,
+    weights: CostWeights | Mapping[str, float] | None = None, metric: Metric | None = None,
 ) -> torch.Tensor:
-    """The default ``mse`` matching cost of each source feature's assigned pair (NaN: unmatched).
+    """The matching cost of each source feature's assigned pair (float64; NaN: unmatched).
 
     Used for the ``hybrid`` method when only a :class:`Permutation` (no ``MatchResult``) is known.
+    ``fold``, ``weights`` and ``metric`` default to the options the permutation was matched with
+    (recorded by :func:`~sae_match_lens.matching.match` in its metadata), else to ``match``'s
+    defaults (folded, all blocks, ``mse``), so the costs are those the matching minimised.
     """
-    w = CostWeights.resolve(None, "mse")
-    a = stack_features(feature_view(sae_a, fold=fold), w, "mse").matrix_FK.to(torch.float64)
-    b = stack_features(feature_view(sae_b, fold=fold), w, "mse").matrix_FK.to(torch.float64)
+    recorded = permutation.metadata.get("options") or {}
+    fold = bool(recorded.get("fold", True)) if fold is None else fold
+    metric = recorded.get("metric", "mse") if metric is None else metric
+    if weights is None:
+        weights = recorded.get("weights")
+    w = CostWeights.resolve(weights, metric)  # type: ignore[arg-type]
+    a = stack_features(feature_view(sae_a, fold=fold), w, metric)  # type: ignore[arg-type]
+    b = stack_features(feature_view(sae_b, fold=fold), w, metric)  # type: ignore[arg-type]
     cost = torch.full((permutation.n_source,), float("nan"), dtype=torch.float64)
     ok = permutation.matched
-    cost[ok] = (a[ok] - b.to(a.device)[permutation.indices[ok]]).pow(2).sum(dim=1).cpu()
+    rows = a.matrix_FK.to(torch.float64)[ok]
+    cols = b.matrix_FK.to(torch.float64).to(rows.device)[permutation.indices[ok]]
+    # C_ij = const_i + const_j - 2 <a_i, b_j> (mse: the squared distance; cosine: Σw(1 - cos))
+    cost[ok] = (a.const_F.to(rows.device)[ok] + b.const_F.to(rows.device)[permutation.indices[ok]]
+                - 2.0 * (rows * cols).sum(dim=1)).cpu()
+    if metric == "mse":
+        cost[ok] = (rows - cols).pow(2).sum(dim=1).cpu()  # direct differences: no cancellation
     return cost
 
 
@@ -224,6 +282,8 @@ def evaluate_substitution(
     match_options: Mapping[str, Any] | None = None,
     seed: int = 0,
     progress: bool = True,
+    bos: BosPolicy = "keep",
+    bos_token_id: int | None = None,
 ) -> pd.DataFrame:
     """Evaluate block substitutes and their baselines on a token set.
 
@@ -243,6 +303,10 @@ def evaluate_substitution(
         match_options: extra keyword arguments for ``match`` (e.g. ``{"max_cost": "auto"}``).
         seed: seed of the random-permutation baseline.
         progress: show progress bars.
+        bos: ``"keep"`` (default): position 0 keeps its true state at B in every substituted
+            run; ``"substitute"``: it is substituted too. Never scored either way.
+        bos_token_id: the BOS id every sequence must start with (default: the model
+            tokenizer's).
 
     Returns:
         A DataFrame with one row per (pair, variant) and the columns :data:`RESULT_COLUMNS`.
@@ -261,12 +325,26 @@ def evaluate_substitution(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if route not in ("auto", "skip", "hooks"):
         raise ValueError(f"route must be 'auto', 'skip' or 'hooks', got {route!r}.")
+    if bos not in BOS_POLICIES:
+        raise ValueError(f"bos must be one of {list(BOS_POLICIES)}, got {bos!r}.")
+    bos_id = resolve_bos_token_id(model, bos_token_id)
     chosen = _resolve_variants(variants)
+    options = dict(match_options or {})
+    if options.get("metric") == "cosine" and any(v.permutation == "unfolded" for v in chosen):
+        logger.warning(
+            "metric='cosine' ignores per-feature scales, so unfolded matching is the folded "
+            "matching: the unfolded_matching rows repeat the matched permutation (noted in the "
+            "'note' column)."
+        )
     given = dict(permutations or {})
-    sources = {v.permutation for v in chosen if v.substitution.uses_permutation}
+    unknown = [pair for pair in given if pair not in pair_list]
+    if unknown:
+        raise KeyError(f"permutations given for pairs {unknown} that are not evaluated; pairs "
+                       f"are {pair_list}.")
+    sources = {v.source_key for v in chosen if v.substitution.uses_permutation}
     plans = [
         _plan_pair(model, sae_map[a], sae_map[b], chosen, sources, given.get((a, b)),
-                   dict(match_options or {}), seed, route, progress)
+                   options, seed, route, progress, bos)
         for a, b in pair_list
     ]
     batches, total = _batches(tokens, batch_size)
@@ -274,6 +352,7 @@ def evaluate_substitution(
     with torch.no_grad():
         for batch in tqdm(batches, total=total, desc="evaluate substitution", unit="batch",
                           disable=not progress):
+            check_bos_tokens(batch, bos_id, "evaluate_substitution")
             _process_batch(model, batch.to(device) if device is not None else batch, plans)
     rows = [row for (a, b), plan in zip(pair_list, plans, strict=True)
             for row in plan.rows(a, b)]
@@ -288,8 +367,11 @@ class _PairPlan:
     hook_b: str
     sae_b: Any
     subs: list[tuple[Variant, BlockSubstitute]]
-    perms: dict[str, Permutation]
+    perms: dict[str, torch.Tensor]
+    """Each map's top-1 target per source feature (int64 [F_A], -1: none), keyed by source."""
     start: int | None
+    bos: str = "keep"
+    notes: dict[str, str] = field(default_factory=dict)
     pair_sums: _PairSums = field(default_factory=_PairSums)
     sums: dict[str, _Sums] = field(default_factory=dict)
     ce_clean: float = 0.0
@@ -306,7 +388,7 @@ class _PairPlan:
         for variant, _ in self.subs:
             s = self.sums[variant.name]
             spec = variant.substitution
-            perm = self.perms.get(variant.permutation) if spec.uses_permutation else None
+            perm = self.perms.get(variant.source_key) if spec.uses_permutation else None
             out.append({
                 "layer_a": a, "layer_b": b, "hook_a": self.hook_a, "hook_b": self.hook_b,
                 "variant": variant.name, "method": spec.method,
@@ -315,18 +397,19 @@ class _PairPlan:
                 "explained_variance": 1.0 - s.sse / sst if sst > 0 else float("nan"),
                 "delta_ce": s.ce / self.n_ce - ce_clean,
                 "kl": s.kl / self.n_ce,
-                "coactivation": (_coactivation(ps, variant.permutation, perm)
+                "coactivation": (_coactivation(ps, variant.source_key, perm)
                                  if perm is not None else float("nan")),
                 "ce_clean": ce_clean, "ce_substituted": s.ce / self.n_ce,
-                "mse": s.sse / ps.n, "n_matched": perm.n_matched if perm is not None else None,
-                "n_tokens": ps.n,
+                "mse": s.sse / ps.n,
+                "n_matched": int((perm >= 0).sum()) if perm is not None else None,
+                "n_tokens": ps.n, "note": self.notes.get(variant.name, ""),
             })
         return out
 
 
-def _coactivation(ps: _PairSums, source: str, perm: Permutation) -> float:
+def _coactivation(ps: _PairSums, source: str, top1: torch.Tensor) -> float:
     fire, both = ps.fire_a[source], ps.both[source]
-    ok = perm.matched & (fire > 0)
+    ok = (top1 >= 0) & (fire > 0)  # fire: counts of firing tokens
     if not bool(ok.any()):
         return float("nan")
     return float((both[ok].double() / fire[ok].double()).mean())
@@ -335,21 +418,38 @@ def _coactivation(ps: _PairSums, source: str, perm: Permutation) -> float:
 def _plan_pair(
     model: Any, sae_a: Any, sae_b: Any, variants: list[Variant], sources: set[str],
     given: Permutation | MatchResult | None, match_options: dict[str, Any], seed: int,
-    route: Route, progress: bool,
+    route: Route, progress: bool, bos: str,
 ) -> _PairPlan:
-    perms = _permutations(sae_a, sae_b, sources, given, match_options, seed, progress)
+    if isinstance(given, MatchResult | Permutation):
+        perm_given = given.permutation if isinstance(given, MatchResult) else given
+        perm_given.check_saes(sae_a, sae_b, what="the permutation given for this pair")
+    perms = _permutations(sae_a, sae_b, {s for s in sources if not s.startswith("links:")},
+                          given, match_options, seed, progress)
+    for variant in variants:
+        if variant.permutation == "links" and variant.source_key not in perms:
+            lk = links(sae_a, sae_b, k=variant.link_k, score=variant.link_score,  # type: ignore[arg-type]
+                       progress=False)
+            perms[variant.source_key] = (Transition.from_links(lk), None)  # type: ignore[assignment]
+    notes = {}
+    if match_options.get("metric") == "cosine":
+        notes = {v.name: "metric='cosine' ignores scales: unfolded matching = folded matching"
+                 for v in variants if v.permutation == "unfolded"}
     subs = []
     for variant in variants:
         spec = variant.substitution
-        perm, cost = perms.get(variant.permutation, (None, None))
-        if spec.method == "hybrid" and perm is not None and cost is None:
-            cost = pair_costs(sae_a, sae_b, perm)
+        perm, cost = perms.get(variant.source_key, (None, None))
+        if spec.method == "hybrid" and isinstance(perm, Permutation) and cost is None:
+            opts = perm.metadata.get("options") or match_options
+            cost = pair_costs(sae_a, sae_b, perm, fold=opts.get("fold"),
+                              weights=opts.get("weights"), metric=opts.get("metric"))
         sub = block_substitute(sae_a, sae_b, perm, substitution=spec, cost_F=cost)
         validate_route(model, sub)
         subs.append((variant, sub))
     hook_a, hook_b = subs[0][1].hook_a, subs[0][1].hook_b
     start = _start_layer(model, hook_a, hook_b, route)
-    plan = _PairPlan(hook_a, hook_b, sae_b, subs, {k: p for k, (p, _) in perms.items()}, start)
+    top1 = {key: (p.indices if isinstance(p, Permutation) else _transition_top1(p))
+            for key, (p, _) in perms.items()}
+    plan = _PairPlan(hook_a, hook_b, sae_b, subs, top1, start, bos, notes)
     plan.sums = {v.name: _Sums() for v in variants}
     return plan
 
@@ -406,6 +506,9 @@ def _process_batch(model: Any, batch: torch.Tensor, plans: list[_PairPlan]) -> N
         _update_pair(plan, f_A, h_B)
         for variant, sub in plan.subs:
             h_hat = sub(h_A, h_B, f_A=f_A)
+            if plan.bos == "keep":
+                h_hat = h_hat.clone()
+                h_hat[:, :1] = h_B[:, :1]
             logits_sub = _substituted_logits(model, batch, plan, h_hat)
             logp = torch.log_softmax(logits_sub.float(), dim=-1)
             s = plan.sums[variant.name]
@@ -429,6 +532,20 @@ def _ce_sum(logp: torch.Tensor, targets: torch.Tensor) -> float:
     return cross_entropy_sum(logp, targets)
 
 
+def _transition_top1(tr: Transition) -> torch.Tensor:
+    """The heaviest edge's target of each source feature (-1 where it has none)."""
+    out = torch.full((tr.n_source,), -1, dtype=torch.int64)
+    if tr.source.numel() == 0:
+        return out
+    order = torch.argsort(-tr.weight, stable=True)  # heaviest first, ties in edge (rank) order
+    order = order[torch.argsort(tr.source[order], stable=True)]  # grouped by source
+    src = tr.source[order]
+    first = torch.ones_like(src, dtype=torch.bool)
+    first[1:] = src[1:] != src[:-1]
+    out[src[first]] = tr.target[order][first]
+    return out
+
+
 def _update_pair(plan: _PairPlan, f_A: torch.Tensor | None, h_B: torch.Tensor) -> None:
     ps = plan.pair_sums
     x = h_B[:, 1:].double().reshape(-1, h_B.shape[-1])
@@ -438,13 +555,13 @@ def _update_pair(plan: _PairPlan, f_A: torch.Tensor | None, h_B: torch.Tensor) -
     if not plan.perms or f_A is None:
         return
     sae_b = plan.sae_b
-    fire_a = f_A[:, 1:] > 0
-    fire_b = (sae_b.encode(h_B[:, 1:].to(sae_b.W_enc.device, sae_b.W_enc.dtype)) > 0)
+    fire_a = f_A[:, 1:] != 0  # fires = non-zero (AbsTopK activations can be negative)
+    fire_b = (sae_b.encode(h_B[:, 1:].to(sae_b.W_enc.device, sae_b.W_enc.dtype)) != 0)
     fire_a = fire_a.reshape(-1, fire_a.shape[-1])
     fire_b = fire_b.reshape(-1, fire_b.shape[-1]).to(fire_a.device)
     count_a = fire_a.sum(0).cpu()
-    for source, perm in plan.perms.items():
-        index = perm.indices.clamp(min=0).to(fire_b.device).expand(fire_b.shape[0], -1)
+    for source, top1 in plan.perms.items():
+        index = top1.clamp(min=0).to(fire_b.device).expand(fire_b.shape[0], -1)
         both = (fire_a & torch.gather(fire_b, 1, index)).sum(0).cpu()
         ps.fire_a[source] = ps.fire_a.get(source, 0) + count_a
         ps.both[source] = ps.both.get(source, 0) + both

@@ -77,8 +77,9 @@ from .adapters import (
     hook_name_of,
     validate_sae,
 )
+from .linking import Links, Transition
 from .matching import MatchResult
-from .permutation import Permutation
+from .permutation import Permutation, check_provenance
 from .routes import (
     BOS_POLICIES,
     BosPolicy,
@@ -99,6 +100,7 @@ __all__ = [
     "BlockSubstitute",
     "BosPolicy",
     "HookFn",
+    "Map",
     "Method",
     "Substitution",
     "Transfer",
@@ -182,6 +184,14 @@ class BlockSubstitute:
     :func:`~sae_match_lens.adapters.folded_activation_factor`) or 1, 0 where nothing is moved in."""
     keep_mask: torch.Tensor | None = field(default=None, repr=False)
     """``hybrid`` only: 1 for source features decoded by A's own decoder, else 0."""
+    transition: Transition | None = None
+    """A many-to-one map A→B used instead of a permutation (``None`` for permutations)."""
+    edge_source: torch.Tensor | None = field(default=None, repr=False)
+    """Transitions: the source feature of each edge, on B's device."""
+    edge_target: torch.Tensor | None = field(default=None, repr=False)
+    """Transitions: the target feature of each edge, on B's device."""
+    edge_factor: torch.Tensor | None = field(default=None, repr=False)
+    """Transitions: edge weight × transfer scale ``c_A/c_B`` (or the weight alone, raw)."""
 
     def encode_a(self, h_A: torch.Tensor) -> torch.Tensor:
         """SAE A's activations of ``h_A`` (on A's device and dtype)."""
@@ -189,6 +199,11 @@ class BlockSubstitute:
 
     def move(self, f_A: torch.Tensor) -> torch.Tensor:
         """Move activations ``f_A [..., S]`` into B's features and units ``[..., T]``."""
+        if self.edge_source is not None:
+            assert self.edge_target is not None and self.edge_factor is not None
+            f = f_A.to(self.edge_source.device, self.sae_b.W_dec.dtype)
+            out = f.new_zeros((*f.shape[:-1], self.sae_b.cfg.d_sae))
+            return out.index_add_(-1, self.edge_target, f[..., self.edge_source] * self.edge_factor)
         assert self.source_index is not None and self.factor is not None
         f = f_A.to(self.source_index.device, self.sae_b.W_dec.dtype)
         index = self.source_index.expand(*f.shape[:-1], -1)
@@ -262,13 +277,22 @@ def _check_sae(sae: Any, role: str) -> str:
     return name
 
 
-def _split(permutation: Permutation | MatchResult | None,
-           cost_F: torch.Tensor | None) -> tuple[Permutation | None, torch.Tensor | None]:
+Map = Permutation | MatchResult | Links | Transition
+"""What carries activations from A to B: a permutation (or the ``MatchResult`` holding one), or a
+many-to-one :class:`~sae_match_lens.linking.Transition` (``Links`` are used as their binarised
+transition over all kept links)."""
+
+
+def _split(permutation: Map | None, cost_F: torch.Tensor | None
+           ) -> tuple[Permutation | Transition | None, torch.Tensor | None]:
     if isinstance(permutation, MatchResult):
         return permutation.permutation, permutation.cost_F if cost_F is None else cost_F
-    if permutation is not None and not isinstance(permutation, Permutation):
+    if isinstance(permutation, Links):
+        return Transition.from_links(permutation), cost_F
+    if permutation is not None and not isinstance(permutation, Permutation | Transition):
         raise TypeError(
-            f"permutation must be a Permutation or a MatchResult, got {type(permutation).__name__}."
+            "permutation must be a Permutation, a MatchResult, Links or a Transition, got "
+            f"{type(permutation).__name__}."
         )
     return permutation, cost_F
 
@@ -276,7 +300,7 @@ def _split(permutation: Permutation | MatchResult | None,
 def block_substitute(
     sae_a: Any,
     sae_b: Any,
-    permutation: Permutation | MatchResult | None = None,
+    permutation: Map | None = None,
     *,
     substitution: Substitution | Method = "permute",
     cost_F: torch.Tensor | None = None,
@@ -313,6 +337,8 @@ def block_substitute(
             f"substitution '{spec.method}' from '{hook_a}' to '{hook_b}' needs a permutation "
             "A→B (a Permutation or the MatchResult of match(sae_a, sae_b))."
         )
+    if isinstance(perm, Transition):
+        return _transition_substitute(sae_a, sae_b, spec, hook_a, hook_b, perm)
     perm.check_saes(sae_a, sae_b, what=f"the permutation for '{hook_a}' -> '{hook_b}'")
     for role, sae, n in (("source", sae_a, perm.n_source), ("target", sae_b, perm.n_target)):
         if n != sae.cfg.d_sae:
@@ -343,6 +369,33 @@ def block_substitute(
         sae_a, sae_b, spec, hook_a, hook_b, perm,
         source_index=source_index.to(device), factor=factor.to(device=device, dtype=dtype),
         keep_mask=keep_mask,
+    )
+
+
+def _transition_substitute(sae_a: Any, sae_b: Any, spec: Substitution, hook_a: str, hook_b: str,
+                           tr: Transition) -> BlockSubstitute:
+    check_provenance(tr.source_identity, tr.target_identity, sae_a, sae_b,
+                     what=f"the transition for '{hook_a}' -> '{hook_b}'")
+    if spec.method == "hybrid":
+        raise ValueError(
+            f"substitution 'hybrid' from '{hook_a}' ranks one-to-one matches by cost; a many-to-one "
+            "transition has none. Use 'permute' or 'error_preserving' with a transition."
+        )
+    for role, sae, n in (("source", sae_a, tr.n_source), ("target", sae_b, tr.n_target)):
+        if n != sae.cfg.d_sae:
+            raise ValueError(
+                f"the transition's {role} side has {n} features but {describe_sae(sae)} has "
+                f"d_sae={sae.cfg.d_sae}."
+            )
+    factor = tr.weight.clone()
+    if spec.transfer == "folded":
+        factor *= (folded_activation_factor(sae_a).cpu()[tr.source]
+                   / folded_activation_factor(sae_b).cpu()[tr.target])
+    device, dtype = sae_b.W_dec.device, sae_b.W_dec.dtype
+    return BlockSubstitute(
+        sae_a, sae_b, spec, hook_a, hook_b, None, transition=tr,
+        edge_source=tr.source.to(device), edge_target=tr.target.to(device),
+        edge_factor=factor.to(device=device, dtype=dtype),
     )
 
 
@@ -429,7 +482,7 @@ def _make_hooks(model: Any, sub: BlockSubstitute, bos: BosPolicy,
     return [*hooks, (hook_a, read_a), (hook_b, write_b)]
 
 
-def _prepare(model: Any, sae_a: Any, sae_b: Any, permutation: Permutation | MatchResult | None,
+def _prepare(model: Any, sae_a: Any, sae_b: Any, permutation: Map | None,
              substitution: Substitution | Method, cost_F: torch.Tensor | None) -> BlockSubstitute:
     sub = block_substitute(sae_a, sae_b, permutation, substitution=substitution, cost_F=cost_F)
     validate_route(model, sub)
@@ -440,7 +493,7 @@ def substitution_hooks(
     model: Any,
     sae_a: Any,
     sae_b: Any,
-    permutation: Permutation | MatchResult | None = None,
+    permutation: Map | None = None,
     *,
     substitution: Substitution | Method = "permute",
     cost_F: torch.Tensor | None = None,
@@ -478,7 +531,7 @@ def substitute(
     model: Any,
     sae_a: Any,
     sae_b: Any,
-    permutation: Permutation | MatchResult | None = None,
+    permutation: Map | None = None,
     *,
     substitution: Substitution | Method = "permute",
     cost_F: torch.Tensor | None = None,
@@ -505,7 +558,7 @@ def run_skipping(
     tokens: torch.Tensor,
     sae_a: Any,
     sae_b: Any,
-    permutation: Permutation | MatchResult | None = None,
+    permutation: Map | None = None,
     *,
     substitution: Substitution | Method = "permute",
     cost_F: torch.Tensor | None = None,

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["FORMAT_VERSION", "Permutation", "PermutationFileError", "ProvenanceError"]
+__all__ = ["FORMAT_VERSION", "Permutation", "PermutationFileError", "ProvenanceError",
+           "check_provenance"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,22 @@ class PermutationFileError(ValueError):
 
 class ProvenanceError(ValueError):
     """A permutation is used with (or composed with) SAEs other than the ones it was made for."""
+
+
+def check_provenance(source: Mapping[str, Any] | None, target: Mapping[str, Any] | None,
+                     sae_a: Any, sae_b: Any, *, what: str) -> None:
+    """Raise :class:`ProvenanceError` unless ``sae_a``/``sae_b`` match the recorded identities
+    ``source``/``target`` (``None``: that side is not checked)."""
+    from .adapters import describe_sae, same_sae
+
+    for role, record, sae in (("source", source, sae_a), ("target", target, sae_b)):
+        reason = same_sae(record, sae) if record else None
+        if reason is not None:
+            raise ProvenanceError(
+                f"{what} was made for source {_describe_identity(source)} -> target "
+                f"{_describe_identity(target)}, but its {role} here is {describe_sae(sae)} "
+                f"({reason}). Match or link these SAEs, or pass the map made for them."
+            )
 
 
 def _describe_identity(record: Mapping[str, Any] | None) -> str:
@@ -157,17 +174,7 @@ class Permutation:
         (:func:`~sae_match_lens.adapters.same_sae`) with the identities recorded by ``match``;
         a side without a recorded identity is not checked (hand-made permutations).
         """
-        from .adapters import describe_sae, same_sae
-
-        for role, record, sae in (("source", self.source, sae_a), ("target", self.target, sae_b)):
-            reason = same_sae(record, sae) if record else None
-            if reason is not None:
-                raise ProvenanceError(
-                    f"{what} was made for source {_describe_identity(self.source)} -> target "
-                    f"{_describe_identity(self.target)}, but its {role} here is {describe_sae(sae)} "
-                    f"({reason}). Match these SAEs with match(sae_a, sae_b), or pass the "
-                    "permutation made for them."
-                )
+        check_provenance(self.source, self.target, sae_a, sae_b, what=what)
 
     def __len__(self) -> int:
         return self.n_source

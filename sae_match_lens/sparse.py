@@ -293,7 +293,7 @@ def solve_sparse(
     k: int = 16,
     max_cost: float | None = None,
     certify: bool = True,
-    max_rounds: int = 4,
+    max_rounds: int = 16,
     screen_dims: int | Literal["auto"] | None = "auto",
     precision: Precision = "float32",
     block_rows: int | None = None,

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sae_match_lens.evaluation import (
+    DEFAULT_VARIANTS,
     RESULT_COLUMNS,
-    VARIANTS,
     Variant,
     evaluate_substitution,
 )
@@ -42,9 +42,9 @@ def table(model, saes, tokens):
 
 def test_table_has_one_row_per_pair_and_variant_with_all_columns(table, tokens):
     assert list(table.columns) == list(RESULT_COLUMNS)
-    assert len(table) == 3 * len(VARIANTS)
+    assert len(table) == 3 * len(DEFAULT_VARIANTS)
     assert set(zip(table.layer_a, table.layer_b, strict=True)) == {(0, 1), (1, 2), (2, 3)}
-    assert set(table.variant) == set(VARIANTS)
+    assert set(table.variant) == set(DEFAULT_VARIANTS)
     assert (table.n_tokens == tokens.shape[0] * (tokens.shape[1] - 1)).all()
     assert table.hook_b[table.layer_b == 2].eq("blocks.2.hook_resid_post").all()
     uses_perm = table.permutation.notna()
@@ -70,15 +70,17 @@ def test_delta_ce_and_kl_equal_a_direct_computation(model, saes, tokens, table):
     sae = saes[1]
     hook = sae.cfg.metadata.hook_name
 
-    def splice(x, *, hook):
-        return sae.decode(sae.encode(x))
+    def splice(x, *, hook):  # position 0 (BOS) keeps its true state, as evaluation's default
+        out = sae.decode(sae.encode(x))
+        out[:, 0] = x[:, 0]
+        return out
 
     with torch.no_grad():
         clean = model(tokens, return_type="loss", loss_per_token=True)[:, 1:]
         logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, splice)])
         spliced = model.loss_fn(logits, tokens, per_token=True)[:, 1:]
-        logp_clean = torch.log_softmax(model(tokens)[:, 1:], -1)
-        logp = torch.log_softmax(logits[:, 1:], -1)
+        logp_clean = torch.log_softmax(model(tokens)[:, 1:-1], -1)  # the predictions CE scores
+        logp = torch.log_softmax(logits[:, 1:-1], -1)
     kl = (logp_clean.exp() * (logp_clean - logp)).sum(-1).mean()
     row = table[(table.layer_b == 1) & (table.variant == "sae_b_reconstruction")]
     assert row.delta_ce.item() == pytest.approx(float((spliced - clean).mean()), abs=1e-5)

@@ -195,3 +195,19 @@ def test_reversed_hooks_on_one_block_boundary_substitute_at_b(model, tokens):
     torch.testing.assert_close(written[:, 1:], expected[:, 1:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(written[:, 0], h[:, 0])
     torch.testing.assert_close(skipped, hooked, rtol=1e-5, atol=1e-6)
+
+
+def test_coactivation_counts_negative_abstopk_activations_as_firing(model, tokens):
+    sae_a = build_sae("abstopk", d_in=D_MODEL, d_sae=48, hook_name=HOOK_A, seed=1)
+    sae_b = build_sae("abstopk", d_in=D_MODEL, d_sae=48, hook_name=HOOK_B, seed=2)
+    perm = Permutation.random(48, generator=torch.Generator().manual_seed(3))
+    table = evaluate_substitution(model, [sae_a, sae_b], tokens, variants=["folded"],
+                                  permutations={(0, 1): perm}, progress=False)
+    with torch.no_grad():
+        f_a = sae_a.encode(_state(model, tokens, HOOK_A))[:, 1:].reshape(-1, 48)
+        f_b = sae_b.encode(_state(model, tokens, HOOK_B))[:, 1:].reshape(-1, 48)
+    assert bool((f_a < 0).any())  # the case `> 0` would miss
+    fire_a, fire_b = f_a != 0, (f_b != 0)[:, perm.indices]
+    ok = fire_a.sum(0) > 0
+    expected = ((fire_a & fire_b).sum(0)[ok].double() / fire_a.sum(0)[ok].double()).mean()
+    assert table.coactivation.item() == pytest.approx(float(expected))

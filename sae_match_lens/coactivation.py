@@ -1,0 +1,339 @@
+"""Data-based co-activation of two SAEs' features, the reference matchers built on it, and
+:func:`evaluate_links`.
+
+Link quality is measured on held-out tokens by how well a source feature's firing set agrees
+with its linked targets' firing set. Per source feature ``i`` with linked targets ``L(i)``
+("B fires" = any feature of ``L(i)`` fires at the token):
+
+* ``jaccard = |A_i ∧ B_L| / |A_i ∨ B_L|`` — the headline metric: it punishes linking everything
+  to a few dense "hub" features, which the conditional ``P(B | A)`` rewards;
+* ``p_b_given_a = |A_i ∧ B_L| / |A_i|`` (the matching score of the SAE Match paper) and
+  ``p_a_given_b = |A_i ∧ B_L| / |B_L|``;
+* ``distinct_targets``: how many different target features the top-1 links reach.
+
+Averages are over source features that fire at least ``min_fires`` times. Every number comes
+beside two **data-based ceilings** computed from the same tokens: the best single partner of each
+source feature by Jaccard (:func:`best_partner`) and the best one-to-one assignment on Jaccard
+(:func:`one_to_one`). Firing follows :func:`sae_match_lens.metrics.fires` (activation ≠ 0) over
+the scored positions (BOS excluded).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import describe_sae, hook_name_of, validate_sae
+from .linking import Links
+from .matching import MatchResult
+from .metrics import fires, scored_states
+from .permutation import Permutation
+
+__all__ = [
+    "LINK_COLUMNS",
+    "CoactivationStats",
+    "best_partner",
+    "coactivation_stats",
+    "evaluate_links",
+    "link_indices",
+    "one_to_one",
+    "record_states",
+]
+
+logger = logging.getLogger(__name__)
+
+LINK_COLUMNS: tuple[str, ...] = (
+    "layer_a", "layer_b", "hook_a", "hook_b", "method", "k", "jaccard", "p_b_given_a",
+    "p_a_given_b", "distinct_targets", "n_sources", "ceiling_best_partner", "ceiling_one_to_one",
+    "fraction_of_ceiling", "n_tokens",
+)
+"""Columns of :func:`evaluate_links`' table, in order."""
+
+
+@dataclass
+class CoactivationStats:
+    """Firing counts of two SAEs over the same tokens (scored positions only)."""
+
+    n_tokens: int = 0
+    """Scored token positions seen."""
+    fires_a: torch.Tensor | None = None
+    """int64 ``[F_A]``: how often each source feature fires."""
+    fires_b: torch.Tensor | None = None
+    """int64 ``[F_B]``: how often each target feature fires."""
+    both: torch.Tensor | None = None
+    """float64 ``[F_A, F_B]``: how often source i and target j fire at the same token."""
+
+    def add(self, fire_a_TF: torch.Tensor, fire_b_TF: torch.Tensor) -> None:
+        """Accumulate boolean firing matrices ``[tokens, F_A]`` and ``[tokens, F_B]``."""
+        a, b = fire_a_TF.to(torch.float32), fire_b_TF.to(torch.float32).to(fire_a_TF.device)
+        both = (a.T @ b).to(torch.float64).cpu()  # exact: counts < 2^24 per batch
+        fa, fb = fire_a_TF.sum(0).cpu(), fire_b_TF.sum(0).cpu()
+        self.n_tokens += int(fire_a_TF.shape[0])
+        self.fires_a = fa if self.fires_a is None else self.fires_a + fa
+        self.fires_b = fb if self.fires_b is None else self.fires_b + fb
+        self.both = both if self.both is None else self.both + both
+
+    def _checked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.both is None or self.fires_a is None or self.fires_b is None:
+            raise ValueError("no tokens were added to these co-activation statistics.")
+        return self.fires_a.double(), self.fires_b.double(), self.both
+
+    def jaccard(self) -> torch.Tensor:
+        """float64 ``[F_A, F_B]``: ``|A_i ∧ B_j| / |A_i ∨ B_j|`` (0 where neither fires)."""
+        fa, fb, both = self._checked()
+        union = fa[:, None] + fb[None, :] - both
+        return torch.where(union > 0, both / union.clamp_min(1), torch.zeros_like(both))
+
+
+def record_states(model: Any, names: Sequence[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One forward pass of ``batch`` recording the activations at hooks ``names`` (no grad)."""
+    states: dict[str, torch.Tensor] = {}
+
+    def recorder(name: str) -> Any:
+        def record(x: torch.Tensor, *, hook: Any) -> None:
+            states[name] = x
+        return record
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(n, recorder(n)) for n in names]):
+        model(batch, return_type=None)
+    missing = [n for n in names if n not in states]
+    if missing:
+        raise RuntimeError(f"hooks {missing} did not fire during the forward pass.")
+    return states
+
+
+def _encode_fires(sae: Any, h: torch.Tensor) -> torch.Tensor:
+    x = scored_states(h).to(sae.W_enc.device, sae.W_enc.dtype)
+    return fires(sae.encode(x)).reshape(-1, sae.cfg.d_sae)
+
+
+def _token_batches(tokens: torch.Tensor | Iterable[torch.Tensor], batch_size: int
+                   ) -> tuple[Iterable[torch.Tensor], int | None]:
+    if isinstance(tokens, torch.Tensor):
+        toks = tokens[None] if tokens.ndim == 1 else tokens
+        if toks.ndim != 2:
+            raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}.")
+        return toks.split(batch_size), math.ceil(toks.shape[0] / batch_size)
+    return tokens, None
+
+
+@torch.no_grad()
+def coactivation_stats(model: Any, sae_a: Any, sae_b: Any,
+                       tokens: torch.Tensor | Iterable[torch.Tensor], *, batch_size: int = 8,
+                       progress: bool = True) -> CoactivationStats:
+    """Stream ``tokens`` through ``model`` and count how SAE A's and B's features co-fire."""
+    for sae in (sae_a, sae_b):
+        validate_sae(sae)
+    names = list(dict.fromkeys([hook_name_of(sae_a), hook_name_of(sae_b)]))
+    stats = CoactivationStats()
+    batches, total = _token_batches(tokens, batch_size)
+    device = getattr(model.cfg, "device", None)
+    for batch in tqdm(batches, total=total, desc="co-activation", unit="batch",
+                      disable=not progress):
+        states = record_states(model, names, batch.to(device) if device is not None else batch)
+        stats.add(_encode_fires(sae_a, states[hook_name_of(sae_a)]),
+                  _encode_fires(sae_b, states[hook_name_of(sae_b)]))
+    return stats
+
+
+def best_partner(stats: CoactivationStats) -> torch.Tensor:
+    """Data-based reference: each source feature's target with the highest Jaccard (int64
+    ``[F_A]``; -1 where the source never fires). The ceiling of any top-1 link method."""
+    jac = stats.jaccard()
+    best = jac.argmax(dim=1)
+    fa, _, _ = stats._checked()
+    return torch.where(fa > 0, best, torch.full_like(best, -1))
+
+
+def one_to_one(stats: CoactivationStats) -> Permutation:
+    """Data-based reference: the one-to-one assignment maximising summed Jaccard (scipy's exact
+    solver; features that never fire stay unmatched). The ceiling of any permutation."""
+    from scipy.optimize import linear_sum_assignment
+
+    jac = stats.jaccard()
+    rows, cols = linear_sum_assignment(jac.numpy(), maximize=True)
+    indices = torch.full((jac.shape[0],), -1, dtype=torch.int64)
+    indices[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.int64)
+    fa, _, _ = stats._checked()
+    indices[fa == 0] = -1
+    return Permutation(indices, jac.shape[1])
+
+
+LinkMethod = Links | Permutation | MatchResult | torch.Tensor
+
+
+def link_indices(method: LinkMethod, k: int | None = None) -> torch.Tensor:
+    """int64 ``[F_A, k]`` link targets of a method (``Links`` truncated to ``k``; a permutation or
+    a ``[F_A]`` index tensor as ``k = 1``)."""
+    if isinstance(method, MatchResult):
+        method = method.permutation
+    if isinstance(method, Permutation):
+        return method.indices[:, None]
+    if isinstance(method, Links):
+        return method.indices if k is None else method.indices[:, :k]
+    if isinstance(method, torch.Tensor):
+        idx = method.to(torch.int64)
+        return idx[:, None] if idx.ndim == 1 else idx
+    raise TypeError(f"a link method must be Links, a Permutation, a MatchResult or an index "
+                    f"tensor, got {type(method).__name__}.")
+
+
+@dataclass
+class _UnionSums:
+    """Per-source counts for one link set: |A ∧ B_L| and |B_L| over tokens."""
+
+    both: torch.Tensor | None = None
+    union_fires: torch.Tensor | None = None
+
+    def add(self, fire_a: torch.Tensor, fire_b: torch.Tensor, idx: torch.Tensor) -> None:
+        ok = idx >= 0
+        gathered = fire_b[:, idx.clamp(min=0).reshape(-1)].reshape(fire_b.shape[0], *idx.shape)
+        linked = (gathered & ok[None]).any(dim=-1)
+        both = (fire_a & linked).sum(0).cpu()
+        lf = linked.sum(0).cpu()
+        self.both = both if self.both is None else self.both + both
+        self.union_fires = lf if self.union_fires is None else self.union_fires + lf
+
+
+@dataclass
+class _PairLinks:
+    key_a: Hashable
+    key_b: Hashable
+    sae_a: Any
+    sae_b: Any
+    methods: list[tuple[str, int, torch.Tensor]]
+    stats: CoactivationStats = field(default_factory=CoactivationStats)
+    sums: dict[tuple[str, int], _UnionSums] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def evaluate_links(
+    model: Any,
+    saes: Sequence[Any] | Mapping[Hashable, Any],
+    tokens: torch.Tensor | Iterable[torch.Tensor],
+    methods: Mapping[str, Mapping[tuple[Hashable, Hashable], LinkMethod]],
+    *,
+    pairs: Sequence[tuple[Hashable, Hashable]] | None = None,
+    ks: Sequence[int] = (1,),
+    min_fires: int = 5,
+    batch_size: int = 8,
+    ceilings: Literal["both", "best_partner", "none"] = "both",
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Link quality of each method on held-out tokens, beside the data-based ceilings.
+
+    Args:
+        model: the TransformerLens model the SAEs read.
+        saes: the SAEs, as a list (keys 0, 1, ...) or a dict (e.g. layer → SAE).
+        tokens: ``[n_seq, pos]`` token ids with BOS at position 0 (split into ``batch_size``
+            sequences), or an iterable of ``[batch, pos]`` batches.
+        methods: ``{name: {(a, b): links}}`` where links are :class:`~sae_match_lens.linking.Links`,
+            a :class:`~sae_match_lens.permutation.Permutation`/``MatchResult``, or an index tensor.
+        pairs: the ``(a, b)`` keys to evaluate (default: adjacent keys).
+        ks: for ``Links`` methods, the numbers of top links to evaluate (a permutation is k = 1).
+        min_fires: source features firing fewer times are left out of the averages.
+        batch_size: sequences per forward pass (memory is bounded by it).
+        ceilings: which data-based ceilings to compute (``one_to_one`` needs one dense
+            assignment on ``F_A × F_B``).
+        progress: show a progress bar.
+
+    Returns:
+        A DataFrame with one row per (pair, method, k) and the columns :data:`LINK_COLUMNS`;
+        ``fraction_of_ceiling`` is ``jaccard / ceiling_best_partner``.
+    """
+    sae_map = dict(saes) if isinstance(saes, Mapping) else dict(enumerate(saes))
+    keys = list(sae_map)
+    pair_list = list(pairs) if pairs is not None else list(itertools.pairwise(keys))
+    for pair in pair_list:
+        if len(pair) != 2 or any(k not in sae_map for k in pair):
+            raise KeyError(f"pair {pair!r} does not name two SAEs; keys are {keys}.")
+    if min_fires < 1:
+        raise ValueError(f"min_fires must be >= 1, got {min_fires}.")
+    plans = []
+    for a, b in pair_list:
+        sae_a, sae_b = sae_map[a], sae_map[b]
+        chosen = []
+        for name, by_pair in methods.items():
+            if (a, b) not in by_pair:
+                continue
+            method = by_pair[(a, b)]
+            method_ks = ks if isinstance(method, Links) else (1,)
+            for k in method_ks:
+                idx = link_indices(method, k)
+                if idx.shape[0] != sae_a.cfg.d_sae or bool((idx >= sae_b.cfg.d_sae).any()):
+                    raise ValueError(
+                        f"method {name!r} for pair {(a, b)}: links of shape {tuple(idx.shape)} do "
+                        f"not fit {describe_sae(sae_a)} -> {describe_sae(sae_b)}."
+                    )
+                chosen.append((name, k, idx))
+        plans.append(_PairLinks(a, b, sae_a, sae_b, chosen))
+    names = list(dict.fromkeys(hook_name_of(sae_map[k]) for pair in pair_list for k in pair))
+    batches, total = _token_batches(tokens, batch_size)
+    device = getattr(model.cfg, "device", None)
+    for batch in tqdm(batches, total=total, desc="evaluate links", unit="batch",
+                      disable=not progress):
+        states = record_states(model, names, batch.to(device) if device is not None else batch)
+        fired: dict[Hashable, torch.Tensor] = {}
+        for plan in plans:
+            for key, sae in ((plan.key_a, plan.sae_a), (plan.key_b, plan.sae_b)):
+                if key not in fired:
+                    fired[key] = _encode_fires(sae, states[hook_name_of(sae)])
+            fire_a, fire_b = fired[plan.key_a], fired[plan.key_b]
+            plan.stats.add(fire_a, fire_b)
+            for name, k, idx in plan.methods:
+                plan.sums.setdefault((name, k), _UnionSums()).add(fire_a, fire_b,
+                                                                   idx.to(fire_b.device))
+    return pd.DataFrame([row for plan in plans for row in _rows(plan, min_fires, ceilings)],
+                        columns=list(LINK_COLUMNS))
+
+
+def _mean_over(values: torch.Tensor, keep: torch.Tensor) -> float:
+    keep = keep & torch.isfinite(values)
+    return float(values[keep].mean()) if bool(keep.any()) else math.nan
+
+
+def _rows(plan: _PairLinks, min_fires: int, ceilings: str) -> list[dict[str, Any]]:
+    fa, _, _ = plan.stats._checked()
+    active = fa >= min_fires
+    jac = plan.stats.jaccard()
+    best = jac.max(dim=1).values
+    ceiling_bp = _mean_over(best, active) if ceilings != "none" else math.nan
+    ceiling_oo = math.nan
+    if ceilings == "both":
+        perm = one_to_one(plan.stats)
+        ok = perm.indices >= 0
+        oo = torch.zeros_like(best)
+        oo[ok] = jac[ok, perm.indices[ok]]
+        ceiling_oo = _mean_over(oo, active)
+    out = []
+    for name, k, idx in plan.methods:
+        sums = plan.sums[(name, k)]
+        assert sums.both is not None and sums.union_fires is not None
+        both, uf = sums.both.double(), sums.union_fires.double()
+        union = fa + uf - both
+        jaccard = torch.where(union > 0, both / union.clamp_min(1), torch.zeros_like(both))
+        p_ab = torch.where(uf > 0, both / uf.clamp_min(1), torch.full_like(both, math.nan))
+        top1 = idx[:, 0]
+        out.append({
+            "layer_a": plan.key_a, "layer_b": plan.key_b,
+            "hook_a": hook_name_of(plan.sae_a), "hook_b": hook_name_of(plan.sae_b),
+            "method": name, "k": k,
+            "jaccard": _mean_over(jaccard, active),
+            "p_b_given_a": _mean_over(both / fa.clamp_min(1), active),
+            "p_a_given_b": _mean_over(p_ab, active),
+            "distinct_targets": int(torch.unique(top1[top1 >= 0]).numel()),
+            "n_sources": int(active.sum()),
+            "ceiling_best_partner": ceiling_bp, "ceiling_one_to_one": ceiling_oo,
+            "fraction_of_ceiling": (_mean_over(jaccard, active) / ceiling_bp
+                                    if ceiling_bp and not math.isnan(ceiling_bp) else math.nan),
+            "n_tokens": plan.stats.n_tokens,
+        })
+    return out

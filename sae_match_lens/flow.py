@@ -1,0 +1,468 @@
+"""Feature flow across residual, MLP and attention SAEs: predecessors, origin groups, flow graphs.
+
+Following Feature Flow (Laptev, Balagansky, Aksenov, Gavrilov 2025, arXiv 2502.03032), a layer
+``L`` may have a residual SAE ``R(L)`` (``blocks.L.hook_resid_post``), an MLP-output SAE ``M(L)``
+(``blocks.L.hook_mlp_out``) and an attention-output SAE ``A(L)`` (``blocks.L.hook_attn_out``).
+A residual feature ``f`` at layer ``L`` has one top-1 predecessor in each of ``R(L−1)``,
+``M(L)`` and ``A(L)``, with scores ``s(R), s(M), s(A)`` (:func:`predecessors`; the score is a
+:mod:`~sae_match_lens.linking` score, decoder cosine by default as in the paper).
+
+**Data-free reading** (:func:`predecessors`' ``reading`` column), with thresholds ``high`` and
+``low`` (defaults 0.5 and 0.15, the paper's graph-cut values, in decoder-cosine units; the paper
+gives no per-layer thresholds):
+
+* ``carried over``: ``s(R) ≥ high`` and ``s(M), s(A) < low``;
+* ``processed by MLP`` / ``processed by attention`` / ``processed by MLP and attention``:
+  ``s(R) ≥ high`` and that module's score ``≥ low``;
+* ``born in MLP`` / ``born in attention`` / ``born in MLP and attention``: ``s(R) < high`` and
+  the module's score ``≥ high``;
+* ``unexplained``: anything else. At layer 0 there is no ``R(L−1)`` (``s(R)`` is NaN).
+
+**Origin groups** (:func:`origin_groups`, activation-based, the paper's 8 groups): for every
+residual feature active at a scored token, which of its three top-1 predecessors are active at
+the same token: ``From RES``, ``From MLP``, ``From ATT``, ``From RES & MLP``, ``From RES & ATT``,
+``From MLP & ATT``, ``From RES & MLP & ATT``, ``From nowhere``.
+
+**Flow graphs** (:func:`flow_graph`): from a seed ``(layer, feature)``, forward and backward
+over the residual stack by chained adjacent top-1 links, cut where ``s(R) < cut`` (0.5), with
+MLP/attention predecessors of every residual node kept when their score is ``≥ module_min``
+(0.15); :class:`FlowGraph` has a ``networkx.DiGraph`` view, node-link JSON and GraphML export and
+a layered plot. :func:`persistence` counts for every feature how many layers its chain survives.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+
+from .adapters import describe_sae, hook_name_of
+from .coactivation import record_states
+from .linking import Links, LinkScore, links
+from .metrics import fires, scored_states
+
+__all__ = [
+    "MODULES",
+    "ORIGIN_GROUPS",
+    "FlowGraph",
+    "LayerSAEs",
+    "flow_graph",
+    "origin_groups",
+    "persistence",
+    "predecessors",
+]
+
+logger = logging.getLogger(__name__)
+
+Module = Literal["res", "mlp", "attn"]
+MODULES: tuple[str, ...] = ("res", "mlp", "attn")
+ORIGIN_GROUPS: tuple[str, ...] = (
+    "From RES", "From MLP", "From ATT", "From RES & MLP", "From RES & ATT", "From MLP & ATT",
+    "From RES & MLP & ATT", "From nowhere",
+)
+"""The 8 activation-based origin groups of Feature Flow, in the paper's order."""
+
+
+@dataclass(frozen=True)
+class LayerSAEs:
+    """The SAEs of one layer: residual (required), MLP-output and attention-output (optional)."""
+
+    res: Any
+    """Residual-stream SAE (``blocks.L.hook_resid_post``)."""
+    mlp: Any | None = None
+    """MLP-output SAE (``blocks.L.hook_mlp_out``)."""
+    attn: Any | None = None
+    """Attention-output SAE (``blocks.L.hook_attn_out``)."""
+
+    def get(self, module: str) -> Any | None:
+        """The SAE of ``module`` (``"res"``, ``"mlp"``, ``"attn"``), or ``None``."""
+        if module not in MODULES:
+            raise ValueError(f"module must be one of {list(MODULES)}, got {module!r}.")
+        return getattr(self, module)
+
+
+Stack = Mapping[int, LayerSAEs | Any]
+
+
+def _as_stack(stack: Stack | Sequence[Any]) -> dict[int, LayerSAEs]:
+    items = stack.items() if isinstance(stack, Mapping) else enumerate(stack)
+    out = {}
+    for layer, value in items:
+        if not isinstance(layer, int):
+            raise TypeError(f"stack keys must be model layer numbers (int), got {layer!r}.")
+        out[layer] = value if isinstance(value, LayerSAEs) else LayerSAEs(res=value)
+    if not out:
+        raise ValueError("the stack is empty.")
+    return dict(sorted(out.items()))
+
+
+def _reading(s_r: float, s_m: float, s_a: float, high: float, low: float) -> str:
+    m = not math.isnan(s_m)
+    a = not math.isnan(s_a)
+    if not math.isnan(s_r) and s_r >= high:
+        by = [name for name, ok, s in (("MLP", m, s_m), ("attention", a, s_a)) if ok and s >= low]
+        return "carried over" if not by else "processed by " + " and ".join(by)
+    born = [name for name, ok, s in (("MLP", m, s_m), ("attention", a, s_a)) if ok and s >= high]
+    return "born in " + " and ".join(born) if born else "unexplained"
+
+
+def predecessors(
+    stack: Stack | Sequence[Any],
+    layer: int,
+    *,
+    score: LinkScore = "decoder_cosine",
+    high: float = 0.5,
+    low: float = 0.15,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Top-1 predecessors of every residual feature at ``layer`` in ``R(L−1)``, ``M(L)``, ``A(L)``.
+
+    Args:
+        stack: ``{layer: LayerSAEs}`` (or ``{layer: residual SAE}``, or a list indexed by layer).
+        layer: the model layer of the residual features.
+        score: the link score (:data:`~sae_match_lens.linking.SCORES`).
+        high, low: thresholds of the data-free reading (module docstring), in the score's units.
+        progress: show progress bars.
+
+    Returns:
+        One row per residual feature: ``feature``, ``pred_res``/``s_res``, ``pred_mlp``/
+        ``s_mlp``, ``pred_attn``/``s_attn`` (-1 and NaN where the module has no SAE) and
+        ``reading``.
+    """
+    layers = _as_stack(stack)
+    if layer not in layers:
+        raise KeyError(f"layer {layer} has no SAEs; layers are {list(layers)}.")
+    here = layers[layer]
+    n = here.res.cfg.d_sae
+    columns: dict[str, Any] = {"feature": torch.arange(n).numpy()}
+    sources = {"res": layers[layer - 1].res if layer - 1 in layers else None,
+               "mlp": here.mlp, "attn": here.attn}
+    for module, sae in sources.items():
+        if sae is None:
+            columns[f"pred_{module}"] = torch.full((n,), -1).numpy()
+            columns[f"s_{module}"] = torch.full((n,), math.nan).numpy()
+            continue
+        lk = links(sae, here.res, k=1, score=score, direction="backward", progress=progress)
+        columns[f"pred_{module}"] = lk.top1.numpy()
+        columns[f"s_{module}"] = lk.scores[:, 0].double().numpy()
+    frame = pd.DataFrame(columns)
+    frame["reading"] = [_reading(r, m, a, high, low)
+                        for r, m, a in zip(frame.s_res, frame.s_mlp, frame.s_attn, strict=True)]
+    frame.insert(0, "layer", layer)
+    frame.insert(1, "hook", hook_name_of(here.res))
+    return frame
+
+
+@torch.no_grad()
+def origin_groups(
+    model: Any,
+    stack: Stack | Sequence[Any],
+    tokens: torch.Tensor,
+    *,
+    layers: Sequence[int] | None = None,
+    score: LinkScore = "decoder_cosine",
+    batch_size: int = 8,
+) -> pd.DataFrame:
+    """Share of each origin group (activation-based, :data:`ORIGIN_GROUPS`) per layer.
+
+    Every (token, residual feature) pair where the feature is active at a scored position (BOS
+    excluded) is assigned the group of its top-1 predecessors (:func:`predecessors`) that are
+    active at the same token. Modules without an SAE count as inactive.
+
+    Returns:
+        One row per layer: ``layer``, ``n_active`` and one share column per group (summing to 1).
+    """
+    stack_map = _as_stack(stack)
+    chosen = [layer for layer in (layers if layers is not None else list(stack_map))]
+    preds = {layer: predecessors(stack_map, layer, score=score) for layer in chosen}
+    names: list[str] = []
+    for layer in chosen:
+        for sae in (stack_map[layer].res, stack_map[layer].mlp, stack_map[layer].attn,
+                    stack_map[layer - 1].res if layer - 1 in stack_map else None):
+            if sae is not None and hook_name_of(sae) not in names:
+                names.append(hook_name_of(sae))
+    counts = {layer: torch.zeros(len(ORIGIN_GROUPS), dtype=torch.float64) for layer in chosen}
+    device = getattr(model.cfg, "device", None)
+    toks = tokens[None] if tokens.ndim == 1 else tokens
+    for batch in toks.split(batch_size):
+        states = record_states(model, names, batch.to(device) if device is not None else batch)
+        fired: dict[str, torch.Tensor] = {}
+
+        def fire(sae: Any, states: dict[str, torch.Tensor] = states,
+                 fired: dict[str, torch.Tensor] = fired) -> torch.Tensor:
+            name = hook_name_of(sae)
+            if name not in fired:
+                h = scored_states(states[name]).to(sae.W_enc.device, sae.W_enc.dtype)
+                fired[name] = fires(sae.encode(h)).reshape(-1, sae.cfg.d_sae).cpu()
+            return fired[name]
+
+        for layer in chosen:
+            here = stack_map[layer]
+            target = fire(here.res)  # [T, F]
+            frame = preds[layer]
+            active = {}
+            for module, sae in (("res", stack_map[layer - 1].res if layer - 1 in stack_map
+                                 else None), ("mlp", here.mlp), ("attn", here.attn)):
+                if sae is None:
+                    active[module] = torch.zeros_like(target)
+                    continue
+                idx = torch.as_tensor(frame[f"pred_{module}"].to_numpy())
+                active[module] = fire(sae)[:, idx.clamp(min=0)] & (idx >= 0)[None]
+            code = (active["res"].long() * 1 + active["mlp"].long() * 2
+                    + active["attn"].long() * 4)[target]
+            # code → group index: 1 RES, 2 MLP, 4 ATT, 3 RES&MLP, 5 RES&ATT, 6 MLP&ATT, 7 all, 0 none
+            group_of_code = torch.tensor([7, 0, 1, 3, 2, 4, 5, 6])
+            counts[layer] += torch.bincount(group_of_code[code], minlength=8).double()
+    rows = []
+    for layer in chosen:
+        total = float(counts[layer].sum())
+        shares = (counts[layer] / total).tolist() if total > 0 else [math.nan] * 8
+        rows.append({"layer": layer, "n_active": int(total),
+                     **dict(zip(ORIGIN_GROUPS, shares, strict=True))})
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class FlowGraph:
+    """A feature flow: nodes ``(layer, module, feature)`` and scored edges predecessor → node."""
+
+    nodes: pd.DataFrame
+    """One row per node: ``layer``, ``module``, ``feature``, ``hook``, ``node`` (its id)."""
+    edges: pd.DataFrame
+    """One row per link: ``source``, ``target`` (node ids), ``score``, ``confidence``, ``kind``
+    (``"res"``, ``"mlp"``, ``"attn"``: the predecessor's module)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """How it was built (seed, score, cut, module_min)."""
+
+    @staticmethod
+    def node_id(layer: int, module: str, feature: int) -> str:
+        """The node id ``"L/module/feature"`` (Neuronpedia's layer/kind/index order)."""
+        return f"{layer}/{module}/{feature}"
+
+    @property
+    def similarity_span(self) -> tuple[int, int]:
+        """First and last layer of the uncut residual chain."""
+        res = self.nodes[self.nodes.module == "res"]
+        return int(res.layer.min()), int(res.layer.max())
+
+    def to_networkx(self) -> Any:
+        """A ``networkx.DiGraph`` with node and edge attributes."""
+        import networkx as nx
+
+        graph = nx.DiGraph(**self.options)
+        for row in self.nodes.itertuples(index=False):
+            graph.add_node(row.node, layer=int(row.layer), module=row.module,
+                           feature=int(row.feature), hook=row.hook)
+        for row in self.edges.itertuples(index=False):
+            graph.add_edge(row.source, row.target, score=float(row.score),
+                           confidence=float(row.confidence), kind=row.kind)
+        return graph
+
+    def to_node_link(self) -> dict[str, Any]:
+        """Node-link JSON (``networkx.node_link_data``)."""
+        import networkx as nx
+
+        return nx.node_link_data(self.to_networkx(), edges="links")
+
+    def save_json(self, path: str | Path) -> Path:
+        """Write :meth:`to_node_link` as strict JSON."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_node_link(), indent=1, allow_nan=False,
+                                   default=str))
+        return path
+
+    def save_graphml(self, path: str | Path) -> Path:
+        """Write the graph as GraphML."""
+        import networkx as nx
+
+        path = Path(path)
+        graph = self.to_networkx()
+        graph.graph = {k: str(v) for k, v in graph.graph.items()}
+        nx.write_graphml(graph, path)
+        return path
+
+    def plot(self, path: str | Path, *, title: str | None = None) -> Path:
+        """A layered picture: layers left to right, modules as lanes, edge width = score."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        lane = {"attn": 0.0, "res": 1.0, "mlp": 2.0}
+        pos = {}
+        for module, group in self.nodes.groupby("module"):
+            for _j, row in enumerate(group.sort_values(["layer", "feature"]).itertuples()):
+                same = group[group.layer == row.layer]
+                offset = (list(same.feature).index(row.feature) - (len(same) - 1) / 2) * 0.18
+                pos[row.node] = (row.layer, lane[module] + offset)
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * self.nodes.layer.nunique() + 2), 4))
+        colours = {"res": "tab:blue", "mlp": "tab:orange", "attn": "tab:green"}
+        for row in self.edges.itertuples(index=False):
+            (x0, y0), (x1, y1) = pos[row.source], pos[row.target]
+            ax.plot([x0, x1], [y0, y1], color=colours[row.kind], alpha=0.7,
+                    linewidth=0.5 + 4 * max(0.0, float(row.score)))
+        for module, group in self.nodes.groupby("module"):
+            xs, ys = zip(*(pos[n] for n in group.node), strict=True)
+            ax.scatter(xs, ys, s=60, color=colours[module], zorder=3, label=module)
+            for node, x, y in zip(group.node, xs, ys, strict=True):
+                ax.annotate(node.split("/")[-1], (x, y), textcoords="offset points",
+                            xytext=(0, 6), ha="center", fontsize=7)
+        ax.set_yticks([lane["attn"], lane["res"], lane["mlp"]], ["attention", "residual", "MLP"])
+        layers = sorted(self.nodes.layer.unique())
+        ax.set_xticks(layers, [str(v) for v in layers])
+        ax.set_xlabel("model layer")
+        ax.set_title(title or f"feature flow from {self.options.get('seed')} "
+                     f"(edge width = {self.options.get('score')} score; labels = feature ids)",
+                     fontsize=9)
+        ax.legend(loc="upper left", fontsize=7, title="node module", title_fontsize=7)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def flow_graph(
+    stack: Stack | Sequence[Any],
+    seed: tuple[int, int],
+    *,
+    score: LinkScore = "decoder_cosine",
+    cut: float = 0.5,
+    module_min: float = 0.15,
+    max_layers: int | None = None,
+    progress: bool = False,
+) -> FlowGraph:
+    """The flow graph of residual feature ``seed = (layer, feature)``.
+
+    Forward, each residual node links to its top-1 partner at the next layer; backward, to its
+    top-1 predecessor at the previous layer; each direction stops at the first link scoring
+    below ``cut`` (the uncut stretch is the similarity span). Every residual node also gets its
+    top-1 MLP and attention predecessors at its own layer when they score ``≥ module_min``.
+
+    Args:
+        stack: ``{layer: LayerSAEs}`` or ``{layer: residual SAE}`` (model layer numbers).
+        seed: ``(layer, feature)`` of the residual seed feature.
+        score: the link score; ``cut`` and ``module_min`` are in its units (the defaults, 0.5
+            and 0.15, are the paper's, for decoder cosine).
+        max_layers: follow at most this many layers in each direction.
+        progress: show progress bars.
+    """
+    layers = _as_stack(stack)
+    layer0, feature0 = seed
+    if layer0 not in layers:
+        raise KeyError(f"seed layer {layer0} has no SAEs; layers are {list(layers)}.")
+    if not 0 <= feature0 < layers[layer0].res.cfg.d_sae:
+        raise ValueError(f"seed feature {feature0} is out of range for "
+                         f"{describe_sae(layers[layer0].res)}.")
+    cache: dict[tuple[int, int, str], Links] = {}
+
+    def link(a: Any, b: Any, key: tuple[int, int, str]) -> Links:
+        if key not in cache:
+            cache[key] = links(a, b, k=1, score=score, progress=progress)
+        return cache[key]
+
+    nodes: dict[str, dict[str, Any]] = {}
+    edges: list[dict[str, Any]] = []
+
+    def add(layer: int, module: str, feature: int, sae: Any) -> str:
+        nid = FlowGraph.node_id(layer, module, feature)
+        nodes.setdefault(nid, {"node": nid, "layer": layer, "module": module,
+                               "feature": feature, "hook": hook_name_of(sae)})
+        return nid
+
+    add(layer0, "res", feature0, layers[layer0].res)
+    chain = [(layer0, feature0)]
+    order = list(layers)
+    i0 = order.index(layer0)
+    limit = max_layers if max_layers is not None else len(order)
+    for direction in (1, -1):
+        i, feature = i0, feature0
+        for _ in range(limit):
+            j = i + direction
+            if not 0 <= j < len(order) or order[j] != order[i] + direction:
+                break
+            here, there = order[i], order[j]
+            # forward: the best partner at the next layer; backward: the best predecessor
+            lk = link(layers[here].res, layers[there].res, (here, there, "res"))
+            partner, s = int(lk.top1[feature]), float(lk.scores[feature, 0])
+            c = float(lk.confidence[feature, 0])
+            if partner < 0 or not s >= cut:
+                break
+            a = add(here, "res", feature, layers[here].res)
+            b = add(there, "res", partner, layers[there].res)
+            src, dst = (a, b) if direction == 1 else (b, a)
+            edges.append({"source": src, "target": dst, "score": s, "confidence": c,
+                          "kind": "res"})
+            chain.append((there, partner))
+            i, feature = j, partner
+    for layer, feature in chain:
+        for module in ("mlp", "attn"):
+            sae = layers[layer].get(module)
+            if sae is None:
+                continue
+            lk = link(layers[layer].res, sae, (layer, layer, module))  # res feature → module
+            partner, s = int(lk.top1[feature]), float(lk.scores[feature, 0])
+            if partner >= 0 and s >= module_min:
+                src = add(layer, module, partner, sae)
+                edges.append({"source": src, "target": FlowGraph.node_id(layer, "res", feature),
+                              "score": s, "confidence": float(lk.confidence[feature, 0]),
+                              "kind": module})
+    options = {"seed": FlowGraph.node_id(layer0, "res", feature0), "score": score, "cut": cut,
+               "module_min": module_min}
+    node_frame = pd.DataFrame(list(nodes.values()),
+                              columns=["node", "layer", "module", "feature", "hook"])
+    edge_frame = pd.DataFrame(edges, columns=["source", "target", "score", "confidence", "kind"])
+    return FlowGraph(node_frame.sort_values(["layer", "module"]).reset_index(drop=True),
+                     edge_frame, options)
+
+
+def persistence(
+    stack: Stack | Sequence[Any],
+    *,
+    score: LinkScore = "decoder_cosine",
+    cut: float = 0.5,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """For every residual feature of every layer, how many consecutive layers its forward chain
+    of top-1 links survives with score ``≥ cut`` (0: its first link is already cut).
+
+    Returns:
+        One row per (start layer, feature): ``layer``, ``feature``, ``survives``; a histogram per
+        start layer is ``frame.groupby("layer").survives.value_counts()``.
+    """
+    layers = _as_stack(stack)
+    order = list(layers)
+    steps = []
+    for here, there in itertools.pairwise(order):
+        if there != here + 1:
+            steps.append(None)
+            continue
+        lk = links(layers[here].res, layers[there].res, k=1, score=score, progress=progress)
+        ok = (lk.top1 >= 0) & (lk.scores[:, 0] >= cut)
+        steps.append(torch.where(ok, lk.top1, torch.full_like(lk.top1, -1)))
+    rows = []
+    for i, layer in enumerate(order):
+        n = layers[layer].res.cfg.d_sae
+        current = torch.arange(n)
+        survives = torch.zeros(n, dtype=torch.int64)
+        alive = torch.ones(n, dtype=torch.bool)
+        for step in steps[i:]:
+            if step is None:
+                break
+            nxt = torch.where(alive, step[current.clamp(min=0)], torch.full_like(current, -1))
+            alive = alive & (nxt >= 0)
+            survives += alive.long()
+            current = nxt
+            if not bool(alive.any()):
+                break
+        rows.append(pd.DataFrame({"layer": layer, "feature": torch.arange(n).numpy(),
+                                  "survives": survives.numpy()}))
+    return pd.concat(rows, ignore_index=True)

@@ -1,0 +1,124 @@
+"""Feature flow: predecessors and their reading, origin groups against direct counts, flow
+graphs on planted chains, exports and plot, persistence."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import networkx as nx
+import pytest
+import torch
+
+from sae_match_lens.flow import (
+    ORIGIN_GROUPS,
+    LayerSAEs,
+    _reading,
+    flow_graph,
+    origin_groups,
+    persistence,
+    predecessors,
+)
+from sae_match_lens.linking import links
+from tests.helpers import planted_chain
+from tests.helpers_tl import random_jumprelu_sae, tiny_model, tiny_tokens
+
+
+@pytest.fixture(scope="module")
+def chain():
+    return planted_chain(4, d_in=24, d_sae=64, noise=0.05, seed=4)
+
+
+def test_reading_follows_the_documented_thresholds():
+    assert _reading(0.9, 0.05, 0.1, 0.5, 0.15) == "carried over"
+    assert _reading(0.9, 0.3, 0.1, 0.5, 0.15) == "processed by MLP"
+    assert _reading(0.9, 0.3, 0.2, 0.5, 0.15) == "processed by MLP and attention"
+    assert _reading(0.2, 0.7, 0.1, 0.5, 0.15) == "born in MLP"
+    assert _reading(0.2, 0.1, 0.6, 0.5, 0.15) == "born in attention"
+    assert _reading(0.2, 0.1, 0.1, 0.5, 0.15) == "unexplained"
+    assert _reading(math.nan, math.nan, 0.6, 0.5, 0.15) == "born in attention"
+
+
+def test_predecessors_are_the_backward_top1_links(chain):
+    stack = {10 + i: LayerSAEs(res=sae) for i, sae in enumerate(chain.saes)}
+    frame = predecessors(stack, 11)
+    lk = links(chain.saes[0], chain.saes[1], direction="backward", score="decoder_cosine",
+               progress=False)
+    assert (frame.pred_res.to_numpy() == lk.top1.numpy()).all()
+    truth = chain.truths[0].inverse().indices
+    assert float((torch.as_tensor(frame.pred_res.to_numpy().copy()) == truth).double().mean()) > 0.95
+    assert (frame.pred_mlp == -1).all() and frame.s_mlp.isna().all()
+    assert set(frame.reading) <= {"carried over", "unexplained"}
+    assert predecessors(stack, 10).s_res.isna().all()  # layer 10 has no R(L-1) here
+
+
+def test_flow_graph_follows_the_planted_chain_both_ways(chain, tmp_path):
+    stack = {i: sae for i, sae in enumerate(chain.saes)}
+    feature = 5
+    path = [feature]
+    for truth in chain.truths:
+        path.append(int(truth.indices[path[-1]]))
+    graph = flow_graph(stack, (1, path[1]))
+    res = graph.nodes[graph.nodes.module == "res"].sort_values("layer")
+    assert list(res.feature) == path
+    assert graph.similarity_span == (0, 3)
+    assert len(graph.edges) == 3 and (graph.edges.score >= 0.5).all()
+    g = graph.to_networkx()
+    assert nx.is_directed_acyclic_graph(g) and g.number_of_nodes() == 4
+    data = json.loads(graph.save_json(tmp_path / "flow.json").read_text())
+    assert len(data["nodes"]) == 4 and len(data["links"]) == 3
+    assert nx.read_graphml(graph.save_graphml(tmp_path / "flow.graphml")).number_of_edges() == 3
+    assert graph.plot(tmp_path / "flow.png").stat().st_size > 1000
+    cut = flow_graph(stack, (1, path[1]), cut=1.01)  # nothing passes: the seed alone
+    assert len(cut.nodes) == 1 and cut.edges.empty
+
+
+def test_module_predecessors_join_the_graph_above_module_min():
+    res = [random_jumprelu_sae(f"blocks.{i}.hook_resid_post", seed=i) for i in range(2)]
+    mlp = random_jumprelu_sae("blocks.1.hook_mlp_out", seed=1)  # a copy of res[1]: cosine 1
+    stack = {0: LayerSAEs(res[0]), 1: LayerSAEs(res[1], mlp=mlp)}
+    graph = flow_graph(stack, (1, 7), cut=-2.0)
+    mlp_edges = graph.edges[graph.edges.kind == "mlp"]
+    assert list(mlp_edges.source) == ["1/mlp/7"] and mlp_edges.score.iloc[0] == pytest.approx(1.0)
+    none = flow_graph(stack, (1, 7), cut=-2.0, module_min=1.5)
+    assert (none.edges.kind != "mlp").all()
+
+
+def test_origin_groups_equal_a_direct_count():
+    model = tiny_model()
+    tokens = tiny_tokens(n_seq=4)
+    stack = {0: LayerSAEs(random_jumprelu_sae("blocks.0.hook_resid_post", seed=1)),
+             1: LayerSAEs(random_jumprelu_sae("blocks.1.hook_resid_post", seed=2),
+                          mlp=random_jumprelu_sae("blocks.1.hook_mlp_out", seed=3),
+                          attn=random_jumprelu_sae("blocks.1.hook_attn_out", seed=4))}
+    table = origin_groups(model, stack, tokens, layers=[1], batch_size=3)
+    pred = predecessors(stack, 1)
+    _, cache = model.run_with_cache(tokens)
+
+    def fire(sae):
+        h = cache[sae.cfg.metadata.hook_name][:, 1:]
+        return (sae.encode(h) != 0).reshape(-1, sae.cfg.d_sae)
+
+    target = fire(stack[1].res)
+    r = fire(stack[0].res)[:, torch.as_tensor(pred.pred_res.to_numpy())]
+    m = fire(stack[1].mlp)[:, torch.as_tensor(pred.pred_mlp.to_numpy())]
+    a = fire(stack[1].attn)[:, torch.as_tensor(pred.pred_attn.to_numpy())]
+    expect = {
+        "From RES": r & ~m & ~a, "From MLP": ~r & m & ~a, "From ATT": ~r & ~m & a,
+        "From RES & MLP": r & m & ~a, "From RES & ATT": r & ~m & a, "From MLP & ATT": ~r & m & a,
+        "From RES & MLP & ATT": r & m & a, "From nowhere": ~r & ~m & ~a,
+    }
+    n = int(target.sum())
+    assert table.n_active.item() == n
+    for group in ORIGIN_GROUPS:
+        assert table[group].item() == pytest.approx(float((expect[group] & target).sum()) / n)
+    assert sum(table[g].item() for g in ORIGIN_GROUPS) == pytest.approx(1.0)
+
+
+def test_persistence_counts_surviving_links(chain):
+    stack = dict(enumerate(chain.saes))
+    frame = persistence(stack)
+    first = frame[frame.layer == 0]
+    assert (first.survives <= 3).all() and float((first.survives == 3).mean()) > 0.9
+    assert (frame[frame.layer == 3].survives == 0).all()
+    assert (persistence(stack, cut=1.01).survives == 0).all()

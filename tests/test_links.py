@@ -1,0 +1,246 @@
+"""Many-to-one links: exact top-k against brute force, direction, planted partners, the null's
+confidence; co-activation statistics and evaluate_links against direct counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sae_match_lens.adapters import feature_view
+from sae_match_lens.coactivation import (
+    best_partner,
+    coactivation_stats,
+    evaluate_links,
+    one_to_one,
+)
+from sae_match_lens.linking import SCORES, firing_offset_z, links
+from sae_match_lens.matching import match
+from tests.helpers import build_sae, planted_pair
+from tests.helpers_tl import random_jumprelu_sae, tiny_model, tiny_tokens
+from tests.test_null_model import aligned_sae
+
+
+def _brute_scores(sae_a, sae_b, score, csls_k=10, density_weight=0.2):
+    """Every score of every pair in float64 numpy, from the SAEs' parameters directly."""
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    va, vb = (feature_view(s, fold=False, dtype=torch.float64) for s in (sae_a, sae_b))
+    dec = unit(va.decoder_FO.numpy()) @ unit(vb.decoder_FO.numpy()).T
+    enc = unit(va.encoder_FD.numpy()) @ unit(vb.encoder_FD.numpy()).T
+    if score == "decoder_cosine":
+        return dec
+    if score == "cosine_sum":
+        return dec + enc
+    if score == "csls":
+        s = dec + enc
+        ra = np.sort(s, axis=1)[:, -csls_k:].mean(1)
+        rb = np.sort(s, axis=0)[-csls_k:, :].mean(0)
+        return 2 * s - ra[:, None] - rb[None, :]
+    if score == "cosine_density":
+        za, zb = (firing_offset_z(s).double().numpy() for s in (sae_a, sae_b))
+        return dec + enc - density_weight * np.abs(za[:, None] - zb[None, :])
+    fa, fb = (feature_view(s, fold=True, dtype=torch.float64) for s in (sae_a, sae_b))
+    xa = np.concatenate([fa.decoder_FO.numpy(), fa.encoder_FD.numpy(), fa.bias_FB.numpy()], 1)
+    xb = np.concatenate([fb.decoder_FO.numpy(), fb.encoder_FD.numpy(), fb.bias_FB.numpy()], 1)
+    return -((xa[:, None, :] - xb[None, :, :]) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("architecture", ["jumprelu", "standard", "topk", "gated"])
+def test_top_k_links_are_the_true_top_k_of_every_score(score, architecture):
+    sae_a = build_sae(architecture, d_in=16, d_sae=40, seed=1)
+    sae_b = build_sae(architecture, d_in=16, d_sae=56, seed=2)
+    got = links(sae_a, sae_b, k=4, score=score, block_rows=7, progress=False)
+    full = _brute_scores(sae_a, sae_b, score)
+    order = np.argsort(-full, axis=1, kind="stable")[:, :4]
+    expected_scores = np.take_along_axis(full, order, 1)
+    np.testing.assert_allclose(got.scores.numpy(), expected_scores, rtol=1e-4, atol=1e-4)
+    chosen = np.take_along_axis(full, got.indices.numpy(), 1)  # ties may swap equal entries
+    np.testing.assert_allclose(chosen, expected_scores, rtol=1e-4, atol=1e-4)
+    assert got.indices.shape == (40, 4) and got.indices.dtype == torch.int64
+
+
+def test_backward_links_are_the_forward_links_of_the_swapped_pair():
+    sae_a, sae_b = build_sae("jumprelu", seed=1), build_sae("jumprelu", seed=2)
+    back = links(sae_a, sae_b, k=2, direction="backward", progress=False)
+    swapped = links(sae_b, sae_a, k=2, progress=False)
+    assert torch.equal(back.indices, swapped.indices)
+    assert back.source["fingerprint"] == swapped.source["fingerprint"]
+    assert back.indices.shape[0] == sae_b.cfg.d_sae
+
+
+@pytest.mark.parametrize("score", ["decoder_cosine", "cosine_sum", "cosine_density", "folded_mse"])
+def test_links_recover_planted_partners(score):
+    pair = planted_pair(d_sae=96, d_in=24, noise=0.05, seed=3)
+    got = links(pair.sae_a, pair.sae_b, score=score, progress=False)
+    assert float((got.top1 == pair.truth.indices).double().mean()) > 0.95
+
+
+def test_confidence_separates_true_partners_from_chance():
+    same = aligned_sae("jumprelu", 512, 1)
+    other = aligned_sae("jumprelu", 512, 2)
+    true_links = links(same, aligned_sae("jumprelu", 512, 1), progress=False)
+    assert float(true_links.confidence[:, 0].min()) > 0.99
+    chance = links(same, other, null_rate=0.01, progress=False)
+    kept = float((chance.top1 >= 0).double().mean())
+    assert 0.005 <= kept <= 0.02, kept
+    assert torch.isnan(chance.scores[chance.top1 < 0]).all()
+    assert chance.null_threshold is not None
+
+
+def test_bad_arguments_are_clear_errors():
+    sae_a, sae_b = build_sae("jumprelu", seed=1), build_sae("jumprelu", d_in=8, seed=2)
+    with pytest.raises(ValueError, match="unknown link score"):
+        links(sae_a, sae_a, score="nope")
+    with pytest.raises(ValueError, match="k must be"):
+        links(sae_a, sae_a, k=0)
+    with pytest.raises(ValueError, match="null_rate"):
+        links(sae_a, sae_a, null_rate=1.5)
+    with pytest.raises(ValueError, match="d_in 16 vs 8"):
+        links(sae_a, sae_b)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def pair_saes():
+    return [random_jumprelu_sae("blocks.0.hook_resid_post", seed=1),
+            random_jumprelu_sae("blocks.1.hook_resid_post", seed=2)]
+
+
+def _fires(model, saes, tokens):
+    _, cache = model.run_with_cache(tokens)
+    out = []
+    for sae in saes:
+        h = cache[sae.cfg.metadata.hook_name][:, 1:]
+        out.append((sae.encode(h) != 0).reshape(-1, sae.cfg.d_sae))
+    return out
+
+
+def test_coactivation_counts_and_reference_matchers_equal_direct_computation(model, pair_saes):
+    tokens = tiny_tokens(n_seq=8)
+    stats = coactivation_stats(model, *pair_saes, tokens, batch_size=3, progress=False)
+    with torch.no_grad():
+        fa, fb = _fires(model, pair_saes, tokens)
+    both = (fa[:, :, None] & fb[:, None, :]).sum(0).double()
+    union = (fa[:, :, None] | fb[:, None, :]).sum(0).double()
+    jac = torch.where(union > 0, both / union.clamp_min(1), torch.zeros_like(both))
+    assert stats.n_tokens == fa.shape[0]
+    torch.testing.assert_close(stats.jaccard(), jac)
+    best = best_partner(stats)
+    fired = fa.sum(0) > 0
+    torch.testing.assert_close(jac[fired, best[fired]], jac[fired].max(1).values)
+    assert bool((best[~fired] == -1).all())
+    perm = one_to_one(stats)
+    from scipy.optimize import linear_sum_assignment
+
+    r, c = linear_sum_assignment(jac.numpy(), maximize=True)
+    ok = perm.indices >= 0
+    assert float(jac[ok, perm.indices[ok]].sum()) == pytest.approx(
+        float(jac.numpy()[r, c][fired.numpy()[r]].sum()))
+
+
+def test_evaluate_links_scores_unions_and_exposes_hubs(model, pair_saes):
+    tokens = tiny_tokens(n_seq=8)
+    lk = links(*pair_saes, k=3, progress=False)
+    with torch.no_grad():
+        fa, fb = _fires(model, pair_saes, tokens)
+    dense = int(fb.sum(0).argmax())
+    hub = torch.full((pair_saes[0].cfg.d_sae,), dense, dtype=torch.int64)
+    table = evaluate_links(model, pair_saes, tokens, {"links": {(0, 1): lk},
+                                                       "hub": {(0, 1): hub},
+                                                       "perm": {(0, 1): match(*pair_saes,
+                                                                              progress=False)}},
+                           ks=(1, 3), min_fires=1, batch_size=3, progress=False)
+    row = table[(table.method == "links") & (table.k == 3)].iloc[0]
+    linked = fb[:, lk.indices].any(-1)  # [T, F_A]: any of the 3 targets fires
+    both = (fa & linked).sum(0).double()
+    union = (fa | linked).sum(0).double()
+    active = fa.sum(0) >= 1
+    assert row.jaccard == pytest.approx(float((both / union)[active].mean()))
+    assert row.p_b_given_a == pytest.approx(float((both / fa.sum(0))[active].mean()))
+    hub_row = table[table.method == "hub"].iloc[0]
+    assert hub_row.distinct_targets == 1
+    links_row = table[(table.method == "links") & (table.k == 1)].iloc[0]
+    assert hub_row.p_b_given_a > links_row.p_b_given_a  # the densest target wins on P(B|A)
+    hub_fires = fb[:, dense][:, None]
+    hub_jaccard = ((fa & hub_fires).sum(0).double() / (fa | hub_fires).sum(0).double())[active]
+    assert hub_row.jaccard == pytest.approx(float(hub_jaccard.mean()))
+    assert hub_row.jaccard < hub_row.ceiling_best_partner
+    assert set(table.method) == {"links", "hub", "perm"}
+    assert (table.ceiling_best_partner >= table.jaccard - 1e-12).all()
+
+
+def test_a_transition_from_one_to_one_links_substitutes_like_the_permutation(model):
+    from sae_match_lens.hooks import block_substitute
+    from sae_match_lens.linking import Transition
+
+    sae_a = random_jumprelu_sae("blocks.0.hook_resid_post", seed=1)
+    sae_b = random_jumprelu_sae("blocks.2.hook_resid_post", seed=2)
+    result = match(sae_a, sae_b, progress=False)
+    perm = result.permutation
+    edges = torch.arange(perm.n_source)
+    tr = Transition(edges, perm.indices, torch.ones(perm.n_source), perm.n_source, perm.n_target,
+                    {"source": perm.source, "target": perm.target})
+    h = torch.randn(2, 5, sae_a.cfg.d_in)
+    for method in ("permute", "error_preserving"):
+        for transfer in ("folded", "raw"):
+            from sae_match_lens.hooks import Substitution
+
+            spec = Substitution(method, transfer)
+            torch.testing.assert_close(block_substitute(sae_a, sae_b, tr, substitution=spec)(h),
+                                       block_substitute(sae_a, sae_b, perm, substitution=spec)(h))
+
+
+def test_a_many_to_one_transition_sums_the_folded_activations_linked_to_a_target():
+    from sae_match_lens.adapters import fold
+    from sae_match_lens.hooks import block_substitute
+    from sae_match_lens.linking import Transition
+    from sae_match_lens.permutation import ProvenanceError
+
+    sae_a = random_jumprelu_sae("blocks.0.hook_resid_post", seed=1)
+    sae_b = random_jumprelu_sae("blocks.2.hook_resid_post", seed=2)
+    lk = links(sae_a, sae_b, k=2, progress=False)
+    tr = Transition.from_links(lk)
+    h = torch.randn(3, 4, sae_a.cfg.d_in)
+    with torch.no_grad():
+        f_A = fold(sae_a).encode(h)
+        f_B = torch.zeros(*f_A.shape[:-1], sae_b.cfg.d_sae)
+        for i in range(sae_a.cfg.d_sae):
+            for j in lk.indices[i].tolist():
+                f_B[..., j] += f_A[..., i]
+        expected = fold(sae_b).decode(f_B)
+        got = block_substitute(sae_a, sae_b, lk)(h)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tr.apply(f_A), f_B, rtol=1e-5, atol=1e-5)
+    other = random_jumprelu_sae("blocks.1.hook_resid_post", seed=5)
+    with pytest.raises(ProvenanceError, match="transition"):
+        block_substitute(other, sae_b, lk)
+    with pytest.raises(ValueError, match="hybrid"):
+        block_substitute(sae_a, sae_b, lk, substitution="hybrid", cost_F=torch.zeros(64))
+
+
+def test_transition_variants_in_evaluate_substitution_match_a_hand_built_transition(model):
+    from sae_match_lens.evaluation import Variant, evaluate_substitution
+    from sae_match_lens.hooks import Substitution, substitute
+
+    saes = [random_jumprelu_sae("blocks.0.hook_resid_post", seed=1),
+            random_jumprelu_sae("blocks.2.hook_resid_post", seed=2)]
+    tokens = tiny_tokens(n_seq=4)
+    top3 = Variant("top3", Substitution("permute"), "links", "cosine_sum", 3)
+    table = evaluate_substitution(model, saes, tokens, variants=["transition_decoder_cosine", top3,
+                                                                 "identity"], progress=False)
+    lk = links(*saes, k=3, score="cosine_sum", progress=False)
+    with torch.no_grad():
+        with substitute(model, *saes, lk):
+            loss = model(tokens, return_type="loss", loss_per_token=True)[:, 1:].mean()
+        clean = model(tokens, return_type="loss", loss_per_token=True)[:, 1:].mean()
+    row = table[table.variant == "top3"].iloc[0]
+    assert row.delta_ce == pytest.approx(float(loss - clean), abs=1e-5)
+    assert row.permutation == "links" and row.n_matched == saes[0].cfg.d_sae
+    assert set(table.variant) == {"transition_decoder_cosine", "top3", "identity"}
