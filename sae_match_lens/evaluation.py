@@ -48,7 +48,16 @@ from .costs import CostWeights, Metric, stack_features
 from .hooks import BlockSubstitute, Substitution, block_substitute
 from .linking import SCORES, Transition, links
 from .matching import MatchResult, match
-from .metrics import cross_entropy_sum, kl_sum, squared_error_sum, vocab_dot
+from .metrics import (
+    StateSums,
+    cross_entropy_sum,
+    explained_variance,
+    fires,
+    kl_sum,
+    scored_states,
+    squared_error_sum,
+    vocab_dot,
+)
 from .permutation import Permutation
 from .routes import (
     BOS_POLICIES,
@@ -167,9 +176,7 @@ class _Sums:
 class _PairSums:
     """Running sums shared by every variant of one pair."""
 
-    n: int = 0
-    sum_x: torch.Tensor | None = None
-    sumsq: float = 0.0
+    states: StateSums = field(default_factory=StateSums)
     fire_a: dict[str, torch.Tensor] = field(default_factory=dict)
     both: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -379,10 +386,9 @@ class _PairPlan:
 
     def rows(self, a: Hashable, b: Hashable) -> list[dict[str, Any]]:
         ps = self.pair_sums
-        if ps.n == 0:
+        n = ps.states.n
+        if n == 0:
             raise ValueError("no tokens were evaluated (every sequence needs at least 3 tokens).")
-        assert ps.sum_x is not None
-        sst = ps.sumsq - float(ps.sum_x.pow(2).sum()) / ps.n
         ce_clean = self.ce_clean / self.n_ce
         out = []
         for variant, _ in self.subs:
@@ -394,15 +400,15 @@ class _PairPlan:
                 "variant": variant.name, "method": spec.method,
                 "transfer": spec.transfer if spec.uses_permutation else None,
                 "permutation": variant.permutation if spec.uses_permutation else None,
-                "explained_variance": 1.0 - s.sse / sst if sst > 0 else float("nan"),
+                "explained_variance": explained_variance(s.sse, ps.states),
                 "delta_ce": s.ce / self.n_ce - ce_clean,
                 "kl": s.kl / self.n_ce,
                 "coactivation": (_coactivation(ps, variant.source_key, perm)
                                  if perm is not None else float("nan")),
                 "ce_clean": ce_clean, "ce_substituted": s.ce / self.n_ce,
-                "mse": s.sse / ps.n,
+                "mse": s.sse / n,
                 "n_matched": int((perm >= 0).sum()) if perm is not None else None,
-                "n_tokens": ps.n, "note": self.notes.get(variant.name, ""),
+                "n_tokens": n, "note": self.notes.get(variant.name, ""),
             })
         return out
 
@@ -548,15 +554,12 @@ def _transition_top1(tr: Transition) -> torch.Tensor:
 
 def _update_pair(plan: _PairPlan, f_A: torch.Tensor | None, h_B: torch.Tensor) -> None:
     ps = plan.pair_sums
-    x = h_B[:, 1:].double().reshape(-1, h_B.shape[-1])
-    ps.n += x.shape[0]
-    ps.sum_x = x.sum(0) if ps.sum_x is None else ps.sum_x + x.sum(0)
-    ps.sumsq += float(x.pow(2).sum())
+    ps.states.add(h_B)
     if not plan.perms or f_A is None:
         return
     sae_b = plan.sae_b
-    fire_a = f_A[:, 1:] != 0  # fires = non-zero (AbsTopK activations can be negative)
-    fire_b = (sae_b.encode(h_B[:, 1:].to(sae_b.W_enc.device, sae_b.W_enc.dtype)) != 0)
+    fire_a = fires(scored_states(f_A))  # non-zero: AbsTopK activations can be negative
+    fire_b = fires(sae_b.encode(scored_states(h_B).to(sae_b.W_enc.device, sae_b.W_enc.dtype)))
     fire_a = fire_a.reshape(-1, fire_a.shape[-1])
     fire_b = fire_b.reshape(-1, fire_b.shape[-1]).to(fire_a.device)
     count_a = fire_a.sum(0).cpu()

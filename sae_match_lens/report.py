@@ -451,7 +451,8 @@ def write_report(results: Mapping[str, Any], table: pd.DataFrame | None, out: Pa
         "",
         "Adjacent matches with folded vs raw parameters: *agreement* is the fraction of features "
         "that folded and unfolded matching send to the same partner; *coactivation* is "
-        "P(f_B[π(i)] > 0 | f_A[i] > 0) on held-out text for each permutation; the last column is the "
+        "P(f_B[π(i)] fires | f_A[i] fires) (fires: activation ≠ 0) on held-out text for each "
+        "permutation; the last column is the "
         "fraction of folded matches cheaper than the data-free unmatched threshold (the cost that "
         f"a chance partner, B's dictionary in a random basis, beats for {rate_text} of A's features).",
         "",
