@@ -212,12 +212,13 @@ def firing_offset_z(sae: Any) -> torch.Tensor:
 
 
 def _score_operands(sae: Any, score: str, weights: CostWeights | None,
-                    density_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    density_weight: float = 0.0, fold: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(matrix_FK, const_F)`` such that ``score_ij = 2·a_i·b_j − const_a_i − const_b_j`` (mse)
     or ``a_i·b_j − |const_a_i − const_b_j|`` (cosine scores; const = λ·z or 0)."""
     if score == "folded_mse":
         w = weights or CostWeights()
-        stacked = stack_features(feature_view(sae, fold=True), w, "mse")
+        stacked = stack_features(feature_view(sae, fold=fold), w, "mse")
         return stacked.matrix_FK, stacked.const_F.to(torch.float32)
     view = feature_view(sae, fold=False)
     parts = [_unit(view.decoder_FO)]
@@ -316,6 +317,7 @@ def links(
     csls_k: int = 10,
     density_weight: float = 0.2,
     weights: CostWeights | Mapping[str, float] | None = None,
+    fold: bool = True,
     block_rows: int = 2048,
     device: torch.device | str | None = None,
     seed: int = 0,
@@ -338,6 +340,7 @@ def links(
         csls_k: neighbourhood size of ``csls``.
         density_weight: ``cosine_density`` only: the weight λ of the firing-density gap.
         weights: ``folded_mse`` only: block weights as in :func:`~sae_match_lens.matching.match`.
+        fold: ``folded_mse`` only: ``False`` compares raw parameters (the unfolded ablation).
         block_rows: rows of the score matrix computed at a time.
         device: where the products run (default: SAE A's device).
         seed: seed of the null model.
@@ -352,7 +355,7 @@ def links(
     """
     if direction == "backward":
         return links(sae_b, sae_a, k=k, score=score, null_rate=null_rate, n_null=n_null,
-                     csls_k=csls_k, density_weight=density_weight, weights=weights,
+                     csls_k=csls_k, density_weight=density_weight, weights=weights, fold=fold,
                      block_rows=block_rows, device=device, seed=seed, progress=progress)
     if direction != "forward":
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}.")
@@ -374,8 +377,8 @@ def links(
     if not (isinstance(density_weight, int | float) and math.isfinite(density_weight)
             and density_weight >= 0):
         raise ValueError(f"density_weight must be a finite number >= 0, got {density_weight!r}.")
-    a, const_a = _score_operands(sae_a, score, w, density_weight)
-    b, const_b = _score_operands(sae_b, score, w, density_weight)
+    a, const_a = _score_operands(sae_a, score, w, density_weight, fold)
+    b, const_b = _score_operands(sae_b, score, w, density_weight, fold)
     dev = torch.device(device) if device is not None else a.device
     a, const_a, b, const_b = a.to(dev), const_a.to(dev), b.to(dev), const_b.to(dev)
     mse = score == "folded_mse"
@@ -409,7 +412,7 @@ def links(
                 label, indices.shape[1], score, 100 * float((confidence[:, 0] >= 0.99).float().mean()),
                 99.0)
     options = {"k": k, "score": score, "null_rate": null_rate, "n_null": n_null,
-               "csls_k": csls_k, "density_weight": density_weight,
+               "csls_k": csls_k, "density_weight": density_weight, "fold": fold,
                "weights": None if w is None else w.as_dict(), "seed": seed}
     return Links(indices, scores, confidence, score, sae_identity(sae_a), sae_identity(sae_b),
                  threshold, options)
