@@ -46,6 +46,8 @@ __all__ = [
     "link_indices",
     "one_to_one",
     "record_states",
+    "sae_pairs",
+    "token_batches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -115,14 +117,35 @@ def _encode_fires(sae: Any, h: torch.Tensor) -> torch.Tensor:
     return fires(sae.encode(x)).reshape(-1, sae.cfg.d_sae)
 
 
-def _token_batches(tokens: torch.Tensor | Iterable[torch.Tensor], batch_size: int
-                   ) -> tuple[Iterable[torch.Tensor], int | None]:
+def token_batches(tokens: torch.Tensor | Iterable[torch.Tensor], batch_size: int
+                  ) -> tuple[Iterable[torch.Tensor], int | None]:
+    """``[n_seq, pos]`` tokens split into ``batch_size`` sequences (with their count), or an
+    iterable of ``[batch, pos]`` batches used as given (count unknown)."""
     if isinstance(tokens, torch.Tensor):
         toks = tokens[None] if tokens.ndim == 1 else tokens
         if toks.ndim != 2:
             raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}.")
         return toks.split(batch_size), math.ceil(toks.shape[0] / batch_size)
     return tokens, None
+
+
+def sae_pairs(saes: Sequence[Any] | Mapping[Hashable, Any],
+              pairs: Sequence[tuple[Hashable, Hashable]] | None
+              ) -> tuple[dict[Hashable, Any], list[tuple[Hashable, Hashable]]]:
+    """The SAEs keyed as given (a list is keyed 0, 1, ...) and the checked ``(a, b)`` pairs
+    (default: adjacent keys in the given order)."""
+    if isinstance(saes, Mapping):
+        sae_map = dict(saes)
+    elif isinstance(saes, Sequence) and not isinstance(saes, str | bytes):
+        sae_map = dict(enumerate(saes))
+    else:
+        raise TypeError(f"saes must be a list or a dict of SAEs, got {type(saes).__name__}.")
+    keys = list(sae_map)
+    pair_list = list(pairs) if pairs is not None else list(itertools.pairwise(keys))
+    for pair in pair_list:
+        if len(pair) != 2 or any(k not in sae_map for k in pair):
+            raise KeyError(f"pair {pair!r} does not name two SAEs; keys are {keys}.")
+    return sae_map, pair_list
 
 
 @torch.no_grad()
@@ -134,7 +157,7 @@ def coactivation_stats(model: Any, sae_a: Any, sae_b: Any,
         validate_sae(sae)
     names = list(dict.fromkeys([hook_name_of(sae_a), hook_name_of(sae_b)]))
     stats = CoactivationStats()
-    batches, total = _token_batches(tokens, batch_size)
+    batches, total = token_batches(tokens, batch_size)
     device = getattr(model.cfg, "device", None)
     for batch in tqdm(batches, total=total, desc="co-activation", unit="batch",
                       disable=not progress):
@@ -249,12 +272,7 @@ def evaluate_links(
         A DataFrame with one row per (pair, method, k) and the columns :data:`LINK_COLUMNS`;
         ``fraction_of_ceiling`` is ``jaccard / ceiling_best_partner``.
     """
-    sae_map = dict(saes) if isinstance(saes, Mapping) else dict(enumerate(saes))
-    keys = list(sae_map)
-    pair_list = list(pairs) if pairs is not None else list(itertools.pairwise(keys))
-    for pair in pair_list:
-        if len(pair) != 2 or any(k not in sae_map for k in pair):
-            raise KeyError(f"pair {pair!r} does not name two SAEs; keys are {keys}.")
+    sae_map, pair_list = sae_pairs(saes, pairs)
     if min_fires < 1:
         raise ValueError(f"min_fires must be >= 1, got {min_fires}.")
     plans = []
@@ -276,7 +294,7 @@ def evaluate_links(
                 chosen.append((name, k, idx))
         plans.append(_PairLinks(a, b, sae_a, sae_b, chosen))
     names = list(dict.fromkeys(hook_name_of(sae_map[k]) for pair in pair_list for k in pair))
-    batches, total = _token_batches(tokens, batch_size)
+    batches, total = token_batches(tokens, batch_size)
     device = getattr(model.cfg, "device", None)
     for batch in tqdm(batches, total=total, desc="evaluate links", unit="batch",
                       disable=not progress):

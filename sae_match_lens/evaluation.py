@@ -32,10 +32,8 @@ hooks) the whole model runs with a hook writing the substitute at B. Both give t
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
-from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -44,6 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import feature_view
+from .coactivation import sae_pairs, token_batches
 from .costs import CostWeights, Metric, stack_features
 from .hooks import BlockSubstitute, Substitution, block_substitute
 from .linking import SCORES, Transition, links
@@ -181,14 +180,6 @@ class _PairSums:
     both: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _as_dict(saes: Sequence[Any] | Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-    if isinstance(saes, Mapping):
-        return dict(saes)
-    if isinstance(saes, Sequence) and not isinstance(saes, str | bytes):
-        return dict(enumerate(saes))
-    raise TypeError(f"saes must be a list or a dict of SAEs, got {type(saes).__name__}.")
-
-
 def _resolve_variants(variants: Iterable[str | Variant]) -> list[Variant]:
     out = []
     for v in variants:
@@ -266,16 +257,6 @@ def _permutations(
     return out
 
 
-def _batches(tokens: torch.Tensor | Iterable[torch.Tensor], batch_size: int
-             ) -> tuple[Iterator[torch.Tensor], int | None]:
-    if isinstance(tokens, torch.Tensor):
-        toks = tokens[None] if tokens.ndim == 1 else tokens
-        if toks.ndim != 2:
-            raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}.")
-        return iter(toks.split(batch_size)), math.ceil(toks.shape[0] / batch_size)
-    return iter(tokens), None
-
-
 def evaluate_substitution(
     model: Any,
     saes: Sequence[Any] | Mapping[Hashable, Any],
@@ -322,12 +303,7 @@ def evaluate_substitution(
         >>> table = evaluate_substitution(model, saes, tokens, pairs=[(3, 4)], batch_size=16)
         >>> table.pivot(index="variant", columns="layer_b", values="delta_ce")
     """
-    sae_map = _as_dict(saes)
-    keys = list(sae_map)
-    pair_list = list(pairs) if pairs is not None else list(itertools.pairwise(keys))
-    for pair in pair_list:
-        if len(pair) != 2 or any(k not in sae_map for k in pair):
-            raise KeyError(f"pair {pair!r} does not name two SAEs; keys are {keys}.")
+    sae_map, pair_list = sae_pairs(saes, pairs)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if route not in ("auto", "skip", "hooks"):
@@ -354,7 +330,7 @@ def evaluate_substitution(
                    options, seed, route, progress, bos)
         for a, b in pair_list
     ]
-    batches, total = _batches(tokens, batch_size)
+    batches, total = token_batches(tokens, batch_size)
     device = getattr(model.cfg, "device", None)
     with torch.no_grad():
         for batch in tqdm(batches, total=total, desc="evaluate substitution", unit="batch",

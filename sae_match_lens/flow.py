@@ -299,7 +299,7 @@ class FlowGraph:
         lane = {"attn": 0.0, "res": 1.0, "mlp": 2.0}
         pos = {}
         for module, group in self.nodes.groupby("module"):
-            for _j, row in enumerate(group.sort_values(["layer", "feature"]).itertuples()):
+            for row in group.sort_values(["layer", "feature"]).itertuples():
                 same = group[group.layer == row.layer]
                 offset = (list(same.feature).index(row.feature) - (len(same) - 1) / 2) * 0.18
                 pos[row.node] = (row.layer, lane[module] + offset)

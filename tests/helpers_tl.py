@@ -66,6 +66,23 @@ def tiny_tokens(n_seq: int = 6, seq_len: int = N_CTX, seed: int = 0) -> torch.Te
     return tokens
 
 
+def state_at(model: object, tokens: torch.Tensor, name: str) -> torch.Tensor:
+    """The clean activation at hook ``name``."""
+    _, cache = model.run_with_cache(tokens, names_filter=[name])  # type: ignore[attr-defined]
+    return cache[name]
+
+
+def written_at(model: object, tokens: torch.Tensor, name: str) -> torch.Tensor:
+    """Run the model and return the value that reaches hook ``name`` (after earlier hooks)."""
+    seen = {}
+
+    def spy(x: torch.Tensor, *, hook: object) -> None:
+        seen["x"] = x.detach().clone()
+
+    model.run_with_hooks(tokens, fwd_hooks=[(name, spy)])  # type: ignore[attr-defined]
+    return seen["x"]
+
+
 def random_jumprelu_sae(
     hook_name: str,
     *,

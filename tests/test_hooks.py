@@ -19,9 +19,11 @@ from tests.helpers_tl import (
     D_SAE,
     planted_copy,
     random_jumprelu_sae,
+    state_at,
     tiny_bridge,
     tiny_model,
     tiny_tokens,
+    written_at,
 )
 
 HOOK_1 = "blocks.1.hook_resid_post"
@@ -53,44 +55,28 @@ def perm():
     return Permutation.random(D_SAE, generator=torch.Generator().manual_seed(7))
 
 
-def _state(model, tokens, name):
-    _, cache = model.run_with_cache(tokens, names_filter=[name])
-    return cache[name]
-
-
-def _written(model, tokens, name):
-    """Run the model and return the value that reaches hook ``name`` (after earlier hooks)."""
-    seen = {}
-
-    def spy(x, *, hook):
-        seen["x"] = x.detach().clone()
-
-    model.run_with_hooks(tokens, fwd_hooks=[(name, spy)])
-    return seen["x"]
-
-
 @pytest.mark.parametrize("transfer", ["folded", "raw"])
 def test_value_written_at_b_equals_manual_encode_permute_decode(model, tokens, sae_1, sae_3,
                                                                  perm, transfer):
     with torch.no_grad():
-        h_A = _state(model, tokens, HOOK_1)
+        h_A = state_at(model, tokens, HOOK_1)
         if transfer == "folded":
             expected = fold(sae_3).decode(perm.apply(fold(sae_1).encode(h_A)))
         else:
             expected = sae_3.decode(perm.apply(sae_1.encode(h_A)))
         with substitute(model, sae_1, sae_3, perm, substitution=Substitution(transfer=transfer),
                         bos="substitute"):
-            written = _written(model, tokens, HOOK_3)
+            written = written_at(model, tokens, HOOK_3)
     torch.testing.assert_close(written, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_permutation_direction_is_a_scatter_into_target_order(model, tokens, sae_1, sae_3, perm):
     with torch.no_grad():
-        f_A = sae_1.encode(_state(model, tokens, HOOK_1))
+        f_A = sae_1.encode(state_at(model, tokens, HOOK_1))
         f_B = torch.zeros_like(f_A)
         f_B[..., perm.indices] = f_A
         with substitute(model, sae_1, sae_3, perm, substitution=Substitution(transfer="raw")):
-            written = _written(model, tokens, HOOK_3)
+            written = written_at(model, tokens, HOOK_3)
     torch.testing.assert_close(written[:, 1:], sae_3.decode(f_B)[:, 1:], rtol=1e-5, atol=1e-5)
 
 
@@ -128,12 +114,12 @@ def test_random_permutation_is_worse_than_the_planted_one_on_a_planted_pair(mode
     sae_b, planted = planted_copy(sae_1, "blocks.2.hook_resid_pre")
     random = Permutation.random(D_SAE, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        h_B = _state(model, tokens, "blocks.2.hook_resid_pre")
+        h_B = state_at(model, tokens, "blocks.2.hook_resid_pre")
         clean = torch.log_softmax(model(tokens), -1)
         errors, kls = {}, {}
         for name, p in (("planted", planted), ("random", random)):
             with substitute(model, sae_1, sae_b, p, bos="substitute"):
-                written = _written(model, tokens, "blocks.2.hook_resid_pre")
+                written = written_at(model, tokens, "blocks.2.hook_resid_pre")
                 errors[name] = (written - h_B).pow(2).sum()
                 logp = torch.log_softmax(model(tokens), -1)
             kls[name] = (clean.exp() * (clean - logp)).sum(-1).mean()
@@ -145,16 +131,16 @@ def test_random_permutation_is_worse_than_the_planted_one_on_a_planted_pair(mode
 
 def test_error_preserving_identity_map_leaves_the_state_unchanged(model, tokens, sae_1):
     with torch.no_grad():
-        h = _state(model, tokens, HOOK_1)
+        h = state_at(model, tokens, HOOK_1)
         with substitute(model, sae_1, sae_1, Permutation.identity(D_SAE),
                         substitution="error_preserving"):
-            written = _written(model, tokens, HOOK_1)
+            written = written_at(model, tokens, HOOK_1)
     torch.testing.assert_close(written, h, rtol=1e-5, atol=1e-5)
 
 
 def test_hybrid_sends_all_matched_features_at_quantile_one(model, tokens, sae_1, sae_3, perm):
     cost = torch.rand(D_SAE, generator=torch.Generator().manual_seed(0))
-    h = _state(model, tokens, HOOK_1)
+    h = state_at(model, tokens, HOOK_1)
     with torch.no_grad():
         full = block_substitute(sae_1, sae_3, perm, cost_F=cost,
                                 substitution=Substitution("hybrid", quantile=1.0))(h)
@@ -170,11 +156,11 @@ def test_tensors_move_to_the_sae_dtype_and_back(model, tokens, perm):
     sae_a = random_jumprelu_sae(HOOK_1, seed=1, dtype=torch.float64)
     sae_b = random_jumprelu_sae(HOOK_3, seed=3, dtype=torch.float64)
     with torch.no_grad():
-        h_A = _state(model, tokens, HOOK_1)
+        h_A = state_at(model, tokens, HOOK_1)
         expected = sae_b.decode(perm.apply(sae_a.encode(h_A.double()))).float()
         with substitute(model, sae_a, sae_b, perm, substitution=Substitution(transfer="raw"),
                         bos="substitute"):
-            written = _written(model, tokens, HOOK_3)
+            written = written_at(model, tokens, HOOK_3)
     assert written.dtype == torch.float32
     torch.testing.assert_close(written, expected, rtol=1e-5, atol=1e-5)
 
@@ -209,11 +195,11 @@ def test_hooks_compose_with_the_users_own_hooks(model, tokens, sae_1, sae_3, per
     assert [name for name, _ in hooks] == ["hook_embed", HOOK_1, HOOK_3]
     with torch.no_grad():
         with substitute(model, sae_1, sae_3, perm):
-            expected = _written(model, tokens, HOOK_3)
+            expected = written_at(model, tokens, HOOK_3)
         seen = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=hooks)
         with substitute(model, sae_1, sae_3, perm):
             assert torch.isclose(model(tokens, return_type="loss"), seen)
-    written = _written(model, tokens, HOOK_3)
+    written = written_at(model, tokens, HOOK_3)
     assert not torch.allclose(written, expected)
 
 
@@ -273,12 +259,12 @@ def test_same_substitution_runs_on_a_transformer_bridge_built_offline(tokens, sa
     bridge.add_hook(HOOK_3, lambda x, *, hook: user_calls.append(1))
     try:
         with torch.no_grad():
-            h_A = _state(bridge, tokens, HOOK_1)
-            h_B_true = _state(bridge, tokens, HOOK_3)
+            h_A = state_at(bridge, tokens, HOOK_1)
+            h_B_true = state_at(bridge, tokens, HOOK_3)
             expected = fold(sae_3).decode(perm.apply(fold(sae_1).encode(h_A)))
             clean = bridge(tokens, return_type="loss")
             with substitute(bridge, sae_1, sae_3, perm):
-                written = _written(bridge, tokens, HOOK_3)
+                written = written_at(bridge, tokens, HOOK_3)
                 loss = bridge(tokens, return_type="loss")
             loss_hooks = bridge.run_with_hooks(tokens, return_type="loss",
                                                fwd_hooks=substitution_hooks(bridge, sae_1, sae_3,

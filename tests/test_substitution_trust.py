@@ -12,7 +12,7 @@ from sae_match_lens.hooks import Substitution, block_substitute, run_skipping, s
 from sae_match_lens.matching import match
 from sae_match_lens.permutation import Permutation
 from tests.helpers import build_sae, sample_inputs
-from tests.helpers_tl import D_MODEL, random_jumprelu_sae, tiny_model, tiny_tokens
+from tests.helpers_tl import D_MODEL, random_jumprelu_sae, state_at, tiny_model, tiny_tokens, written_at
 
 NON_TRANSCODERS = ["standard", "jumprelu", "jumprelu_scalar_threshold", "gated", "topk",
                    "topk_rescaled", "abstopk"]
@@ -27,21 +27,6 @@ def model():
 @pytest.fixture(scope="module")
 def tokens():
     return tiny_tokens()
-
-
-def _state(model, tokens, name):
-    _, cache = model.run_with_cache(tokens, names_filter=[name])
-    return cache[name]
-
-
-def _written(model, tokens, name):
-    seen = {}
-
-    def spy(x, *, hook):
-        seen["x"] = x.detach().clone()
-
-    model.run_with_hooks(tokens, fwd_hooks=[(name, spy)])
-    return seen["x"]
 
 
 @pytest.mark.parametrize("architecture", NON_TRANSCODERS)
@@ -64,7 +49,7 @@ def test_written_at_b_is_fold_b_decode_of_the_permuted_fold_a_code(model, tokens
     cost = torch.rand(48, generator=torch.Generator().manual_seed(6))
     spec = Substitution(variant, quantile=0.5)
     with torch.no_grad():
-        h_A, h_B = _state(model, tokens, HOOK_A), _state(model, tokens, HOOK_B)
+        h_A, h_B = state_at(model, tokens, HOOK_A), state_at(model, tokens, HOOK_B)
         fa, fb = fold(sae_a), fold(sae_b)
         f_A = fa.encode(h_A)
         if variant == "permute":
@@ -77,10 +62,10 @@ def test_written_at_b_is_fold_b_decode_of_the_permuted_fold_a_code(model, tokens
             expected = (fb.decode(perm.apply(f_A * send)) + fa.decode(f_A * ~send)
                         - fa.decode(torch.zeros_like(f_A)))
         with substitute(model, sae_a, sae_b, perm, substitution=spec, cost_F=cost):
-            written = _written(model, tokens, HOOK_B)
+            written = written_at(model, tokens, HOOK_B)
         with substitute(model, sae_a, sae_b, perm, substitution=spec, cost_F=cost,
                         bos="substitute"):
-            written_all = _written(model, tokens, HOOK_B)
+            written_all = written_at(model, tokens, HOOK_B)
     torch.testing.assert_close(written[:, 1:], expected[:, 1:], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(written[:, 0], h_B[:, 0])
     torch.testing.assert_close(written_all, expected, rtol=1e-4, atol=1e-4)
@@ -97,7 +82,7 @@ def test_bos_keeps_its_true_state_on_the_skip_route(model, tokens):
         seen["x"] = x.clone()
 
     with torch.no_grad():
-        true_b = _state(model, tokens, hook_b)
+        true_b = state_at(model, tokens, hook_b)
         with substitute(model, sae_a, sae_b, perm):
             hooked = model(tokens, return_type="loss")
         with substitute(model, sae_a, sae_b, perm, bos="substitute"):
@@ -186,10 +171,10 @@ def test_reversed_hooks_on_one_block_boundary_substitute_at_b(model, tokens):
     sae_b = random_jumprelu_sae("blocks.1.hook_resid_post", seed=3)
     perm = Permutation.random(sae_a.cfg.d_sae, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        h = _state(model, tokens, "blocks.1.hook_resid_post")
+        h = state_at(model, tokens, "blocks.1.hook_resid_post")
         expected = fold(sae_b).decode(perm.apply(fold(sae_a).encode(h)))
         with substitute(model, sae_a, sae_b, perm):
-            written = _written(model, tokens, "blocks.2.hook_resid_pre")
+            written = written_at(model, tokens, "blocks.2.hook_resid_pre")
             hooked = model(tokens, return_type="loss")
         skipped = run_skipping(model, tokens, sae_a, sae_b, perm)
     torch.testing.assert_close(written[:, 1:], expected[:, 1:], rtol=1e-5, atol=1e-5)
@@ -204,8 +189,8 @@ def test_coactivation_counts_negative_abstopk_activations_as_firing(model, token
     table = evaluate_substitution(model, [sae_a, sae_b], tokens, variants=["folded"],
                                   permutations={(0, 1): perm}, progress=False)
     with torch.no_grad():
-        f_a = sae_a.encode(_state(model, tokens, HOOK_A))[:, 1:].reshape(-1, 48)
-        f_b = sae_b.encode(_state(model, tokens, HOOK_B))[:, 1:].reshape(-1, 48)
+        f_a = sae_a.encode(state_at(model, tokens, HOOK_A))[:, 1:].reshape(-1, 48)
+        f_b = sae_b.encode(state_at(model, tokens, HOOK_B))[:, 1:].reshape(-1, 48)
     assert bool((f_a < 0).any())  # the case `> 0` would miss
     fire_a, fire_b = f_a != 0, (f_b != 0)[:, perm.indices]
     ok = fire_a.sum(0) > 0
