@@ -14,8 +14,13 @@ with its linked targets' firing set. Per source feature ``i`` with linked target
 Averages are over source features that fire at least ``min_fires`` times. Every number comes
 beside two **data-based ceilings** computed from the same tokens: the best single partner of each
 source feature by Jaccard (:func:`best_partner`) and the best one-to-one assignment on Jaccard
-(:func:`one_to_one`). Firing follows :func:`sae_match_lens.metrics.fires` (activation ≠ 0) over
-the scored positions (BOS excluded).
+(:func:`one_to_one`), and beside two **data-based references** that match on the Pearson
+correlation of the activations instead (``by="correlation"``: what a researcher who correlates
+activations would get; the correlation best partner's Jaccard is at most the best-partner
+ceiling). Firing follows
+:func:`sae_match_lens.metrics.fires` (activation ≠ 0) over the scored positions (BOS excluded);
+correlations are over the same positions, zeros included (scale-free, so folding does not change
+them).
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ logger = logging.getLogger(__name__)
 LINK_COLUMNS: tuple[str, ...] = (
     "layer_a", "layer_b", "hook_a", "hook_b", "method", "k", "jaccard", "p_b_given_a",
     "p_a_given_b", "distinct_targets", "n_sources", "ceiling_best_partner", "ceiling_one_to_one",
-    "fraction_of_ceiling", "n_tokens",
+    "fraction_of_ceiling", "reference_correlation_best_partner", "reference_correlation_one_to_one",
+    "n_tokens",
 )
 """Columns of :func:`evaluate_links`' table, in order."""
 
@@ -72,16 +78,35 @@ class CoactivationStats:
     """int64 ``[F_B]``: how often each target feature fires."""
     both: torch.Tensor | None = None
     """float64 ``[F_A, F_B]``: how often source i and target j fire at the same token."""
+    moments: dict[str, torch.Tensor] | None = None
+    """float64 sums for the activation correlation (``None`` unless activations were added):
+    ``a``, ``aa`` ``[F_A]``; ``b``, ``bb`` ``[F_B]``; ``ab`` ``[F_A, F_B]``."""
 
-    def add(self, fire_a_TF: torch.Tensor, fire_b_TF: torch.Tensor) -> None:
-        """Accumulate boolean firing matrices ``[tokens, F_A]`` and ``[tokens, F_B]``."""
+    def add(self, fire_a_TF: torch.Tensor, fire_b_TF: torch.Tensor,
+            acts_a_TF: torch.Tensor | None = None, acts_b_TF: torch.Tensor | None = None) -> None:
+        """Accumulate boolean firing matrices ``[tokens, F_A]`` and ``[tokens, F_B]`` and,
+        when given, the activations themselves (for :meth:`correlation`; both or neither, on
+        every call)."""
         a, b = fire_a_TF.to(torch.float32), fire_b_TF.to(torch.float32).to(fire_a_TF.device)
         both = (a.T @ b).to(torch.float64).cpu()  # exact: counts < 2^24 per batch
         fa, fb = fire_a_TF.sum(0).cpu(), fire_b_TF.sum(0).cpu()
+        with_acts = acts_a_TF is not None and acts_b_TF is not None
+        if (acts_a_TF is None) != (acts_b_TF is None) or (
+                self.n_tokens and with_acts != (self.moments is not None)):
+            raise ValueError("pass the activations of both SAEs on every call, or on none.")
         self.n_tokens += int(fire_a_TF.shape[0])
         self.fires_a = fa if self.fires_a is None else self.fires_a + fa
         self.fires_b = fb if self.fires_b is None else self.fires_b + fb
         self.both = both if self.both is None else self.both + both
+        if with_acts:
+            assert acts_a_TF is not None and acts_b_TF is not None
+            xa = acts_a_TF.to(torch.float64)
+            xb = acts_b_TF.to(torch.float64).to(xa.device)
+            new = {"a": xa.sum(0), "aa": (xa * xa).sum(0), "b": xb.sum(0),
+                   "bb": (xb * xb).sum(0), "ab": xa.T @ xb}
+            new = {k: v.cpu() for k, v in new.items()}
+            self.moments = new if self.moments is None else {
+                k: self.moments[k] + v for k, v in new.items()}
 
     def _checked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.both is None or self.fires_a is None or self.fires_b is None:
@@ -93,6 +118,28 @@ class CoactivationStats:
         fa, fb, both = self._checked()
         union = fa[:, None] + fb[None, :] - both
         return torch.where(union > 0, both / union.clamp_min(1), torch.zeros_like(both))
+
+    def correlation(self) -> torch.Tensor:
+        """float64 ``[F_A, F_B]``: Pearson correlation of the activations over the scored tokens
+        (zeros included; 0 where a feature never varies)."""
+        if self.moments is None or not self.n_tokens:
+            raise ValueError("these statistics hold no activations; collect them with "
+                             "coactivation_stats(..., correlation=True).")
+        n, m = float(self.n_tokens), self.moments
+        cov = m["ab"] - m["a"][:, None] * m["b"][None, :] / n
+        var_a = (m["aa"] - m["a"] ** 2 / n).clamp_min(0)
+        var_b = (m["bb"] - m["b"] ** 2 / n).clamp_min(0)
+        denom = (var_a[:, None] * var_b[None, :]).sqrt()
+        return torch.where(denom > 0, cov / denom.clamp_min(1e-300), torch.zeros_like(cov))
+
+    def similarity(self, by: str) -> torch.Tensor:
+        """The ``[F_A, F_B]`` matrix the reference matchers maximise: ``"jaccard"`` or
+        ``"correlation"``."""
+        if by == "jaccard":
+            return self.jaccard()
+        if by == "correlation":
+            return self.correlation()
+        raise ValueError(f"by must be 'jaccard' or 'correlation', got {by!r}.")
 
 
 def record_states(model: Any, names: Sequence[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -112,9 +159,10 @@ def record_states(model: Any, names: Sequence[str], batch: torch.Tensor) -> dict
     return states
 
 
-def _encode_fires(sae: Any, h: torch.Tensor) -> torch.Tensor:
+def _encode(sae: Any, h: torch.Tensor) -> torch.Tensor:
+    """``[tokens, F]`` activations of ``sae`` at the scored positions of ``h``."""
     x = scored_states(h).to(sae.W_enc.device, sae.W_enc.dtype)
-    return fires(sae.encode(x)).reshape(-1, sae.cfg.d_sae)
+    return sae.encode(x).reshape(-1, sae.cfg.d_sae)
 
 
 def token_batches(tokens: torch.Tensor | Iterable[torch.Tensor], batch_size: int
@@ -151,8 +199,10 @@ def sae_pairs(saes: Sequence[Any] | Mapping[Hashable, Any],
 @torch.no_grad()
 def coactivation_stats(model: Any, sae_a: Any, sae_b: Any,
                        tokens: torch.Tensor | Iterable[torch.Tensor], *, batch_size: int = 8,
-                       progress: bool = True) -> CoactivationStats:
-    """Stream ``tokens`` through ``model`` and count how SAE A's and B's features co-fire."""
+                       correlation: bool = False, progress: bool = True) -> CoactivationStats:
+    """Stream ``tokens`` through ``model`` and count how SAE A's and B's features co-fire
+    (with ``correlation=True`` also the activation moments behind
+    :meth:`CoactivationStats.correlation`)."""
     for sae in (sae_a, sae_b):
         validate_sae(sae)
     names = list(dict.fromkeys([hook_name_of(sae_a), hook_name_of(sae_b)]))
@@ -162,26 +212,31 @@ def coactivation_stats(model: Any, sae_a: Any, sae_b: Any,
     for batch in tqdm(batches, total=total, desc="co-activation", unit="batch",
                       disable=not progress):
         states = record_states(model, names, batch.to(device) if device is not None else batch)
-        stats.add(_encode_fires(sae_a, states[hook_name_of(sae_a)]),
-                  _encode_fires(sae_b, states[hook_name_of(sae_b)]))
+        acts_a = _encode(sae_a, states[hook_name_of(sae_a)])
+        acts_b = _encode(sae_b, states[hook_name_of(sae_b)])
+        if correlation:
+            stats.add(fires(acts_a), fires(acts_b), acts_a, acts_b)
+        else:
+            stats.add(fires(acts_a), fires(acts_b))
     return stats
 
 
-def best_partner(stats: CoactivationStats) -> torch.Tensor:
-    """Data-based reference: each source feature's target with the highest Jaccard (int64
-    ``[F_A]``; -1 where the source never fires). The ceiling of any top-1 link method."""
-    jac = stats.jaccard()
-    best = jac.argmax(dim=1)
+def best_partner(stats: CoactivationStats, by: str = "jaccard") -> torch.Tensor:
+    """Data-based reference: each source feature's target with the highest Jaccard (or, with
+    ``by="correlation"``, activation correlation); int64 ``[F_A]``, -1 where the source never
+    fires. By Jaccard it is the ceiling of any top-1 link method on the Jaccard metric."""
+    best = stats.similarity(by).argmax(dim=1)
     fa, _, _ = stats._checked()
     return torch.where(fa > 0, best, torch.full_like(best, -1))
 
 
-def one_to_one(stats: CoactivationStats) -> Permutation:
-    """Data-based reference: the one-to-one assignment maximising summed Jaccard (scipy's exact
-    solver; features that never fire stay unmatched). The ceiling of any permutation."""
+def one_to_one(stats: CoactivationStats, by: str = "jaccard") -> Permutation:
+    """Data-based reference: the one-to-one assignment maximising summed Jaccard (or, with
+    ``by="correlation"``, summed activation correlation; scipy's exact solver; features that
+    never fire stay unmatched). By Jaccard it is the ceiling of any permutation."""
     from scipy.optimize import linear_sum_assignment
 
-    jac = stats.jaccard()
+    jac = stats.similarity(by)
     rows, cols = linear_sum_assignment(jac.numpy(), maximize=True)
     indices = torch.full((jac.shape[0],), -1, dtype=torch.int64)
     indices[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.int64)
@@ -248,7 +303,7 @@ def evaluate_links(
     ks: Sequence[int] = (1,),
     min_fires: int = 5,
     batch_size: int = 8,
-    ceilings: Literal["both", "best_partner", "none"] = "both",
+    ceilings: Literal["all", "both", "best_partner", "none"] = "both",
     progress: bool = True,
 ) -> pd.DataFrame:
     """Link quality of each method on held-out tokens, beside the data-based ceilings.
@@ -264,8 +319,10 @@ def evaluate_links(
         ks: for ``Links`` methods, the numbers of top links to evaluate (a permutation is k = 1).
         min_fires: source features firing fewer times are left out of the averages.
         batch_size: sequences per forward pass (memory is bounded by it).
-        ceilings: which data-based ceilings to compute (``one_to_one`` needs one dense
-            assignment on ``F_A × F_B``).
+        ceilings: which data-based ceilings to compute: ``"best_partner"``, ``"both"`` (also
+            ``one_to_one``, one dense assignment on ``F_A × F_B``) or ``"all"`` (also the two
+            correlation references; they need float64 activation moments, ``F_A × F_B``
+            products per batch).
         progress: show a progress bar.
 
     Returns:
@@ -273,6 +330,9 @@ def evaluate_links(
         ``fraction_of_ceiling`` is ``jaccard / ceiling_best_partner``.
     """
     sae_map, pair_list = sae_pairs(saes, pairs)
+    if ceilings not in ("all", "both", "best_partner", "none"):
+        raise ValueError(f"ceilings must be 'all', 'both', 'best_partner' or 'none', got "
+                         f"{ceilings!r}.")
     if min_fires < 1:
         raise ValueError(f"min_fires must be >= 1, got {min_fires}.")
     plans = []
@@ -300,12 +360,17 @@ def evaluate_links(
                       disable=not progress):
         states = record_states(model, names, batch.to(device) if device is not None else batch)
         fired: dict[Hashable, torch.Tensor] = {}
+        acts: dict[Hashable, torch.Tensor] = {}
         for plan in plans:
             for key, sae in ((plan.key_a, plan.sae_a), (plan.key_b, plan.sae_b)):
                 if key not in fired:
-                    fired[key] = _encode_fires(sae, states[hook_name_of(sae)])
+                    acts[key] = _encode(sae, states[hook_name_of(sae)])
+                    fired[key] = fires(acts[key])
             fire_a, fire_b = fired[plan.key_a], fired[plan.key_b]
-            plan.stats.add(fire_a, fire_b)
+            if ceilings == "all":
+                plan.stats.add(fire_a, fire_b, acts[plan.key_a], acts[plan.key_b])
+            else:
+                plan.stats.add(fire_a, fire_b)
             for name, k, idx in plan.methods:
                 plan.sums.setdefault((name, k), _UnionSums()).add(fire_a, fire_b,
                                                                    idx.to(fire_b.device))
@@ -318,19 +383,26 @@ def _mean_over(values: torch.Tensor, keep: torch.Tensor) -> float:
     return float(values[keep].mean()) if bool(keep.any()) else math.nan
 
 
+def _assigned(jac: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+    """Each source feature's Jaccard with its assigned partner (0 where unassigned)."""
+    ok = partner >= 0
+    out = torch.zeros(jac.shape[0], dtype=jac.dtype)
+    out[ok] = jac[ok, partner[ok]]
+    return out
+
+
 def _rows(plan: _PairLinks, min_fires: int, ceilings: str) -> list[dict[str, Any]]:
     fa, _, _ = plan.stats._checked()
     active = fa >= min_fires
     jac = plan.stats.jaccard()
     best = jac.max(dim=1).values
     ceiling_bp = _mean_over(best, active) if ceilings != "none" else math.nan
-    ceiling_oo = math.nan
-    if ceilings == "both":
-        perm = one_to_one(plan.stats)
-        ok = perm.indices >= 0
-        oo = torch.zeros_like(best)
-        oo[ok] = jac[ok, perm.indices[ok]]
-        ceiling_oo = _mean_over(oo, active)
+    ceiling_oo = ref_bp = ref_oo = math.nan
+    if ceilings in ("both", "all"):
+        ceiling_oo = _mean_over(_assigned(jac, one_to_one(plan.stats).indices), active)
+    if ceilings == "all":
+        ref_bp = _mean_over(_assigned(jac, best_partner(plan.stats, "correlation")), active)
+        ref_oo = _mean_over(_assigned(jac, one_to_one(plan.stats, "correlation").indices), active)
     out = []
     for name, k, idx in plan.methods:
         sums = plan.sums[(name, k)]
@@ -352,6 +424,8 @@ def _rows(plan: _PairLinks, min_fires: int, ceilings: str) -> list[dict[str, Any
             "ceiling_best_partner": ceiling_bp, "ceiling_one_to_one": ceiling_oo,
             "fraction_of_ceiling": (_mean_over(jaccard, active) / ceiling_bp
                                     if ceiling_bp and not math.isnan(ceiling_bp) else math.nan),
+            "reference_correlation_best_partner": ref_bp,
+            "reference_correlation_one_to_one": ref_oo,
             "n_tokens": plan.stats.n_tokens,
         })
     return out
