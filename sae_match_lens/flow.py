@@ -214,7 +214,7 @@ def origin_groups(
                 if sae is None:
                     active[module] = torch.zeros_like(target)
                     continue
-                idx = torch.as_tensor(frame[f"pred_{module}"].to_numpy())
+                idx = torch.as_tensor(frame[f"pred_{module}"].to_numpy().copy())
                 active[module] = fire(sae)[:, idx.clamp(min=0)] & (idx >= 0)[None]
             code = (active["res"].long() * 1 + active["mlp"].long() * 2
                     + active["attn"].long() * 4)[target]

@@ -1,0 +1,80 @@
+"""The demo's flow section: its sentences follow the numbers (also when the default score loses),
+and it runs end to end on a tiny model with residual, MLP and attention SAEs."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from sae_match_lens.flow import LayerSAEs
+from sae_match_lens.flow_report import flow_markdown, flow_section, link_verdicts, weight_ablation
+from sae_match_lens.matching import match
+from sae_match_lens.report import _markdown_table
+from tests.helpers_tl import random_jumprelu_sae, tiny_model, tiny_tokens
+
+
+def _table(values: dict[str, list[float]], ceiling: float = 0.5) -> pd.DataFrame:
+    rows = []
+    for method, per_pair in values.items():
+        for i, jac in enumerate(per_pair):
+            rows.append({"layer_a": i, "layer_b": i + 1, "method": method, "k": 1,
+                         "jaccard": jac, "fraction_of_ceiling": jac / ceiling,
+                         "reference_correlation_best_partner": 0.45})
+    return pd.DataFrame(rows)
+
+
+def test_link_verdicts_say_where_the_default_score_loses():
+    table = _table({"cosine_density": [0.40, 0.30], "decoder_cosine": [0.35, 0.33],
+                    "sae_match_permutation": [0.30, 0.20]})
+    first, second, third, fourth = link_verdicts(table)
+    assert "in 1 of 2 adjacent pairs" in first and "it does not in 1→2" in first
+    assert "in 2 of 2" in second and "does not in" not in second
+    assert "70.0%" in third and "falls short of the 90% target" in third
+    assert "below it" in fourth
+    met = link_verdicts(_table({"cosine_density": [0.48, 0.47], "decoder_cosine": [0.3, 0.3]}))
+    assert "meets the 90% target" in met[1]
+
+
+@pytest.mark.parametrize(("encoder", "decoder", "verdict"),
+                         [(0.2, 0.35, "holds"), (0.4, 0.35, "does not fully hold")])
+def test_weight_ablation_verdict_follows_the_numbers(encoder, decoder, verdict):
+    values = {"mse_encoder_folded": [encoder], "mse_decoder_folded": [decoder],
+              "mse_all_folded": [0.355], "mse_encoder_unfolded": [0.1],
+              "mse_decoder_unfolded": [0.1], "mse_all_unfolded": [0.1]}
+    result = weight_ablation(_table(values))
+    assert f"so the finding {verdict}" in result["sentence"]
+    assert result["encoder_poor"] == (encoder < 0.35)
+
+
+def test_flow_section_runs_on_a_stack_with_modules(tmp_path):
+    model = tiny_model()
+    tokens = tiny_tokens(n_seq=6)
+    n = model.cfg.n_layers
+    stack = {layer: LayerSAEs(
+        res=random_jumprelu_sae(f"blocks.{layer}.hook_resid_post", seed=10 + layer),
+        mlp=random_jumprelu_sae(f"blocks.{layer}.hook_mlp_out", seed=40 + layer),
+        attn=random_jumprelu_sae(f"blocks.{layer}.hook_attn_out", seed=70 + layer))
+        for layer in range(n)}
+    perms = {(a, a + 1): match(stack[a].res, stack[a + 1].res, progress=False)
+             for a in range(n - 1)}
+    result = flow_section(model, stack, tokens, tmp_path, permutations=perms, quick=True)
+    assert (tmp_path / "flow_graph.png").stat().st_size > 0
+    graph = json.loads((tmp_path / "flow_graph.json").read_text())
+    assert len(graph["nodes"]) == result["flow_graph"]["n_nodes"]
+    links = pd.DataFrame(result["links"])
+    assert {"cosine_density", "decoder_cosine", "sae_match_permutation"} <= set(links.method)
+    assert (links.ceiling_best_partner >= links.jaccard - 1e-12).all()
+    causal = pd.DataFrame(result["causal"])
+    assert set(causal.module) == {"res", "mlp", "attn"}
+    assert set(causal[causal.module == "res"].method) >= {"permutation",
+                                                           "best partner (data, ceiling)"}
+    groups = pd.DataFrame(result["origin_groups"])
+    shares = groups.drop(columns=["layer", "n_active"]).sum(axis=1)
+    assert ((shares - 1).abs() < 1e-9).all()
+    text = "\n".join(flow_markdown(result, _markdown_table))
+    for heading in ("Link quality", "Weight ablation", "Transitions", "Origin groups",
+                    "Causal check", "Persistence"):
+        assert heading in text
+    assert all(sentence in text for sentence in result["reading"])
