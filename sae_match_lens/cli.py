@@ -125,6 +125,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_view(args: argparse.Namespace) -> int:
+    _check_writable(args.out, directory=False)
+    from .viewer import write_html
+
+    path = write_html(args.results, args.out, max_paths=args.max_paths, max_nodes=args.max_nodes,
+                      neuronpedia=args.neuronpedia, title=args.title)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB; self-contained, opens offline)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sae-match`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -160,6 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--solver", default="auto", choices=["auto", "lapjv", "scipy"])
     m.add_argument("--quiet", action="store_true", help="no progress bars")
     m.set_defaults(func=_cmd_match)
+
+    v = sub.add_parser("view", help="write an interactive offline HTML view of a chain or flow graph")
+    v.add_argument("results", help="a directory written by ChainMatch.save, or a FlowGraph JSON "
+                   "file written by FlowGraph.save_json")
+    v.add_argument("--out", required=True, help="output .html file")
+    v.add_argument("--max-paths", type=int, default=200,
+                   help="chains: draw at most this many paths, longest first (default: %(default)s)")
+    v.add_argument("--max-nodes", type=int, default=3000,
+                   help="draw at most this many nodes (default: %(default)s)")
+    v.add_argument("--neuronpedia", help="Neuronpedia link template with {layer}, {model_layer}, "
+                   "{module}, {hook}, {feature}, e.g. "
+                   "'https://www.neuronpedia.org/gpt2-small/{model_layer}-res-jb/{feature}'")
+    v.add_argument("--title", help="page title")
+    v.set_defaults(func=_cmd_view)
     return parser
 
 

@@ -279,6 +279,26 @@ class FlowGraph:
                                    default=str))
         return path
 
+    @classmethod
+    def load_json(cls, path: str | Path) -> FlowGraph:
+        """Read a graph written by :meth:`save_json` (every node and edge attribute it holds).
+
+        Raises:
+            ValueError: the file is not node-link JSON with ``nodes`` and ``links``.
+        """
+        path = Path(path)
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not {"nodes", "links"} <= set(data):
+            raise ValueError(f"{path} is not FlowGraph node-link JSON (it needs 'nodes' and "
+                             "'links'); write one with FlowGraph.save_json.")
+        nodes = pd.DataFrame([{"node": n["id"], **{k: v for k, v in n.items() if k != "id"}}
+                              for n in data["nodes"]],
+                             columns=None if data["nodes"] else ["node", "layer", "module",
+                                                                 "feature", "hook"])
+        edges = pd.DataFrame(data["links"], columns=None if data["links"] else
+                             ["source", "target", "score", "confidence", "kind"])
+        return cls(nodes, edges, dict(data.get("graph", {})))
+
     def save_graphml(self, path: str | Path) -> Path:
         """Write the graph as GraphML."""
         import networkx as nx
