@@ -28,6 +28,8 @@ trained without it; ``bos="substitute"`` substitutes it too (it is still not sco
 The substituted run starts at B's block boundary (``start_at_layer``) on a ``HookedTransformer``
 whose SAEs read ``hook_resid_pre`` / ``hook_resid_post``; elsewhere (``TransformerBridge``, other
 hooks) the whole model runs with a hook writing the substitute at B. Both give the same numbers.
+How states are read and the substitute written is a :class:`ModelRoute`; a model of another
+library plugs in through its own (nnsight: :mod:`~sae_match_lens.nnsight_route`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import pandas as pd
 import torch
@@ -72,6 +74,7 @@ __all__ = [
     "DEFAULT_VARIANTS",
     "RESULT_COLUMNS",
     "VARIANTS",
+    "ModelRoute",
     "PermutationSource",
     "Variant",
     "evaluate_substitution",
@@ -82,6 +85,35 @@ logger = logging.getLogger(__name__)
 
 PermutationSource = Literal["matched", "unfolded", "random", "links"]
 Route = Literal["auto", "skip", "hooks"]
+
+
+@runtime_checkable
+class ModelRoute(Protocol):
+    """How :func:`evaluate_substitution` reads states from a model and writes a substitute into it.
+
+    This is the only part of an evaluation that depends on the model's library; the variants, the
+    substitutes and the metrics are shared. The TransformerLens route is built from ``route=``
+    (``"auto"``, ``"skip"``, ``"hooks"``); :class:`~sae_match_lens.nnsight_route.NNsightRoute` is
+    the route for an nnsight model. States are keyed by the SAEs' hook names
+    (``cfg.metadata.hook_name``); a route says where a hook name sits in its model.
+    """
+
+    device: Any
+    """Where token batches are moved before a forward pass (``None``: left where they are)."""
+
+    def check(self, sub: BlockSubstitute) -> None:
+        """Raise, before any forward pass, unless ``sub`` can read at A and write at B here."""
+        ...
+
+    def clean(self, batch: torch.Tensor, names: Sequence[str]
+              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One clean forward pass of ``batch``: the states at the hook ``names`` and the logits."""
+        ...
+
+    def substituted(self, batch: torch.Tensor, hook_a: str, hook_b: str,
+                    h_hat: torch.Tensor) -> torch.Tensor:
+        """The logits of ``batch`` with ``h_hat`` as the state at ``hook_b`` (``sub`` checked)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -266,7 +298,7 @@ def evaluate_substitution(
     variants: Sequence[str | Variant] = DEFAULT_VARIANTS,
     permutations: Mapping[tuple[Hashable, Hashable], Permutation | MatchResult] | None = None,
     batch_size: int = 8,
-    route: Route = "auto",
+    route: Route | ModelRoute = "auto",
     match_options: Mapping[str, Any] | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -276,7 +308,8 @@ def evaluate_substitution(
     """Evaluate block substitutes and their baselines on a token set.
 
     Args:
-        model: ``HookedTransformer``, ``HookedSAETransformer`` or ``TransformerBridge``.
+        model: ``HookedTransformer``, ``HookedSAETransformer`` or ``TransformerBridge`` (or the
+            model a :class:`ModelRoute` passed as ``route`` runs, e.g. an nnsight model).
         saes: one SAE per layer, as a list (keys 0, 1, ...) or a dict (any keys, e.g. layers).
         tokens: token ids ``[n_seq, pos]`` (split into ``batch_size`` sequences), or an
             iterable of ``[batch, pos]`` tensors (used as given). Position 0 is the BOS position.
@@ -287,7 +320,9 @@ def evaluate_substitution(
         batch_size: sequences per forward pass (memory is bounded by it).
         route: ``"skip"`` runs the substituted model from B's block boundary
             (``HookedTransformer`` with residual hooks), ``"hooks"`` runs the whole model with a
-            hook at B, ``"auto"`` skips where possible. The numbers are the same.
+            hook at B, ``"auto"`` skips where possible. The numbers are the same. Or a
+            :class:`ModelRoute` for another library's model
+            (:func:`~sae_match_lens.nnsight_route.evaluate_substitution_nnsight` passes one).
         match_options: extra keyword arguments for ``match`` (e.g. ``{"max_cost": "auto"}``).
         seed: seed of the random-permutation baseline.
         progress: show progress bars.
@@ -306,8 +341,15 @@ def evaluate_substitution(
     sae_map, pair_list = sae_pairs(saes, pairs)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if route not in ("auto", "skip", "hooks"):
-        raise ValueError(f"route must be 'auto', 'skip' or 'hooks', got {route!r}.")
+    if isinstance(route, str):
+        if route not in ("auto", "skip", "hooks"):
+            raise ValueError(f"route must be 'auto', 'skip' or 'hooks', got {route!r}.")
+        model_route: ModelRoute = _TransformerLensRoute(model, route)
+    elif isinstance(route, ModelRoute):
+        model_route = route
+    else:
+        raise TypeError(f"route must be 'auto', 'skip', 'hooks' or a ModelRoute, got "
+                        f"{type(route).__name__}.")
     if bos not in BOS_POLICIES:
         raise ValueError(f"bos must be one of {list(BOS_POLICIES)}, got {bos!r}.")
     bos_id = resolve_bos_token_id(model, bos_token_id)
@@ -326,17 +368,17 @@ def evaluate_substitution(
                        f"are {pair_list}.")
     sources = {v.source_key for v in chosen if v.substitution.uses_permutation}
     plans = [
-        _plan_pair(model, sae_map[a], sae_map[b], chosen, sources, given.get((a, b)),
-                   options, seed, route, progress, bos)
+        _plan_pair(model_route, sae_map[a], sae_map[b], chosen, sources, given.get((a, b)),
+                   options, seed, progress, bos)
         for a, b in pair_list
     ]
     batches, total = token_batches(tokens, batch_size)
-    device = getattr(model.cfg, "device", None)
+    device = model_route.device
     with torch.no_grad():
         for batch in tqdm(batches, total=total, desc="evaluate substitution", unit="batch",
                           disable=not progress):
             check_bos_tokens(batch, bos_id, "evaluate_substitution")
-            _process_batch(model, batch.to(device) if device is not None else batch, plans)
+            _process_batch(model_route, batch.to(device) if device is not None else batch, plans)
     rows = [row for (a, b), plan in zip(pair_list, plans, strict=True)
             for row in plan.rows(a, b)]
     return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
@@ -352,7 +394,6 @@ class _PairPlan:
     subs: list[tuple[Variant, BlockSubstitute]]
     perms: dict[str, torch.Tensor]
     """Each map's top-1 target per source feature (int64 [F_A], -1: none), keyed by source."""
-    start: int | None
     bos: str = "keep"
     notes: dict[str, str] = field(default_factory=dict)
     pair_sums: _PairSums = field(default_factory=_PairSums)
@@ -398,9 +439,9 @@ def _coactivation(ps: _PairSums, source: str, top1: torch.Tensor) -> float:
 
 
 def _plan_pair(
-    model: Any, sae_a: Any, sae_b: Any, variants: list[Variant], sources: set[str],
+    route: ModelRoute, sae_a: Any, sae_b: Any, variants: list[Variant], sources: set[str],
     given: Permutation | MatchResult | None, match_options: dict[str, Any], seed: int,
-    route: Route, progress: bool, bos: str,
+    progress: bool, bos: str,
 ) -> _PairPlan:
     if isinstance(given, MatchResult | Permutation):
         perm_given = given.permutation if isinstance(given, MatchResult) else given
@@ -425,13 +466,12 @@ def _plan_pair(
             cost = pair_costs(sae_a, sae_b, perm, fold=opts.get("fold"),
                               weights=opts.get("weights"), metric=opts.get("metric"))
         sub = block_substitute(sae_a, sae_b, perm, substitution=spec, cost_F=cost)
-        validate_route(model, sub)
+        route.check(sub)
         subs.append((variant, sub))
     hook_a, hook_b = subs[0][1].hook_a, subs[0][1].hook_b
-    start = _start_layer(model, hook_a, hook_b, route)
     top1 = {key: (p.indices if isinstance(p, Permutation) else _transition_top1(p))
             for key, (p, _) in perms.items()}
-    plan = _PairPlan(hook_a, hook_b, sae_b, subs, top1, start, bos, notes)
+    plan = _PairPlan(hook_a, hook_b, sae_b, subs, top1, bos, notes)
     plan.sums = {v.name: _Sums() for v in variants}
     return plan
 
@@ -453,22 +493,14 @@ def _start_layer(model: Any, hook_a: str, hook_b: str, route: Route) -> int | No
     return bounds[1] if ok and bounds is not None else None
 
 
-def _process_batch(model: Any, batch: torch.Tensor, plans: list[_PairPlan]) -> None:
+def _process_batch(route: ModelRoute, batch: torch.Tensor, plans: list[_PairPlan]) -> None:
     if batch.ndim != 2 or batch.shape[1] < 3:
         raise ValueError(
             f"each token batch must be [batch, pos] with pos >= 3 (position 0 is excluded as "
             f"BOS, and the last position has no next token), got shape {tuple(batch.shape)}."
         )
     names = list(dict.fromkeys(n for p in plans for n in (p.hook_a, p.hook_b)))
-    states: dict[str, torch.Tensor] = {}
-
-    def recorder(name: str) -> Any:
-        def record(x: torch.Tensor, *, hook: Any) -> None:
-            states[name] = x
-        return record
-
-    with model.hooks(fwd_hooks=[(n, recorder(n)) for n in names]):
-        logits = model(batch, return_type="logits")
+    states, logits = route.clean(batch, names)
     logp_clean = torch.log_softmax(logits.float(), dim=-1)
     p_clean = logp_clean.exp()
     neg_entropy = _dot(p_clean, logp_clean)
@@ -491,7 +523,7 @@ def _process_batch(model: Any, batch: torch.Tensor, plans: list[_PairPlan]) -> N
             if plan.bos == "keep":
                 h_hat = h_hat.clone()
                 h_hat[:, :1] = h_B[:, :1]
-            logits_sub = _substituted_logits(model, batch, plan, h_hat)
+            logits_sub = route.substituted(batch, plan.hook_a, plan.hook_b, h_hat)
             logp = torch.log_softmax(logits_sub.float(), dim=-1)
             s = plan.sums[variant.name]
             s.sse += squared_error_sum(h_B, h_hat)
@@ -546,16 +578,46 @@ def _update_pair(plan: _PairPlan, f_A: torch.Tensor | None, h_B: torch.Tensor) -
         ps.both[source] = ps.both.get(source, 0) + both
 
 
-def _substituted_logits(model: Any, batch: torch.Tensor, plan: _PairPlan,
-                        h_hat: torch.Tensor) -> torch.Tensor:
-    if plan.start is not None:
-        return run_from(model, batch, h_hat, plan.start)
+class _TransformerLensRoute:
+    """The :class:`ModelRoute` of a TransformerLens model: hooks record the clean states; the
+    substituted run starts at B's block boundary (``start_at_layer``) where ``route`` allows it,
+    else a hook writes the substitute at B."""
 
-    def write(x: torch.Tensor, *, hook: Any) -> torch.Tensor:
-        if x.shape != h_hat.shape:
-            raise ValueError(f"state at '{plan.hook_b}' has shape {tuple(x.shape)}, the "
-                             f"substitute {tuple(h_hat.shape)}.")
-        return h_hat
+    def __init__(self, model: Any, route: Route) -> None:
+        self.model = model
+        self.route = route
+        self.device = getattr(model.cfg, "device", None)
+        self._starts: dict[tuple[str, str], int | None] = {}
 
-    with model.hooks(fwd_hooks=[(plan.hook_b, write)]):
-        return model(batch, return_type="logits")
+    def check(self, sub: BlockSubstitute) -> None:
+        validate_route(self.model, sub)
+        self._starts[sub.hook_a, sub.hook_b] = _start_layer(self.model, sub.hook_a, sub.hook_b,
+                                                            self.route)
+
+    def clean(self, batch: torch.Tensor, names: Sequence[str]
+              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        states: dict[str, torch.Tensor] = {}
+
+        def recorder(name: str) -> Any:
+            def record(x: torch.Tensor, *, hook: Any) -> None:
+                states[name] = x
+            return record
+
+        with self.model.hooks(fwd_hooks=[(n, recorder(n)) for n in names]):
+            logits = self.model(batch, return_type="logits")
+        return states, logits
+
+    def substituted(self, batch: torch.Tensor, hook_a: str, hook_b: str,
+                    h_hat: torch.Tensor) -> torch.Tensor:
+        start = self._starts[hook_a, hook_b]
+        if start is not None:
+            return run_from(self.model, batch, h_hat, start)
+
+        def write(x: torch.Tensor, *, hook: Any) -> torch.Tensor:
+            if x.shape != h_hat.shape:
+                raise ValueError(f"state at '{hook_b}' has shape {tuple(x.shape)}, the "
+                                 f"substitute {tuple(h_hat.shape)}.")
+            return h_hat
+
+        with self.model.hooks(fwd_hooks=[(hook_b, write)]):
+            return self.model(batch, return_type="logits")
