@@ -84,6 +84,8 @@ _EXPORTS: dict[str, str] = {
     "flow_graph": "flow",
     "persistence": "flow",
     "causal_check": "causal",
+    "write_html": "viewer",
+    "top_activating_tokens": "viewer",
 }
 """Each public name → the submodule that defines it."""
 

@@ -428,7 +428,8 @@ def _figure(view: _View) -> tuple[Any, dict[str, Any]]:
         node_traces[group] = len(fig.data)
         fig.add_trace(go.Scatter(
             x=part.x.tolist(), y=part.y.tolist(), mode="markers+text" if labels else "markers",
-            text=[str(f) for f in part.feature] if labels else None, textposition="top center",
+            text=[str(f) for f in part.feature] if labels else None,
+            textposition="middle right" if view.kind == "chain" else "top center",
             textfont={"size": 9}, hovertext=part.hover.tolist(), hoverinfo="text",
             customdata=part.index.tolist(), uid=f"nodes-{group}",
             name=_MODULE_NAMES.get(group, "feature") if view.kind == "flow" else "feature",
@@ -448,8 +449,9 @@ def _figure(view: _View) -> tuple[Any, dict[str, Any]]:
         xaxis={"tickvals": view.ticks[0], "ticktext": view.ticks[1], "zeroline": False,
                "title": "SAE in the chain" if chain else "model layer"},
         yaxis={"showticklabels": not chain, "zeroline": False, "showgrid": not chain,
-               "tickvals": list(bands.values()), "ticktext": list(bands), "title":
-               "path (best first)" if chain else ""})
+               "tickvals": list(bands.values()), "ticktext": list(bands),
+               "range": None if chain else [-1.6, 1.6],
+               "title": "path (best first)" if chain else ""})
     value = edges.value.to_numpy(dtype=float)
     known = value[~np.isnan(value)]
     data = {
@@ -586,7 +588,8 @@ gd.setAttribute('data-sae-match-ready', '1');
 def _page(fig: Any, data: dict[str, Any], view: _View, title: str) -> str:
     plot = fig.to_html(full_html=False, include_plotlyjs=True, include_mathjax=False,
                        div_id="sae-match-graph", post_script=_JS,
-                       config={"displaylogo": False, "responsive": True})
+                       config={"displaylogo": False, "responsive": True, "showLink": False,
+                               "showSendToCloud": False, "showEditInChartStudio": False})
     payload = json.dumps(data, allow_nan=False).replace("</", "<\\/")
     notes = "".join(f'<div class="sae-match-note">{html.escape(n)}</div>' for n in view.notes)
     search_hint = "feature id or 2:15" if view.kind == "chain" else "feature id or 7/res/15"
