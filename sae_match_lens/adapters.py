@@ -528,7 +528,9 @@ def sae_identity(sae: SAE) -> dict[str, Any]:
     folding or editing of the sampled features (saved files are checked against it).
     ``directions`` (:func:`direction_signature`) is kept by folding and rescaling; it is what
     :func:`same_sae` compares when a permutation is used with SAEs, so a permutation made on
-    folded SAEs works with the unfolded originals and vice versa.
+    folded SAEs works with the unfolded originals and vice versa. ``release``, ``sae_id``,
+    ``model_name`` and ``neuronpedia_id`` come from the SAE's metadata (None when unset); they are
+    descriptive and not compared (records saved before ``neuronpedia_id`` existed lack it).
     """
     spec = _spec_of(sae)
     md = sae.cfg.metadata
@@ -546,6 +548,7 @@ def sae_identity(sae: SAE) -> dict[str, Any]:
         "release": md.get("release"),
         "sae_id": md.get("sae_id"),
         "model_name": md.get("model_name"),
+        "neuronpedia_id": md.get("neuronpedia_id"),
         "fingerprint": digest.hexdigest()[:16],
         "directions": direction_signature(sae),
     }

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .adapters import describe_sae, feature_view, hook_name_of
 from .costs import CostWeights, stack_features
 from .matching import MatchResult, match
+from .neuronpedia import feature_url, feature_urls
 from .permutation import Permutation
 
 __all__ = [
@@ -47,6 +48,10 @@ class FeatureStep(NamedTuple):
     """Match cost of the link that led here (NaN on the first step or after a break)."""
     margin: float
     """Margin of that link (second-best minus assigned cost; NaN on the first step)."""
+    neuronpedia_id: str | None = None
+    """The SAE's Neuronpedia id, when its metadata names one."""
+    neuronpedia_url: str | None = None
+    """The feature's Neuronpedia page (None without an id or after a break)."""
 
 
 class FeaturePath(NamedTuple):
@@ -92,6 +97,11 @@ class ChainMatch:
         """Number of SAEs in the chain."""
         return len(self.hook_names)
 
+    def neuronpedia_ids(self) -> list[str | None]:
+        """The Neuronpedia id of each SAE in the chain (from the match records; None: unknown)."""
+        ends = [step.permutation.source for step in self.steps] + [self.steps[-1].permutation.target]
+        return [(end or {}).get("neuronpedia_id") for end in ends]
+
     def _check_layer(self, layer: int, what: str) -> int:
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
             raise ValueError(f"{what}={layer!r} is not a layer of this chain (0..{self.n_layers - 1}).")
@@ -126,7 +136,13 @@ class ChainMatch:
                  else self.steps[-1].permutation.n_target)
         if not 0 <= feature < width:
             raise ValueError(f"feature {feature} is out of range for layer {src} (d_sae={width}).")
-        steps = [FeatureStep(src, self.hook_names[src], feature, math.nan, math.nan)]
+        ids = self.neuronpedia_ids()
+
+        def page(layer: int, f: int) -> str | None:
+            return feature_url(ids[layer], f) if ids[layer] and f >= 0 else None
+
+        steps = [FeatureStep(src, self.hook_names[src], feature, math.nan, math.nan, ids[src],
+                             page(src, feature))]
         current = feature
         for layer in range(src, dst):
             result = self.steps[layer]
@@ -136,7 +152,8 @@ class ChainMatch:
                 margin = float(result.margin_F[current])
             else:
                 nxt, cost, margin = -1, math.nan, math.nan
-            steps.append(FeatureStep(layer + 1, self.hook_names[layer + 1], nxt, cost, margin))
+            steps.append(FeatureStep(layer + 1, self.hook_names[layer + 1], nxt, cost, margin,
+                                     ids[layer + 1], page(layer + 1, nxt)))
             current = nxt
         complete = all(s.feature >= 0 for s in steps)
         total = sum(s.cost for s in steps[1:]) if complete else math.nan
@@ -157,17 +174,23 @@ class ChainMatch:
         return torch.stack(columns, dim=1)
 
     def edges(self) -> pd.DataFrame:
-        """All links of the chain as a graph edge table (one row per matched source feature)."""
+        """All links of the chain as a graph edge table (one row per matched source feature),
+        with ``neuronpedia_id_a/_b`` and ``neuronpedia_url_a/_b`` (None where an SAE has no id)."""
         frames = []
+        ids = self.neuronpedia_ids()
         for layer, result in enumerate(self.steps):
             ok = result.matched
+            feature_a = torch.nonzero(ok).flatten().numpy()
+            feature_b = result.permutation.indices[ok].numpy()
             frames.append(pd.DataFrame({
                 "layer_a": layer, "layer_b": layer + 1,
                 "hook_a": self.hook_names[layer], "hook_b": self.hook_names[layer + 1],
-                "feature_a": torch.nonzero(ok).flatten().numpy(),
-                "feature_b": result.permutation.indices[ok].numpy(),
+                "feature_a": feature_a, "feature_b": feature_b,
                 "cost": result.cost_F[ok].numpy(),
                 "margin": result.margin_F[ok].numpy(),
+                "neuronpedia_id_a": ids[layer], "neuronpedia_id_b": ids[layer + 1],
+                "neuronpedia_url_a": feature_urls(ids[layer], feature_a),
+                "neuronpedia_url_b": feature_urls(ids[layer + 1], feature_b),
             }))
         return pd.concat(frames, ignore_index=True)
 

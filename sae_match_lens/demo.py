@@ -11,100 +11,38 @@ The SAEs come from the embedded default suite (offline), or from a SAELens relea
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import math
-import os
 import re
-import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .adapters import fold_scales, hook_name_of, validate_sae
 from .chain import ChainMatch, compare_composed_direct, match_chain
 from .matching import null_max_cost
 from .metrics import fires
+from .releases import (
+    HubUnavailableError,
+    ModelLoader,
+    SAELoader,
+    _default_model_loader,
+    _hub_reachable,
+    _loading,
+    load_release_saes,
+    parse_layers,
+)
 from .verdicts import reading
 
 __all__ = ["HubUnavailableError", "load_release", "parse_layers", "run_demo", "run_pipeline",
            "scale_profile"]
 
 logger = logging.getLogger(__name__)
-
-SAELoader = Callable[[str, str], Any]
-ModelLoader = Callable[[str], Any]
-
-
-class HubUnavailableError(RuntimeError):
-    """A release could not be loaded because the Hugging Face hub is unreachable."""
-
-
-def parse_layers(spec: str) -> list[int]:
-    """``"10-14"`` → ``[10, 11, 12, 13, 14]``; ``"3,5,7"`` → ``[3, 5, 7]``."""
-    try:
-        if "-" in spec:
-            lo, hi = (int(x) for x in spec.split("-", 1))
-            layers = list(range(lo, hi + 1))
-        else:
-            layers = [int(x) for x in spec.split(",")]
-    except ValueError:
-        raise ValueError(f"layers must look like '10-14' or '3,5,7', got {spec!r}.") from None
-    if len(layers) < 2:
-        raise ValueError(f"layers {spec!r} name fewer than 2 layers; matching needs at least 2.")
-    return layers
-
-
-def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
-    try:
-        socket.getaddrinfo(host, 443)
-        return True
-    except OSError:
-        return False
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-@contextlib.contextmanager
-def _hub_offline(offline: bool) -> Iterator[None]:
-    """Within the block, load from the local Hugging Face cache only (no network retries)."""
-    if not offline:
-        yield
-        return
-    import huggingface_hub.constants as hub_constants
-
-    previous = (os.environ.get("HF_HUB_OFFLINE"), hub_constants.HF_HUB_OFFLINE)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    hub_constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        if previous[0] is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous[0]
-        hub_constants.HF_HUB_OFFLINE = previous[1]
-
-
-def _default_sae_loader(release: str, sae_id: str) -> Any:
-    from sae_lens import SAE
-
-    return SAE.from_pretrained(release, sae_id)
-
-
-def _default_model_loader(name: str) -> Any:
-    from transformer_lens import HookedTransformer
-
-    return HookedTransformer.from_pretrained_no_processing(name)
-
 
 def load_release(
     release: str,
@@ -117,6 +55,10 @@ def load_release(
     progress: bool = True,
 ) -> tuple[Any, list[Any]]:
     """Load a model and one SAE per layer of a SAELens release.
+
+    Releases in SAELens' registry resolve without a template:
+    :func:`~sae_match_lens.releases.load_release_stack` and
+    :func:`~sae_match_lens.releases.load_release_model`.
 
     Args:
         release: SAELens release name, e.g. ``"gemma-scope-2b-pt-res-canonical"``.
@@ -135,27 +77,18 @@ def load_release(
     """
     if "{layer}" not in sae_id_template:
         raise ValueError(f"sae_id_template must contain '{{layer}}', got {sae_id_template!r}.")
-    defaults = sae_loader is None and model_loader is None
-    sae_loader = sae_loader or _default_sae_loader
-    model_loader = model_loader or _default_model_loader
-    offline = defaults and not _hub_reachable()
+    offline = sae_loader is None and model_loader is None and not _hub_reachable()
     try:
-        with _hub_offline(offline):
-            saes = [sae_loader(release, sae_id_template.format(layer=layer))
-                    for layer in tqdm(layers, desc="loading SAEs", disable=not progress)]
-            model = model_loader(model_name)
-    except OSError as exc:
-        if not offline:
-            raise
+        saes = load_release_saes(release, [sae_id_template.format(layer=layer) for layer in layers],
+                                 sae_loader=sae_loader, progress=progress, offline=offline)
+        with _loading(model_name, offline):
+            model = (model_loader or _default_model_loader)(model_name)
+    except HubUnavailableError as exc:
         raise HubUnavailableError(
             f"Cannot load {release} / {model_name}: the Hugging Face hub is unreachable from this "
             "machine and the files are not in the local cache; run once with network access to "
             "cache them, or use the built-in suite (sae-match demo without --release)."
-        ) from exc
-    for layer, sae in zip(layers, saes, strict=True):
-        if not sae.cfg.metadata.get("release"):
-            sae.cfg.metadata.release = release
-            sae.cfg.metadata.sae_id = sae_id_template.format(layer=layer)
+        ) from exc.__cause__
     return model, saes
 
 
@@ -358,7 +291,8 @@ def _traced_paths(model: Any, saes: Sequence[Any], chain: ChainMatch, tokens: to
             words = [tokenizer.decode([i]) for i in ids] if tokenizer is not None else [str(i) for i in ids]
             steps.append({"layer": step.layer, "hook_name": step.hook_name, "feature": step.feature,
                           "cost": step.cost, "margin": step.margin, "top_tokens": words,
-                          "firing_rate": float(fires(a).float().mean())})
+                          "firing_rate": float(fires(a).float().mean()),
+                          "neuronpedia_url": step.neuronpedia_url})
         paths.append({"steps": steps, "total_cost": trace.total_cost})
     return paths
 

@@ -48,6 +48,7 @@ from .adapters import describe_sae, hook_name_of
 from .coactivation import record_states
 from .linking import Links, LinkScore, links
 from .metrics import fires, scored_states
+from .neuronpedia import feature_url, neuronpedia_id
 
 __all__ = [
     "MODULES",
@@ -235,7 +236,8 @@ class FlowGraph:
     """A feature flow: nodes ``(layer, module, feature)`` and scored edges predecessor → node."""
 
     nodes: pd.DataFrame
-    """One row per node: ``layer``, ``module``, ``feature``, ``hook``, ``node`` (its id)."""
+    """One row per node: ``layer``, ``module``, ``feature``, ``hook``, ``node`` (its id),
+    ``neuronpedia_id`` and ``neuronpedia_url`` (None when the SAE's metadata names no id)."""
     edges: pd.DataFrame
     """One row per link: ``source``, ``target`` (node ids), ``score``, ``confidence``, ``kind``
     (``"res"``, ``"mlp"``, ``"attn"``: the predecessor's module)."""
@@ -259,8 +261,10 @@ class FlowGraph:
 
         graph = nx.DiGraph(**self.options)
         for row in self.nodes.itertuples(index=False):
+            known = {k: getattr(row, k) for k in ("neuronpedia_id", "neuronpedia_url")
+                     if getattr(row, k, None)}  # GraphML has no None
             graph.add_node(row.node, layer=int(row.layer), module=row.module,
-                           feature=int(row.feature), hook=row.hook)
+                           feature=int(row.feature), hook=row.hook, **known)
         for row in self.edges.itertuples(index=False):
             graph.add_edge(row.source, row.target, score=float(row.score),
                            confidence=float(row.confidence), kind=row.kind)
@@ -394,8 +398,11 @@ def flow_graph(
 
     def add(layer: int, module: str, feature: int, sae: Any) -> str:
         nid = FlowGraph.node_id(layer, module, feature)
+        npid = neuronpedia_id(sae, registry=False)
         nodes.setdefault(nid, {"node": nid, "layer": layer, "module": module,
-                               "feature": feature, "hook": hook_name_of(sae)})
+                               "feature": feature, "hook": hook_name_of(sae),
+                               "neuronpedia_id": npid,
+                               "neuronpedia_url": feature_url(npid, feature) if npid else None})
         return nid
 
     add(layer0, "res", feature0, layers[layer0].res)
@@ -438,7 +445,8 @@ def flow_graph(
     options = {"seed": FlowGraph.node_id(layer0, "res", feature0), "score": score, "cut": cut,
                "module_min": module_min}
     node_frame = pd.DataFrame(list(nodes.values()),
-                              columns=["node", "layer", "module", "feature", "hook"])
+                              columns=["node", "layer", "module", "feature", "hook",
+                                       "neuronpedia_id", "neuronpedia_url"])
     edge_frame = pd.DataFrame(edges, columns=["source", "target", "score", "confidence", "kind"])
     return FlowGraph(node_frame.sort_values(["layer", "module"]).reset_index(drop=True),
                      edge_frame, options)

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from .adapters import describe_sae, feature_view, hook_name_of, sae_identity
 from .costs import CostWeights, stack_features
+from .neuronpedia import feature_urls
 
 __all__ = ["SCORES", "LinkScore", "Links", "Transition", "firing_offset_z", "links"]
 
@@ -98,16 +99,21 @@ class Links(NamedTuple):
         return int(torch.unique(col[col >= 0]).numel())
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per kept link: source feature, rank, target feature, score, confidence."""
+        """One row per kept link: source feature, rank, target feature, score, confidence, and
+        ``neuronpedia_id_a/_b``, ``neuronpedia_url_a/_b`` (None where an SAE has no id)."""
         n, k = self.indices.shape
         src = torch.arange(n)[:, None].expand(n, k)
         rank = torch.arange(k)[None, :].expand(n, k)
         ok = self.indices >= 0
+        id_a, id_b = self.source.get("neuronpedia_id"), self.target.get("neuronpedia_id")
         return pd.DataFrame({
             "hook_a": self.source.get("hook_name"), "hook_b": self.target.get("hook_name"),
             "feature_a": src[ok].numpy(), "rank": rank[ok].numpy(),
             "feature_b": self.indices[ok].numpy(), "score": self.scores[ok].numpy(),
             "confidence": self.confidence[ok].numpy(),
+            "neuronpedia_id_a": id_a, "neuronpedia_id_b": id_b,
+            "neuronpedia_url_a": feature_urls(id_a, src[ok].tolist()),
+            "neuronpedia_url_b": feature_urls(id_b, self.indices[ok].tolist()),
         })
 
 
