@@ -16,7 +16,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,15 @@ def run_demo(
         source = f"default suite ({family})"
         if quick:
             saes = saes[:4]
+        stack = None
+        if family == "jumprelu":  # the suite's MLP/attention SAEs are JumpReLU
+            from .assets import SuiteFilesMissingError, load_suite_stack
+
+            try:
+                stack = {layer: s for layer, s in load_suite_stack(family).items()
+                         if layer < len(saes)}
+            except SuiteFilesMissingError as err:  # a suite built without module SAEs
+                logger.warning("The flow section uses the residual SAEs only: %s", err)
     else:
         if not (sae_id_template and model_name and layers):
             raise ValueError("--release needs --sae-id-template, --model and --layers.")
@@ -136,9 +145,11 @@ def run_demo(
                                    sae_loader=sae_loader, model_loader=model_loader, progress=progress)
         tokens, source = None, f"{release} on {model_name}"
         family = saes[0].cfg.architecture()
+        stack = None
     tokens = _eval_tokens(model, tokens, n_seqs)
     return run_pipeline(model, saes, tokens, out, source=source, family=family,
-                        max_distance=2 if quick else 3, progress=progress)
+                        max_distance=2 if quick else 3, progress=progress, stack=stack,
+                        quick=quick)
 
 
 def run_pipeline(
@@ -152,8 +163,16 @@ def run_pipeline(
     max_distance: int = 3,
     n_paths: int = 4,
     progress: bool = True,
+    stack: Mapping[int, Any] | None = None,
+    flow: bool = True,
+    quick: bool = False,
 ) -> str:
-    """Fold, match, compose, evaluate and report (see the module docstring)."""
+    """Fold, match, compose, evaluate and report (see the module docstring).
+
+    ``stack`` (``{model layer: LayerSAEs}``) adds MLP/attention SAEs to the flow section; without
+    it the section uses the residual SAEs, keyed by the block number in their hook names.
+    ``flow=False`` leaves the flow section out.
+    """
     from . import report
     from .evaluation import evaluate_substitution
 
@@ -177,6 +196,8 @@ def run_pipeline(
     results["scales"] = scale_profile(model, saes, tokens)
     results["null_rate"] = _null_rate()
     results["reading"] = reading(results)
+    if flow:
+        results["flow"] = _flow(model, saes, tokens, chain, stack, out, quick, progress)
     results["seconds"] = time.perf_counter() - t0
     report.write_results(results, out / "results.json")
     report.plot_substitution(table, out / "substitution.png")
@@ -192,6 +213,26 @@ def run_pipeline(
     logger.info("demo finished in %.1f s; report in %s", results["seconds"], out)
     return (f"{results['reading'][0]} Report written to {out / 'report.md'} "
             f"({results['seconds']:.0f} s).")
+
+
+def _model_layer(sae: Any, position: int) -> int:
+    found = re.match(r"blocks\.(\d+)\.", hook_name_of(sae))
+    return int(found.group(1)) if found else position
+
+
+def _flow(model: Any, saes: Sequence[Any], tokens: torch.Tensor, chain: ChainMatch,
+          stack: Mapping[int, Any] | None, out: Path, quick: bool,
+          progress: bool) -> dict[str, Any]:
+    """The flow section (:func:`~sae_match_lens.flow_report.flow_section`), keyed by model layer."""
+    from .flow import LayerSAEs
+    from .flow_report import flow_section
+
+    layers = [_model_layer(sae, i) for i, sae in enumerate(saes)]
+    if stack is None:
+        stack = {layer: LayerSAEs(res=sae) for layer, sae in zip(layers, saes, strict=True)}
+    permutations = {(layers[i], layers[i + 1]): step for i, step in enumerate(chain.steps)}
+    return flow_section(model, stack, tokens, out, permutations=permutations, quick=quick,
+                        progress=progress)
 
 
 def _pair_label(hooks: Sequence[str], i: int) -> str:

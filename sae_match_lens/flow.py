@@ -299,6 +299,9 @@ class FlowGraph:
                               for n in data["nodes"]],
                              columns=None if data["nodes"] else ["node", "layer", "module",
                                                                  "feature", "hook"])
+        for column in ("neuronpedia_id", "neuronpedia_url"):  # unknown ids are not written
+            nodes[column] = (nodes[column].astype(object).where(nodes[column].notna(), None)
+                             if column in nodes.columns else None)
         edges = pd.DataFrame(data["links"], columns=None if data["links"] else
                              ["source", "target", "score", "confidence", "kind"])
         return cls(nodes, edges, dict(data.get("graph", {})))

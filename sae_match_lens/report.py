@@ -468,12 +468,18 @@ def write_report(results: Mapping[str, Any], table: pd.DataFrame | None, out: Pa
                                      "kl", "coactivation"]]), ""]
     lines += ["## Composed vs direct matches", "",
               _markdown_table(pd.DataFrame(results["composition_by_distance"])), ""]
+    if results.get("flow"):
+        from .flow_report import flow_markdown
+
+        lines += flow_markdown(results["flow"], _markdown_table)
     lines += ["## Files", "",
               "- `results.json`: everything above, machine-readable (strict JSON; missing values are null).",
               "- `substitution.png`: EV and ΔCE per layer pair, the method, its variants and baselines.",
               "- `agreement_vs_distance.png`: composed-vs-direct agreement against distance, with chance.",
               "- `match_costs.png`: match-cost distributions with the data-free unmatched thresholds.",
               "- `feature_paths.png`: traced features with link costs and top-activating tokens.",
+              *(["- `flow_graph.png`, `flow_graph.json`: one traced feature flow (picture and "
+                 "node-link JSON)."] if results.get("flow") else []),
               "", f"Run time: {results.get('seconds', math.nan):.0f} s.", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))

@@ -303,7 +303,7 @@ def _flow_view(graph: FlowGraph, *, max_nodes: int) -> _View:
     nodes["symbol"] = ["star" if n == seed else "circle" for n in nodes.node]
     nodes["url"] = nodes["neuronpedia_url"] if "neuronpedia_url" in nodes.columns else None
     base = {"node", "layer", "module", "feature", "hook", "x", "y", "id", "key", "symbol", "url",
-            "neuronpedia_url"}
+            "neuronpedia_url", "neuronpedia_id"}
     extra = [c for c in graph.nodes.columns if c not in base]
     info = []
     for row in nodes.to_dict("records"):
@@ -369,7 +369,7 @@ def _decorate(view: _View, top_tokens: TopTokens | None, neuronpedia: Neuronpedi
         elif not isinstance(url, str) or not url.startswith(("https://", "http://")):
             raise ValueError(f"the Neuronpedia link of node {nodes.id[i]} must be an http(s) URL, "
                              f"got {url!r}.")
-    nodes["url"] = urls
+    nodes["url"] = pd.Series(urls, index=nodes.index, dtype=object)
     nodes["tokens"] = [tokens.get(k, []) for k in keys]
     hover = []
     for row in nodes.itertuples():
@@ -379,7 +379,8 @@ def _decorate(view: _View, top_tokens: TopTokens | None, neuronpedia: Neuronpedi
         if row.tokens:
             shown = ", ".join(html.escape(t) for t in row.tokens[:_MAX_HOVER_TOKENS])
             lines.append(f"top tokens: {shown}")
-        lines.append("Neuronpedia: " + ("click the node for the link" if row.url else "unknown"))
+        lines.append("Neuronpedia: " + ("click the node for the link" if isinstance(row.url, str)
+                                         else "unknown"))
         hover.append("<br>".join(lines))
     nodes["hover"] = hover
 
@@ -459,7 +460,8 @@ def _figure(view: _View) -> tuple[Any, dict[str, Any]]:
         "nodes": {"x": nodes.x.tolist(), "y": nodes.y.tolist(), "layer": nodes.layer.astype(int).tolist(),
                   "feature": nodes.feature.astype(int).tolist(), "id": nodes.id.tolist(),
                   "group": nodes.module.tolist(), "hover": nodes.hover.tolist(),
-                  "symbol": nodes.symbol.tolist(), "url": nodes.url.tolist(),
+                  "symbol": nodes.symbol.tolist(),
+                  "url": [u if isinstance(u, str) else None for u in nodes.url],
                   "info": [list(map(list, i)) for i in nodes["details"]], "tokens": nodes.tokens.tolist(),
                   "label": [str(f) for f in nodes.feature] if labels else None},
         "edges": {"src": edges.src.astype(int).tolist(), "dst": edges.dst.astype(int).tolist(),
@@ -588,8 +590,7 @@ gd.setAttribute('data-sae-match-ready', '1');
 def _page(fig: Any, data: dict[str, Any], view: _View, title: str) -> str:
     plot = fig.to_html(full_html=False, include_plotlyjs=True, include_mathjax=False,
                        div_id="sae-match-graph", post_script=_JS,
-                       config={"displaylogo": False, "responsive": True, "showLink": False,
-                               "showSendToCloud": False, "showEditInChartStudio": False})
+                       config={"displaylogo": False, "responsive": True, "showSendToCloud": False})
     payload = json.dumps(data, allow_nan=False).replace("</", "<\\/")
     notes = "".join(f'<div class="sae-match-note">{html.escape(n)}</div>' for n in view.notes)
     search_hint = "feature id or 2:15" if view.kind == "chain" else "feature id or 7/res/15"

@@ -136,6 +136,20 @@ def test_flow_view_draws_every_node_in_module_lanes(flow, tmp_path):
         assert {"res": abs(y) < 0.5, "mlp": y < -0.5, "attn": y > 0.5}[group]
 
 
+def test_links_already_on_the_graph_are_used_and_an_explicit_template_wins(flow, tmp_path):
+    nodes = flow.nodes.copy()
+    nodes["neuronpedia_url"] = [f"https://example.org/{n}" for n in nodes.node]
+    nodes.loc[0, "neuronpedia_url"] = None  # unknown for one node
+    graph = FlowGraph(nodes, flow.edges, flow.options)
+    urls = payload(write_html(graph, tmp_path / "a.html"))["nodes"]
+    known = [u if isinstance(u, str) else None for u in nodes.neuronpedia_url]  # pandas: None -> nan
+    assert dict(zip(urls["id"], urls["url"], strict=True)) == dict(zip(nodes.node, known, strict=True))
+    assert urls["url"][urls["id"].index(nodes.node[0])] is None
+    urls = payload(write_html(graph, tmp_path / "b.html", neuronpedia=URL))["nodes"]
+    assert urls["url"] == [URL.format(model_layer=int(i.split("/")[0]), module=i.split("/")[1],
+                                      feature=int(i.split("/")[2])) for i in urls["id"]]
+
+
 # -- the file ---------------------------------------------------------------------------------
 def test_the_page_is_self_contained(flow, tmp_path):
     text = write_html(flow, tmp_path / "flow.html").read_text()
