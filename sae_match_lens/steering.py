@@ -1,0 +1,1029 @@
+"""Steer a TransformerLens model along SAE features and feature flows, generate, and score it.
+
+**Interventions** (Feature Flow, arXiv 2502.03032; ``FEATURE_FLOW.md`` §A6), at an SAE's hook
+``h`` (``cfg.metadata.hook_name``), per position:
+
+* :class:`RescaleFeatures`: ``h ← h + (r − 1)·(a·V)``, ``a`` the SAE's own activations of the
+  chosen features on ``h`` and ``a·V`` their exact decoded contribution
+  ``decode(a ⊙ 1_S) − decode(0)``. ``r = 1`` changes nothing, ``r = 0`` removes the features,
+  ``r < 0`` inverts them.
+* :class:`AddDirection`: ``h ← h + s·Σ v_i`` over the chosen features' decoder rows ``v_i``, in
+  ``"raw"`` units (``v = W_dec[i]``) or ``"folded"`` units (``v = W_dec[i]·fold_scale_i``, the
+  folded SAE's decoder row; ``θ_i·W_dec[i]`` for JumpReLU), so that ``s`` counts thresholds and
+  one value means the same at every layer.
+
+Either may act everywhere or only where a feature ``where`` of the same SAE fires. Positions
+holding the model's BOS state are left alone by default (``bos="keep"``): the SAEs are trained
+without BOS and its state is an attention sink with a huge norm. They are recognised by their
+state (position 0 attends only to itself, so its state at every hook is a fixed vector, computed
+once by a one-token run when the hooks are built; hooks the caller installed fire on that run
+too), which also works with a KV cache and left padding.
+
+:func:`steer` is a context manager like :func:`~sae_match_lens.hooks.substitute`: every hook name
+and width is checked before anything is installed, only its own hooks are removed on exit (also
+after an error), and it works on ``HookedTransformer`` and ``TransformerBridge`` (hooks never read
+``hook.name``). A hook whose output is not finite raises, naming the SAE and the coefficient.
+
+**Flows.** :func:`flow_interventions` steers the nodes of a
+:class:`~sae_match_lens.flow.FlowGraph`, a :class:`~sae_match_lens.chain.FeaturePath` or a list
+of ``(layer, module, feature)``: ``"single"`` (the nodes at one layer) or ``"cumulative"`` (every
+layer of the span, or of the span up to a layer), with a :class:`Schedule` of the coefficient
+over layers: constant ``s``, exponential ``s·e^{αl}`` (``l`` the model layer), linear from ``s``
+at the span's first layer to ``s*`` at its last.
+
+**Generation and proxy scores.** :func:`generate_steered` samples with TransformerLens'
+``generate`` (seeded, batched) and returns the texts with per-token ids and log-probabilities.
+Without a language-model judge: :func:`theme_presence` re-reads the generated text with the clean
+model and SAEs (mean folded activation of the theme's features, and their mean firing rate on
+the generated tokens), :func:`coherence` is the clean model's CE on the generated
+tokens, and :func:`proxy_scores` forms the paper's products: behaviour × coherence and
+(1 − behaviour) × coherence, both in [0, 1], with
+
+* behaviour ``= min(1, theme_rate / rate_ref)``: the theme features' firing rate on the text as
+  a fraction of ``rate_ref``, their rate on reference text that is on the theme (e.g. corpus
+  passages of the theme, measured with :func:`theme_presence`); 0 = no theme feature fires,
+  1 = as thematic as the reference or more. Without a reference ``rate_ref = 1`` (behaviour is
+  the raw rate);
+* coherence ``= exp(−max(0, CE − CE_ref))``: 1 while the clean model finds the text as likely
+  as its own unsteered samples (``CE_ref``, their mean CE), falling by a factor ``e`` per nat
+  of extra CE. CE rewards repetition, so the distinct-token fraction is reported beside it.
+
+:func:`steering_sweep` runs layers × coefficients × schedules into a resumable row log;
+:func:`plot_sweep` draws it.
+
+Example:
+    >>> graph = flow_graph(saes, seed=(3, 117))
+    >>> ivs = flow_interventions(saes, graph, mode="cumulative", kind="rescale", coefficient=0.0)
+    >>> with steer(model, ivs):
+    ...     text = model.generate("And the LORD said", max_new_tokens=20, verbose=False)
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import describe_sae, fold_scales, folded_activation_factor, hook_name_of
+from .chain import FeaturePath
+from .coactivation import record_states
+from .flow import FlowGraph, LayerSAEs, _as_stack
+from .hooks import HookFn, _check_sae
+from .judge import Judge, RowLog
+from .routes import _hook_width, resolve_bos_token_id
+
+__all__ = [
+    "SCHEDULES",
+    "SWEEP_COLUMNS",
+    "AddDirection",
+    "FlowNode",
+    "Generation",
+    "Intervention",
+    "RescaleFeatures",
+    "Schedule",
+    "coherence",
+    "flow_interventions",
+    "flow_nodes",
+    "generate_steered",
+    "plot_sweep",
+    "proxy_scores",
+    "steer",
+    "steering_hooks",
+    "steering_sweep",
+    "theme_presence",
+]
+
+logger = logging.getLogger(__name__)
+
+Units = Literal["raw", "folded"]
+BosMode = Literal["keep", "steer"]
+SCHEDULES: tuple[str, ...] = ("constant", "exponential", "linear")
+
+
+def _features(sae: Any, features: Any, what: str) -> tuple[int, ...]:
+    values = (features,) if isinstance(features, int) else tuple(features)
+    if not values:
+        raise ValueError(f"{what} for {describe_sae(sae)} names no features.")
+    d_sae = int(sae.cfg.d_sae)
+    out = []
+    for f in values:
+        if isinstance(f, bool) or not hasattr(f, "__index__"):
+            raise TypeError(f"{what} for {describe_sae(sae)}: feature ids must be integers, got {f!r}.")
+        f = int(f.__index__())
+        if not 0 <= f < d_sae:
+            raise ValueError(f"{what}: feature {f} is not a feature of {describe_sae(sae)} (valid "
+                             f"ids 0..{d_sae - 1}).")
+        out.append(f)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{what} for {describe_sae(sae)} names a feature twice: {out}.")
+    return tuple(out)
+
+
+def _finite(value: Any, what: str, sae: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} for {describe_sae(sae)} must be a number, got {value!r}.")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{what} for {describe_sae(sae)} must be finite, got {value}.")
+    return float(value)
+
+
+@dataclass(frozen=True, eq=False)
+class RescaleFeatures:
+    """``h ← h + (r − 1)·(a·V)`` for ``features`` of ``sae`` at its hook (module docstring).
+
+    Example:
+        >>> RescaleFeatures(sae, (12, 40), factor=0.0)   # remove features 12 and 40
+    """
+
+    sae: Any
+    """The SAE whose features are rescaled (it reads and is written at its hook)."""
+    features: tuple[int, ...]
+    """The features (an int is one feature)."""
+    factor: float
+    """``r``: 1 keeps them, 0 removes them, negative inverts them."""
+    where: int | None = None
+    """Only where this feature of the same SAE fires (``None``: every position)."""
+
+    def __post_init__(self) -> None:
+        _check_sae(self.sae, "steered SAE")
+        object.__setattr__(self, "features", _features(self.sae, self.features, "RescaleFeatures"))
+        object.__setattr__(self, "factor", _finite(self.factor, "the rescale factor r", self.sae))
+        if self.where is not None:
+            object.__setattr__(self, "where", _features(self.sae, self.where, "where")[0])
+
+    @property
+    def hook_name(self) -> str:
+        """Where the intervention acts."""
+        return hook_name_of(self.sae)
+
+
+@dataclass(frozen=True, eq=False)
+class AddDirection:
+    """``h ← h + s·Σ v_i`` over the decoder rows of ``features`` of ``sae`` (module docstring).
+
+    Example:
+        >>> AddDirection(sae, 7, coefficient=4.0)            # 4 thresholds of feature 7
+        >>> AddDirection(sae, 7, coefficient=4.0, units="raw")
+    """
+
+    sae: Any
+    """The SAE whose decoder rows are added at its hook."""
+    features: tuple[int, ...]
+    """The features (an int is one feature)."""
+    coefficient: float
+    """``s``."""
+    units: Units = "folded"
+    """``"folded"``: ``v`` = the folded decoder row (threshold units for JumpReLU); ``"raw"``:
+    ``v = W_dec[i]``."""
+    where: int | None = None
+    """Only where this feature of the same SAE fires (``None``: every position)."""
+
+    def __post_init__(self) -> None:
+        _check_sae(self.sae, "steered SAE")
+        object.__setattr__(self, "features", _features(self.sae, self.features, "AddDirection"))
+        object.__setattr__(self, "coefficient", _finite(self.coefficient, "the coefficient s",
+                                                        self.sae))
+        if self.units not in ("raw", "folded"):
+            raise ValueError(f"units must be 'raw' or 'folded', got {self.units!r}.")
+        if self.where is not None:
+            object.__setattr__(self, "where", _features(self.sae, self.where, "where")[0])
+        step = self.coefficient * self.direction()
+        if not bool(torch.isfinite(step).all()):
+            raise ValueError(
+                f"coefficient {self.coefficient} times the decoder rows of {describe_sae(self.sae)} "
+                f"is not finite in {step.dtype}; use a smaller coefficient.")
+
+    @property
+    def hook_name(self) -> str:
+        """Where the intervention acts."""
+        return hook_name_of(self.sae)
+
+    def direction(self) -> torch.Tensor:
+        """``Σ v_i`` ([d_in], the SAE's dtype and device) in this intervention's units."""
+        idx = torch.tensor(self.features, device=self.sae.W_dec.device)
+        rows = self.sae.W_dec.detach()[idx].to(torch.float64)
+        if self.units == "folded":
+            rows = rows * fold_scales(self.sae).to(rows.device)[idx][:, None]
+        return rows.sum(0).to(self.sae.W_dec.dtype)
+
+
+Intervention = RescaleFeatures | AddDirection
+
+
+def _as_interventions(interventions: Intervention | Sequence[Intervention]) -> list[Intervention]:
+    items = [interventions] if isinstance(interventions, RescaleFeatures | AddDirection) else list(
+        interventions)
+    for item in items:
+        if not isinstance(item, RescaleFeatures | AddDirection):
+            raise TypeError(f"interventions must be RescaleFeatures or AddDirection, got "
+                            f"{type(item).__name__}.")
+    return items
+
+
+def _check_on_model(model: Any, item: Intervention) -> None:
+    name, hook_dict = item.hook_name, model.hook_dict
+    if name not in hook_dict:
+        close = difflib.get_close_matches(name, list(hook_dict), n=3)
+        raise ValueError(
+            f"{describe_sae(item.sae)}: hook '{name}' is not a hook point of this "
+            f"{type(model).__name__}, so this SAE does not belong to the model."
+            + (f" Did you mean {close}?" if close else ""))
+    width = _hook_width(model, name)
+    if width is not None and int(item.sae.cfg.d_in) != width:
+        raise ValueError(f"{describe_sae(item.sae)}: d_in={item.sae.cfg.d_in} but the model's "
+                         f"activation at '{name}' has width {width}.")
+
+
+def _bos_states(model: Any, names: Sequence[str], bos_token_id: int | None
+                ) -> dict[str, torch.Tensor]:
+    bos = resolve_bos_token_id(model, bos_token_id)
+    device = getattr(model.cfg, "device", None)
+    one = torch.tensor([[bos]], device=device)
+    states = record_states(model, sorted(set(names)), one)
+    return {name: h[0, 0].detach().clone() for name, h in states.items()}
+
+
+def _hook(item: Intervention, bos_state: torch.Tensor | None) -> HookFn:
+    sae = item.sae
+    name = item.hook_name
+    features = torch.tensor(item.features, device=sae.W_enc.device)
+    direction = item.direction() if isinstance(item, AddDirection) else None
+    needs_acts = isinstance(item, RescaleFeatures) or item.where is not None
+    coefficient = item.factor if isinstance(item, RescaleFeatures) else item.coefficient
+
+    def fn(h: torch.Tensor, *, hook: Any) -> torch.Tensor:
+        x = h.to(sae.W_enc.device, sae.W_enc.dtype)
+        acts = sae.encode(x) if needs_acts else None
+        if isinstance(item, RescaleFeatures):
+            assert acts is not None
+            chosen = torch.zeros_like(acts)
+            chosen[..., features] = acts[..., features]
+            zero = acts.new_zeros((1, acts.shape[-1]))
+            delta = (item.factor - 1.0) * (sae.decode(chosen) - sae.decode(zero))
+        else:
+            assert direction is not None
+            delta = item.coefficient * direction.expand_as(x)
+        keep = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+        if item.where is not None:
+            assert acts is not None
+            keep &= acts[..., item.where] != 0
+        if bos_state is not None:
+            ref = bos_state.to(x.device, x.dtype)
+            bos_like = (x - ref).norm(dim=-1) <= 1e-3 * ref.norm().clamp_min(1e-6)
+            keep &= ~bos_like
+        out = h + (delta * keep[..., None]).to(h.device, h.dtype)
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(
+                f"steering {describe_sae(sae)} at '{name}' with coefficient {coefficient} made the "
+                "activations non-finite (NaN/inf); use a smaller coefficient or a wider dtype.")
+        return out
+
+    return fn
+
+
+def steering_hooks(
+    model: Any,
+    interventions: Intervention | Sequence[Intervention],
+    *,
+    bos: BosMode = "keep",
+    bos_token_id: int | None = None,
+) -> list[tuple[str, HookFn]]:
+    """Forward hooks for ``interventions``, after checking every one against ``model``.
+
+    Interventions at the same hook run in list order (each sees the previous one's output).
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge``.
+        interventions: one or more :class:`RescaleFeatures` / :class:`AddDirection`.
+        bos: ``"keep"`` (default): positions holding the BOS state are not changed;
+            ``"steer"``: every position is.
+        bos_token_id: the BOS id (default: the tokenizer's; needed with ``bos="keep"`` when the
+            model has no tokenizer).
+
+    Returns:
+        ``[(hook name, fn), ...]`` for ``model.run_with_hooks(fwd_hooks=...)``.
+
+    Raises:
+        ValueError: a hook the model does not have (naming the SAE), a width mismatch, an
+            unknown ``bos``.
+
+    Example:
+        >>> hooks = steering_hooks(model, [RescaleFeatures(sae_3, (5,), factor=0.0)])
+        >>> logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+    """
+    items = _as_interventions(interventions)
+    if bos not in ("keep", "steer"):
+        raise ValueError(f"bos must be 'keep' or 'steer', got {bos!r}.")
+    for item in items:
+        _check_on_model(model, item)
+    states = _bos_states(model, [i.hook_name for i in items], bos_token_id) if (
+        bos == "keep" and items) else {}
+    return [(item.hook_name, _hook(item, states.get(item.hook_name))) for item in items]
+
+
+@contextmanager
+def steer(
+    model: Any,
+    interventions: Intervention | Sequence[Intervention],
+    *,
+    bos: BosMode = "keep",
+    bos_token_id: int | None = None,
+) -> Iterator[Any]:
+    """Context manager: every forward pass (and ``generate``) inside it is steered.
+
+    Only the hooks added here are removed on exit, also when the body raises. Arguments as in
+    :func:`steering_hooks`.
+
+    Example:
+        >>> with steer(model, AddDirection(sae_2, 17, coefficient=8.0)):
+        ...     model.generate("I think ", max_new_tokens=20, verbose=False)
+    """
+    hooks = steering_hooks(model, interventions, bos=bos, bos_token_id=bos_token_id)
+    with model.hooks(fwd_hooks=hooks) as hooked:
+        yield hooked
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a coefficient varies over the layers of a flow (Feature Flow's steering schedules).
+
+    * ``"constant"``: ``s`` at every layer;
+    * ``"exponential"``: ``s·e^{α·l}`` with ``l`` the model layer;
+    * ``"linear"``: from ``s`` at the span's first layer to ``end`` (``s*``) at its last.
+
+    Example:
+        >>> Schedule("linear", end=1.0).values(4.0, [2, 3, 4], span=(2, 4))
+        {2: 4.0, 3: 2.5, 4: 1.0}
+    """
+
+    kind: str = "constant"
+    """One of :data:`SCHEDULES`."""
+    alpha: float = -0.05
+    """``α`` of the exponential schedule (the paper's −0.05)."""
+    end: float = 1.0
+    """``s*``: the linear schedule's value at the span's last layer."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.kind!r}; valid: {list(SCHEDULES)}.")
+        for what, value in (("alpha", self.alpha), ("end", self.end)):
+            if not math.isfinite(float(value)):
+                raise ValueError(f"schedule {what} must be finite, got {value}.")
+
+    def values(self, s: float, layers: Sequence[int], span: tuple[int, int]) -> dict[int, float]:
+        """The coefficient at each of ``layers`` for start value ``s`` over ``span``."""
+        if not math.isfinite(float(s)):
+            raise ValueError(f"the coefficient must be finite, got {s}.")
+        first, last = span
+        out = {}
+        for layer in layers:
+            if self.kind == "constant":
+                value = float(s)
+            elif self.kind == "exponential":
+                value = float(s) * math.exp(self.alpha * layer)
+            else:
+                t = 0.0 if last == first else (layer - first) / (last - first)
+                value = float(s) + (self.end - float(s)) * t
+            if not math.isfinite(value):
+                raise ValueError(f"schedule {self} gives a non-finite coefficient at layer {layer}.")
+            out[int(layer)] = value
+        return out
+
+    @property
+    def label(self) -> str:
+        """A short name for tables."""
+        if self.kind == "exponential":
+            return f"exponential(α={self.alpha:g})"
+        if self.kind == "linear":
+            return f"linear(→{self.end:g})"
+        return "constant"
+
+
+class FlowNode(NamedTuple):
+    """A feature of one SAE of a stack."""
+
+    layer: int
+    """The stack's layer key (the model layer)."""
+    module: str
+    """``"res"``, ``"mlp"`` or ``"attn"``."""
+    feature: int
+    """The feature id in that SAE."""
+
+
+NodeSource = FlowGraph | FeaturePath | Sequence[Any]
+
+
+def flow_nodes(source: NodeSource, stack: Mapping[int, Any] | Sequence[Any]) -> list[FlowNode]:
+    """The nodes of a flow graph, a traced path or a list, checked against ``stack``.
+
+    A list may hold ``(layer, module, feature)``, ``(layer, feature)`` (residual) or node ids
+    ``"layer/module/feature"``. A :class:`~sae_match_lens.chain.FeaturePath`'s steps are found in
+    ``stack`` by hook name (steps that lost their partner, feature -1, are skipped).
+
+    Raises:
+        KeyError: a layer or module without an SAE in ``stack``, or a path hook not in it.
+        ValueError: a feature id outside its SAE, or a graph node whose hook differs from the
+            stack's SAE.
+    """
+    layers = _as_stack(stack)
+    raw: list[tuple[int, str, int]] = []
+    if isinstance(source, FlowGraph):
+        for row in source.nodes.itertuples(index=False):
+            raw.append((int(row.layer), str(row.module), int(row.feature)))
+            sae = layers.get(int(row.layer), LayerSAEs(None)).get(str(row.module))
+            if sae is not None and hook_name_of(sae) != row.hook:
+                raise ValueError(f"flow node {row.node} was built on '{row.hook}' but the stack's "
+                                 f"SAE there is {describe_sae(sae)}.")
+    elif isinstance(source, FeaturePath):
+        where = {hook_name_of(s.get(m)): (layer, m) for layer, s in layers.items() for m in
+                 ("res", "mlp", "attn") if s.get(m) is not None}
+        for step in source.steps:
+            if step.feature < 0:
+                continue
+            if step.hook_name not in where:
+                raise KeyError(f"the path's step at '{step.hook_name}' has no SAE in the stack "
+                               f"(its hooks: {sorted(where)}).")
+            layer, module = where[step.hook_name]
+            raw.append((layer, module, int(step.feature)))
+    else:
+        for item in source:
+            if isinstance(item, str):
+                parts = item.split("/")
+                if len(parts) != 3:
+                    raise ValueError(f"node id {item!r} is not 'layer/module/feature'.")
+                raw.append((int(parts[0]), parts[1], int(parts[2])))
+            elif len(item) == 3:
+                raw.append((int(item[0]), str(item[1]), int(item[2])))
+            elif len(item) == 2:
+                raw.append((int(item[0]), "res", int(item[1])))
+            else:
+                raise ValueError(f"node {item!r} is not (layer, module, feature) or (layer, feature).")
+    nodes = []
+    for layer, module, feature in raw:
+        if layer not in layers:
+            raise KeyError(f"node {layer}/{module}/{feature}: layer {layer} has no SAEs in the "
+                           f"stack (layers {list(layers)}).")
+        sae = layers[layer].get(module)
+        if sae is None:
+            raise KeyError(f"node {layer}/{module}/{feature}: the stack has no {module} SAE at "
+                           f"layer {layer}.")
+        _features(sae, feature, f"node {layer}/{module}/{feature}")
+        node = FlowNode(layer, module, feature)
+        if node not in nodes:
+            nodes.append(node)
+    if not nodes:
+        raise ValueError("the flow source holds no nodes.")
+    return sorted(nodes)
+
+
+def flow_interventions(
+    stack: Mapping[int, Any] | Sequence[Any],
+    source: NodeSource,
+    *,
+    mode: Literal["single", "cumulative"] = "cumulative",
+    layer: int | None = None,
+    kind: Literal["rescale", "add"] = "rescale",
+    coefficient: float = 0.0,
+    schedule: Schedule | str = "constant",
+    units: Units = "folded",
+    where: int | None = None,
+) -> list[Intervention]:
+    """Interventions on the nodes of a flow (module docstring).
+
+    Args:
+        stack: ``{layer: LayerSAEs or residual SAE}`` (or a list indexed by layer).
+        source: a :class:`~sae_match_lens.flow.FlowGraph`, a
+            :class:`~sae_match_lens.chain.FeaturePath` or a node list (:func:`flow_nodes`).
+        mode: ``"single"``: the nodes at ``layer`` only; ``"cumulative"``: the nodes at every
+            layer of the span (``layer=None``) or of the span up to ``layer``.
+        layer: see ``mode`` (required for ``"single"``).
+        kind: ``"rescale"`` (:class:`RescaleFeatures`, coefficient = ``r``) or ``"add"``
+            (:class:`AddDirection`, coefficient = ``s``).
+        coefficient: the schedule's start value.
+        schedule: a :class:`Schedule` or its kind; layers are placed within the span of all the
+            source's nodes.
+        units: ``"add"`` only: raw or folded decoder rows.
+        where: only where this feature fires; only meaningful for a single SAE, so it needs the
+            selection to be at one hook.
+
+    Returns:
+        One intervention per SAE (rescale: all its selected features together) or per node (add).
+
+    Example:
+        >>> ivs = flow_interventions(stack, graph, mode="single", layer=3, kind="add",
+        ...                          coefficient=6.0)
+    """
+    nodes = flow_nodes(source, stack)
+    layers = _as_stack(stack)
+    sched = Schedule(schedule) if isinstance(schedule, str) else schedule
+    if not isinstance(sched, Schedule):
+        raise TypeError(f"schedule must be a Schedule or one of {list(SCHEDULES)}, got {schedule!r}.")
+    if kind not in ("rescale", "add"):
+        raise ValueError(f"kind must be 'rescale' or 'add', got {kind!r}.")
+    span = (min(n.layer for n in nodes), max(n.layer for n in nodes))
+    if mode == "single":
+        if layer is None:
+            raise ValueError("mode='single' needs layer=.")
+        chosen = [n for n in nodes if n.layer == layer]
+    elif mode == "cumulative":
+        chosen = [n for n in nodes if layer is None or n.layer <= layer]
+    else:
+        raise ValueError(f"mode must be 'single' or 'cumulative', got {mode!r}.")
+    if not chosen:
+        raise ValueError(f"the flow has no nodes at layer {layer} (mode {mode!r}); its layers are "
+                         f"{sorted({n.layer for n in nodes})}.")
+    values = sched.values(coefficient, sorted({n.layer for n in chosen}), span)
+    groups: dict[tuple[int, str], list[int]] = {}
+    for node in chosen:
+        groups.setdefault((node.layer, node.module), []).append(node.feature)
+    if where is not None and len(groups) != 1:
+        raise ValueError(f"where={where} names a feature of one SAE, but the selection spans "
+                         f"{len(groups)} SAEs; use mode='single' with one module, or where=None.")
+    out: list[Intervention] = []
+    for (lay, module), features in groups.items():
+        sae = layers[lay].get(module)
+        if kind == "rescale":
+            out.append(RescaleFeatures(sae, tuple(features), values[lay], where=where))
+        else:
+            out.extend(AddDirection(sae, f, values[lay], units=units, where=where)
+                       for f in features)
+    return out
+
+
+class Generation(NamedTuple):
+    """Sampled continuations, one entry per sample, prompts repeated ``n_samples`` times."""
+
+    prompts: tuple[str, ...]
+    """The prompt of each sample."""
+    prompt_index: tuple[int, ...]
+    """Which prompt (index into the given prompts) each sample continues."""
+    texts: tuple[str, ...]
+    """The generated continuation (special tokens skipped)."""
+    sequences: tuple[torch.Tensor, ...]
+    """Token ids, prompt (with BOS) then continuation, int64 on the CPU."""
+    prompt_lengths: tuple[int, ...]
+    """Number of prompt tokens (with BOS) in each sequence."""
+    logprobs: tuple[torch.Tensor, ...]
+    """Log-probability of each generated token under the steered model (temperature 1)."""
+    seeds: tuple[int, ...]
+    """The seed of the batch each sample was drawn in."""
+
+    def frame(self) -> pd.DataFrame:
+        """One row per sample: ``prompt_index``, ``prompt``, ``text``, ``n_new``,
+        ``mean_logprob``, ``seed``."""
+        return pd.DataFrame({
+            "prompt_index": list(self.prompt_index), "prompt": list(self.prompts),
+            "text": list(self.texts), "n_new": [int(lp.numel()) for lp in self.logprobs],
+            "mean_logprob": [float(lp.mean()) if lp.numel() else math.nan for lp in self.logprobs],
+            "seed": list(self.seeds)})
+
+    def token_frame(self) -> pd.DataFrame:
+        """One row per generated token: ``sample``, ``step``, ``position``, ``token``,
+        ``logprob``."""
+        rows = []
+        for i, (seq, n, lp) in enumerate(zip(self.sequences, self.prompt_lengths, self.logprobs,
+                                             strict=True)):
+            for step in range(lp.numel()):
+                rows.append({"sample": i, "step": step, "position": n + step,
+                             "token": int(seq[n + step]), "logprob": float(lp[step])})
+        return pd.DataFrame(rows, columns=["sample", "step", "position", "token", "logprob"])
+
+
+def _device(model: Any) -> Any:
+    return getattr(model.cfg, "device", None)
+
+
+def generate_steered(
+    model: Any,
+    prompts: str | Sequence[str],
+    interventions: Intervention | Sequence[Intervention] = (),
+    *,
+    n_samples: int = 1,
+    max_new_tokens: int = 36,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    do_sample: bool = True,
+    stop_at_eos: bool = False,
+    seed: int = 0,
+    batch_size: int = 8,
+    bos: BosMode = "keep",
+    bos_token_id: int | None = None,
+    progress: bool = True,
+) -> Generation:
+    """Sample continuations of ``prompts`` with the model steered by ``interventions``.
+
+    Samples of one prompt are drawn in batches of ``batch_size`` by TransformerLens' ``generate``
+    (KV cache on); batch ``k`` (counted over all prompts) is drawn with ``torch`` seeded to
+    ``seed + k`` inside a forked RNG, so the same arguments give the same texts and the caller's
+    random state is untouched. Log-probabilities come from one steered forward pass over each
+    finished batch.
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge`` with a tokenizer.
+        prompts: one prompt or several (tokenized with BOS prepended).
+        interventions: what to steer (none: the clean model).
+        n_samples: samples per prompt.
+        max_new_tokens, temperature, top_p, top_k, do_sample: passed to ``generate``.
+        stop_at_eos: stop a sample at the tokenizer's EOS (kept as its last token).
+        seed: base seed (see above).
+        batch_size: samples per ``generate`` call.
+        bos, bos_token_id: see :func:`steering_hooks`.
+        progress: show a progress bar over batches.
+
+    Example:
+        >>> gen = generate_steered(model, "I think ", ivs, n_samples=8, top_p=0.7, temperature=1.27)
+        >>> gen.frame()[["text", "mean_logprob"]]
+    """
+    texts_in = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not texts_in or not all(isinstance(p, str) for p in texts_in):
+        raise TypeError("prompts must be a string or a non-empty list of strings.")
+    for what, value in (("n_samples", n_samples), ("max_new_tokens", max_new_tokens),
+                        ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be a positive integer, got {value!r}.")
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError(f"this {type(model).__name__} has no tokenizer; generate_steered needs "
+                         "one to read prompts and write texts.")
+    hooks = steering_hooks(model, interventions, bos=bos, bos_token_id=bos_token_id)
+    eos = model.tokenizer.eos_token_id
+    jobs = [(i, min(batch_size, n_samples - start)) for i in range(len(texts_in))
+            for start in range(0, n_samples, batch_size)]
+    out: dict[str, list[Any]] = {k: [] for k in Generation._fields}
+    device = _device(model)
+    devices = [device] if device is not None and str(device).startswith("cuda") else []
+    for k, (i, size) in enumerate(tqdm(jobs, desc="generating", unit="batch", disable=not progress)):
+        prompt_tokens = model.to_tokens(texts_in[i]).to(device)
+        batch = prompt_tokens.expand(size, -1).contiguous()
+        n_prompt = batch.shape[1]
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+                model.hooks(fwd_hooks=hooks):
+            torch.manual_seed(seed + k)
+            seqs = model.generate(batch, max_new_tokens=max_new_tokens, stop_at_eos=False,
+                                  do_sample=do_sample, top_k=top_k, top_p=top_p,
+                                  temperature=temperature, verbose=False, return_type="tokens")
+            logp = torch.log_softmax(model(seqs, return_type="logits").float(), dim=-1)
+        new = seqs[:, n_prompt:]
+        picked = logp[:, n_prompt - 1:-1].gather(-1, new[..., None])[..., 0]
+        for row in range(size):
+            n_new = new.shape[1]
+            if stop_at_eos and eos is not None:
+                hits = torch.nonzero(new[row] == eos).flatten()
+                n_new = int(hits[0]) + 1 if hits.numel() else n_new
+            cont = new[row, :n_new].cpu()
+            out["prompts"].append(texts_in[i])
+            out["prompt_index"].append(i)
+            out["texts"].append(model.tokenizer.decode(cont.tolist(), skip_special_tokens=True))
+            out["sequences"].append(seqs[row, :n_prompt + n_new].cpu())
+            out["prompt_lengths"].append(n_prompt)
+            out["logprobs"].append(picked[row, :n_new].cpu())
+            out["seeds"].append(seed + k)
+    return Generation(**{k: tuple(v) for k, v in out.items()})
+
+
+def _by_length(sequences: Sequence[torch.Tensor], batch_size: int
+               ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    groups: dict[int, list[int]] = {}
+    for i, seq in enumerate(sequences):
+        groups.setdefault(int(seq.numel()), []).append(i)
+    for members in groups.values():
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            yield chunk, torch.stack([sequences[i] for i in chunk])
+
+
+def _read(model: Any, texts: Generation | Sequence[str]) -> tuple[list[torch.Tensor], list[int]]:
+    """Token sequences and the first scored position of each (continuation start, or 1)."""
+    if isinstance(texts, Generation):
+        return list(texts.sequences), list(texts.prompt_lengths)
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a Generation or a list of strings.")
+    seqs = [model.to_tokens(t)[0].cpu() for t in texts]
+    return seqs, [1] * len(seqs)
+
+
+@torch.no_grad()
+def theme_presence(
+    model: Any,
+    stack: Mapping[int, Any] | Sequence[Any],
+    theme: NodeSource,
+    texts: Generation | Sequence[str],
+    *,
+    batch_size: int = 16,
+) -> pd.DataFrame:
+    """How present a theme is in texts, re-read by the clean model and the theme's SAEs.
+
+    The theme is a set of features (a flow graph, a path or a node list). Over the scored
+    tokens (a :class:`Generation`'s continuation; every non-BOS token of plain texts):
+
+    * ``presence``: mean over tokens and theme features of the folded activation (threshold
+      units for JumpReLU, so features of different layers are comparable);
+    * ``theme_rate``: the fraction of (token, theme feature) pairs that fire, i.e. the theme
+      features' mean firing rate (in [0, 1]; unlike "any theme feature fires" it does not
+      saturate when the theme has many features).
+
+    Returns:
+        One row per text: ``presence``, ``theme_rate``, ``n_tokens``.
+    """
+    layers = _as_stack(stack)
+    nodes = flow_nodes(theme, layers)
+    per_sae: dict[str, tuple[Any, torch.Tensor]] = {}
+    for node in nodes:
+        sae = layers[node.layer].get(node.module)
+        name = hook_name_of(sae)
+        feats = per_sae.get(name, (sae, torch.empty(0, dtype=torch.long)))[1]
+        per_sae[name] = (sae, torch.cat([feats, torch.tensor([node.feature])]))
+    seqs, starts = _read(model, texts)
+    rows: list[dict[str, Any]] = [{} for _ in seqs]
+    device = _device(model)
+    for members, batch in _by_length(seqs, batch_size):
+        states = record_states(model, list(per_sae), batch.to(device) if device else batch)
+        total = torch.zeros(len(members), batch.shape[1], dtype=torch.float64)
+        fired = torch.zeros(len(members), batch.shape[1], dtype=torch.float64)
+        for name, (sae, feats) in per_sae.items():
+            acts = sae.encode(states[name].to(sae.W_enc.device, sae.W_enc.dtype))[..., feats]
+            factor = folded_activation_factor(sae)[feats.to(sae.W_dec.device)]
+            total += (acts.double() * factor).sum(-1).cpu()
+            fired += (acts != 0).double().sum(-1).cpu()
+        for j, i in enumerate(members):
+            start = max(1, starts[i])
+            n = batch.shape[1] - start
+            rows[i] = {"presence": float(total[j, start:].sum()) / (n * len(nodes)) if n else math.nan,
+                       "theme_rate": float(fired[j, start:].sum()) / (n * len(nodes)) if n
+                       else math.nan,
+                       "n_tokens": n}
+    return pd.DataFrame(rows, columns=["presence", "theme_rate", "n_tokens"])
+
+
+@torch.no_grad()
+def coherence(model: Any, texts: Generation | Sequence[str], *, batch_size: int = 16
+              ) -> pd.DataFrame:
+    """The clean model's next-token CE (nats) on the scored tokens, and their distinct fraction.
+
+    For a :class:`Generation` the scored tokens are the continuation (each predicted from
+    everything before it); for plain texts every token after the first real one (the prediction
+    made at BOS is excluded, as in :mod:`~sae_match_lens.metrics`).
+
+    Returns:
+        One row per text: ``ce``, ``distinct`` (distinct tokens / scored tokens), ``n_tokens``.
+    """
+    seqs, starts = _read(model, texts)
+    rows: list[dict[str, Any]] = [{} for _ in seqs]
+    device = _device(model)
+    for members, batch in _by_length(seqs, batch_size):
+        logp = torch.log_softmax(model(batch.to(device) if device else batch,
+                                       return_type="logits").float(), dim=-1).cpu()
+        for j, i in enumerate(members):
+            start = max(2, starts[i])
+            target = batch[j, start:]
+            n = int(target.numel())
+            ce = -float(logp[j, start - 1:-1].gather(-1, target[:, None]).double().mean()) if n \
+                else math.nan
+            rows[i] = {"ce": ce, "distinct": len(set(target.tolist())) / n if n else math.nan,
+                       "n_tokens": n}
+    return pd.DataFrame(rows, columns=["ce", "distinct", "n_tokens"])
+
+
+def proxy_scores(
+    model: Any,
+    stack: Mapping[int, Any] | Sequence[Any],
+    theme: NodeSource,
+    generation: Generation,
+    *,
+    ce_reference: float,
+    rate_reference: float | None = None,
+) -> pd.DataFrame:
+    """Judge-free steering scores of each sample (module docstring).
+
+    Args:
+        model, stack, theme: as in :func:`theme_presence`.
+        generation: the steered samples.
+        ce_reference: the clean model's mean CE on unsteered generations from the same prompts
+            and settings (``coherence(model, baseline).ce.mean()``).
+        rate_reference: the theme features' firing rate on on-theme reference text
+            (``theme_presence(model, stack, theme, texts).theme_rate.mean()``); behaviour is the
+            text's rate as a fraction of it, capped at 1. ``None``: 1 (the raw rate).
+
+    Returns:
+        One row per sample: ``presence``, ``theme_rate``, ``behaviour``
+        (``min(1, theme_rate / rate_reference)``), ``ce``, ``distinct``, ``coherence``
+        (``exp(−max(0, ce − ce_reference))``), ``score_activate`` (behaviour × coherence),
+        ``score_suppress`` ((1 − behaviour) × coherence).
+    """
+    if not math.isfinite(float(ce_reference)):
+        raise ValueError(f"ce_reference must be finite, got {ce_reference}.")
+    ref = _rate_reference(rate_reference)
+    frame = theme_presence(model, stack, theme, generation).drop(columns="n_tokens")
+    frame["behaviour"] = (frame.theme_rate / ref).clip(upper=1.0)
+    frame = frame.join(coherence(model, generation).drop(columns="n_tokens"))
+    frame["coherence"] = [math.exp(-max(0.0, ce - ce_reference)) for ce in frame.ce]
+    frame["score_activate"] = frame.behaviour * frame.coherence
+    frame["score_suppress"] = (1.0 - frame.behaviour) * frame.coherence
+    return frame
+
+
+def _rate_reference(value: float | None) -> float:
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            math.isfinite(float(value)) and 0.0 < float(value) <= 1.0):
+        raise ValueError(f"rate_reference must be a firing rate in (0, 1], got {value!r}; "
+                         "measure it with theme_presence(...).theme_rate.mean() on on-theme "
+                         "text (a rate of 0 means the theme's features never fire there).")
+    return float(value)
+
+
+SWEEP_COLUMNS: tuple[str, ...] = (
+    "mode", "layer", "schedule", "coefficient", "n_samples", "hooks", "theme_rate", "behaviour",
+    "presence", "ce", "coherence", "distinct", "score_activate", "score_suppress", "score",
+    "judge_behavioral", "judge_coherence", "judge_score", "example")
+"""Columns of :func:`steering_sweep`'s table (judge columns are NaN without a judge)."""
+
+
+def _schedule_of(value: Schedule | str) -> Schedule:
+    return Schedule(value) if isinstance(value, str) else value
+
+
+def steering_sweep(
+    model: Any,
+    stack: Mapping[int, Any] | Sequence[Any],
+    source: NodeSource,
+    prompts: str | Sequence[str],
+    *,
+    path: str | os.PathLike[str],
+    coefficients: Sequence[float],
+    kind: Literal["rescale", "add"] = "rescale",
+    layers: Sequence[int] | None = None,
+    modes: Sequence[str] = ("single", "cumulative"),
+    schedules: Sequence[Schedule | str] = ("constant",),
+    units: Units = "folded",
+    goal: Literal["suppress", "activate"] | None = None,
+    rate_reference: float | None = None,
+    judge: Judge | None = None,
+    theme: str | None = None,
+    n_samples: int = 4,
+    max_new_tokens: int = 36,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Steer a flow over modes × layers × schedules × coefficients and score every setting.
+
+    The first row is the unsteered baseline (``mode="none"``), whose mean CE is the coherence
+    reference. Each row is written to ``path`` (a :class:`~sae_match_lens.judge.RowLog`) as soon
+    as it is finished; a rerun with the same settings skips the rows already there, so an
+    interrupted sweep resumes and loses nothing, and adding coefficients or layers extends it.
+    Every setting samples with the same seeds, so rows differ only by the steering.
+
+    Args:
+        model, stack, source: as in :func:`flow_interventions`.
+        prompts: the prompts (each sampled ``n_samples`` times).
+        path: the row log (JSON lines).
+        coefficients: ``r`` (rescale) or ``s`` (add) start values.
+        kind, units: as in :func:`flow_interventions`.
+        layers: the layers swept (default: every layer of the flow); for ``"cumulative"`` the
+            steering covers the span up to that layer.
+        modes: ``"single"`` and/or ``"cumulative"``.
+        schedules: :class:`Schedule`\\ s or their kinds.
+        goal: which product is ``score``: ``"suppress"`` ((1 − behaviour) × coherence, default
+            for rescale) or ``"activate"`` (behaviour × coherence, default for add).
+        rate_reference: see :func:`proxy_scores` (the theme's firing rate on on-theme text).
+        judge: optional :class:`~sae_match_lens.judge.Judge` rating every sample; its
+            behaviour/coherence (0–5, scaled to 0–1) give ``judge_score`` the same way.
+        theme: the judge's theme.
+        n_samples, max_new_tokens, temperature, top_p, seed, batch_size: as in
+            :func:`generate_steered`.
+        progress: show a progress bar over settings.
+
+    Returns:
+        One row per setting with :data:`SWEEP_COLUMNS`.
+
+    Example:
+        >>> frame = steering_sweep(model, stack, graph, "And the LORD said", path="sweep.jsonl",
+        ...                        coefficients=[0, -1, -4], kind="rescale")
+    """
+    layer_map = _as_stack(stack)
+    nodes = flow_nodes(source, layer_map)
+    goal = goal or ("suppress" if kind == "rescale" else "activate")
+    if goal not in ("suppress", "activate"):
+        raise ValueError(f"goal must be 'suppress' or 'activate', got {goal!r}.")
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    scheds = [_schedule_of(s) for s in schedules]
+    sweep_layers = sorted({n.layer for n in nodes}) if layers is None else list(layers)
+    for value in coefficients:
+        if not math.isfinite(float(value)):
+            raise ValueError(f"coefficient {value} is not finite.")
+    header = {"what": "steering_sweep", "kind": kind, "units": units, "goal": goal,
+              "nodes": ["/".join(map(str, n)) for n in nodes],
+              "hooks": sorted({hook_name_of(layer_map[n.layer].get(n.module)) for n in nodes}),
+              "prompts": prompt_list, "n_samples": n_samples, "max_new_tokens": max_new_tokens,
+              "temperature": temperature, "top_p": top_p, "seed": seed, "batch_size": batch_size,
+              "judge": None if judge is None else type(judge).__name__, "theme": theme,
+              "rate_reference": _rate_reference(rate_reference)}
+    log = RowLog(path, key=("mode", "layer", "schedule", "coefficient"), header=header)
+    gen_kwargs = {"n_samples": n_samples, "max_new_tokens": max_new_tokens,
+                  "temperature": temperature, "top_p": top_p, "seed": seed,
+                  "batch_size": batch_size, "progress": False}
+    settings: list[tuple[str, int | None, Schedule | None, float | None]] = [
+        ("none", None, None, None)]
+    settings += [(m, lay, s, float(c)) for m, lay, s, c in
+                 itertools.product(modes, sweep_layers, scheds, coefficients)]
+    reference: float | None = None
+    baseline = log.get({"mode": "none", "layer": None, "schedule": None, "coefficient": None})
+    if baseline is not None:
+        reference = baseline["ce"]
+    for mode, lay, sched, coef in tqdm(settings, desc="steering sweep", unit="setting",
+                                       disable=not progress):
+        key = {"mode": mode, "layer": lay, "schedule": None if sched is None else sched.label,
+               "coefficient": coef}
+        if log.done(key):
+            continue
+        if mode == "none":
+            ivs: list[Intervention] = []
+        else:
+            assert sched is not None and coef is not None
+            if mode == "single" and not any(n.layer == lay for n in nodes):
+                continue  # the flow has no node at this layer
+            ivs = flow_interventions(layer_map, nodes, mode=mode, layer=lay, kind=kind,  # type: ignore[arg-type]
+                                     coefficient=coef, schedule=sched, units=units)
+        gen = generate_steered(model, prompt_list, ivs, **gen_kwargs)  # type: ignore[arg-type]
+        if reference is None:
+            reference = float(coherence(model, gen).ce.mean())
+        scores = proxy_scores(model, layer_map, nodes, gen, ce_reference=reference,
+                              rate_reference=rate_reference)
+        row: dict[str, Any] = {**key, "n_samples": len(gen.texts),
+                               "hooks": sorted({iv.hook_name for iv in ivs})}
+        for column in ("theme_rate", "behaviour", "presence", "ce", "coherence", "distinct", "score_activate",
+                       "score_suppress"):
+            row[column] = float(scores[column].mean())
+        row["score"] = row[f"score_{goal}"]
+        row.update(judge_behavioral=math.nan, judge_coherence=math.nan, judge_score=math.nan)
+        if judge is not None:
+            ratings = [judge.score(p, t, theme=theme) for p, t in zip(gen.prompts, gen.texts,
+                                                                      strict=True)]
+            beh = sum(r["behavioral"] for r in ratings) / (5 * len(ratings))
+            coh = sum(r["coherence"] for r in ratings) / (5 * len(ratings))
+            row.update(judge_behavioral=beh, judge_coherence=coh,
+                       judge_score=(beh if goal == "activate" else 1 - beh) * coh)
+        row["example"] = gen.texts[0]
+        log.append(row)
+    frame = log.frame(SWEEP_COLUMNS)
+    logger.info("steering sweep: %d rows in %s", len(frame), log.path)
+    return frame
+
+
+def plot_sweep(frame: pd.DataFrame, path: str | os.PathLike[str], *, value: str = "score",
+               title: str | None = None) -> Path:
+    """A heat-map per (mode, schedule): layers down, coefficients across, colour = ``value``.
+
+    The baseline row's value is written in the title, so a cell can be read against it.
+
+    Example:
+        >>> plot_sweep(frame, "sweep.png", value="theme_rate")
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if value not in frame.columns:
+        raise KeyError(f"the sweep has no column {value!r}; columns: {list(frame.columns)}.")
+    steered = frame[frame["mode"] != "none"]
+    if steered.empty:
+        raise ValueError("the sweep has no steered rows to plot.")
+    base = frame.loc[frame["mode"] == "none", value]
+    panels = list(steered.groupby(["mode", "schedule"], sort=False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1.5, 3.4), squeeze=False)
+    lo, hi = float(steered[value].min()), float(steered[value].max())
+    image = None
+    for ax, ((mode, schedule), group) in zip(axes[0], panels, strict=True):
+        grid = group.pivot_table(index="layer", columns="coefficient", values=value)
+        image = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", vmin=lo, vmax=hi)
+        ax.set_xticks(range(grid.shape[1]), [f"{c:g}" for c in grid.columns], fontsize=7)
+        ax.set_yticks(range(grid.shape[0]), [str(int(v)) for v in grid.index], fontsize=7)
+        for (r, c), v in pd.DataFrame(grid.to_numpy()).stack().items():
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white")
+        ax.set_xlabel("coefficient")
+        ax.set_ylabel("layer (cumulative: up to)" if mode == "cumulative" else "layer")
+        ax.set_title(f"{mode}, {schedule}", fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=value)
+    base_text = f"; unsteered {float(base.iloc[0]):.3f}" if len(base) else ""
+    fig.suptitle(title or f"steering sweep: {value}{base_text}", fontsize=9)
+    path = Path(path)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
