@@ -16,8 +16,8 @@ Implementations:
 * :class:`ScriptedJudge` answers from a script (a list or a function): for tests, and for a
   user who rates by hand. String answers go through the same parsers as a real judge's.
 * :class:`ChatJudge` talks to any OpenAI-compatible ``/v1/chat/completions`` endpoint over plain
-  HTTP (``httpx``; ``pip install sae-match-lens[judge]``). Endpoint, model and key come from the
-  arguments or the environment (``SAE_MATCH_JUDGE_BASE_URL`` / ``OPENAI_BASE_URL``,
+  HTTP with the standard library (:mod:`urllib.request`; no extra package). Endpoint, model
+  and key come from the arguments or the environment (``SAE_MATCH_JUDGE_BASE_URL`` / ``OPENAI_BASE_URL``,
   ``SAE_MATCH_JUDGE_MODEL``, ``SAE_MATCH_JUDGE_API_KEY`` / ``OPENAI_API_KEY``). Rate limits
   (HTTP 429), server errors (5xx), timeouts and dropped connections are retried with bounded
   exponential back-off (``Retry-After`` honoured up to ``max_backoff``), then
@@ -39,12 +39,15 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import logging
 import math
 import os
 import re
 import time
+import urllib.error
+import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -351,7 +354,10 @@ _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 521, 522
 
 
 class ChatJudge(Judge):
-    """A judge behind an OpenAI-compatible chat-completions endpoint (plain HTTP, ``httpx``).
+    """A judge behind an OpenAI-compatible chat-completions endpoint (standard library only).
+
+    Requests are plain ``POST {base_url}/chat/completions`` JSON bodies sent with
+    :mod:`urllib.request`, so no extra package is needed.
 
     Args:
         model: the model name sent in the request (default: ``$SAE_MATCH_JUDGE_MODEL``).
@@ -372,8 +378,8 @@ class ChatJudge(Judge):
         sleep: the waiting function (tests pass one that records instead of sleeping).
 
     Raises:
-        ValueError: no endpoint or no model name given or in the environment.
-        ImportError: ``httpx`` is not installed (``pip install sae-match-lens[judge]``).
+        ValueError: no endpoint or no model name given or in the environment, or bad retry
+            settings.
 
     Example:
         >>> judge = ChatJudge("llama3.1:8b", base_url="http://127.0.0.1:11434/v1")
@@ -386,10 +392,6 @@ class ChatJudge(Judge):
                  max_retries: int = 4, backoff: float = 1.0, max_backoff: float = 30.0,
                  answer_retries: int = 1, temperature: float = 0.0, max_tokens: int = 200,
                  sleep: Callable[[float], None] = time.sleep) -> None:
-        try:
-            import httpx
-        except ImportError as exc:  # pragma: no cover - httpx is installed with the extra
-            raise ImportError("ChatJudge needs httpx: pip install 'sae-match-lens[judge]'.") from exc
         env = os.environ
         base = base_url or env.get("SAE_MATCH_JUDGE_BASE_URL") or env.get("OPENAI_BASE_URL")
         name = model or env.get("SAE_MATCH_JUDGE_MODEL")
@@ -400,29 +402,24 @@ class ChatJudge(Judge):
             raise ValueError("ChatJudge needs a model name: pass model= or set "
                              "SAE_MATCH_JUDGE_MODEL.")
         for what, value in (("max_retries", max_retries), ("answer_retries", answer_retries)):
-            if not isinstance(value, int) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{what} must be an integer >= 0, got {value!r}.")
         if not (timeout > 0 and backoff >= 0 and max_backoff >= 0):
             raise ValueError(f"timeout must be > 0 and backoff, max_backoff >= 0; got {timeout}, "
                              f"{backoff}, {max_backoff}.")
         self.model, self.theme = name, theme
         self.url = base.rstrip("/") + "/chat/completions"
+        self.timeout = float(timeout)
         self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
         self.answer_retries, self.temperature, self.max_tokens = answer_retries, temperature, max_tokens
         self.sleep = sleep
         key = api_key or env.get("SAE_MATCH_JUDGE_API_KEY") or env.get("OPENAI_API_KEY")
-        headers = {"Content-Type": "application/json"}
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if key:
-            headers["Authorization"] = f"Bearer {key}"
-        self._client = httpx.Client(headers=headers, timeout=timeout)
-        self._httpx = httpx
+            self._headers["Authorization"] = f"Bearer {key}"
 
     def __repr__(self) -> str:
         return f"ChatJudge(model={self.model!r}, url={self.url!r})"
-
-    def close(self) -> None:
-        """Close the HTTP connection pool."""
-        self._client.close()
 
     def _wait(self, attempt: int, retry_after: str | None) -> float:
         wait = min(self.max_backoff, self.backoff * 2 ** attempt)
@@ -431,6 +428,17 @@ class ChatJudge(Judge):
                 wait = min(self.max_backoff, max(0.0, float(retry_after)))
         return wait
 
+    def _post(self, body: bytes) -> tuple[int, bytes, str | None]:
+        """One request: ``(status, body, Retry-After)``; transport failures raise ``OSError``."""
+        request = urllib.request.Request(self.url, data=body, headers=self._headers,
+                                         method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return int(response.status), response.read(), None
+        except urllib.error.HTTPError as error:
+            with contextlib.closing(error):
+                return int(error.code), error.read(), error.headers.get("Retry-After")
+
     def chat(self, messages: list[dict[str, str]]) -> str:
         """Send one chat request (with the retries described above) and return the answer text.
 
@@ -438,27 +446,31 @@ class ChatJudge(Judge):
             JudgeUnavailableError: no answer after ``max_retries`` retries, or a refused request.
             JudgeAnswerError: the reply is not chat-completions JSON.
         """
-        body = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                "max_tokens": self.max_tokens}
+        body = json.dumps({"model": self.model, "messages": messages,
+                           "temperature": self.temperature,
+                           "max_tokens": self.max_tokens}).encode("utf-8")
         last = "no attempt"
         for attempt in range(self.max_retries + 1):
             retry_after = None
             try:
-                response = self._client.post(self.url, json=body)
-            except self._httpx.TimeoutException:
-                last = f"timed out after {self._client.timeout.read} s"
-            except self._httpx.TransportError as exc:
+                status, reply, retry_after = self._post(body)
+            except TimeoutError:
+                last = f"timed out after {self.timeout:g} s"
+            except urllib.error.URLError as exc:
+                timed_out = isinstance(exc.reason, TimeoutError)
+                last = (f"timed out after {self.timeout:g} s" if timed_out
+                        else f"connection failed ({exc.reason})")
+            except (ConnectionError, http.client.HTTPException, OSError) as exc:
                 last = f"connection failed ({type(exc).__name__}: {exc})"
             else:
-                if response.status_code == 200:
-                    return self._content(response)
-                excerpt = _quote(response.text, 200)
-                last = f"HTTP {response.status_code} {excerpt}"
-                if response.status_code not in _RETRY_STATUS:
+                text = reply.decode("utf-8", errors="replace")
+                if status == 200:
+                    return self._content(text)
+                last = f"HTTP {status} {_quote(text, 200)}"
+                if status not in _RETRY_STATUS:
                     raise JudgeUnavailableError(
                         f"the judge at {self.url} (model {self.model!r}) refused the request: "
                         f"{last}. Check the endpoint, the model name and the API key.")
-                retry_after = response.headers.get("retry-after")
             if attempt < self.max_retries:
                 wait = self._wait(attempt, retry_after)
                 logger.info("judge at %s: %s; retry %d/%d in %.2f s", self.url, last,
@@ -469,13 +481,13 @@ class ChatJudge(Judge):
             f"{self.max_retries + 1} attempts; last: {last}. Try later, raise max_retries, or "
             "lower the request rate.")
 
-    def _content(self, response: Any) -> str:
+    def _content(self, text: str) -> str:
         try:
-            content = response.json()["choices"][0]["message"]["content"]
+            content = json.loads(text)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             raise JudgeAnswerError(
                 f"the judge at {self.url} replied with HTTP 200 but not chat-completions JSON "
-                f"(choices[0].message.content): {_quote(response.text)}", response.text) from None
+                f"(choices[0].message.content): {_quote(text)}", text) from None
         if not isinstance(content, str):
             raise JudgeAnswerError(f"the judge at {self.url} sent message content {content!r}; "
                                    "expected text.", repr(content))
