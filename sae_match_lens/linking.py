@@ -42,17 +42,33 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import describe_sae, feature_view, hook_name_of, sae_identity
-from .costs import CostWeights, stack_features
+from .adapters import (
+    _threshold_F,
+    describe_sae,
+    feature_view,
+    hook_name_of,
+    sae_identity,
+    validate_sae,
+)
+from .costs import CostWeights, StackedFeatures, ieee_products, matmul_nt, stack_features
 from .neuronpedia import feature_urls
+from .screen import (
+    block_rows_for,
+    coordinate_order,
+    make_screen,
+    row_screen_dims_auto,
+    screen_rows,
+)
 
 __all__ = ["SCORES", "LinkScore", "Links", "Transition", "firing_offset_z", "links"]
 
@@ -60,6 +76,10 @@ logger = logging.getLogger(__name__)
 
 LinkScore = Literal["decoder_cosine", "folded_mse", "cosine_sum", "csls", "cosine_density"]
 SCORES: tuple[str, ...] = ("decoder_cosine", "folded_mse", "cosine_sum", "csls", "cosine_density")
+Method = Literal["auto", "exact", "screened"]
+SCREEN_FROM_N = 4096
+"""``method="auto"`` considers screening from this many features on both sides (and score
+vectors at least 512 wide); below it the exact pass is cheap."""
 
 
 class Links(NamedTuple):
@@ -82,6 +102,11 @@ class Links(NamedTuple):
     """The score a link had to exceed to be kept (``None``: no null cut)."""
     options: dict[str, Any]
     """The options the links were computed with."""
+    route: dict[str, Any] | None = None
+    """How they were computed: ``route["links"]`` (and for ``csls`` ``"csls_source"``,
+    ``"csls_target"``, the neighbourhood means) records the route (``"exact"`` or
+    ``"screened"``), the score width, and for the screened route the screen width, the candidates
+    per row, the rows certified and the rows recomputed exactly; plus seconds spent."""
 
     @property
     def k(self) -> int:
@@ -203,18 +228,42 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
     return t / t.norm(dim=1, keepdim=True).clamp_min(torch.finfo(t.dtype).tiny)
 
 
+_CHUNK = 4096
+"""Features processed at a time when building operands (bounds the temporaries)."""
+
+
 def firing_offset_z(sae: Any) -> torch.Tensor:
     """z-scores (within the SAE) of each feature's firing-hyperplane distance from the origin,
     ``(θ − b_enc) / ‖W_enc[:, i]‖`` (θ = 0 without a threshold; gated: the gate bias). Folding and
-    any positive per-feature rescaling leave it unchanged."""
-    view = feature_view(sae, fold=False, dtype=torch.float64)
-    theta = view.threshold_F if view.threshold_F is not None else torch.zeros(view.d_sae,
-                                                                               dtype=torch.float64)
-    offset = (theta.to(view.bias_FB) - view.bias_FB[:, 0]) / view.encoder_FD.norm(dim=1).clamp_min(
-        torch.finfo(torch.float64).tiny)
+    any positive per-feature rescaling leave it unchanged. Computed in float64, the encoder norms
+    in chunks of features (no float64 copy of the SAE)."""
+    spec = validate_sae(sae)
+    bias = getattr(sae, spec.bias_names[0]).detach().to(torch.float64)
+    theta = _threshold_F(sae, spec)
+    theta = torch.zeros_like(bias) if theta is None else theta.to(bias)
+    w_enc = sae.W_enc.detach()
+    norms = torch.cat([w_enc[:, r0:r0 + _CHUNK].T.to(torch.float64).norm(dim=1)
+                       for r0 in range(0, w_enc.shape[1], _CHUNK)])
+    offset = (theta - bias) / norms.clamp_min(torch.finfo(torch.float64).tiny)
     spread = offset.std()
     z = (offset - offset.mean()) / spread if float(spread) > 0 else torch.zeros_like(offset)
     return z.to(torch.float32)
+
+
+def _cosine_matrix(sae: Any, with_encoder: bool) -> torch.Tensor:
+    """``[unit decoder rows | unit encoder columns]`` (float32), built in chunks of features."""
+    validate_sae(sae)
+    dec, enc = sae.W_dec.detach(), sae.W_enc.detach()
+    d_out, d_in = dec.shape[1], enc.shape[0]
+    out = torch.empty((dec.shape[0], d_out + (d_in if with_encoder else 0)), dtype=torch.float32,
+                      device=dec.device)
+    for r0 in range(0, dec.shape[0], _CHUNK):
+        r1 = min(dec.shape[0], r0 + _CHUNK)
+        out[r0:r1, :d_out] = _unit(dec[r0:r1].to(torch.float32))
+        if with_encoder:
+            out[r0:r1, d_out:] = _unit(enc[:, r0:r1].T.to(torch.float32,
+                                                          memory_format=torch.contiguous_format))
+    return out
 
 
 def _score_operands(sae: Any, score: str, weights: CostWeights | None,
@@ -226,64 +275,247 @@ def _score_operands(sae: Any, score: str, weights: CostWeights | None,
         w = weights or CostWeights()
         stacked = stack_features(feature_view(sae, fold=fold), w, "mse")
         return stacked.matrix_FK, stacked.const_F.to(torch.float32)
-    view = feature_view(sae, fold=False)
-    parts = [_unit(view.decoder_FO)]
-    if score != "decoder_cosine":
-        parts.append(_unit(view.encoder_FD))
-    matrix = torch.cat(parts, dim=1).contiguous()
+    matrix = _cosine_matrix(sae, score != "decoder_cosine")
     if score == "cosine_density":
         return matrix, (density_weight * firing_offset_z(sae)).to(matrix.device)
     return matrix, torch.zeros(matrix.shape[0], dtype=torch.float32, device=matrix.device)
 
 
-def _blocks(a: torch.Tensor, const_a: torch.Tensor, b: torch.Tensor, const_b: torch.Tensor,
-            mse: bool, block_rows: int):
-    """Blocks of the score matrix. ``mse``: ``2ab − c_a − c_b``; otherwise ``ab − |c_a − c_b|``
-    (the ``cosine_density`` penalty; the constants are 0 for the plain cosine scores)."""
-    density = not mse and bool((const_a != 0).any() or (const_b != 0).any())
-    for r0 in range(0, a.shape[0], block_rows):
-        r1 = min(a.shape[0], r0 + block_rows)
-        block = a[r0:r1] @ b.T
-        if mse:
-            block.mul_(2.0).sub_(const_a[r0:r1, None]).sub_(const_b[None, :])
-        elif density:
-            block.sub_((const_a[r0:r1, None] - const_b[None, :]).abs())
+class _Problem(NamedTuple):
+    """A top-k problem: for each row ``i`` of ``a``, the ``k`` largest scores
+    ``s_ij = α·a_i·b_j − p_i − q_j − |g_i − h_j|`` over the rows ``j`` of ``b`` (float32 operands
+    on one device; an absent term is ``None``; ``α`` is 1 or 2)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    alpha: float
+    p: torch.Tensor | None = None
+    q: torch.Tensor | None = None
+    g: torch.Tensor | None = None
+    h: torch.Tensor | None = None
+
+    def rows(self, idx: torch.Tensor) -> _Problem:
+        """The problem restricted to rows ``idx`` of ``a``."""
+        idx = idx.to(self.a.device)
+        return self._replace(a=self.a[idx].contiguous(),
+                             p=None if self.p is None else self.p[idx],
+                             g=None if self.g is None else self.g[idx])
+
+    def swapped(self) -> _Problem:
+        """The problem of ``b``'s rows against ``a``'s (the score is symmetric in its terms)."""
+        return _Problem(self.b, self.a, self.alpha, self.q, self.p, self.h, self.g)
+
+
+def _score_blocks(prob: _Problem, block_rows: int):
+    """Blocks ``(r0, r1, s[r0:r1])`` of the float32 score matrix (one reused buffer)."""
+    n_a, n_b = prob.a.shape[0], prob.b.shape[0]
+    rows = max(1, min(block_rows, n_a))
+    buf = torch.empty((rows, n_b), dtype=torch.float32, device=prob.a.device)
+    gap = torch.empty_like(buf) if prob.g is not None else None
+    for r0 in range(0, n_a, rows):
+        r1 = min(n_a, r0 + rows)
+        block = matmul_nt(prob.a[r0:r1], prob.b, buf[: r1 - r0])
+        if prob.alpha != 1.0:
+            block.mul_(prob.alpha)
+        if prob.p is not None:
+            block.sub_(prob.p[r0:r1, None])
+        if prob.q is not None:
+            block.sub_(prob.q[None, :])
+        if gap is not None and prob.g is not None and prob.h is not None:
+            diff = torch.sub(prob.g[r0:r1, None], prob.h[None, :], out=gap[: r1 - r0])
+            block.sub_(diff.abs_())
         yield r0, r1, block
 
 
-def _mean_topk_rows(a, const_a, b, const_b, mse: bool, kk: int, block_rows: int) -> torch.Tensor:
-    """For each row of ``a``: the mean of its ``kk`` best scores against ``b``."""
-    out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
-    kk = min(kk, b.shape[0])
-    for r0, r1, block in _blocks(a, const_a, b, const_b, mse, block_rows):
-        out[r0:r1] = block.topk(kk, dim=1).values.mean(dim=1)
-    return out
-
-
-def _topk(a, const_a, b, const_b, *, mse: bool, k: int, block_rows: int,
-          r_a: torch.Tensor | None, r_b: torch.Tensor | None, progress: bool,
-          label: str) -> tuple[torch.Tensor, torch.Tensor]:
-    n_a = a.shape[0]
-    kk = min(k, b.shape[0])
+def _exact_topk(prob: _Problem, k: int, *, block_rows: int, progress: bool = False,
+                label: str = "links") -> tuple[torch.Tensor, torch.Tensor]:
+    """Every score, block by block: the top-``k`` (CPU int64 indices, float32 scores)."""
+    n_a = prob.a.shape[0]
+    kk = min(k, prob.b.shape[0])
     idx = torch.empty((n_a, kk), dtype=torch.int64)
     val = torch.empty((n_a, kk), dtype=torch.float32)
     bar = tqdm(total=n_a, desc=f"links {label}", unit="row", disable=not progress, leave=False)
-    for r0, r1, block in _blocks(a, const_a, b, const_b, mse, block_rows):
-        if r_b is not None and r_a is not None:
-            block.mul_(2.0).sub_(r_b[None, :]).sub_(r_a[r0:r1, None])
-        v, i = block.topk(kk, dim=1)
-        idx[r0:r1], val[r0:r1] = i.cpu(), v.float().cpu()
+    for r0, r1, block in _score_blocks(prob, block_rows):
+        v, i = _block_topk(block, kk)
+        idx[r0:r1], val[r0:r1] = i.cpu(), v.cpu()
         bar.update(r1 - r0)
     bar.close()
     return idx, val
 
 
-def _null_best(a, const_a, b, const_b, *, mse: bool, widths: list[int], r_b, csls_k: int,
+def _best_first(val: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's entries ordered by decreasing value, equal values by increasing index."""
+    by_index = torch.sort(idx, dim=1, stable=True)
+    val, idx = torch.gather(val, 1, by_index.indices), by_index.values
+    pos = torch.sort(val, dim=1, descending=True, stable=True).indices
+    return torch.gather(val, 1, pos), torch.gather(idx, 1, pos)
+
+
+def _block_topk(block: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``kk`` largest entries of each row, deterministically: equal values are taken, and
+    ordered, by increasing column (``topk`` alone may take any of them). Rows whose ``kk``-th
+    value ties the next one are sorted in full (stable)."""
+    n_b = block.shape[1]
+    v, i = block.topk(min(kk + 1, n_b), dim=1)
+    if kk < n_b:
+        tied = torch.nonzero(v[:, kk - 1] == v[:, kk]).flatten()
+        v, i = v[:, :kk].clone(), i[:, :kk].clone()
+        if len(tied):
+            full = torch.sort(block[tied], dim=1, descending=True, stable=True)
+            v[tied], i[tied] = full.values[:, :kk], full.indices[:, :kk]
+    return _best_first(v, i)
+
+
+_EPS64 = 2.0**-53
+
+
+def _cost_form(prob: _Problem) -> tuple[StackedFeatures, StackedFeatures,
+                                         tuple[torch.Tensor, torch.Tensor] | None, float, float]:
+    """The problem as a screening cost ``C_ij = c_i + c_j − 2a_i·b_j + |g'_i − h'_j| = −β·s_ij −
+    β·shift`` with ``β = 2/α``, constants ``c ≥ 0`` (float64) and ``g' = β·g`` (float32, exact):
+    ``(a side, b side, gap, β, shift)``, so that ``s_ij = −C_ij/β − shift``."""
+    beta = 2.0 / prob.alpha
+
+    def const(t: torch.Tensor | None, n: int, dev: torch.device) -> tuple[torch.Tensor, float]:
+        if t is None:
+            return torch.zeros(n, dtype=torch.float64, device=dev), 0.0
+        low = min(0.0, float(t.min())) if t.numel() else 0.0
+        return (t.to(torch.float64) - low) * beta, low
+
+    ca, pmin = const(prob.p, prob.a.shape[0], prob.a.device)
+    cb, qmin = const(prob.q, prob.b.shape[0], prob.b.device)
+    gap = None
+    if prob.g is not None and prob.h is not None:
+        gap = (prob.g * beta, prob.h * beta)
+    return (StackedFeatures(prob.a, ca), StackedFeatures(prob.b, cb), gap, beta, pmin + qmin)
+
+
+def _listed_scores(prob: _Problem, idx: torch.Tensor) -> torch.Tensor:
+    """Float64 scores of each row ``i`` against the columns ``idx[i]`` ([n_a, L], CPU): float32
+    gathered in chunks and widened (no float64 copy of the features)."""
+    n_a, L = idx.shape
+    K = prob.a.shape[1]
+    dev = prob.a.device
+    out = torch.empty((n_a, L), dtype=torch.float64)
+    if n_a == 0 or L == 0:
+        return out
+    rows = max(1, (1 << 27) // (12 * K * L))
+    buf = torch.empty((min(rows, n_a) * L, K), dtype=torch.float32, device=dev)
+    for r0 in range(0, n_a, rows):
+        r1 = min(n_a, r0 + rows)
+        ix = idx[r0:r1].to(dev).reshape(-1)
+        gathered = torch.index_select(prob.b, 0, ix, out=buf[: len(ix)])
+        dots = torch.bmm(gathered.view(r1 - r0, L, K).double(),
+                         prob.a[r0:r1].double()[:, :, None])
+        out[r0:r1] = dots[:, :, 0].cpu()
+    out *= prob.alpha
+    if prob.p is not None:
+        out -= prob.p.cpu().double()[:, None]
+    if prob.q is not None:
+        out -= prob.q.cpu().double()[idx]
+    if prob.g is not None and prob.h is not None:
+        out -= (prob.g.cpu().double()[:, None] - prob.h.cpu().double()[idx]).abs_()
+    return out
+
+
+def _norm_bounds(x: torch.Tensor) -> torch.Tensor:
+    """Upper bounds of the rows' norms (float64, CPU): float32 norms of ``K`` coordinates are
+    within a relative ``(K + 2)·2⁻²⁴`` of the exact ones; widened by twice that."""
+    up = 1.0 + 2 * (x.shape[1] + 2) * 2.0**-24
+    return torch.cat([torch.linalg.vector_norm(x[r0:r0 + _CHUNK], dim=1).cpu().double()
+                      for r0 in range(0, x.shape[0], _CHUNK)]) * up
+
+
+def _screened_topk(prob: _Problem, k: int, *, m: int, keep: int, sides: tuple, block_rows: int,
+                   progress: bool, label: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Top-``k`` through a width-``m`` screen keeping ``keep`` candidates per row, certified row
+    by row; rows the certificate cannot prove are recomputed exactly (module doc)."""
+    sa, sb, gap, beta, shift, order = sides
+    n_a, n_b = prob.a.shape[0], prob.b.shape[0]
+    K = prob.a.shape[1]
+    kk, keep = min(k, n_b), min(max(keep, k), n_b)
+    t0 = time.perf_counter()
+    screen = make_screen(sa, sb, m, "float32", prob.a.device, order=order)
+    cand = screen_rows(screen, n_a, n_b, keep, gap=gap, block_rows=block_rows,
+                       progress=progress, label=label)
+    del screen
+    t1 = time.perf_counter()
+    scores, cand_idx = _best_first(_listed_scores(prob, cand.idx), cand.idx)
+    top_v, idx = scores[:, :kk].contiguous(), cand_idx[:, :kk].contiguous()
+    kth = top_v[:, -1].numpy()
+    # |ŝ − s| of a float64 score: K-term dot product (γ_K ‖a‖‖b‖) and four more roundings
+    na, nb = _norm_bounds(prob.a).numpy(), float(_norm_bounds(prob.b).max())
+
+    def mag(t: torch.Tensor | None, per_row: bool) -> np.ndarray | float:
+        if t is None:
+            return 0.0
+        t = t.abs().cpu().double()
+        return t.numpy() if per_row else float(t.max())
+
+    err = 2 * _EPS64 * (K + 8) * (prob.alpha * na * nb + mag(prob.p, True) + mag(prob.q, False)
+                                  + mag(prob.g, True) + mag(prob.h, False))
+    floor = cand.floor
+    with np.errstate(invalid="ignore"):  # inf floors: nothing pruned, certified below
+        upper = -floor / beta - shift  # bounds the score of every pruned entry of the row
+        slack = 2.0**-40 * (np.abs(floor) + abs(shift) + np.abs(kth)
+                            + float(sa.const_F.max()) + float(sb.const_F.max()))
+        certified = np.isinf(floor) | (kth - err >= upper + slack)
+    bad = torch.from_numpy(np.flatnonzero(~certified))
+    val = top_v.float()
+    t2 = time.perf_counter()
+    if len(bad):
+        idx_bad, val_bad = _exact_topk(prob.rows(bad), k, block_rows=block_rows)
+        idx[bad], val[bad] = idx_bad, val_bad
+    stats = {"route": "screened", "screen_dims": int(m), "width": int(K), "candidates": keep,
+             "rows_certified": int(certified.sum()), "rows_recomputed": len(bad),
+             "t_screen": t1 - t0, "t_scores": t2 - t1, "t_recompute": time.perf_counter() - t2}
+    logger.info("%s: screened top-%d at width %d of %d, %d candidates per row: %d rows "
+                "certified, %d recomputed exactly", label, kk, m, K, keep,
+                stats["rows_certified"], len(bad))
+    return idx, val, stats
+
+
+def _solve(prob: _Problem, k: int, *, method: str, screen_dims: int | str, keep: int,
+           block_rows: int, progress: bool, label: str
+           ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The top-``k`` of ``prob`` by the route ``method`` asks for (module doc)."""
+    t0 = time.perf_counter()
+    n_a, n_b = prob.a.shape[0], prob.b.shape[0]
+    K = prob.a.shape[1]
+    keep = min(max(keep, k), n_b)
+    small = min(n_a, n_b) < SCREEN_FROM_N or K < 512 or keep >= n_b
+    m = K
+    sides = None
+    if method == "screened" or (method == "auto" and not small):
+        sa, sb, gap, beta, shift = _cost_form(prob)
+        order = coordinate_order(sa, sb)
+        sides = (sa, sb, gap, beta, shift, order)
+        if screen_dims == "auto":
+            m = row_screen_dims_auto(sa, sb, k, keep, gap=gap, order=order)
+        else:
+            m = min(int(screen_dims), K)
+    t_width = time.perf_counter() - t0
+    if sides is None or (method == "auto" and m >= K):
+        idx, val = _exact_topk(prob, k, block_rows=block_rows, progress=progress, label=label)
+        stats: dict[str, Any] = {"route": "exact", "width": int(K)}
+        logger.info("%s: exact top-%d over every pair (%d x %d, width %d)", label,
+                    min(k, n_b), n_a, n_b, K)
+    else:
+        idx, val, stats = _screened_topk(prob, k, m=m, keep=keep, sides=sides,
+                                         block_rows=block_rows, progress=progress, label=label)
+    stats["t_width"] = t_width
+    stats["seconds"] = time.perf_counter() - t0
+    return idx, val, stats
+
+
+def _null_best(base: _Problem, *, widths: list[int], r_b: torch.Tensor | None, csls_k: int,
                n_null: int, seed: int, block_rows: int) -> torch.Tensor:
     """Best score of sampled source rows rotated into a random basis (B kept), as in
-    :func:`~sae_match_lens.matching.null_costs`: one Haar rotation shared by all vector blocks."""
+    :func:`~sae_match_lens.matching.null_costs`: one Haar rotation shared by all vector blocks.
+    With ``r_b`` (csls) the rotated rows' own ``r`` comes from the same score blocks."""
     from .matching import _haar_orthogonal
 
+    a = base.a
     gen = torch.Generator().manual_seed(seed)
     best: list[torch.Tensor] = []
     collected = 0
@@ -298,14 +530,15 @@ def _null_best(a, const_a, b, const_b, *, mse: bool, widths: list[int], r_b, csl
                 q_by_width[width] = _haar_orthogonal(width, gen).to(sub.device)
             sub[:, col:col + width] = sub[:, col:col + width] @ q_by_width[width].T
             col += width
-        sub32 = sub.to(torch.float32)
-        c_sub = const_a[rows]
-        r_sub = None
-        if r_b is not None:
-            r_sub = _mean_topk_rows(sub32, c_sub, b, const_b, mse, csls_k, block_rows)
-        _, v = _topk(sub32, c_sub, b, const_b, mse=mse, k=1, block_rows=block_rows, r_a=r_sub,
-                     r_b=r_b, progress=False, label="null")
-        best.append(v[:, 0])
+        rotated = base.rows(rows)._replace(a=sub.to(torch.float32).contiguous())
+        if r_b is None:
+            best.append(_exact_topk(rotated, 1, block_rows=block_rows)[1][:, 0])
+        else:
+            kk = min(csls_k, base.b.shape[0])
+            for _, _, block in _score_blocks(rotated, block_rows):
+                r_sub = block.topk(kk, dim=1).values.mean(dim=1)
+                block.mul_(2.0).sub_(r_b[None, :]).sub_(r_sub[:, None])
+                best.append(block.amax(dim=1).cpu())
         collected += take
     return torch.cat(best).to(torch.float64)
 
@@ -324,12 +557,19 @@ def links(
     density_weight: float = 0.2,
     weights: CostWeights | Mapping[str, float] | None = None,
     fold: bool = True,
-    block_rows: int = 2048,
+    method: Method = "auto",
+    screen_dims: int | Literal["auto"] = "auto",
+    candidates: int | None = None,
+    block_rows: int | None = None,
     device: torch.device | str | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> Links:
     """For each feature of SAE A, its ``k`` best partners in SAE B (many-to-one links).
+
+    The top-k are the true top-k of the score on every route (module doc, "Routes"): the
+    screened route proves each row's top-k against a cheap bound of every other pair and
+    recomputes exactly the rows it cannot prove; ``links.route`` says what was screened.
 
     Args:
         sae_a: source SAE (any supported SAELens inference SAE).
@@ -347,7 +587,16 @@ def links(
         density_weight: ``cosine_density`` only: the weight λ of the firing-density gap.
         weights: ``folded_mse`` only: block weights as in :func:`~sae_match_lens.matching.match`.
         fold: ``folded_mse`` only: ``False`` compares raw parameters (the unfolded ablation).
-        block_rows: rows of the score matrix computed at a time.
+        method: ``"exact"``: every score of every pair; ``"screened"``: the certified screen;
+            ``"auto"`` (default): screened when both SAEs have at least ``SCREEN_FROM_N``
+            features, the score is at least 512 wide and the estimate says it pays, else exact.
+            Same top-k either way.
+        screen_dims: screened route: coordinates of the screening bound (``"auto"``: estimated
+            from a sample of rows, :func:`~sae_match_lens.screen.row_screen_dims_auto`).
+        candidates: screened route: partners kept per row by the screen and scored exactly
+            (default ``k + 15``; at least ``k``).
+        block_rows: rows of the score matrix (or of the screen) computed at a time (``None``:
+            about 128 MiB per block buffer).
         device: where the products run (default: SAE A's device).
         seed: seed of the null model.
         progress: show a progress bar.
@@ -358,10 +607,12 @@ def links(
     Example:
         >>> lk = links(sae_l3, sae_l4, k=3)
         >>> lk.indices[17], lk.scores[17], lk.confidence[17]
+        >>> lk.route["links"]["rows_recomputed"]  # screened route: rows proven by a full row
     """
     if direction == "backward":
         return links(sae_b, sae_a, k=k, score=score, null_rate=null_rate, n_null=n_null,
                      csls_k=csls_k, density_weight=density_weight, weights=weights, fold=fold,
+                     method=method, screen_dims=screen_dims, candidates=candidates,
                      block_rows=block_rows, device=device, seed=seed, progress=progress)
     if direction != "forward":
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}.")
@@ -373,6 +624,14 @@ def links(
         raise ValueError(f"null_rate must be in (0, 1) or None, got {null_rate!r}.")
     if not isinstance(csls_k, int) or csls_k < 1:
         raise ValueError(f"csls_k must be a positive integer, got {csls_k!r}.")
+    if method not in ("auto", "exact", "screened"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'screened', got {method!r}.")
+    if not (screen_dims == "auto" or (isinstance(screen_dims, int) and screen_dims >= 1)):
+        raise ValueError(f"screen_dims must be a positive integer or 'auto', got {screen_dims!r}.")
+    if candidates is not None and not (isinstance(candidates, int) and candidates >= k):
+        raise ValueError(f"candidates must be an integer >= k ({k}) or None, got {candidates!r}.")
+    if block_rows is not None and not (isinstance(block_rows, int) and block_rows >= 1):
+        raise ValueError(f"block_rows must be a positive integer or None, got {block_rows!r}.")
     for name, dim in (("d_in", "d_in"), ("d_out", "d_out")):
         a_dim = getattr(sae_a.cfg, dim, sae_a.cfg.d_in)
         b_dim = getattr(sae_b.cfg, dim, sae_b.cfg.d_in)
@@ -383,28 +642,49 @@ def links(
     if not (isinstance(density_weight, int | float) and math.isfinite(density_weight)
             and density_weight >= 0):
         raise ValueError(f"density_weight must be a finite number >= 0, got {density_weight!r}.")
+    t0 = time.perf_counter()
     a, const_a = _score_operands(sae_a, score, w, density_weight, fold)
     b, const_b = _score_operands(sae_b, score, w, density_weight, fold)
     dev = torch.device(device) if device is not None else a.device
     a, const_a, b, const_b = a.to(dev), const_a.to(dev), b.to(dev), const_b.to(dev)
-    mse = score == "folded_mse"
-    r_a = r_b = None
-    if score == "csls":
-        r_a = _mean_topk_rows(a, const_a, b, const_b, mse, csls_k, block_rows)
-        r_b = _mean_topk_rows(b, const_b, a, const_a, mse, csls_k, block_rows)
+    rows = block_rows or block_rows_for(max(b.shape[0], a.shape[0]))
     label = f"{hook_name_of(sae_a)} -> {hook_name_of(sae_b)}"
-    indices, scores = _topk(a, const_a, b, const_b, mse=mse, k=k, block_rows=block_rows,
-                            r_a=r_a, r_b=r_b, progress=progress, label=label)
-    if mse:  # stacked layout [decoder | encoder | b_enc]; the b_enc columns are not rotated
-        assert w is not None
-        d_out = int(getattr(sae_a.cfg, "d_out", sae_a.cfg.d_in))
-        widths = [wd for wd, on in ((d_out, w.decoder), (int(sae_a.cfg.d_in), w.encoder)) if on]
+    keep = candidates if candidates is not None else k + 15
+    route: dict[str, Any] = {"method": method, "t_operands": time.perf_counter() - t0}
+    solve = {"method": method, "screen_dims": screen_dims, "keep": keep, "block_rows": rows}
+    if score == "folded_mse":
+        base = _Problem(a, b, 2.0, const_a, const_b)
+    elif score == "cosine_density" and density_weight > 0:
+        base = _Problem(a, b, 1.0, g=const_a, h=const_b)
     else:
-        widths = [int(getattr(sae_a.cfg, "d_out", sae_a.cfg.d_in))]
-        if score != "decoder_cosine":
-            widths.append(int(sae_a.cfg.d_in))
-    null = _null_best(a, const_a, b, const_b, mse=mse, widths=widths, r_b=r_b, csls_k=csls_k,
-                      n_null=n_null, seed=seed, block_rows=block_rows)
+        base = _Problem(a, b, 1.0)
+    r_b = None
+    with ieee_products(dev):
+        if score == "csls":
+            _, v, route["csls_source"] = _solve(base, csls_k, progress=False,
+                                                label=f"{label} csls r_A", **solve)
+            r_a = v.mean(dim=1).to(dev)
+            _, v, route["csls_target"] = _solve(base.swapped(), csls_k, progress=False,
+                                                label=f"{label} csls r_B", **solve)
+            r_b = v.mean(dim=1).to(dev)
+            final = _Problem(a, b, 2.0, r_a, r_b)
+        else:
+            final = base
+        indices, scores, route["links"] = _solve(final, k, progress=progress, label=label,
+                                                 **solve)
+        if score == "folded_mse":  # stacked layout [decoder | encoder | b_enc]; b_enc not rotated
+            assert w is not None
+            d_out = int(getattr(sae_a.cfg, "d_out", sae_a.cfg.d_in))
+            widths = [wd for wd, on in ((d_out, w.decoder), (int(sae_a.cfg.d_in), w.encoder))
+                      if on]
+        else:
+            widths = [int(getattr(sae_a.cfg, "d_out", sae_a.cfg.d_in))]
+            if score != "decoder_cosine":
+                widths.append(int(sae_a.cfg.d_in))
+        t1 = time.perf_counter()
+        null = _null_best(base, widths=widths, r_b=r_b, csls_k=csls_k, n_null=n_null, seed=seed,
+                          block_rows=rows)
+        route["t_null"] = time.perf_counter() - t1
     null_sorted = torch.sort(null.float()).values
     confidence = (torch.searchsorted(null_sorted, scores.contiguous(), right=False).float()
                   / len(null_sorted))
@@ -414,11 +694,13 @@ def links(
         cut = scores <= threshold
         indices = indices.masked_fill(cut, -1)
         scores = scores.masked_fill(cut, math.nan)
-    logger.info("%s: %d links per feature by %s; %.1f%% of top-1 links beat %.0f%% of chance",
-                label, indices.shape[1], score, 100 * float((confidence[:, 0] >= 0.99).float().mean()),
-                99.0)
+    route["seconds"] = time.perf_counter() - t0
+    logger.info("%s: %d links per feature by %s (%s route, %.1fs); %.1f%% of top-1 links beat "
+                "99%% of chance", label, indices.shape[1], score, route["links"]["route"],
+                route["seconds"], 100 * float((confidence[:, 0] >= 0.99).float().mean()))
     options = {"k": k, "score": score, "null_rate": null_rate, "n_null": n_null,
                "csls_k": csls_k, "density_weight": density_weight, "fold": fold,
-               "weights": None if w is None else w.as_dict(), "seed": seed}
+               "weights": None if w is None else w.as_dict(), "seed": seed, "method": method,
+               "screen_dims": screen_dims, "candidates": keep}
     return Links(indices, scores, confidence, score, sae_identity(sae_a), sae_identity(sae_b),
-                 threshold, options)
+                 threshold, options, route)

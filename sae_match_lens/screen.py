@@ -29,6 +29,13 @@ units (e.g. AVX2-only) low precision is slower than float32 (measured on an AVX2
 
 **Width.** ``screen_dims="auto"`` (:func:`screen_dims_auto`) estimates from a sample of rows how
 many rows each width would leave for the certificate to recheck, and picks the cheapest.
+
+**Rows only.** Top-k problems (:func:`~sae_match_lens.linking.links`) need no column lists:
+:func:`screen_rows` keeps each row's ``k`` smallest bounds and a floor below every other entry
+of the row, optionally for the cost plus a non-separable gap ``|g_i − h_j|`` (added to ``L``
+with a rigorous float32 allowance, :func:`gap_slack`); :func:`row_screen_dims_auto` picks its
+width from the share of sampled rows whose exact ``k``-th cost would not be below the floor.
+The constants ``c`` must be ≥ 0 (the allowance ``γ·c`` assumes it).
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ from tqdm.auto import tqdm
 
 from .costs import StackedFeatures, ieee_products, matmul_nt
 
-__all__ = ["Candidates", "Precision", "Screen", "block_rows_for", "coordinate_order", "make_screen",
-           "screen_block", "screen_dims_auto", "screen_pass"]
+__all__ = ["Candidates", "Precision", "RowCandidates", "Screen", "block_rows_for", "coordinate_order",
+           "gap_slack", "make_screen", "row_screen_dims_auto", "screen_block", "screen_dims_auto",
+           "screen_pass", "screen_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -351,3 +359,138 @@ class _ColumnLists:
         best_v, pos = torch.topk(merged_v, self.kc, dim=1, largest=False, sorted=True)
         self.val[cols] = best_v
         self.idx[cols] = torch.gather(merged_i, 1, pos)
+
+
+class RowCandidates(NamedTuple):
+    """What a rows-only screening pass keeps (:func:`screen_rows`)."""
+
+    idx: torch.Tensor
+    """The columns of the ``k`` smallest bounds of each row [n_a, k] (int64, CPU)."""
+    floor: np.ndarray
+    """A lower bound of every other entry of each row [n_a] (float64; inf: none pruned)."""
+
+
+def gap_slack(screen: Screen, gap_a: torch.Tensor, gap_b: torch.Tensor) -> float:
+    """Allowance for adding ``|g_i − h_j|`` to a float32 block of ``L`` (one scalar).
+
+    ``fl(L + |fl(g − h)|) − s`` is ≤ ``L + |g − h|`` when ``s ≥ u(2M + 3G)(1 + 2u) + u·s``
+    (``u = 2⁻²⁴``, ``M ≥ |L|``, ``G ≥ |g_i| + |h_j|``): the difference and the sum round once
+    each, by at most ``u`` of ``|g| + |h|`` and of ``M + G``, and subtracting ``s`` rounds by at
+    most ``u(M + G + s)``. ``|L| ≤ 1.01(2ν_aν_b + c_a + c_b)`` for the fused float32 screen (its
+    product has ``Σ|terms| ≤ 2ν_aν_b(1 + γ) + c_a + c_b``, accumulated within ``γ_w ≤ 0.003``); a
+    low-precision screen adds its allowance ``2(err_a ν_b + ν_a err_b)``. Returned:
+    ``8u(1.01·M + G)``, with margin."""
+    if gap_a.numel() == 0 or gap_b.numel() == 0:
+        return 0.0
+    na, nb = float(screen.norm_a.max()), float(screen.norm_b.max())
+    bound = 2 * na * nb + float(screen.const_a.abs().max()) + float(screen.const_b.abs().max())
+    if not screen.fused:
+        bound += 2 * (float(screen.err_a.max()) * nb + na * float(screen.err_b.max()))
+    g = float(gap_a.abs().max()) + float(gap_b.abs().max())
+    return 8 * _EPS32 * (1.01 * bound + g)
+
+
+def screen_rows(screen: Screen, n_a: int, n_b: int, k: int, *,
+                gap: tuple[torch.Tensor, torch.Tensor] | None = None,
+                block_rows: int | None = None, progress: bool = True,
+                label: str = "screen") -> RowCandidates:
+    """One pass over the row blocks of ``L`` (plus ``|g_i − h_j|`` when ``gap = (g, h)``): each
+    row's ``k`` smallest entries and a floor bounding every other entry of the row.
+
+    Every entry left out is ≥ the largest kept one (``topk`` keeps the ``k`` smallest), which is
+    therefore the floor; it is ``inf`` when ``k ≥ n_b``. With a gap the bound is
+    ``fl(L + |g − h|) − gap_slack``, rigorously below ``C + |g − h|``. The block buffers are
+    reused for the whole pass (memory: ``block_rows · n_b · 4`` bytes, twice with a gap)."""
+    kr = min(k, n_b)
+    block_rows = block_rows or block_rows_for(n_b)
+    dev = screen.a_FS.device
+    low_buf = torch.empty((min(block_rows, n_a), n_b), dtype=torch.float32, device=dev)
+    gap_buf, slack = None, 0.0
+    if gap is not None:
+        g_a, g_b = gap[0].to(dev, torch.float32), gap[1].to(dev, torch.float32)
+        slack = gap_slack(screen, g_a, g_b)
+        gap_buf = torch.empty_like(low_buf)
+    idx = torch.empty((n_a, kr), dtype=torch.int64)
+    floor = torch.empty(n_a, dtype=torch.float64)
+    bar = tqdm(total=n_a, desc=f"screen {label}", unit="row", disable=not progress, leave=False)
+    for r0 in range(0, n_a, block_rows):
+        r1 = min(n_a, r0 + block_rows)
+        low = screen_block(screen, r0, r1, out=low_buf[: r1 - r0])
+        if gap_buf is not None:
+            diff = torch.sub(g_a[r0:r1, None], g_b[None, :], out=gap_buf[: r1 - r0])
+            low.add_(diff.abs_()).sub_(slack)
+        vals, ix = torch.topk(low, kr, dim=1, largest=False, sorted=False)
+        idx[r0:r1] = ix.cpu()
+        floor[r0:r1] = vals.amax(dim=1).double().cpu()
+        bar.update(r1 - r0)
+    bar.close()
+    if kr == n_b:  # every entry of the row is kept
+        floor.fill_(math.inf)
+    return RowCandidates(idx, floor.numpy())
+
+
+def row_screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, keep: int, *,
+                         gap: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         sample: int = 128, seed: int = 0, order: torch.Tensor | None = None,
+                         chunk: int = 4096, overhead: float = 0.03) -> int:
+    """The screen width of a rows-only top-``k`` screen (:func:`screen_rows` keeping ``keep``)
+    that minimises the expected work, from a sample of rows; ``K``: do not screen.
+
+    For ``sample`` random rows of A, one pass over all of B (in chunks) gives each row's exact
+    ``k``-th smallest cost (with the gap) and, for every width ``m`` from ``K/10`` to ``K/2``,
+    the floor the pass would give it (its ``keep``-th smallest bound). A row whose ``k``-th cost
+    exceeds its floor cannot be certified and costs one exact row; with ``f_m`` the share of such
+    rows the work of width ``m`` is ``(m + 4)/K + f_m + overhead`` (``overhead``: selection and
+    candidate scores) against 1 for the exact pass. Unlike :func:`screen_dims_auto` it has no
+    size floor: the caller decides when screening is worth estimating."""
+    n_a, n_b = a.matrix_FK.shape[0], b.matrix_FK.shape[0]
+    K = a.matrix_FK.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(n_a, generator=gen)[:sample]
+    order = (coordinate_order(a, b) if order is None else order).cpu()
+    widths = sorted({max(1, round(K * f)) for f in _WIDTHS})
+    sel = order[: widths[-1]]
+    bounds = list(zip([0, *widths[:-1]], widths, strict=True))
+
+    def prefix_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` restricted to the screened coordinates, and ``‖x‖² − ‖x_S‖²`` per width."""
+        xs = torch.index_select(x, 1, sel)
+        total = torch.linalg.vector_norm(x, dim=1).square()
+        seg = [torch.linalg.vector_norm(xs[:, p:m], dim=1).square() for p, m in bounds]
+        rest = total[:, None] - torch.stack(seg, dim=1).cumsum(dim=1)
+        return xs, rest.clamp_(min=0.0).sqrt_()
+
+    x = a.matrix_FK[rows].cpu().float()
+    xs, rest_a = prefix_norms(x)
+    ca = a.const_F[rows].cpu().float()
+    ga, gb = (gap[0][rows].cpu().float(), gap[1].cpu().float()) if gap is not None else (None, None)
+    kk, kept = min(k, n_b), min(keep, n_b)
+    best = torch.full((len(rows), kk), math.inf)
+    floors = torch.full((len(widths), len(rows), kept), math.inf)
+    for c0 in range(0, n_b, chunk):
+        y = b.matrix_FK[c0:c0 + chunk].cpu().float()
+        ys, rest_b = prefix_norms(y)
+        const = ca[:, None] + b.const_F[c0:c0 + chunk].cpu().float()[None, :]
+        if ga is not None and gb is not None:
+            const += (ga[:, None] - gb[None, c0:c0 + chunk]).abs()
+        exact = const - 2 * matmul_nt(x, y, torch.empty((len(rows), len(y))))
+        best = torch.topk(torch.cat([best, exact], dim=1), kk, dim=1, largest=False).values
+        dot = torch.zeros((len(rows), len(y)))
+        seg = torch.empty_like(dot)
+        for w, (p, m) in enumerate(bounds):
+            dot += matmul_nt(xs[:, p:m].contiguous(), ys[:, p:m].contiguous(), seg)
+            low = const - 2 * (dot + torch.outer(rest_a[:, w], rest_b[:, w]))
+            floors[w] = torch.topk(torch.cat([floors[w], low], dim=1), kept, dim=1,
+                                   largest=False).values
+    kth = best.amax(dim=1)
+    # a row is recomputed unless its k-th cost is strictly below its floor
+    shares = torch.stack([(kth >= floors[w].amax(dim=1)).double().mean() for w in
+                          range(len(widths))])
+    works = (torch.tensor(widths, dtype=torch.float64) + 4) / K + shares + overhead
+    logger.debug("row screen widths %s: estimated shares of rows to recompute %s", widths,
+                 [round(float(v), 3) for v in shares])
+    pick = int(torch.argmin(works))
+    best_m, best_work = (widths[pick], float(works[pick])) if works[pick] < 1.0 else (K, 1.0)
+    logger.info("row screen width %d of %d (estimated work %.2f of an exact pass)", best_m, K,
+                best_work)
+    return best_m
