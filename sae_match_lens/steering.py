@@ -703,10 +703,21 @@ def _by_length(sequences: Sequence[torch.Tensor], batch_size: int
             yield chunk, torch.stack([sequences[i] for i in chunk])
 
 
-def _read(model: Any, texts: Generation | Sequence[str]) -> tuple[list[torch.Tensor], list[int]]:
+Texts = Generation | Sequence[str] | torch.Tensor
+"""What the proxy scores read: a :class:`Generation` (its continuations are scored), plain texts
+(tokenized with BOS; every token after BOS is scored), or token ids ``[n_seq, pos]`` with BOS in
+column 0 (e.g. corpus passages; every token after BOS is scored)."""
+
+
+def _read(model: Any, texts: Texts) -> tuple[list[torch.Tensor], list[int]]:
     """Token sequences and the first scored position of each (continuation start, or 1)."""
     if isinstance(texts, Generation):
         return list(texts.sequences), list(texts.prompt_lengths)
+    if isinstance(texts, torch.Tensor):
+        if texts.ndim != 2 or texts.shape[1] < 2:
+            raise ValueError(f"token ids must be [n_seq, pos >= 2] with BOS in column 0, got "
+                             f"shape {tuple(texts.shape)}.")
+        return list(texts.long().cpu()), [1] * texts.shape[0]
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise TypeError("texts must be a Generation or a list of strings.")
     seqs = [model.to_tokens(t)[0].cpu() for t in texts]
@@ -718,7 +729,7 @@ def theme_presence(
     model: Any,
     stack: Mapping[int, Any] | Sequence[Any],
     theme: NodeSource,
-    texts: Generation | Sequence[str],
+    texts: Texts,
     *,
     batch_size: int = 16,
 ) -> pd.DataFrame:
@@ -767,7 +778,7 @@ def theme_presence(
 
 
 @torch.no_grad()
-def coherence(model: Any, texts: Generation | Sequence[str], *, batch_size: int = 16
+def coherence(model: Any, texts: Texts, *, batch_size: int = 16
               ) -> pd.DataFrame:
     """The clean model's next-token CE (nats) on the scored tokens, and their distinct fraction.
 
@@ -847,7 +858,7 @@ def _rate_reference(value: float | None) -> float:
 SWEEP_COLUMNS: tuple[str, ...] = (
     "mode", "layer", "schedule", "coefficient", "n_samples", "hooks", "theme_rate", "behaviour",
     "presence", "ce", "coherence", "distinct", "score_activate", "score_suppress", "score",
-    "judge_behavioral", "judge_coherence", "judge_score", "example")
+    "judge_behavioral", "judge_coherence", "judge_score", "example", "examples")
 """Columns of :func:`steering_sweep`'s table (judge columns are NaN without a judge)."""
 
 
@@ -979,6 +990,7 @@ def steering_sweep(
             row.update(judge_behavioral=beh, judge_coherence=coh,
                        judge_score=(beh if goal == "activate" else 1 - beh) * coh)
         row["example"] = gen.texts[0]
+        row["examples"] = list(gen.texts[::max(1, len(gen.texts) // 3)][:3])  # across prompts
         log.append(row)
     frame = log.frame(SWEEP_COLUMNS)
     logger.info("steering sweep: %d rows in %s", len(frame), log.path)
