@@ -3,12 +3,13 @@ matched features mean, with every sentence computed from the numbers.
 
 **Theme.** The suite's corpus mixes the King James Bible, ``fortunes`` and the Python
 documentation. Each held-out sequence is labelled by its source's markup (:func:`label_sequences`):
-biblical when KJV markers (verse numbers at line starts before a capitalised word, *unto*, *thee*, *thou*, *thy*, *hath*,
-*LORD*) occur at least 3 times and no reStructuredText markup does; Python documentation when
-reST markup (``::``, double backticks, ``:role:`\u0060``, ``.. directive``) occurs at least twice
-and no KJV marker does; other sequences are neither. Theme seeds are the residual features at the
-middle layer that fire on at least ``min_rate`` of the theme's tokens and whose firing is at least
-``selectivity`` theme-specific (``rate_theme / (rate_theme + rate_rest) ≥ 0.9``), the most
+biblical when KJV markers (a verse number at a line start before a capitalised word, *unto*,
+*thee*, *thou*, *thy*, *hath*, *LORD*) occur at least 3 times and no reStructuredText markup
+does; Python documentation when reST markup (``::``, double backticks, a ``:role:`` before a
+backtick, a ``.. directive``) occurs at least twice and no KJV marker does; other sequences are
+neither. Theme seeds are the residual features at the middle layer that fire on at least
+``min_rate`` of the theme's tokens and whose firing is at least ``selectivity`` theme-specific
+(``rate_theme / (rate_theme + rate_rest) ≥ 0.9``), the most
 frequent first (:func:`theme_seeds`; no feature id is chosen by hand). The theme's flow is the
 union of the seeds' flow graphs (:func:`~sae_match_lens.flow.flow_graph`).
 
