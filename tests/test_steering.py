@@ -28,6 +28,12 @@ from sae_match_lens.steering import (
     steering_sweep,
     theme_presence,
 )
+from sae_match_lens.steering_report import (
+    label_sequences,
+    steering_markdown,
+    steering_section,
+    theme_seeds,
+)
 from tests.helpers_tl import (
     N_LAYERS,
     random_jumprelu_sae,
@@ -402,3 +408,61 @@ def test_steering_runs_on_a_transformer_bridge(tokens):
         assert _no_hooks_left(bridge)
     finally:
         bridge.reset_hooks()
+
+
+class _WordTokenizer:
+    """Decodes ids to words of a fixed list (for the source-markup rule)."""
+
+    def __init__(self, words):
+        self.words = words
+
+    def decode(self, ids):
+        return " ".join(self.words[i] for i in ids)
+
+
+def test_sequences_are_labelled_by_their_sources_markup():
+    words = ["<bos>", "\n 3 And", "unto", "thee", "LORD", "``x``", "::", "plain", "text"]
+    tok = _WordTokenizer(words)
+    rows = torch.tensor([[0, 1, 2, 3, 7], [0, 5, 6, 7, 8], [0, 2, 3, 4, 6], [0, 7, 8, 7, 8],
+                         [0, 2, 7, 5, 8]])
+    assert label_sequences(rows, tok) == ["bible", "pydoc", "other", "other", "other"]
+
+
+@torch.no_grad()
+def test_theme_seeds_follow_the_rate_and_selectivity_rule(model, tokens, sae_1):
+    labels = ["theme", "rest"] * (tokens.shape[0] // 2)
+    acts = sae_1.encode(state_at(model, tokens, HOOK_1))[:, 1:]
+    rate = (acts != 0).double().mean(1)  # per sequence
+    on = torch.tensor([label == "theme" for label in labels])
+    r_theme, r_rest = rate[on].mean(0), rate[~on].mean(0)
+    share = r_theme / (r_theme + r_rest).clamp_min(1e-12)
+    ok = (r_theme >= 0.05) & (share >= 0.6)
+    assert 3 < int(ok.sum()) < sae_1.cfg.d_sae
+    seeds = theme_seeds(model, sae_1, tokens, labels, "theme", n_seeds=3, selectivity=0.6)
+    best = sorted(torch.nonzero(ok).flatten().tolist(), key=lambda f: -float(r_theme[f]))[:3]
+    assert seeds.feature.tolist() == best
+    assert seeds.rate_theme.tolist() == pytest.approx(r_theme[best].tolist())
+    with pytest.raises(ValueError, match="both theme and other"):
+        theme_seeds(model, sae_1, tokens, ["theme"] * tokens.shape[0], "theme", n_seeds=3)
+
+
+@pytest.mark.slow
+def test_the_steering_section_on_the_default_suite_lowers_the_theme_it_removes(tmp_path):
+    from sae_match_lens.assets import load_default_suite, load_eval_tokens
+
+    suite, suite_saes = load_default_suite("jumprelu")
+    section = steering_section(suite, suite_saes, load_eval_tokens(), suite.tokenizer, tmp_path,
+                               quick=True)
+    json.dumps(section)  # JSON-able
+    table = section["suppress"]["summary"]
+    base = next(r for r in table if r["setting"] == "unsteered")
+    removed = [r for r in table if r["coefficient"] == 0.0]
+    assert {r["setting"].split()[0] for r in removed} == {"single", "cumulative"}
+    assert all(r["theme_rate"] < base["theme_rate"] for r in removed)
+    lowered = sum(r["theme_rate"] < base["theme_rate"] for r in table if r is not base)
+    assert any(s.startswith(f"Suppression (rescale by r, biblical prompts): {lowered} of")
+               for s in section["reading"])
+    assert all(len(r["examples"]) == 3 for r in table)
+    lines = steering_markdown(section)
+    assert any(line.startswith("| unsteered") for line in lines)
+    assert (tmp_path / "steering_suppress.png").stat().st_size > 0
