@@ -142,10 +142,13 @@ def _verdicts(table: pd.DataFrame, goal: str, what: str) -> list[str]:
     better = (steered.theme_rate < base.theme_rate) if goal == "suppress" else (
         steered.theme_rate > base.theme_rate)
     verb = "lowered" if goal == "suppress" else "raised"
+    change = steered.theme_rate - base.theme_rate
+    largest = float(change.min() if goal == "suppress" else change.max())
+    relative = largest / base.theme_rate if base.theme_rate > 0 else math.inf
     lines.append(f"{what}: {int(better.sum())} of {len(steered)} steered settings {verb} the "
                  f"theme rate against the unsteered {base.theme_rate:.3f}"
-                 + ("." if better.any() else "; steering did not move the theme the intended "
-                    "way here."))
+                 + (f"; the largest change is {largest:+.3f} ({relative:+.0%})." if better.any()
+                    else "; steering did not move the theme the intended way here."))
     best = steered.loc[steered.score.idxmax()]
     lines.append(f"{what}: best proxy score {best.score:.3f} ({best.setting}, coefficient "
                  f"{best.coefficient:g}: theme rate {best.theme_rate:.3f}, coherence "
