@@ -466,3 +466,17 @@ def test_the_steering_section_on_the_default_suite_lowers_the_theme_it_removes(t
     lines = steering_markdown(section)
     assert any(line.startswith("| unsteered") for line in lines)
     assert (tmp_path / "steering_suppress.png").stat().st_size > 0
+
+
+@torch.no_grad()
+def test_theme_presence_reads_token_ids_after_bos(model, tokens, saes):
+    theme = [(1, 3), (2, 5)]
+    frame = theme_presence(model, saes, theme, tokens[:2])
+    for i in range(2):
+        fired = [(saes[la].encode(state_at(model, tokens[i:i + 1],
+                                           f"blocks.{la}.hook_resid_post"))[0, 1:, f] != 0)
+                 for la, f in theme]
+        assert frame.theme_rate[i] == pytest.approx(float(torch.stack(fired).double().mean()))
+        assert frame.n_tokens[i] == tokens.shape[1] - 1
+    with pytest.raises(ValueError, match="BOS in column 0"):
+        theme_presence(model, saes, theme, tokens[0])
