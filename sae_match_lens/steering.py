@@ -1034,7 +1034,7 @@ def plot_sweep(frame: pd.DataFrame, path: str | os.PathLike[str], *, value: str 
     if image is not None:
         fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=value)
     base_text = f"; unsteered {float(base.iloc[0]):.3f}" if len(base) else ""
-    fig.suptitle(title or f"steering sweep: {value}{base_text}", fontsize=9)
+    fig.suptitle((title or f"steering sweep: {value}") + base_text, fontsize=9)
     path = Path(path)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
