@@ -158,11 +158,14 @@ def _verdicts(table: pd.DataFrame, goal: str, what: str) -> list[str]:
         cumulative = group[group.setting.str.startswith("cumulative")]
         if len(single) and len(cumulative):
             s, c = single.iloc[0], cumulative.iloc[0]
-            stronger = "cumulative" if (c.theme_rate < s.theme_rate) == (goal == "suppress") \
-                else "single-layer"
+            if abs(c.theme_rate - s.theme_rate) < 5e-4:  # equal at the printed precision
+                stronger = "both move the theme alike"
+            else:
+                stronger = ("cumulative" if (c.theme_rate < s.theme_rate) == (goal == "suppress")
+                            else "single-layer") + " moves the theme more"
             lines.append(f"{what}, coefficient {coefficient:g}: theme rate {s.theme_rate:.3f} "
-                         f"single-layer vs {c.theme_rate:.3f} cumulative ({stronger} moves the "
-                         f"theme more), coherence {s.coherence:.3f} vs {c.coherence:.3f}.")
+                         f"single-layer vs {c.theme_rate:.3f} cumulative ({stronger}), "
+                         f"coherence {s.coherence:.3f} vs {c.coherence:.3f}.")
     return lines
 
 
