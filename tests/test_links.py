@@ -244,3 +244,166 @@ def test_transition_variants_in_evaluate_substitution_match_a_hand_built_transit
     assert row.delta_ce == pytest.approx(float(loss - clean), abs=1e-5)
     assert row.permutation == "links" and row.n_matched == saes[0].cfg.d_sae
     assert set(table.variant) == {"transition_decoder_cosine", "top3", "identity"}
+
+
+# --- the screened route: certified top-k against brute force ---------------------------------
+
+def _structured(n_a, n_b, K, *, seed, gap=False, alpha=1.0, consts=False):
+    """A top-k problem with real structure: coordinate energy decays (as in trained SAEs), B's
+    first rows are noisy copies of A's rows (permuted), the rest unrelated; B also holds an exact
+    duplicate of one of its rows and a near-duplicate (near ties). Returns the problem and its
+    float64 brute-force score matrix."""
+    from sae_match_lens.linking import _Problem
+
+    gen = torch.Generator().manual_seed(seed)
+    energy = torch.exp(-torch.arange(K, dtype=torch.float64) / (K / 6))
+    a = torch.randn(n_a, K, generator=gen, dtype=torch.float64) * energy
+    a /= a.norm(dim=1, keepdim=True)
+    b = torch.randn(n_b, K, generator=gen, dtype=torch.float64) * energy
+    n_pair = min(n_a, n_b - 2)
+    perm = torch.randperm(n_pair, generator=gen)
+    b[:n_pair] = a[perm] + 0.05 * torch.randn(n_pair, K, generator=gen, dtype=torch.float64)
+    b /= b.norm(dim=1, keepdim=True)
+    b[n_b - 1] = b[3]  # exact duplicate: ties broken by the lower index
+    b[n_b - 2] = b[5] * (1 + 1e-4)  # near tie
+    a, b = a.float(), b.float()
+    kw = {}
+    if consts:
+        kw["p"] = torch.rand(n_a, generator=gen) * 0.3 - 0.1
+        kw["q"] = torch.rand(n_b, generator=gen) * 0.3 - 0.1
+    if gap:
+        kw["g"] = 0.2 * torch.randn(n_a, generator=gen)
+        kw["h"] = 0.2 * torch.randn(n_b, generator=gen)
+    prob = _Problem(a, b, alpha, **kw)
+    full = alpha * (a.double() @ b.double().T)
+    if consts:
+        full -= kw["p"].double()[:, None] + kw["q"].double()[None, :]
+    if gap:
+        full -= (kw["g"].double()[:, None] - kw["h"].double()[None, :]).abs()
+    return prob, full.numpy()
+
+
+def _assert_true_top_k(idx, val, full, k):
+    """Returned links carry the true top-k scores, best first; where the true order is not
+    within rounding of a tie, the indices are the brute-force ones (ties: lower index first)."""
+    kk = min(k, full.shape[1])
+    order = np.argsort(-full, axis=1, kind="stable")[:, :kk]
+    best = np.take_along_axis(full, order, 1)
+    chosen = np.take_along_axis(full, idx.numpy(), 1)
+    np.testing.assert_allclose(chosen, best, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(val.numpy(), best, rtol=0, atol=1e-5)
+    srt = -np.sort(-full, axis=1)
+    nxt = srt[:, kk] if kk < full.shape[1] else np.full(len(full), -np.inf)
+    gaps = np.diff(np.concatenate([srt[:, :kk], nxt[:, None]], 1), axis=1)
+    clear = (np.abs(gaps) > 1e-6).all(axis=1)
+    assert clear.mean() > 0.5
+    np.testing.assert_array_equal(idx.numpy()[clear], order[clear])
+
+
+@pytest.mark.parametrize(("k", "gap", "alpha", "consts"), [
+    (1, False, 1.0, False), (3, False, 2.0, True), (5, True, 1.0, False), (2, True, 2.0, True)])
+def test_screened_top_k_is_the_brute_force_top_k_and_the_screen_is_used(k, gap, alpha, consts):
+    from sae_match_lens.linking import _solve
+
+    prob, full = _structured(300, 420, 64, seed=k, gap=gap, alpha=alpha, consts=consts)
+    idx, val, stats = _solve(prob, k, method="screened", screen_dims=24, keep=k + 15,
+                             block_rows=64, progress=False, label="test")
+    _assert_true_top_k(idx, val, full, k)
+    assert stats["route"] == "screened" and stats["screen_dims"] == 24
+    assert stats["rows_certified"] + stats["rows_recomputed"] == 300
+    assert stats["rows_recomputed"] < 300 // 2, stats  # most rows proven without a full row
+    exact_idx, exact_val, exact_stats = _solve(prob, k, method="exact", screen_dims=24,
+                                               keep=k + 15, block_rows=64, progress=False,
+                                               label="test")
+    assert exact_stats["route"] == "exact"
+    _assert_true_top_k(exact_idx, exact_val, full, k)
+
+
+def test_screened_rows_the_screen_cannot_prove_are_recomputed_exactly():
+    from sae_match_lens.linking import _solve
+
+    prob, full = _structured(200, 260, 64, seed=7, gap=True)
+    idx, val, stats = _solve(prob, 3, method="screened", screen_dims=1, keep=3,
+                             block_rows=50, progress=False, label="test")
+    assert stats["rows_recomputed"] > 100  # a width-1 screen proves little
+    _assert_true_top_k(idx, val, full, 3)
+
+
+def test_screened_top_k_with_k_at_least_the_targets_is_a_full_sort():
+    from sae_match_lens.linking import _solve
+
+    prob, full = _structured(40, 30, 32, seed=2, gap=True)
+    idx, val, stats = _solve(prob, 35, method="screened", screen_dims=8, keep=35,
+                             block_rows=16, progress=False, label="test")
+    assert idx.shape == (40, 30)
+    _assert_true_top_k(idx, val, full, 35)
+    assert stats["rows_recomputed"] == 0  # nothing pruned: every row is certified
+
+
+def test_exact_ties_are_taken_and_ordered_by_lower_index():
+    from sae_match_lens.linking import _block_topk
+
+    gen = torch.Generator().manual_seed(0)
+    block = torch.randint(0, 4, (50, 23), generator=gen).float()  # many ties
+    for kk in (1, 3, 22, 23):
+        v, i = _block_topk(block, kk)
+        ref = torch.sort(block, dim=1, descending=True, stable=True)
+        assert torch.equal(i, ref.indices[:, :kk]) and torch.equal(v, ref.values[:, :kk])
+
+
+def test_the_row_screen_floor_bounds_every_pruned_cost_with_the_gap():
+    from sae_match_lens.costs import StackedFeatures
+    from sae_match_lens.screen import make_screen, screen_rows
+
+    gen = torch.Generator().manual_seed(4)
+    a, b = torch.randn(90, 40, generator=gen), torch.randn(70, 40, generator=gen)
+    ca, cb = a.double().square().sum(1), b.double().square().sum(1)
+    g, h = torch.randn(90, generator=gen), torch.randn(70, generator=gen)
+    cost = (ca[:, None] + cb[None, :] - 2 * a.double() @ b.double().T
+            + (g.double()[:, None] - h.double()[None, :]).abs())
+    for m in (4, 40):
+        screen = make_screen(StackedFeatures(a, ca), StackedFeatures(b, cb), m, "float32",
+                             torch.device("cpu"))
+        cand = screen_rows(screen, 90, 70, 6, gap=(g, h), block_rows=32, progress=False)
+        pruned = torch.ones(90, 70, dtype=torch.bool).scatter_(1, cand.idx, False)
+        lowest_pruned = cost.masked_fill(~pruned, np.inf).amin(dim=1).numpy()
+        assert (cand.floor <= lowest_pruned).all()
+        if m == 40:  # the full-width screen is the cost less a rounding allowance: tight
+            sixth = cost.sort(dim=1).values[:, 5].numpy()
+            assert (cand.floor >= sixth - 1e-4 * np.abs(sixth)).all()
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_links_screened_route_equals_brute_force_on_planted_saes(score, caplog):
+    pair = planted_pair(d_sae=160, d_in=24, noise=0.05, seed=5)
+    with caplog.at_level("INFO", logger="sae_match_lens.linking"):
+        got = links(pair.sae_a, pair.sae_b, k=2, score=score, method="screened",
+                    screen_dims=24, progress=False)
+    full = _brute_scores(pair.sae_a, pair.sae_b, score)
+    order = np.argsort(-full, axis=1, kind="stable")[:, :2]
+    expected = np.take_along_axis(full, order, 1)
+    chosen = np.take_along_axis(full, got.indices.numpy(), 1)
+    np.testing.assert_allclose(chosen, expected, rtol=1e-4, atol=1e-4)
+    route = got.route["links"]
+    assert route["route"] == "screened" and route["rows_recomputed"] < 160
+    assert "screened top-2" in caplog.text
+    back = links(pair.sae_a, pair.sae_b, k=2, score=score, method="screened", screen_dims=24,
+                 direction="backward", progress=False)
+    chosen_back = np.take_along_axis(full.T, back.indices.numpy(), 1)
+    np.testing.assert_allclose(chosen_back, -np.sort(-full.T, axis=1)[:, :2], rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_small_problems_take_the_exact_route_and_say_so(caplog):
+    sae_a, sae_b = build_sae("jumprelu", seed=1), build_sae("jumprelu", seed=2)
+    with caplog.at_level("INFO", logger="sae_match_lens.linking"):
+        got = links(sae_a, sae_b, k=2, progress=False)
+    assert got.route["links"]["route"] == "exact" and "exact top-2" in caplog.text
+
+
+def test_progress_bar_can_be_turned_off(capsys):
+    sae_a, sae_b = build_sae("jumprelu", seed=1), build_sae("jumprelu", seed=2)
+    links(sae_a, sae_b, method="screened", screen_dims=4, progress=False)
+    assert capsys.readouterr().err == ""
+    links(sae_a, sae_b, method="screened", screen_dims=4, progress=True)
+    assert "screen" in capsys.readouterr().err
