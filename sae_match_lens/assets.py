@@ -1,4 +1,4 @@
-"""The embedded default suite: a small trained language model and two SAE families.
+"""The embedded default suite: a small trained language model and SAEs at its layers' outputs.
 
 The suite ships inside the package (``sae_match_lens/data/default_suite``) and
 loads without network access. It is built by ``examples/build_default_suite.py``
@@ -14,15 +14,23 @@ Contents:
 * one SAE per layer reading ``blocks.{l}.hook_resid_post`` (the residual
   stream after block ``l``), in two families: ``"jumprelu"``
   (:class:`~sae_lens.JumpReLUSAE`, per-feature thresholds) and ``"topk"``
-  (:class:`~sae_lens.TopKSAE`). Weights are stored as float16 and loaded as
-  float32;
+  (:class:`~sae_lens.TopKSAE`);
+* per layer, two more JumpReLU SAEs reading the block's module outputs:
+  ``blocks.{l}.hook_mlp_out`` (module ``"mlp"``) and ``blocks.{l}.hook_attn_out``
+  (module ``"attn"``). With the residual SAE of the same layer they form the
+  stack that :mod:`sae_match_lens.flow` reads (:func:`load_suite_stack`). The
+  build script's ``--stage modules`` trains them on the shipped model with the
+  residual JumpReLU recipe; the manifest records them under ``"module_saes"``.
+  They live beside the residual ones, ``saes/jumprelu/<hook name>/``;
+* every SAE stored as float16 (``cfg.json`` + ``sae_weights.safetensors``) and
+  loaded as float32;
 * a held-out token shard (never seen in training), ``[n_seq, n_ctx]`` with BOS
   in column 0.
 
 Metric conventions (implemented once in :mod:`sae_match_lens.metrics`, shared with
 ``evaluate_substitution``, the build script, the manifest and the tests):
 
-* **BOS is excluded everywhere.** The BOS position's residual stream is left
+* **BOS is excluded everywhere.** The BOS position's activation is left
   untouched when an SAE is spliced in and does not enter any SAE statistic;
   the next-token prediction made *at* the BOS position is not counted in the
   cross-entropy.
@@ -39,6 +47,8 @@ Example:
     >>> model, saes = load_default_suite("jumprelu")
     >>> tokens = load_eval_tokens()[:8]
     >>> metrics = compute_sae_metrics(model, saes[3], tokens)
+    >>> mlp_saes = load_suite_saes("jumprelu", module="mlp")  # blocks.{l}.hook_mlp_out
+    >>> stack = load_suite_stack()  # {layer: LayerSAEs(res=..., mlp=..., attn=...)}
 """
 
 from __future__ import annotations
@@ -65,6 +75,16 @@ logger = logging.getLogger(__name__)
 SUITE_PACKAGE = "sae_match_lens"
 SUITE_DIR = ("data", "default_suite")
 FAMILIES: tuple[str, ...] = ("jumprelu", "topk")
+SUITE_MODULES: tuple[str, ...] = ("res", "mlp", "attn")
+"""What a suite SAE reads: the residual stream, the MLP output or the attention output."""
+MODULE_HOOKS: dict[str, str] = {
+    "res": "hook_resid_post",
+    "mlp": "hook_mlp_out",
+    "attn": "hook_attn_out",
+}
+"""Module -> the hook of ``blocks.{l}`` its SAEs read."""
+MODULE_SAES_KEY = "module_saes"
+"""Manifest section of the MLP- and attention-output SAEs (written by ``--stage modules``)."""
 MANIFEST_FILE = "manifest.json"
 MODEL_DIR = "model"
 MODEL_CONFIG_FILE = "config.json"
@@ -75,9 +95,12 @@ EVAL_TOKENS_KEY = "tokens"
 SAES_DIR = "saes"
 
 Family = Literal["jumprelu", "topk"]
+SuiteModule = Literal["res", "mlp", "attn"]
 
 __all__ = [
     "FAMILIES",
+    "MODULE_HOOKS",
+    "SUITE_MODULES",
     "SAEMetrics",
     "SuiteFilesMissingError",
     "build_model",
@@ -89,8 +112,10 @@ __all__ = [
     "load_manifest",
     "load_suite_model",
     "load_suite_saes",
+    "load_suite_stack",
     "next_token_ce",
     "sae_dir_name",
+    "suite_hook_names",
 ]
 
 
@@ -241,21 +266,82 @@ def load_suite_model(root: str | Path | None = None, *, device: str = "cpu") -> 
     return model
 
 
-def load_suite_saes(
-    family: Family = "jumprelu", root: str | Path | None = None, *, device: str = "cpu"
-) -> list[SAE[Any]]:
-    """Load one SAE family, ordered by layer, as float32 SAELens inference SAEs.
+def suite_hook_names(
+    manifest: dict[str, Any], family: Family = "jumprelu", module: SuiteModule = "res"
+) -> list[str]:
+    """The hooks read by one family's SAEs of one module, ordered by layer.
 
     Args:
+        manifest: The suite's manifest (:func:`load_manifest`).
         family: ``"jumprelu"`` or ``"topk"``.
-        root: A suite directory; the packaged suite when ``None``.
-        device: Torch device.
+        module: ``"res"`` (``hook_resid_post``), ``"mlp"`` (``hook_mlp_out``) or
+            ``"attn"`` (``hook_attn_out``).
+
+    Returns:
+        ``hook_names[l]`` is the hook of layer ``l``'s SAE.
+
+    Raises:
+        ValueError: For an unknown family or module, or a family the suite has no
+            SAEs of for ``module``.
+        SuiteFilesMissingError: If the suite was built without module SAEs.
+
+    Example:
+        >>> suite_hook_names(load_manifest(), "jumprelu", "attn")[:2]
+        ['blocks.0.hook_attn_out', 'blocks.1.hook_attn_out']
     """
     if family not in FAMILIES:
         raise ValueError(f"Unknown SAE family {family!r}; choose one of {list(FAMILIES)}.")
+    if module not in SUITE_MODULES:
+        raise ValueError(f"Unknown module {module!r}; choose one of {list(SUITE_MODULES)}.")
+    if module == "res":
+        return list(manifest["saes"]["hook_names"])
+    section = manifest.get(MODULE_SAES_KEY)
+    if section is None:
+        raise SuiteFilesMissingError(
+            f"This suite has no {module!r} SAEs (no {MODULE_SAES_KEY!r} section in its "
+            f"{MANIFEST_FILE}). Add them with `python examples/build_default_suite.py "
+            "--stage modules --out <suite directory>`."
+        )
+    families = section["families"]
+    if family not in families:
+        raise ValueError(
+            f"The suite has {module!r} SAEs only in the families {sorted(families)}; "
+            f"got {family!r}."
+        )
+    return list(section["hook_names"][module])
+
+
+def load_suite_saes(
+    family: Family = "jumprelu",
+    root: str | Path | None = None,
+    *,
+    module: SuiteModule = "res",
+    device: str = "cpu",
+) -> list[SAE[Any]]:
+    """Load one SAE family of one module, ordered by layer, as float32 SAELens inference SAEs.
+
+    Args:
+        family: ``"jumprelu"`` or ``"topk"`` (the MLP and attention SAEs are JumpReLU only).
+        root: A suite directory; the packaged suite when ``None``.
+        module: ``"res"`` for ``blocks.{l}.hook_resid_post`` (the default), ``"mlp"`` for
+            ``blocks.{l}.hook_mlp_out``, ``"attn"`` for ``blocks.{l}.hook_attn_out``.
+        device: Torch device.
+
+    Returns:
+        ``saes[l]`` reads the ``module`` hook of block ``l``.
+
+    Raises:
+        ValueError: For an unknown family or module, a family without SAEs of that
+            module, or an SAE stored under a hook it does not read.
+        SuiteFilesMissingError: If a file is missing, or the suite has no module SAEs.
+
+    Example:
+        >>> [sae.cfg.metadata.hook_name for sae in load_suite_saes(module="mlp")][:2]
+        ['blocks.0.hook_mlp_out', 'blocks.1.hook_mlp_out']
+    """
     base = _suite_root(root)
     manifest = load_manifest(root)
-    hook_names = manifest["saes"]["hook_names"]
+    hook_names = suite_hook_names(manifest, family, module)
     saes: list[SAE[Any]] = []
     for hook_name in hook_names:
         sae_dir = _require(
@@ -270,6 +356,66 @@ def load_suite_saes(
         sae.eval()
         saes.append(sae)
     return saes
+
+
+def load_suite_stack(
+    family: Family = "jumprelu",
+    root: str | Path | None = None,
+    *,
+    modules: tuple[str, ...] = ("mlp", "attn"),
+    device: str = "cpu",
+) -> dict[int, Any]:
+    """Every layer's SAEs as the stack :mod:`sae_match_lens.flow` reads.
+
+    Args:
+        family: The family of the residual SAEs (and of the module SAEs, which
+            exist for ``"jumprelu"`` only).
+        root: A suite directory; the packaged suite when ``None``.
+        modules: Which of ``"mlp"`` and ``"attn"`` to load besides the residual SAEs;
+            ``()`` loads the residual SAEs alone (the other fields stay ``None``).
+        device: Torch device.
+
+    Returns:
+        ``{layer: LayerSAEs(res=..., mlp=..., attn=...)}`` (:class:`~sae_match_lens.flow.LayerSAEs`),
+        where ``res`` reads ``blocks.{layer}.hook_resid_post``, ``mlp``
+        ``blocks.{layer}.hook_mlp_out`` and ``attn`` ``blocks.{layer}.hook_attn_out``.
+
+    Raises:
+        ValueError: For an unknown or repeated module, or ``"res"`` among ``modules``.
+        SuiteFilesMissingError: If the suite lacks the files or the module SAEs.
+
+    Example:
+        >>> from sae_match_lens.flow import predecessors
+        >>> stack = load_suite_stack()
+        >>> table = predecessors(stack, layer=3)  # R(2), M(3), A(3) -> R(3)
+    """
+    from .flow import LayerSAEs  # flow sits above assets in the import ladder
+
+    if len(set(modules)) != len(modules) or not set(modules) <= {"mlp", "attn"}:
+        raise ValueError(
+            f"modules must be distinct names among ['mlp', 'attn'] (the residual SAEs are "
+            f"always loaded); got {list(modules)}."
+        )
+    res = load_suite_saes(family, root, module="res", device=device)
+    extra = {m: load_suite_saes(family, root, module=m, device=device) for m in modules}  # type: ignore[arg-type]
+    for module, saes in extra.items():
+        if len(saes) != len(res):
+            raise ValueError(
+                f"The suite has {len(res)} residual but {len(saes)} {module!r} SAEs; "
+                "rebuild its module SAEs with `--stage modules`."
+            )
+    stack = {}
+    for layer, sae in enumerate(res):
+        parts = {m: saes[layer] for m, saes in extra.items()}
+        for module, part in {"res": sae, **parts}.items():
+            expected = f"blocks.{layer}.{MODULE_HOOKS[module]}"
+            if part.cfg.metadata.hook_name != expected:
+                raise ValueError(
+                    f"Layer {layer}'s {module!r} SAE reads {part.cfg.metadata.hook_name!r}; "
+                    f"expected {expected!r}."
+                )
+        stack[layer] = LayerSAEs(res=sae, **parts)
+    return stack
 
 
 def load_default_suite(

@@ -327,6 +327,7 @@ def flow_markdown(result: Mapping[str, Any], fmt: Any) -> list[str]:
     summary = (main.groupby("method", sort=False)[
         ["jaccard", "p_b_given_a", "p_a_given_b", "distinct_targets", "fraction_of_ceiling"]]
         .mean().reset_index())
+    summary["distinct_targets"] = summary.distinct_targets.round(1).astype(str)  # a mean count
     ceilings = (links_table.groupby(["layer_a", "layer_b"])[
         ["ceiling_best_partner", "ceiling_one_to_one", "reference_correlation_best_partner",
          "reference_correlation_one_to_one"]].first().reset_index())
