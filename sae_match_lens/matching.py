@@ -28,15 +28,20 @@ data-free null model (:func:`null_max_cost`).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
+import pandas as pd
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .adapters import describe_sae, feature_view, hook_name_of, sae_identity
@@ -51,11 +56,13 @@ from .costs import (
     stack_features,
 )
 from .dense import DenseCertificate, certify_dense, encode_max_cost, square_assignment
-from .permutation import Permutation
+from .permutation import Permutation, PermutationFileError, ProvenanceError, check_provenance
+from .savedir import decode_json, encode_json, tensor_checksum, write_directory
 from .screen import block_rows_for
 from .sparse import Precision, solve_sparse, sparse_bytes
 
-__all__ = ["LAPJV_MAX_N", "MatchResult", "Solver", "match", "match_features", "null_costs",
+__all__ = ["LAPJV_MAX_N", "MATCH_RESULT_VERSION", "MatchResult", "MatchResultFileError", "Solver",
+           "load_match_result", "match", "match_features", "null_confidence", "null_costs",
            "null_max_cost"]
 
 logger = logging.getLogger(__name__)
@@ -104,11 +111,258 @@ class MatchResult(NamedTuple):
     """The solver that produced the assignment."""
     options: dict[str, Any]
     """Matching options (fold, metric, weights, max_cost, solver) for provenance."""
+    confidence_F: torch.Tensor | None = None
+    """Per source feature [n_a] (float64): the fraction of best-by-chance null costs
+    (:func:`null_costs`, the model behind ``max_cost="auto"``) that are strictly above the
+    assigned pair's cost — 1.0: chance never does as well; NaN where unmatched. Set by
+    ``match(..., max_cost="auto")`` (the null costs are computed anyway) or
+    :meth:`with_confidence`; ``None`` otherwise."""
 
     @property
     def matched(self) -> torch.Tensor:
         """Boolean mask [n_a] of source features that have a partner."""
         return self.permutation.matched
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per source feature (matched or not), the same columns on every result.
+
+        Columns: ``hook_a``/``hook_b`` and ``layer_a``/``layer_b`` (model layer from the hook
+        name; None for a hand-built result or a hook outside the blocks), ``feature_a``,
+        ``feature_b`` (its partner, -1: none), ``matched``, ``cost`` (NaN where unmatched),
+        ``margin``, ``confidence`` (:attr:`confidence_F`; NaN when the result has none),
+        ``neuronpedia_id_a/_b`` and ``neuronpedia_url_a/_b`` (None where an SAE has no
+        Neuronpedia id, and for ``feature_b = -1``). The names are those of
+        :meth:`ChainMatch.edges <sae_match_lens.chain.ChainMatch.edges>` and
+        :meth:`Links.to_frame <sae_match_lens.linking.Links.to_frame>`.
+
+        Example:
+            >>> frame = match(sae_layer_3, sae_layer_4, max_cost="auto").to_frame()
+            >>> frame.sort_values("margin").head()  # the least certain pairs
+        """
+        from .neuronpedia import feature_urls
+
+        perm = self.permutation
+        source, target = perm.source or {}, perm.target or {}
+        id_a, id_b = source.get("neuronpedia_id"), target.get("neuronpedia_id")
+        hook_a, hook_b = source.get("hook_name"), target.get("hook_name")
+        confidence = (np.full(perm.n_source, np.nan) if self.confidence_F is None
+                      else self.confidence_F.to(torch.float64).numpy())
+        return pd.DataFrame({
+            "hook_a": hook_a, "hook_b": hook_b,
+            "layer_a": _model_layer(hook_a), "layer_b": _model_layer(hook_b),
+            "feature_a": np.arange(perm.n_source), "feature_b": perm.indices.numpy(),
+            "matched": perm.matched.numpy(),
+            "cost": self.cost_F.to(torch.float64).numpy(),
+            "margin": self.margin_F.to(torch.float64).numpy(),
+            "confidence": confidence,
+            "neuronpedia_id_a": id_a, "neuronpedia_id_b": id_b,
+            "neuronpedia_url_a": feature_urls(id_a, range(perm.n_source)),
+            "neuronpedia_url_b": feature_urls(id_b, perm.indices.tolist()),
+        })
+
+    def with_confidence(self, sae_a: Any, sae_b: Any, *, n_rows: int = 2048,
+                        seed: int = 0) -> MatchResult:
+        """This result with :attr:`confidence_F` computed from the null model.
+
+        Uses the ``fold``, ``weights`` and ``metric`` recorded in :attr:`options`; ``sae_a``
+        and ``sae_b`` must be the SAEs the result was made for (checked against the recorded
+        identities). Costs ``n_rows`` rows of the cost matrix.
+
+        Example:
+            >>> result = match(sae_a, sae_b).with_confidence(sae_a, sae_b)
+            >>> result.to_frame().confidence.describe()
+        """
+        self.permutation.check_saes(sae_a, sae_b, what="this match result")
+        fold = bool(self.options.get("fold", True))
+        metric = self.options.get("metric", "mse")
+        w = CostWeights.resolve(self.options.get("weights"), metric)
+        features = (stack_features(feature_view(sae_a, fold=fold), w, metric),
+                    stack_features(feature_view(sae_b, fold=fold), w, metric))
+        best = _null_best(sae_a, sae_b, w, features, n_rows=n_rows, seed=seed)
+        return self._replace(confidence_F=null_confidence(self.cost_F, best))
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the whole result into ``directory``, atomically; returns the directory.
+
+        ``result.safetensors`` holds every tensor, bit for bit: the permutation's ``indices``,
+        the float64 ``cost_F``, ``margin_F`` and (when set) ``confidence_F``. ``result.json``
+        holds the format version, ``n_source``/``n_target``, the scalar fields (``total_cost``,
+        ``max_cost``, the certificate ``certified``/``gap``, ``solver``, ``options``), the
+        permutation's provenance metadata (both SAEs' identities: hook, widths, architecture,
+        weight fingerprints, release, Neuronpedia id) and a SHA-256 checksum of all of it.
+        Non-finite floats (``gap = inf``) are written as ``{"float": "inf"}`` so the JSON is
+        strict. The directory is built beside ``directory`` and renamed into place
+        (:func:`~sae_match_lens.savedir.write_directory`): a failed or killed save leaves an
+        earlier save there exactly as it was. An existing ``directory`` that is not a saved
+        match result (nor empty) is refused with ``FileExistsError``.
+
+        Example:
+            >>> match(sae_a, sae_b).save("results/l3_l4")
+            >>> MatchResult.load("results/l3_l4", source=sae_a, target=sae_b).certified
+        """
+        tensors, fields = self._split_fields()
+        encoded = encode_json(fields)
+        metadata = encode_json(dict(self.permutation.metadata))
+        n_source, n_target = self.permutation.n_source, self.permutation.n_target
+        checksum = tensor_checksum(tensors, encoded, metadata, n_source, n_target)
+        record = {
+            "format": MATCH_RESULT_FORMAT,
+            "format_version": MATCH_RESULT_VERSION,
+            "n_source": n_source,
+            "n_target": n_target,
+            "n_matched": self.permutation.n_matched,
+            "checksum": checksum,
+            "fields": encoded,
+            "permutation_metadata": metadata,
+        }
+        text = json.dumps(record, indent=1, sort_keys=True, allow_nan=False)
+
+        def write(tmp: Path) -> None:
+            save_file(dict(tensors), str(tmp / _TENSORS), metadata={"checksum": checksum})
+            os.chmod(tmp / _TENSORS, 0o666 & ~_umask())  # safetensors creates it 0600
+            (tmp / _MANIFEST).write_text(text, encoding="utf-8")
+
+        return write_directory(directory, write, manifest=_MANIFEST, kind=MATCH_RESULT_FORMAT)
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        source: Any | None = None,
+        target: Any | None = None,
+    ) -> MatchResult:
+        """Read a result written by :meth:`save` (every field exact, provenance included).
+
+        The loaded permutation keeps both SAEs' identities, so it still refuses to be used with
+        other SAEs (:meth:`Permutation.check_saes
+        <sae_match_lens.permutation.Permutation.check_saes>`, substitution, composition).
+
+        Args:
+            directory: a directory written by :meth:`save`.
+            source: optionally the source SAE; it must be the one the result was made for
+                (hook, widths, architecture, fold-invariant weight signature).
+            target: optionally the target SAE, checked the same way.
+
+        Raises:
+            MatchResultFileError: a missing or unreadable directory, a directory that is not a
+                saved match result, a format version this release does not read (the message
+                says which it reads and what to do), or a checksum mismatch.
+            ProvenanceError: ``source``/``target`` are not the SAEs the result was made for.
+        """
+        directory = Path(directory)
+        manifest, tensor_file = directory / _MANIFEST, directory / _TENSORS
+        if not directory.is_dir():
+            hint = (" (a file: MatchResult.save writes a directory; a lone .safetensors file is "
+                    "a Permutation, read it with Permutation.load)") if directory.is_file() else ""
+            raise MatchResultFileError(f"match result directory {directory} does not exist{hint}.")
+        try:
+            record = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise MatchResultFileError(
+                f"{directory} is not a readable saved match result ({_MANIFEST}: {exc})."
+            ) from exc
+        found = record.get("format") if isinstance(record, dict) else None
+        if found != MATCH_RESULT_FORMAT:
+            raise MatchResultFileError(f"{directory} is not a saved match result: its {_MANIFEST} "
+                                       f"says format {found!r}, expected {MATCH_RESULT_FORMAT!r}.")
+        version = record.get("format_version")
+        if version != MATCH_RESULT_VERSION:
+            newer = isinstance(version, int) and version > MATCH_RESULT_VERSION
+            raise MatchResultFileError(
+                f"{directory} was saved in match-result format version {version!r}, but this "
+                f"sae_match_lens reads version {MATCH_RESULT_VERSION}; "
+                + ("upgrade sae_match_lens to read it." if newer
+                   else "re-run the matching to save it again.")
+            )
+        try:
+            tensors = load_file(str(tensor_file))
+        except Exception as exc:
+            raise MatchResultFileError(f"cannot read {tensor_file}: {exc}") from exc
+        encoded, encoded_md = record.get("fields"), record.get("permutation_metadata")
+        n_source, n_target = record.get("n_source"), record.get("n_target")
+        if tensor_checksum(tensors, encoded, encoded_md, n_source, n_target) != record.get(
+                "checksum"):
+            raise MatchResultFileError(
+                f"{directory}: checksum mismatch (its files were modified, truncated or mixed "
+                "with another save's). Re-run the matching to save it again."
+            )
+        fields, metadata = decode_json(encoded), decode_json(encoded_md)
+        values: dict[str, Any] = {}
+        for name in cls._fields:
+            if name == "permutation":
+                values[name] = Permutation(tensors["indices"], int(n_target), metadata)
+            elif name in tensors:
+                values[name] = tensors[name]
+            elif name in fields:
+                values[name] = fields[name]
+            elif name in cls._field_defaults:
+                values[name] = cls._field_defaults[name]
+            else:
+                raise MatchResultFileError(f"{directory} lacks the field {name!r}.")
+        result = cls(**values)
+        what = f"the match result in {directory}"
+        for role, sae, width in (("source", source, result.permutation.n_source),
+                                 ("target", target, result.permutation.n_target)):
+            if sae is not None and int(sae.cfg.d_sae) != width:
+                raise ProvenanceError(f"{what} has {width} {role} features, but its {role} here "
+                                      f"is {describe_sae(sae)}; pass the SAE it was made for.")
+        check_provenance(result.permutation.source if source is not None else None,
+                         result.permutation.target if target is not None else None,
+                         source, target, what=what)
+        return result
+
+    def _split_fields(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The tensors (with the permutation's ``indices``) and the JSON-able fields."""
+        tensors = {"indices": self.permutation.indices.contiguous()}
+        fields: dict[str, Any] = {}
+        for name in self._fields:
+            value = getattr(self, name)
+            if name == "permutation" or (value is None and name in self._field_defaults):
+                continue
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value.detach().cpu().contiguous()
+            else:
+                fields[name] = value
+        return tensors, fields
+
+
+MATCH_RESULT_FORMAT = "sae_match_lens.MatchResult"
+MATCH_RESULT_VERSION = 1
+"""Version of the :meth:`MatchResult.save` format; :meth:`MatchResult.load` reads this one."""
+_MANIFEST = "result.json"
+_TENSORS = "result.safetensors"
+
+
+class MatchResultFileError(PermutationFileError):
+    """A saved match result is missing, unreadable, corrupt, or of another format version."""
+
+
+def load_match_result(directory: str | os.PathLike[str], *, source: Any | None = None,
+                      target: Any | None = None) -> MatchResult:
+    """Read a result written by :meth:`MatchResult.save` (same as :meth:`MatchResult.load`)."""
+    return MatchResult.load(directory, source=source, target=target)
+
+
+def null_confidence(cost_F: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """For each cost, the fraction of best-by-chance costs ``best`` strictly above it
+    (float64; NaN where the cost is NaN)."""
+    ordered = torch.sort(best.to(torch.float64)).values
+    cost = cost_F.to(torch.float64)
+    at_or_below = torch.searchsorted(ordered, cost.nan_to_num(0.0).contiguous(), right=True)
+    out = 1.0 - at_or_below.to(torch.float64) / len(ordered)
+    return out.masked_fill(torch.isnan(cost), math.nan)
+
+
+def _model_layer(hook: str | None) -> int | None:
+    found = re.match(r"blocks\.(\d+)\.", hook or "")
+    return int(found.group(1)) if found else None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _available_bytes() -> int:
@@ -218,9 +472,14 @@ def match(
             raise ValueError(f"precomputed features have {stacked.matrix_FK.shape[0]} rows but "
                              f"{describe_sae(sae)} has d_sae={sae.cfg.d_sae}.")
     options = {"fold": fold, "metric": metric, "weights": w.as_dict(), "solver": solver}
+    best = None
     if max_cost == "auto":
-        max_cost = null_max_cost(sae_a, sae_b, fold=fold, weights=w, metric=metric,
-                                 null_rate=null_rate, features=features)
+        if not (isinstance(null_rate, int | float) and 0 < null_rate < 1):
+            raise ValueError(f"null_rate must be in (0, 1), got {null_rate!r}.")
+        best = _null_best(sae_a, sae_b, w, features)
+        max_cost = float(torch.quantile(best, null_rate))
+        logger.info("null max_cost for %s -> %s: %.6g (rate %.3g of %d best-by-chance costs)",
+                    hook_name_of(sae_a), hook_name_of(sae_b), max_cost, null_rate, len(best))
         options["null_rate"] = null_rate
     options["max_cost"] = max_cost
     if solver == "sparse" or solver == "auto":
@@ -234,7 +493,8 @@ def match(
     )
     metadata = {"source": sae_identity(sae_a), "target": sae_identity(sae_b), "options": options}
     perm = Permutation(result.permutation.indices, result.permutation.n_target, metadata)
-    return result._replace(permutation=perm)
+    confidence = None if best is None else null_confidence(result.cost_F, best)
+    return result._replace(permutation=perm, confidence_F=confidence)
 
 
 def match_features(
@@ -501,11 +761,18 @@ def null_max_cost(
     if features is None:
         features = (stack_features(feature_view(sae_a, fold=fold), w, metric),
                     stack_features(feature_view(sae_b, fold=fold), w, metric))
-    d_in = int(sae_b.cfg.d_in)
-    d_out = int(getattr(sae_b.cfg, "d_out", d_in))
-    best = null_costs(*features, columns=_block_columns(w, d_in, d_out),
-                      shared_rotation=d_in == d_out, n_rows=n_rows, seed=seed)
+    best = _null_best(sae_a, sae_b, w, features, n_rows=n_rows, seed=seed)
     value = float(torch.quantile(best, null_rate))
     logger.info("null max_cost for %s -> %s: %.6g (rate %.3g of %d best-by-chance costs)",
                 hook_name_of(sae_a), hook_name_of(sae_b), value, null_rate, len(best))
     return value
+
+
+def _null_best(sae_a: Any, sae_b: Any, weights: CostWeights,
+               features: tuple[StackedFeatures, StackedFeatures], *, n_rows: int = 2048,
+               seed: int = 0) -> torch.Tensor:
+    """The best-by-chance costs of :func:`null_max_cost` (one rotation per space, module docs)."""
+    d_in = int(sae_b.cfg.d_in)
+    d_out = int(getattr(sae_b.cfg, "d_out", d_in))
+    return null_costs(*features, columns=_block_columns(weights, d_in, d_out),
+                      shared_rotation=d_in == d_out, n_rows=n_rows, seed=seed)

@@ -1,4 +1,9 @@
 import itertools
+import json
+import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -6,7 +11,7 @@ import torch
 from helpers import build_sae, planted_pair
 from scipy.optimize import linear_sum_assignment
 
-from sae_match_lens import Permutation, fold
+from sae_match_lens import Permutation, ProvenanceError, fold
 from sae_match_lens import matching as matching_module
 from sae_match_lens.matching import match, null_max_cost
 
@@ -211,3 +216,215 @@ def test_result_records_provenance_and_saves_with_it(tmp_path):
     assert meta["options"]["fold"] is True
     path = result.permutation.save(tmp_path / "p.safetensors")
     assert Permutation.load(path, source=pair.sae_a, target=pair.sae_b) == result.permutation
+
+
+def _assert_same_result(loaded, result):
+    assert loaded.permutation == result.permutation
+    assert loaded.permutation.metadata == result.permutation.metadata
+    for name in ("cost_F", "margin_F", "confidence_F"):
+        a, b = getattr(loaded, name), getattr(result, name)
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.dtype == b.dtype == torch.float64
+        assert a.numpy().tobytes() == b.numpy().tobytes()  # bit for bit, NaNs included
+    for name in ("total_cost", "max_cost", "certified", "gap", "solver", "options"):
+        assert getattr(loaded, name) == getattr(result, name), name
+    assert set(loaded._fields) == set(result._fields)
+
+
+@pytest.mark.parametrize("max_cost", [None, "auto"])
+def test_match_result_save_load_round_trip_keeps_every_field_exactly(tmp_path, max_cost):
+    pair = planted_pair(d_sae=96, noise=0.3, seed=4)
+    result = match(pair.sae_a, pair.sae_b, progress=False, max_cost=max_cost)
+    assert (result.confidence_F is None) == (max_cost is None)
+    directory = result.save(tmp_path / "r")
+    assert directory == tmp_path / "r"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no temporaries left behind
+    assert sorted(p.name for p in directory.iterdir()) == ["result.json", "result.safetensors"]
+    loaded = matching_module.MatchResult.load(directory, source=pair.sae_a, target=pair.sae_b)
+    _assert_same_result(loaded, result)
+    assert loaded.to_frame().equals(result.to_frame())
+
+
+def test_match_result_round_trip_keeps_an_infinite_gap_in_strict_json(tmp_path):
+    pair = planted_pair(d_sae=32, seed=2)
+    result = match(pair.sae_a, pair.sae_b, progress=False)._replace(gap=float("inf"), certified=False)
+    directory = result.save(tmp_path / "r")
+    json.loads((directory / "result.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    loaded = matching_module.load_match_result(directory)
+    assert loaded.gap == float("inf") and loaded.certified is False
+
+
+def test_a_loaded_result_still_refuses_other_saes(tmp_path):
+    pair = planted_pair(d_sae=32, seed=2)
+    other = planted_pair(d_sae=32, seed=9)
+    directory = match(pair.sae_a, pair.sae_b, progress=False).save(tmp_path / "r")
+    with pytest.raises(ProvenanceError, match="source"):
+        matching_module.MatchResult.load(directory, source=other.sae_a)
+    with pytest.raises(ProvenanceError, match="target"):
+        matching_module.MatchResult.load(directory, target=other.sae_b)
+    with pytest.raises(ProvenanceError, match="has 32 source features"):
+        matching_module.MatchResult.load(directory, source=build_sae("jumprelu", seed=0))
+    loaded = matching_module.MatchResult.load(directory)
+    with pytest.raises(ProvenanceError):
+        loaded.permutation.check_saes(other.sae_a, pair.sae_b)
+    loaded.permutation.check_saes(pair.sae_a, pair.sae_b)
+
+
+def _rewrite_manifest(directory, edit):
+    record = json.loads((directory / "result.json").read_text())
+    edit(record)
+    (directory / "result.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(("version", "advice"), [(2, "upgrade sae_match_lens"), (0, "re-run")])
+def test_load_refuses_another_format_version_and_says_what_to_do(tmp_path, version, advice):
+    pair = planted_pair(d_sae=16, seed=2)
+    directory = match(pair.sae_a, pair.sae_b, progress=False).save(tmp_path / "r")
+    _rewrite_manifest(directory, lambda r: r.update(format_version=version))
+    with pytest.raises(matching_module.MatchResultFileError,
+                       match=f"version {version}, but this sae_match_lens reads version 1; {advice}"):
+        matching_module.MatchResult.load(directory)
+
+
+def test_load_refuses_tampered_mixed_missing_and_foreign_saves(tmp_path):
+    pair = planted_pair(d_sae=32, seed=2)
+    result = match(pair.sae_a, pair.sae_b, progress=False)
+    directory = result.save(tmp_path / "r")
+    _rewrite_manifest(directory, lambda r: r["fields"].update(total_cost=0.0))
+    with pytest.raises(matching_module.MatchResultFileError, match="checksum"):
+        matching_module.MatchResult.load(directory)
+    result.save(directory)
+    other = result._replace(cost_F=result.cost_F * 2).save(tmp_path / "other")
+    (other / "result.safetensors").replace(directory / "result.safetensors")
+    with pytest.raises(matching_module.MatchResultFileError, match="checksum"):
+        matching_module.MatchResult.load(directory)
+    with pytest.raises(matching_module.MatchResultFileError, match="does not exist"):
+        matching_module.MatchResult.load(tmp_path / "missing")
+    perm_file = result.permutation.save(tmp_path / "p.safetensors")
+    with pytest.raises(matching_module.MatchResultFileError, match="Permutation.load"):
+        matching_module.MatchResult.load(perm_file)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(matching_module.MatchResultFileError, match="not a readable"):
+        matching_module.MatchResult.load(tmp_path / "empty")
+
+
+def test_save_over_an_earlier_save_replaces_it_and_refuses_a_foreign_directory(tmp_path):
+    pair = planted_pair(d_sae=32, seed=2)
+    result = match(pair.sae_a, pair.sae_b, progress=False)
+    directory = result.save(tmp_path / "r")
+    changed = result._replace(total_cost=1.5, solver="scipy")
+    changed.save(directory)
+    _assert_same_result(matching_module.MatchResult.load(directory), changed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="left untouched"):
+        result.save(foreign)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("where", ["write", "rename"])
+def test_a_failed_save_keeps_the_previous_save_exactly(tmp_path, monkeypatch, where):
+    from sae_match_lens import savedir
+
+    pair = planted_pair(d_sae=32, seed=2)
+    result = match(pair.sae_a, pair.sae_b, progress=False)
+    directory = result.save(tmp_path / "r")
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    if where == "write":
+        monkeypatch.setattr(matching_module, "save_file", broken)
+    else:
+        monkeypatch.setattr(savedir, "_exchange", lambda a, b: False)  # the portable route
+        real_rename = os.rename
+
+        def rename(src, dst):  # the new directory cannot move in once the old one is aside
+            if str(src).endswith(".sae-match-tmpdir") and not os.path.exists(dst):
+                raise OSError("disk full")
+            return real_rename(src, dst)
+
+        monkeypatch.setattr(savedir.os, "rename", rename)
+    with pytest.raises(OSError, match="disk full"):
+        result._replace(total_cost=1.0).save(directory)
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_save_removes_temporaries_of_a_killed_save(tmp_path):
+    pair = planted_pair(d_sae=16, seed=2)
+    result = match(pair.sae_a, pair.sae_b, progress=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = tmp_path / f".r.{dead}.0badc0de.sae-match-tmpdir"
+    stale.mkdir()
+    (stale / "result.json").write_text("{")
+    result.save(tmp_path / "r")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_to_frame_has_one_row_per_source_feature_with_partner_cost_margin_and_confidence():
+    pair = planted_pair(d_sae=48, noise=0.2, seed=3)
+    result = match(pair.sae_a, pair.sae_b, progress=False, max_cost="auto")
+    frame = result.to_frame()
+    assert len(frame) == 48 and list(frame.feature_a) == list(range(48))
+    assert (frame.feature_b.to_numpy() == result.permutation.indices.numpy()).all()
+    assert (frame.matched == (frame.feature_b >= 0)).all()
+    assert np.array_equal(frame.cost.to_numpy(), result.cost_F.numpy(), equal_nan=True)
+    assert np.array_equal(frame.margin.to_numpy(), result.margin_F.numpy())
+    assert np.array_equal(frame.confidence.to_numpy(), result.confidence_F.numpy(), equal_nan=True)
+    assert frame.hook_a.unique().tolist() == ["blocks.0.hook_resid_post"]
+    assert frame.layer_a.unique().tolist() == [0] and frame.layer_b.unique().tolist() == [1]
+    assert frame.neuronpedia_url_a.isna().all()  # the tiny SAEs have no Neuronpedia id
+    no_confidence = match(pair.sae_a, pair.sae_b, progress=False).to_frame()
+    assert list(no_confidence.columns) == list(frame.columns)
+    assert no_confidence.confidence.isna().all()
+
+
+def test_to_frame_gives_neuronpedia_urls_when_the_identities_carry_ids():
+    pair = planted_pair(d_sae=16, seed=3)
+    result = match(pair.sae_a, pair.sae_b, progress=False)
+    md = dict(result.permutation.metadata)
+    md["source"] = {**md["source"], "neuronpedia_id": "gpt2-small/0-res-jb"}
+    md["target"] = {**md["target"], "neuronpedia_id": "gpt2-small/1-res-jb"}
+    perm = Permutation(torch.tensor([3, -1, *range(4, 18)]), 18, md)
+    frame = result._replace(permutation=perm).to_frame()
+    assert frame.neuronpedia_url_a[1] == "https://www.neuronpedia.org/gpt2-small/0-res-jb/1"
+    assert frame.neuronpedia_url_b[0] == "https://www.neuronpedia.org/gpt2-small/1-res-jb/3"
+    assert frame.neuronpedia_url_b.isna().tolist() == [False, True, *[False] * 14]
+    assert frame.neuronpedia_id_b.unique().tolist() == ["gpt2-small/1-res-jb"]
+
+
+def test_confidence_is_the_fraction_of_chance_costs_above_each_pair():
+    pair = planted_pair(d_sae=64, noise=0.2, seed=5)
+    result = match(pair.sae_a, pair.sae_b, progress=False, max_cost="auto")
+    w = matching_module.CostWeights.resolve(None, "mse")
+    stacked = tuple(matching_module.stack_features(matching_module.feature_view(s, fold=True), w, "mse")
+                    for s in (pair.sae_a, pair.sae_b))
+    best = matching_module.null_costs(*stacked, columns=matching_module._block_columns(w, 32, 32),
+                                      shared_rotation=True, n_rows=2048, seed=0).numpy()
+    for i, c in enumerate(result.cost_F.tolist()):
+        expected = float((best > c).mean()) if not math.isnan(c) else math.nan
+        assert result.confidence_F[i].item() == pytest.approx(expected, nan_ok=True)
+    recomputed = match(pair.sae_a, pair.sae_b, progress=False).with_confidence(pair.sae_a,
+                                                                               pair.sae_b)
+    ok = result.matched
+    assert torch.equal(recomputed.confidence_F[ok], result.confidence_F[ok])
+
+
+def test_planted_partners_beat_chance_and_unrelated_pairs_do_not():
+    pair = planted_pair(d_sae=64, noise=0.05, seed=6)
+    planted = match(pair.sae_a, pair.sae_b, progress=False).with_confidence(pair.sae_a,
+                                                                            pair.sae_b)
+    assert float(planted.confidence_F.min()) == 1.0
+    unrelated = planted_pair(d_sae=64, noise=0.05, seed=7)
+    forced = match(pair.sae_a, unrelated.sae_b, progress=False).with_confidence(pair.sae_a,
+                                                                                unrelated.sae_b)
+    assert float(forced.confidence_F.median()) < 0.9
+    with pytest.raises(ProvenanceError):
+        planted.with_confidence(pair.sae_a, unrelated.sae_b)
