@@ -6,6 +6,17 @@ Subcommands:
   SAELens release with ``--release``) and write a report.
 * ``sae-match match A B --out FILE`` — match two SAEs (saved directories, or
   ``release:sae_id`` for ``SAE.from_pretrained``) and save the permutation.
+* ``sae-match chain RELEASE --layers 10-14 --out DIR`` — match every adjacent pair of a SAELens
+  release's SAEs at those model layers; save the permutations, an edge table and a manifest.
+* ``sae-match links RELEASE --layers 10-12 --out FILE.csv`` — top-k links between adjacent
+  layers, with Neuronpedia URLs (CSV or JSON).
+* ``sae-match flow RELEASE --mlp-release R --layer L --feature F --out FILE.json`` — the
+  Feature Flow graph of one residual feature (node-link JSON, optionally GraphML).
+
+Release commands resolve SAE ids with :mod:`sae_match_lens.releases` (``--width``, ``--l0``,
+``--hook``, ``--variant`` make the choices a release offers; an open choice is reported with its
+values). They are data-free: no model is loaded. Outputs are written only after the work is done,
+each file atomically, so a failed run leaves earlier results as they were.
 
 Only the standard library is imported until a command runs, so ``--help`` answers at once;
 torch, SAELens and TransformerLens are imported inside the command functions. A user error (a
@@ -16,6 +27,8 @@ one ``sae-match: error: ...`` line on stderr with exit status 1; ``-v`` shows th
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import logging
 import os
 import sys
@@ -135,6 +148,166 @@ def _cmd_view(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_atomic(path: str | Path, write: Any) -> Path:
+    """``write(tmp)`` a temporary beside ``path``, then move it into place."""
+    from .permutation import _remove_stale_temporaries, _temp_beside
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
+    tmp = _temp_beside(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write_text(path: str | Path, text: str) -> Path:
+    return _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _choices(args: argparse.Namespace) -> dict[str, Any]:
+    return {"width": args.width, "l0": args.l0, "hook": args.hook, "variant": args.variant}
+
+
+def _release_stack(args: argparse.Namespace, layers: list[int]) -> tuple[list[Any], dict[int, Any]]:
+    """Resolve and load ``args.release`` at ``layers``; a hub outage becomes a one-line error."""
+    from .releases import HubUnavailableError, load_release_stack, resolve_release
+
+    entries = resolve_release(args.release, layers=layers, **_choices(args))
+    try:
+        stack = load_release_stack(args.release, layers=layers, progress=not args.quiet,
+                                   **_choices(args))
+    except HubUnavailableError as exc:
+        raise CommandError(str(exc)) from None
+    return entries, stack
+
+
+def _cmd_chain(args: argparse.Namespace) -> int:
+    from .releases import parse_layers
+
+    layers = parse_layers(args.layers)
+    _check_writable(args.out, directory=True)
+    entries, stack = _release_stack(args, layers)
+    from .chain import match_chain
+
+    chain = match_chain(stack, fold=not args.no_fold, metric=args.metric, max_cost=args.max_cost,
+                        solver=args.solver, progress=not args.quiet)
+    out = Path(args.out)
+    edges = chain.edges()
+    model_layers = dict(enumerate(layers))
+    edges.insert(0, "model_layer_b", edges.layer_b.map(model_layers))
+    edges.insert(0, "model_layer_a", edges.layer_a.map(model_layers))
+    manifest = {
+        "format": "sae_match_lens.chain_cli", "release": args.release, "layers": layers,
+        "choices": _choices(args), "saes": [e._asdict() for e in entries],
+        "options": {"fold": not args.no_fold, "metric": args.metric, "max_cost": args.max_cost,
+                    "solver": args.solver},
+        "steps": [{"layers": [layers[i], layers[i + 1]], "file": f"step_{i:03d}.safetensors",
+                   "n_matched": r.permutation.n_matched, "n_source": r.permutation.n_source,
+                   "certified": r.certified, "total_cost": r.total_cost}
+                  for i, r in enumerate(chain.steps)],
+    }
+    chain.save(out)
+    _write_text(out / "edges.csv", edges.to_csv(index=False))
+    _write_text(out / "chain.json", json.dumps(manifest, indent=1, default=str))
+    for i, r in enumerate(chain.steps):
+        print(f"layer {layers[i]}→{layers[i + 1]}: matched {r.permutation.n_matched}/"
+              f"{r.permutation.n_source} features, total cost {r.total_cost:.6g}, "
+              f"certified={r.certified}")
+    print(f"saved {len(chain.steps)} permutations, edges.csv and chain.json in {out}")
+    return 0
+
+
+def _cmd_links(args: argparse.Namespace) -> int:
+    from .releases import parse_layers
+
+    layers = parse_layers(args.layers)
+    suffix = Path(args.out).suffix.lower()
+    if suffix not in (".csv", ".json"):
+        raise CommandError(f"--out {args.out!r} must end in .csv or .json.")
+    _check_writable(args.out, directory=False)
+    _, stack = _release_stack(args, layers)
+    import pandas as pd
+
+    from .linking import links
+
+    frames = []
+    for a, b in itertools.pairwise(layers):
+        lk = links(stack[a], stack[b], k=args.k, score=args.score, null_rate=args.null_rate,
+                   progress=not args.quiet)
+        frame = lk.to_frame()
+        frame.insert(0, "layer_b", b)
+        frame.insert(0, "layer_a", a)
+        frames.append(frame)
+        kept = int((lk.indices[:, 0] >= 0).sum())
+        print(f"layer {a}→{b}: {kept}/{lk.indices.shape[0]} features linked "
+              f"({lk.distinct_targets()} distinct top-1 targets), score {args.score}")
+    table = pd.concat(frames, ignore_index=True)
+    text = table.to_csv(index=False) if suffix == ".csv" else table.to_json(orient="records", indent=1)
+    print(f"saved {len(table)} links to {_write_text(args.out, text)}")
+    return 0
+
+
+def _cmd_flow(args: argparse.Namespace) -> int:
+    from .releases import load_module_stack, parse_layers, release_saes
+
+    if not args.out.lower().endswith(".json"):
+        raise CommandError(f"--out {args.out!r} must end in .json (node-link JSON).")
+    if args.graphml is not None:
+        _check_writable(args.graphml, directory=False)
+    _check_writable(args.out, directory=False)
+    if args.layers is not None:
+        layers = parse_layers(args.layers, minimum=1)
+        if args.layer not in layers:
+            raise CommandError(f"--layers {args.layers} does not contain the seed layer {args.layer}.")
+    else:
+        have = {e.layer for e in release_saes(args.release)}
+        layers = [x for x in range(args.layer - args.span, args.layer + args.span + 1) if x in have]
+    from .releases import HubUnavailableError
+
+    try:
+        stack = load_module_stack(args.release, mlp_release=args.mlp_release,
+                                  attn_release=args.attn_release, layers=layers, width=args.width,
+                                  l0=args.l0, progress=not args.quiet)
+    except HubUnavailableError as exc:
+        raise CommandError(str(exc)) from None
+    from .flow import flow_graph
+
+    graph = flow_graph(stack, (args.layer, args.feature), score=args.score, cut=args.cut,
+                       module_min=args.module_min, progress=not args.quiet)
+    text = json.dumps(graph.to_node_link(), indent=1, allow_nan=False, default=str)
+    path = _write_text(args.out, text)
+    if args.graphml is not None:
+        _write_atomic(args.graphml, graph.save_graphml)
+    counts = graph.nodes.module.value_counts().to_dict()
+    first, last = graph.similarity_span
+    ends = [x for x, end in ((first, layers[0]), (last, layers[-1])) if x == end and len(layers) > 1]
+    note = (f"; the span reaches the end of the loaded layers ({', '.join(map(str, ends))}): "
+            "widen --layers or --span to follow it further" if ends else "")
+    print(f"flow graph from {graph.options['seed']} over layers {layers[0]}-{layers[-1]}: "
+          f"{len(graph.nodes)} nodes ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}), "
+          f"{len(graph.edges)} edges, similarity span {first}-{last}{note}; saved {path}")
+    return 0
+
+
+def _add_release_options(p: argparse.ArgumentParser, *, stack: bool = True) -> None:
+    """The release and its choices; ``stack``: also ``--layers`` (required), ``--hook``,
+    ``--variant`` (a flow stack fixes each module's hook)."""
+    p.add_argument("release", help="a SAELens release, e.g. gemma-scope-2b-pt-res-canonical")
+    if stack:
+        p.add_argument("--layers", required=True, help="model layers, e.g. 10-14 or 3,5,7")
+    p.add_argument("--width", help="width of the SAEs, e.g. 16k (when the release has several)")
+    p.add_argument("--l0", help="average L0: a number (the nearest at each layer) or a label "
+                   "such as big (when the release has several)")
+    if stack:
+        p.add_argument("--hook", help="hook site, e.g. hook_resid_pre (when a layer has several)")
+        p.add_argument("--variant", help="e.g. trainer_0 (when the release has several)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sae-match`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -184,6 +357,54 @@ def build_parser() -> argparse.ArgumentParser:
                    "'https://www.neuronpedia.org/gpt2-small/{model_layer}-res-jb/{feature}'")
     v.add_argument("--title", help="page title")
     v.set_defaults(func=_cmd_view)
+
+    c = sub.add_parser("chain", help="match adjacent layers of a SAELens release and save the chain",
+                       description="Match every adjacent pair of a release's SAEs at the given model "
+                       "layers (data-free; SAEs come from SAE.from_pretrained or the local cache). "
+                       "DIR gets step_NNN.safetensors (+ .json), edges.csv (model layers, features, "
+                       "costs, Neuronpedia URLs) and chain.json.")
+    _add_release_options(c)
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--no-fold", action="store_true", help="match raw instead of folded parameters")
+    c.add_argument("--metric", default="mse", choices=["mse", "cosine"])
+    c.add_argument("--max-cost", type=_max_cost, default=None,
+                   help="'none' (full bijection, default), 'auto' (null model) or a number")
+    c.add_argument("--solver", default="auto", choices=["auto", "lapjv", "scipy"])
+    c.set_defaults(func=_cmd_chain)
+
+    scores = ["decoder_cosine", "folded_mse", "cosine_sum", "csls", "cosine_density"]
+    lk = sub.add_parser("links", help="top-k links between adjacent layers of a release (CSV/JSON)",
+                        description="For each feature at each layer, its k best partners at the next "
+                        "layer, with score, null-model confidence and Neuronpedia URLs.")
+    _add_release_options(lk)
+    lk.add_argument("--out", required=True, help="output file, .csv or .json")
+    lk.add_argument("--k", type=int, default=1, help="partners per feature (default: %(default)s)")
+    lk.add_argument("--score", default="cosine_density", choices=scores,
+                    help="link score (default: %(default)s)")
+    lk.add_argument("--null-rate", type=float, default=None,
+                    help="drop links the null model would give a random feature at this rate")
+    lk.set_defaults(func=_cmd_links)
+
+    f = sub.add_parser("flow", help="the Feature Flow graph of one residual feature",
+                       description="Follow a residual feature forward and backward through top-1 "
+                       "links, with its MLP and attention predecessors, and save the graph.")
+    _add_release_options(f, stack=False)
+    f.add_argument("--mlp-release", help="MLP-output release, e.g. gemma-scope-2b-pt-mlp-canonical")
+    f.add_argument("--attn-release", help="attention-output release (hook_attn_out), "
+                   "e.g. llama_scope_lxa_8x")
+    f.add_argument("--layer", type=int, required=True, help="model layer of the seed feature")
+    f.add_argument("--feature", type=int, required=True, help="the seed feature")
+    f.add_argument("--layers", help="layers to load, e.g. 8-16 (default: --span around --layer)")
+    f.add_argument("--span", type=int, default=3,
+                   help="without --layers, load this many layers on each side (default: %(default)s)")
+    f.add_argument("--score", default="decoder_cosine", choices=scores,
+                   help="link score (default: %(default)s, the paper's)")
+    f.add_argument("--cut", type=float, default=0.5, help="residual links below this end the flow")
+    f.add_argument("--module-min", type=float, default=0.15,
+                   help="MLP/attention predecessors below this are dropped")
+    f.add_argument("--out", required=True, help="output node-link JSON file")
+    f.add_argument("--graphml", help="also write the graph as GraphML to this file")
+    f.set_defaults(func=_cmd_flow)
     return parser
 
 
