@@ -196,6 +196,11 @@ class BuildConfig:
     """Leading shard sequences whose metrics the tests recompute."""
     threads: int = 2
     """Torch intra-op threads."""
+    stage: str = "all"
+    """``all``: build the whole suite (replacing ``out``); ``modules``: add JumpReLU SAEs at
+    every layer's ``hook_mlp_out`` and ``hook_attn_out`` to the suite already in ``out``,
+    trained on its shipped model with the residual JumpReLU recipe (model, tokenizer,
+    residual SAEs and their manifest entries are kept as they are)."""
 
 
 def parse_args(argv: list[str] | None = None) -> BuildConfig:
@@ -818,6 +823,118 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     return manifest
 
 
+def train_tokens_of_suite(cfg: BuildConfig, out: Path, tokenizer: Any) -> tuple[torch.Tensor, Any]:
+    """The training sequences of the suite in ``out``, packed with its shipped tokenizer and
+    shuffled as :func:`build` shuffles them; also the corpus record (hashes of the sources)."""
+    sources = write_sources(Path(cfg.work))
+    train_docs, _ = split_corpus(sources)
+    train_tokens = pack(train_docs, tokenizer, cfg.n_ctx)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    train_tokens = train_tokens[torch.randperm(train_tokens.shape[0], generator=gen)]
+    record = {name: sha256(path) for name, path in sources.items()}
+    return train_tokens, record
+
+
+def build_modules(cfg: BuildConfig) -> dict[str, Any]:
+    """``--stage modules``: JumpReLU SAEs at every block's MLP and attention outputs.
+
+    The suite in ``cfg.out`` keeps everything it has; the new SAEs go to
+    ``saes/jumprelu/blocks.L.hook_mlp_out`` and ``.../blocks.L.hook_attn_out`` and the manifest
+    gains a ``"module_saes"`` section (hook names, per-SAE seed, input scale, training time and
+    metrics on the held-out shard, the corpus hashes they were trained on). The new suite is
+    written beside ``out`` and swapped in at the end, so a failed run leaves ``out`` as it was.
+    """
+    t0 = time.time()
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    manifest = assets.load_manifest(out)
+    built = manifest["build_config"]
+    for key in ("seed", "n_layers", "d_model", "n_ctx", "act_seqs"):
+        if built[key] != getattr(cfg, key):
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)} differs from the "
+                             f"suite's {built[key]} (its manifest's build_config).")
+    ensure_packages(cfg.apt)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out / assets.TOKENIZER_DIR), local_files_only=True)
+    train_tokens, corpus = train_tokens_of_suite(cfg, out, tokenizer)
+    shipped = {k: v["sha256"] for k, v in manifest["corpus"]["sources"].items()}
+    same_corpus = corpus == shipped
+    if not same_corpus:
+        log(f"warning: the corpus differs from the one the suite was built on "
+            f"({sorted(k for k in corpus if corpus[k] != shipped.get(k))} changed: other Debian "
+            "package versions); the module SAEs are trained on this one and the manifest says so")
+    model = assets.load_suite_model(out)
+    eval_tokens = assets.load_eval_tokens(out)
+    test_tokens = eval_tokens[: cfg.test_seqs]
+    clean_ce = manifest["model"]["held_out_ce"]
+    clean_ce_test = manifest["model"]["test_subset_ce"]
+    act_tokens = train_tokens[: cfg.act_seqs]
+
+    staging = Path(tempfile.mkdtemp(prefix="default_suite_", dir=out.parent))
+    shutil.rmtree(staging)
+    shutil.copytree(out, staging)
+    hook_names = {m: [f"blocks.{layer}.{assets.MODULE_HOOKS[m]}" for layer in range(cfg.n_layers)]
+                  for m in ("mlp", "attn")}
+    records: dict[str, dict[str, Any]] = {}
+    t_act = t_train = 0.0
+    for layer in range(cfg.n_layers):
+        t = time.time()
+        hooks = [hook_names[m][layer] for m in ("mlp", "attn")]
+        acts = collect_activations(model, act_tokens, hooks)
+        t_act += time.time() - t
+        for module_index, hook_name in enumerate(hooks):
+            x = acts.pop(hook_name)
+            scale = math.sqrt(cfg.d_model) / x[:65536].norm(dim=-1).mean().item()
+            seed = cfg.seed + 1000 * (layer + 1) + 100 * (module_index + 1) + 20
+            ts = time.time()
+            sae = train_jumprelu(cfg, x * scale, hook_name, seed)
+            save_sae(sae, scale, staging / assets.SAES_DIR / "jumprelu" / assets.sae_dir_name(hook_name))
+            records[hook_name] = {"seed": seed, "input_scale": scale,
+                                  "train_seconds": round(time.time() - ts, 1)}
+            t_train += time.time() - ts
+            log(f"  jumprelu SAE {hook_name} trained in {time.time() - ts:.0f}s")
+    manifest[assets.MODULE_SAES_KEY] = {
+        "hook_names": hook_names,
+        "families": {"jumprelu": records},
+    }
+    (staging / assets.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    t = time.time()
+    for module in ("mlp", "attn"):
+        for sae in assets.load_suite_saes("jumprelu", staging, module=module):  # type: ignore[arg-type]
+            hook_name = sae.cfg.metadata.hook_name
+            full = assets.compute_sae_metrics(model, sae, eval_tokens, clean_ce_loss=clean_ce)
+            test = assets.compute_sae_metrics(model, sae, test_tokens, clean_ce_loss=clean_ce_test)
+            records[hook_name].update(architecture=sae.cfg.architecture(), metrics=full.to_dict(),
+                                      test_subset_metrics=test.to_dict())
+            log(f"  jumprelu {hook_name}: EV {full.explained_variance:.3f}  L0 {full.l0:.1f}  "
+                f"dead {full.dead_fraction:.3f}  CE {full.ce_loss:.3f} (+{full.delta_ce:.3f})")
+    manifest[assets.MODULE_SAES_KEY].update({
+        "description": ("JumpReLU SAEs at every block's MLP output (hook_mlp_out) and attention "
+                        "output (hook_attn_out), trained on the shipped model with the residual "
+                        "JumpReLU recipe (TopK warm start, per-feature thresholds, fine-tuning)."),
+        "d_sae": cfg.d_sae,
+        "activation_vectors_per_hook": int(act_tokens.shape[0] * (cfg.n_ctx - 1)),
+        "build_config": asdict(cfg),
+        "build_command": " ".join(sys.argv),
+        "corpus_sha256": corpus,
+        "same_corpus_as_suite": same_corpus,
+        "timings_s": {"activations_s": round(t_act, 1), "sae_training_s": round(t_train, 1),
+                      "evaluation_s": round(time.time() - t, 1),
+                      "total_s": round(time.time() - t0, 1)},
+    })
+    (staging / assets.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old)
+    log(f"added {len(records)} module SAEs to {out} ({dir_size(out) / 1e6:.2f} MB) "
+        f"in {(time.time() - t0) / 60:.1f} min")
+    return manifest
+
+
 def _version(dist: str) -> str:
     from importlib.metadata import version
 
@@ -827,7 +944,12 @@ def _version(dist: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         print("warning: OMP_WAIT_POLICY=PASSIVE is not set; torch may slow down badly.")
-    build(parse_args(argv))
+    cfg = parse_args(argv)
+    if cfg.stage not in ("all", "modules"):
+        raise SystemExit(f"--stage must be 'all' or 'modules', got {cfg.stage!r}")
+    if cfg.stage == "all":
+        build(cfg)
+    build_modules(cfg)
 
 
 if __name__ == "__main__":

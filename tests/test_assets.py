@@ -158,3 +158,47 @@ def test_missing_suite_directory_raises_a_clear_error(tmp_path) -> None:
         assets.load_suite_saes("jumprelu", tmp_path)
     with pytest.raises(assets.SuiteFilesMissingError, match="model config"):
         assets.load_suite_model(tmp_path)
+
+
+@pytest.mark.parametrize("module", ["mlp", "attn"])
+def test_module_saes_read_their_block_outputs_and_reproduce_the_manifest(
+    suites, manifest: dict[str, Any], test_tokens: torch.Tensor, module: str
+) -> None:
+    model, _ = suites["jumprelu"]
+    saes = assets.load_suite_saes("jumprelu", module=module)  # type: ignore[arg-type]
+    records = manifest[assets.MODULE_SAES_KEY]["families"]["jumprelu"]
+    clean = manifest["model"]["test_subset_ce"]
+    assert len(saes) == model.cfg.n_layers
+    for layer, sae in enumerate(saes):
+        hook_name = f"blocks.{layer}.{assets.MODULE_HOOKS[module]}"
+        assert type(sae) is JumpReLUSAE and sae.cfg.metadata.hook_name == hook_name
+        assert hook_name in model.hook_dict and sae.cfg.d_in == model.cfg.d_model
+        assert bool((sae.threshold > 0).all()), hook_name
+        expected = records[hook_name]["test_subset_metrics"]
+        got = assets.compute_sae_metrics(model, sae, test_tokens, clean_ce_loss=clean)
+        assert got.explained_variance == pytest.approx(expected["explained_variance"], abs=EV_TOL)
+        assert got.l0 == pytest.approx(expected["l0"], rel=L0_REL_TOL), hook_name
+        assert got.ce_loss == pytest.approx(expected["ce_loss"], abs=CE_TOL), hook_name
+        full = records[hook_name]["metrics"]  # alive and faithful on the whole shard
+        assert full["dead_fraction"] < 0.2 and full["explained_variance"] >= 0.8, hook_name
+
+
+def test_the_suite_stack_pairs_each_layers_residual_mlp_and_attention_saes() -> None:
+    stack = assets.load_suite_stack()
+    assert sorted(stack) == list(range(6))
+    for layer, saes in stack.items():
+        assert saes.res.cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post"
+        assert saes.mlp.cfg.metadata.hook_name == f"blocks.{layer}.hook_mlp_out"
+        assert saes.attn.cfg.metadata.hook_name == f"blocks.{layer}.hook_attn_out"
+    residual_only = assets.load_suite_stack(modules=())
+    assert residual_only[2].mlp is None and residual_only[2].attn is None
+    with pytest.raises(ValueError, match="modules must be distinct"):
+        assets.load_suite_stack(modules=("res",))
+
+
+def test_a_suite_without_module_saes_says_how_to_add_them(tmp_path) -> None:
+    (tmp_path / assets.MANIFEST_FILE).write_text(
+        '{"saes": {"hook_names": ["blocks.0.hook_resid_post"]}}'
+    )
+    with pytest.raises(assets.SuiteFilesMissingError, match="--stage modules"):
+        assets.load_suite_saes("jumprelu", tmp_path, module="mlp")
