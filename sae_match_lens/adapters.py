@@ -44,6 +44,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +83,8 @@ __all__ = [
     "folded_activation_factor",
     "hook_name_of",
     "identity_mismatch",
+    "layers_from_hooks",
+    "model_layer_of",
     "rescale",
     "sae_identity",
     "same_sae",
@@ -133,6 +137,55 @@ def hook_name_of(sae: Any) -> str:
     if metadata is not None and "hook_name" in metadata and metadata["hook_name"]:
         return str(metadata["hook_name"])
     return "<no hook_name>"
+
+
+_BLOCK_HOOK = re.compile(r"blocks\.(\d+)\.")
+
+
+def model_layer_of(sae_or_hook: Any) -> int | None:
+    """The model layer an SAE (or a hook name) reads: ``L`` of ``blocks.L.…``; None otherwise.
+
+    Example:
+        >>> model_layer_of("blocks.12.hook_resid_post")
+        12
+    """
+    hook = sae_or_hook if isinstance(sae_or_hook, str) or sae_or_hook is None else hook_name_of(sae_or_hook)
+    found = _BLOCK_HOOK.match(hook or "")
+    return int(found.group(1)) if found else None
+
+
+def layers_from_hooks(saes: Sequence[Any], *, what: str) -> list[int]:
+    """The model layer of each SAE of a list, from its hook name (``blocks.L.…``).
+
+    Args:
+        saes: the SAEs.
+        what: who asks, for the error messages (e.g. ``"match_chain"``).
+
+    Raises:
+        ValueError: an SAE's hook names no block, or two SAEs read the same layer (the message
+            names the hooks and says to pass a mapping ``{model layer: SAE}`` instead).
+
+    Example:
+        >>> layers_from_hooks([sae_l10, sae_l11], what="match_chain")
+        [10, 11]
+    """
+    hooks = [hook_name_of(sae) for sae in saes]
+    layers = [model_layer_of(hook) for hook in hooks]
+    unknown = [hook for hook, layer in zip(hooks, layers, strict=True) if layer is None]
+    if unknown:
+        raise ValueError(
+            f"{what}: cannot tell the model layer of {unknown} (a list takes each SAE's layer "
+            "from its hook name 'blocks.L.…'); pass a mapping {model layer: SAE} instead."
+        )
+    seen: dict[int, str] = {}
+    for hook, layer in zip(hooks, layers, strict=True):
+        if layer in seen:
+            raise ValueError(
+                f"{what}: '{seen[layer]}' and '{hook}' are both at model layer {layer}; a list "
+                "needs one SAE per layer. Pass a mapping {model layer: SAE} instead."
+            )
+        seen[layer] = hook  # type: ignore[index]
+    return layers  # type: ignore[return-value]
 
 
 def describe_sae(sae: Any) -> str:

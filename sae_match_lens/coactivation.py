@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import describe_sae, hook_name_of, validate_sae
+from .adapters import describe_sae, hook_name_of, layers_from_hooks, validate_sae
 from .linking import Links
 from .matching import MatchResult
 from .metrics import fires, scored_states
@@ -180,12 +180,17 @@ def token_batches(tokens: torch.Tensor | Iterable[torch.Tensor], batch_size: int
 def sae_pairs(saes: Sequence[Any] | Mapping[Hashable, Any],
               pairs: Sequence[tuple[Hashable, Hashable]] | None
               ) -> tuple[dict[Hashable, Any], list[tuple[Hashable, Hashable]]]:
-    """The SAEs keyed as given (a list is keyed 0, 1, ...) and the checked ``(a, b)`` pairs
-    (default: adjacent keys in the given order)."""
+    """The SAEs keyed as given (a list is keyed by model layer, from each hook name
+    ``blocks.L.…``) and the checked ``(a, b)`` pairs (default: adjacent keys in the given order).
+
+    Raises:
+        ValueError: a listed SAE's hook names no block, or two listed SAEs are at one layer
+            (pass a mapping then).
+    """
     if isinstance(saes, Mapping):
         sae_map = dict(saes)
     elif isinstance(saes, Sequence) and not isinstance(saes, str | bytes):
-        sae_map = dict(enumerate(saes))
+        sae_map = dict(zip(layers_from_hooks(saes, what="a list of SAEs"), saes, strict=True))
     else:
         raise TypeError(f"saes must be a list or a dict of SAEs, got {type(saes).__name__}.")
     keys = list(sae_map)
@@ -310,7 +315,8 @@ def evaluate_links(
 
     Args:
         model: the TransformerLens model the SAEs read.
-        saes: the SAEs, as a list (keys 0, 1, ...) or a dict (e.g. layer → SAE).
+        saes: the SAEs, as a list (keyed by the model layer in each hook name ``blocks.L.…``)
+            or a dict (e.g. layer → SAE).
         tokens: ``[n_seq, pos]`` token ids with BOS at position 0 (split into ``batch_size``
             sequences), or an iterable of ``[batch, pos]`` batches.
         methods: ``{name: {(a, b): links}}`` where links are :class:`~sae_match_lens.linking.Links`,

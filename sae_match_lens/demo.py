@@ -14,7 +14,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ import pandas as pd
 import torch
 
 from .adapters import fold_scales, hook_name_of, validate_sae
-from .chain import ChainMatch, compare_composed_direct, match_chain
+from .chain import ChainMatch, chain_saes, compare_composed_direct, match_chain
 from .matching import null_max_cost
 from .metrics import fires
 from .releases import (
@@ -154,7 +153,7 @@ def run_demo(
 
 def run_pipeline(
     model: Any,
-    saes: Sequence[Any],
+    saes: Sequence[Any] | Mapping[int, Any],
     tokens: torch.Tensor,
     out: str | Path,
     *,
@@ -169,9 +168,10 @@ def run_pipeline(
 ) -> str:
     """Fold, match, compose, evaluate and report (see the module docstring).
 
-    ``stack`` (``{model layer: LayerSAEs}``) adds MLP/attention SAEs to the flow section; without
-    it the section uses the residual SAEs, keyed by the block number in their hook names.
-    ``flow=False`` leaves the flow section out.
+    ``saes`` is a list (each SAE's model layer from its hook name ``blocks.L.…``) or a mapping
+    ``{model layer: SAE}``; every table and plot names model layers. ``stack`` (``{model layer:
+    LayerSAEs}``) adds MLP/attention SAEs to the flow section; without it the section uses the
+    residual SAEs. ``flow=False`` leaves the flow section out.
     """
     from . import report
     from .evaluation import evaluate_substitution
@@ -179,21 +179,22 @@ def run_pipeline(
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    saes = list(saes)
-    chain = match_chain(saes, progress=progress)
-    raw_chain = match_chain(saes, fold=False, progress=progress)
-    checks = compare_composed_direct(chain, saes, max_distance=max_distance, progress=progress)
-    raw_checks = compare_composed_direct(raw_chain, saes, max_distance=max_distance, fold=False,
-                                         progress=progress)
+    layers, saes = chain_saes(saes, what="run_pipeline")
+    by_layer = dict(zip(layers, saes, strict=True))
+    chain = match_chain(by_layer, progress=progress)
+    raw_chain = match_chain(by_layer, fold=False, progress=progress)
+    checks = compare_composed_direct(chain, by_layer, max_distance=max_distance, progress=progress)
+    raw_checks = compare_composed_direct(raw_chain, by_layer, max_distance=max_distance,
+                                         progress=progress)  # fold=False: recorded in raw_chain
     thresholds = [null_max_cost(saes[i], saes[i + 1]) for i in range(len(saes) - 1)]
-    pairs = [(i, i + 1) for i in range(len(saes) - 1)]
-    table = evaluate_substitution(model, saes, tokens, pairs=pairs, batch_size=8,
-                                  permutations={p: chain.steps[p[0]] for p in pairs},
+    pairs = list(zip(layers, layers[1:], strict=False))
+    table = evaluate_substitution(model, by_layer, tokens, pairs=pairs, batch_size=8,
+                                  permutations=dict(zip(pairs, chain.steps, strict=True)),
                                   progress=progress)
     paths = _traced_paths(model, saes, chain, tokens, n_paths)
     results = _results(model, saes, tokens, chain, raw_chain, checks, raw_checks, thresholds, table,
                        paths, source, family)
-    results["scales"] = scale_profile(model, saes, tokens)
+    results["scales"] = scale_profile(model, by_layer, tokens)
     results["null_rate"] = _null_rate()
     results["reading"] = reading(results)
     if flow:
@@ -203,21 +204,17 @@ def run_pipeline(
     report.plot_substitution(table, out / "substitution.png")
     report.plot_agreement(results["composition"], out / "agreement_vs_distance.png",
                           chance=1 / results["setting"]["d_sae"])
-    labels = [_pair_label(results["setting"]["hooks"], i) for i in range(len(chain.steps))]
+    labels = [f"{a}→{b}" for a, b in pairs]
     report.plot_costs({labels[i]: chain.steps[i].cost_F.tolist() for i in range(len(chain.steps))},
                       {labels[i]: t for i, t in enumerate(thresholds)}, out / "match_costs.png",
                       null_rate=results["null_rate"])
-    report.plot_paths(paths, out / "feature_paths.png", thresholds=thresholds,
+    report.plot_paths(paths, out / "feature_paths.png",
+                      thresholds={b: t for (_, b), t in zip(pairs, thresholds, strict=True)},
                       hooks=results["setting"]["hooks"])
     report.write_report(results, table, out)
     logger.info("demo finished in %.1f s; report in %s", results["seconds"], out)
     return (f"{results['reading'][0]} Report written to {out / 'report.md'} "
             f"({results['seconds']:.0f} s).")
-
-
-def _model_layer(sae: Any, position: int) -> int:
-    found = re.match(r"blocks\.(\d+)\.", hook_name_of(sae))
-    return int(found.group(1)) if found else position
 
 
 def _flow(model: Any, saes: Sequence[Any], tokens: torch.Tensor, chain: ChainMatch,
@@ -227,20 +224,12 @@ def _flow(model: Any, saes: Sequence[Any], tokens: torch.Tensor, chain: ChainMat
     from .flow import LayerSAEs
     from .flow_report import flow_section
 
-    layers = [_model_layer(sae, i) for i, sae in enumerate(saes)]
+    layers = chain.layers
     if stack is None:
         stack = {layer: LayerSAEs(res=sae) for layer, sae in zip(layers, saes, strict=True)}
     permutations = {(layers[i], layers[i + 1]): step for i, step in enumerate(chain.steps)}
     return flow_section(model, stack, tokens, out, permutations=permutations, quick=quick,
                         progress=progress)
-
-
-def _pair_label(hooks: Sequence[str], i: int) -> str:
-    """``"3→4"`` from the block numbers in the hook names, else from the positions in the stack."""
-    blocks = [re.match(r"blocks\.(\d+)\.", h) for h in hooks[i:i + 2]]
-    if all(blocks):
-        return "→".join(b.group(1) for b in blocks if b)
-    return f"{i}→{i + 1}"
 
 
 def _null_rate() -> float | None:
@@ -254,12 +243,13 @@ def _null_rate() -> float | None:
     return None
 
 
-def scale_profile(model: Any, saes: Sequence[Any], tokens: torch.Tensor,
+def scale_profile(model: Any, saes: Sequence[Any] | Mapping[int, Any], tokens: torch.Tensor,
                   batch_size: int = 8) -> list[dict[str, Any]]:
     """The paper's Figure 1 premise, per SAE: the scale the fold divides by against the norm of
     the residual stream it reads.
 
-    One row per SAE with ``layer`` (position in the stack), ``hook_name``, ``fold_rule``
+    ``saes``: a list (model layers from the hook names ``blocks.L.…``) or a mapping ``{model
+    layer: SAE}``. One row per SAE with ``layer`` (its model layer), ``hook_name``, ``fold_rule``
     (``"threshold"``: JumpReLU, s = θ; ``"decoder_norm"``: s = 1/‖W_dec[i]‖; ``"none"``: s = 1),
     ``mean_threshold`` (None without a threshold), ``mean_decoder_norm``, ``mean_fold_scale``,
     ``fold_scale_cv`` (std / mean of the per-feature scales within the layer),
@@ -268,6 +258,7 @@ def scale_profile(model: Any, saes: Sequence[Any], tokens: torch.Tensor,
     where they fire (``!= 0``, :func:`~sae_match_lens.metrics.fires`) on those tokens; BOS
     position excluded from both.
     """
+    layers, saes = chain_saes(saes, what="scale_profile")
     hooks = [hook_name_of(s) for s in saes]
     wanted = set(hooks)
     totals = torch.zeros(len(saes), dtype=torch.float64)
@@ -293,7 +284,7 @@ def scale_profile(model: Any, saes: Sequence[Any], tokens: torch.Tensor,
             rule = "none" if bool((scales == 1).all()) else "decoder_norm"
         decoder = sae.W_dec.detach().to(torch.float64).norm(dim=-1)
         rows.append({
-            "layer": k, "hook_name": hook, "fold_rule": rule,
+            "layer": layers[k], "hook_name": hook, "fold_rule": rule,
             "mean_threshold": float(scales.mean()) if rule == "threshold" else None,
             "mean_decoder_norm": float(decoder.mean()),
             "mean_fold_scale": float(scales.mean()),
@@ -306,13 +297,14 @@ def scale_profile(model: Any, saes: Sequence[Any], tokens: torch.Tensor,
 
 def _traced_paths(model: Any, saes: Sequence[Any], chain: ChainMatch, tokens: torch.Tensor,
                   n_paths: int) -> list[dict[str, Any]]:
-    """The ``n_paths`` complete paths from layer 0 with the lowest total cost among features that
-    fire on the tokens, each step with its top-activating tokens."""
+    """The ``n_paths`` complete paths from the chain's first layer with the lowest total cost
+    among features that fire on the tokens, each step (at its model layer) with its
+    top-activating tokens."""
     hooks = [hook_name_of(s) for s in saes]
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in hooks)
         acts = [sae.encode(cache[hook_name_of(sae)].to(sae.dtype))[:, 1:] for sae in saes]
-    table = chain.paths(0)
+    table = chain.paths()
     complete = (table >= 0).all(dim=1)
     ever = fires(acts[0]).flatten(0, 1).any(dim=0)
     totals = torch.stack([chain.steps[layer].cost_F[table[:, layer].clamp_min(0)]
@@ -325,7 +317,7 @@ def _traced_paths(model: Any, saes: Sequence[Any], chain: ChainMatch, tokens: to
         trace = chain.trace(feature)
         steps = []
         for step in trace.steps:
-            a = acts[step.layer][..., step.feature].flatten()
+            a = acts[chain.position(step.layer)][..., step.feature].flatten()
             top = torch.topk(a.abs(), k=min(5, a.numel())).indices
             top = top[fires(a[top])]
             ids = tokens[:, 1:].flatten()[top].tolist()
@@ -343,11 +335,12 @@ def _results(model: Any, saes: Sequence[Any], tokens: torch.Tensor, chain: Chain
              table: pd.DataFrame, paths: list[dict[str, Any]], source: str, family: str) -> dict[str, Any]:
     cfg = model.cfg
     adjacent = []
-    for layer, (folded, raw) in enumerate(zip(chain.steps, raw_chain.steps, strict=True)):
-        rows = table[(table.layer_a == layer) & (table.layer_b == layer + 1)].set_index("variant")
-        lam = thresholds[layer]
+    for k, (folded, raw) in enumerate(zip(chain.steps, raw_chain.steps, strict=True)):
+        layer_a, layer_b = chain.layers[k], chain.layers[k + 1]
+        rows = table[(table.layer_a == layer_a) & (table.layer_b == layer_b)].set_index("variant")
+        lam = thresholds[k]
         adjacent.append({
-            "layer_a": layer, "layer_b": layer + 1,
+            "layer_a": layer_a, "layer_b": layer_b,
             "agreement_folded_unfolded": folded.permutation.agreement(raw.permutation),
             "mean_cost": float(folded.cost_F.nanmean()),
             "null_max_cost": lam,
@@ -368,6 +361,7 @@ def _results(model: Any, saes: Sequence[Any], tokens: torch.Tensor, chain: Chain
             "source": source, "family": family, "model": getattr(cfg, "model_name", type(model).__name__),
             "n_layers": cfg.n_layers, "d_model": cfg.d_model, "n_saes": len(saes),
             "d_sae": int(saes[0].cfg.d_sae), "hooks": [hook_name_of(s) for s in saes],
+            "layers": list(chain.layers),
             "n_tokens": int(tokens[:, 1:].numel()),
         },
         "adjacent": adjacent,

@@ -310,7 +310,9 @@ def evaluate_substitution(
     Args:
         model: ``HookedTransformer``, ``HookedSAETransformer`` or ``TransformerBridge`` (or the
             model a :class:`ModelRoute` passed as ``route`` runs, e.g. an nnsight model).
-        saes: one SAE per layer, as a list (keys 0, 1, ...) or a dict (any keys, e.g. layers).
+        saes: one SAE per layer, as a list (keyed by model layer, from each hook name
+            ``blocks.L.…``; ``layer_a``/``layer_b`` are then model layers) or a dict (any keys,
+            e.g. model layers; ``layer_a``/``layer_b`` are its keys).
         tokens: token ids ``[n_seq, pos]`` (split into ``batch_size`` sequences), or an
             iterable of ``[batch, pos]`` tensors (used as given). Position 0 is the BOS position.
         pairs: ``(a, b)`` keys of ``saes``; default: adjacent SAEs in the given order.

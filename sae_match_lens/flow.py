@@ -44,7 +44,7 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
-from .adapters import describe_sae, hook_name_of
+from .adapters import describe_sae, hook_name_of, layers_from_hooks
 from .coactivation import record_states
 from .linking import Links, LinkScore, links
 from .metrics import fires, scored_states
@@ -94,7 +94,13 @@ Stack = Mapping[int, LayerSAEs | Any]
 
 
 def _as_stack(stack: Stack | Sequence[Any]) -> dict[int, LayerSAEs]:
-    items = stack.items() if isinstance(stack, Mapping) else enumerate(stack)
+    if isinstance(stack, Mapping):
+        items = list(stack.items())
+    else:  # a list: each entry's model layer from its (residual) SAE's hook name
+        entries = list(stack)
+        saes = [v.res if isinstance(v, LayerSAEs) else v for v in entries]
+        items = list(zip(layers_from_hooks(saes, what="a stack given as a list"), entries,
+                         strict=True))
     out = {}
     for layer, value in items:
         if not isinstance(layer, int):
@@ -127,7 +133,8 @@ def predecessors(
     """Top-1 predecessors of every residual feature at ``layer`` in ``R(L−1)``, ``M(L)``, ``A(L)``.
 
     Args:
-        stack: ``{layer: LayerSAEs}`` (or ``{layer: residual SAE}``, or a list indexed by layer).
+        stack: ``{layer: LayerSAEs}`` (or ``{layer: residual SAE}``, or a list whose layers
+            come from the residual SAEs' hook names ``blocks.L.…``).
         layer: the model layer of the residual features.
         score: the link score (:data:`~sae_match_lens.linking.SCORES`).
         high, low: thresholds of the data-free reading (module docstring), in the score's units.

@@ -242,7 +242,7 @@ def plot_agreement(checks: Sequence[Mapping[str, Any]], path: Path, *, chance: f
     if _finite(chance):
         ax.axhline(chance, color="black", linestyle=":", linewidth=1,
                    label=f"chance (1/d_sae = {100 * chance:.2g}%)")
-    ax.set_xlabel("layer distance between A and C (number of composed adjacent matches)")
+    ax.set_xlabel("distance between A and C in model layers")
     ax.set_ylabel("fraction of A's features whose composed\npartner equals the direct partner")
     values = [float(v) for c in ("agreement", "agreement_unfolded") if c in frame for v in frame[c]
               if _finite(v)]
@@ -319,12 +319,14 @@ def plot_costs(costs: Mapping[str, Sequence[float]], thresholds: Mapping[str, fl
 
 
 def plot_paths(paths: Sequence[Mapping[str, Any]], path: Path, *,
-               thresholds: Sequence[float] | None = None, hooks: Sequence[str] | None = None) -> Path:
+               thresholds: Mapping[int, float] | None = None,
+               hooks: Sequence[str] | None = None) -> Path:
     """A few traced feature paths: per-link cost (colour and ``c=``), feature ids and
     top-activating tokens; features that never fire on the evaluation text are marked.
 
-    ``thresholds[l]`` is the null threshold of the match from layer ``l`` to ``l + 1``; a link
-    cheaper than it gets a ``*``. ``hooks`` (one per layer) labels the layer axis.
+    Each step's ``layer`` is a model layer (the x axis). ``thresholds[l]`` is the null
+    threshold of the match that leads into model layer ``l``; a link cheaper than it gets a
+    ``*``. ``hooks`` (the SAEs' hook names) names the hook kind on the layer axis.
     """
     fig, ax = plt.subplots(figsize=(13, 2.6 + 1.3 * len(paths)))
     costs = [s["cost"] for p in paths for s in p["steps"] if _finite(s.get("cost")) and s["cost"] > 0]
@@ -344,8 +346,8 @@ def plot_paths(paths: Sequence[Mapping[str, Any]], path: Path, *,
             ax.scatter(s["layer"], y, s=110, color=colour, edgecolors="black", zorder=1,
                        marker="o" if fires else "X", linewidths=1 if fires else 1.5)
             star = ""
-            if thresholds is not None and _finite(cost) and 0 < s["layer"] <= len(thresholds):
-                star = "*" if cost < thresholds[s["layer"] - 1] else ""
+            if thresholds is not None and _finite(cost) and _finite(thresholds.get(s["layer"])):
+                star = "*" if cost < thresholds[s["layer"]] else ""
             link = f" c={cost:.2g}{star}" if _finite(cost) else " (start)"
             tokens = ", ".join(repr(t) for t in s.get("top_tokens", [])[:3]) if fires else "never fires"
             ax.annotate(f"#{s['feature']}{link}\n{tokens}", (s["layer"], y), xytext=(0, 11),
@@ -355,12 +357,8 @@ def plot_paths(paths: Sequence[Mapping[str, Any]], path: Path, *,
                    if _finite(p.get("total_cost")) else f"#{p['steps'][0]['feature']}"
                    for p in reversed(paths)])
     all_layers = sorted({s["layer"] for p in paths for s in p["steps"]}) or [0]
-    if hooks is not None and all(_block(hooks[k]) for k in all_layers if k < len(hooks)):
-        ax.set_xticks(all_layers, [_block(hooks[k]) or str(k) for k in all_layers])
-        ax.set_xlabel(f"layer (block of the SAE's {_hook_kind(hooks)})")
-    else:
-        ax.set_xticks(all_layers)
-        ax.set_xlabel("layer (position of the SAE in the stack)")
+    ax.set_xticks(all_layers)
+    ax.set_xlabel(f"model layer (SAEs at {_hook_kind(hooks)})" if hooks else "model layer")
     ax.set_xlim(min(all_layers) - 0.5, max(all_layers) + 0.5)
     ax.set_ylim(0.5, len(paths) + 0.9)
     ax.set_title("Traced features through the adjacent matches (held-out text)")

@@ -69,8 +69,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Key = tuple[int, str, int]
-"""A node: ``(layer, module, feature)``; for a chain, ``layer`` is the SAE's chain position and
-``module`` is ``"res"``."""
+"""A node: ``(layer, module, feature)``; ``layer`` is the model layer (for a chain, one of
+:attr:`ChainMatch.layers <sae_match_lens.chain.ChainMatch.layers>`, ``module`` ``"res"``)."""
 KINDS: tuple[str, ...] = ("consecutive", "composed", "direct")
 PROXY_METHOD = "proxy: top-activating-token overlap (Jaccard of distinct top tokens), no judge"
 PAIR_COLUMNS = ("path", "kind", "layer_a", "module_a", "feature_a", "layer_b", "module_b",
@@ -81,14 +81,15 @@ Source = Mapping[Key, Any] | Callable[[list[Key]], Mapping[Key, Any]]
 
 def _chain_paths(chain: ChainMatch, n_paths: int, start: int, stop: int,
                  seed: int) -> list[list[Key]]:
-    traced = chain.paths(start, stop)  # [n_src, stop - start + 1], -1 after a break
+    traced = chain.paths(start, stop)  # one column per SAE from start to stop, -1 after a break
+    layers = chain.layers[chain.position(start):chain.position(stop) + 1]
     complete = torch.nonzero((traced >= 0).all(dim=1)).flatten()
     if complete.numel() == 0:
         raise ValueError(f"no feature of chain layer {start} keeps a partner up to layer {stop}; "
                          "choose a shorter span (stop=) or a looser max_cost.")
     gen = torch.Generator().manual_seed(seed)
     chosen = complete[torch.randperm(complete.numel(), generator=gen)[:n_paths]].sort().values
-    return [[(start + i, "res", int(f)) for i, f in enumerate(traced[row].tolist())]
+    return [[(layer, "res", int(f)) for layer, f in zip(layers, traced[row].tolist(), strict=True)]
             for row in chosen.tolist()]
 
 
@@ -105,7 +106,7 @@ def semantic_pairs(
     source: ChainMatch | FlowGraph,
     *,
     n_paths: int = 100,
-    start: int = 0,
+    start: int | None = None,
     stop: int | None = None,
     direct: Mapping[int, Permutation | MatchResult] | None = None,
     seed: int = 0,
@@ -114,13 +115,13 @@ def semantic_pairs(
 
     Args:
         source: a :class:`~sae_match_lens.chain.ChainMatch` (paths: ``n_paths`` features of
-            chain layer ``start`` drawn at random, seeded, among those whose trace keeps a
+            model layer ``start`` drawn at random, seeded, among those whose trace keeps a
             partner up to ``stop``) or a :class:`~sae_match_lens.flow.FlowGraph` (one path: its
             residual chain; consecutive pairs: all its edges).
-        n_paths, start, stop, seed: see ``source`` (chains only; ``stop`` defaults to the last
-            layer).
-        direct: ``{later layer: the direct match of layer start to it}`` (chains only); adds the
-            ``direct`` pairs (skipped where the direct match has no partner).
+        n_paths, start, stop, seed: see ``source`` (chains only; ``start`` and ``stop`` are
+            model layers of the chain, default its first and last).
+        direct: ``{later model layer: the direct match of layer start to it}`` (chains only);
+            adds the ``direct`` pairs (skipped where the direct match has no partner).
 
     Returns:
         :data:`PAIR_COLUMNS`: ``path`` (its number), ``kind``, both nodes, ``distance``
@@ -147,21 +148,21 @@ def semantic_pairs(
     elif isinstance(source, ChainMatch):
         if isinstance(n_paths, bool) or not isinstance(n_paths, int) or n_paths < 1:
             raise ValueError(f"n_paths must be a positive integer, got {n_paths!r}.")
-        last = source.n_layers - 1 if stop is None else stop
-        if not (isinstance(start, int) and isinstance(last, int) and 0 <= start < last
-                < source.n_layers):
-            raise ValueError(f"need 0 <= start < stop <= {source.n_layers - 1} (the chain's "
-                             f"layers), got start={start!r}, stop={stop!r}.")
+        first = source.layers[0] if start is None else start
+        last = source.layers[-1] if stop is None else stop
+        if not source.position(first, "start") < source.position(last, "stop"):
+            raise ValueError(f"need start < stop, two of the chain's model layers "
+                             f"{list(source.layers)}; got start={start!r}, stop={stop!r}.")
         perms = {int(k): _as_permutation(v) for k, v in (direct or {}).items()}
         for layer, perm in perms.items():
-            if not start < layer <= last:
+            if not first < layer <= last:
                 raise ValueError(f"direct match to layer {layer} is outside the span "
-                                 f"{start + 1}..{last}.")
-            width = source.compose(start, start).n_source
+                                 f"{first}..{last} (after start, up to stop).")
+            width = source.width(first)
             if perm.n_source != width:
                 raise ValueError(f"the direct match to layer {layer} maps {perm.n_source} "
-                                 f"features, but chain layer {start} has {width}.")
-        for number, path in enumerate(_chain_paths(source, n_paths, start, last, seed)):
+                                 f"features, but chain layer {first} has {width}.")
+        for number, path in enumerate(_chain_paths(source, n_paths, first, last, seed)):
             for a, b in itertools.pairwise(path):
                 add(number, "consecutive", a, b)
             for b in path[1:]:
@@ -260,7 +261,8 @@ def neuronpedia_explainer(
     """
     if isinstance(ids, ChainMatch):
         by_layer: dict[tuple[int, str], str | None] = {
-            (i, "res"): npid for i, npid in enumerate(ids.neuronpedia_ids())}
+            (layer, "res"): npid
+            for layer, npid in zip(ids.layers, ids.neuronpedia_ids(), strict=True)}
     elif isinstance(ids, FlowGraph):
         by_layer = {(int(r.layer), str(r.module)): r.neuronpedia_id
                     for r in ids.nodes.itertuples(index=False)}
@@ -432,7 +434,7 @@ def semantic_evaluation(
     explanations: Source | None = None,
     top_tokens: Source | None = None,
     n_paths: int = 100,
-    start: int = 0,
+    start: int | None = None,
     stop: int | None = None,
     direct: Mapping[int, Permutation | MatchResult] | None = None,
     seed: int = 0,

@@ -250,13 +250,13 @@ def steering_section(model: Any, saes: Mapping[int, Any] | Sequence[Any], tokens
 
 def _semantic(model: Any, stack: Mapping[int, LayerSAEs], tokens: torch.Tensor, quick: bool,
               progress: bool) -> dict[str, Any]:
-    res = [stack[layer].res for layer in sorted(stack)]
+    res = {layer: stack[layer].res for layer in sorted(stack)}
     chain = match_chain(res, progress=progress)
-    positions = {i: LayerSAEs(res=sae) for i, sae in enumerate(res)}
+    by_layer = {layer: LayerSAEs(res=sae) for layer, sae in res.items()}
     sample = tokens[: 64 if quick else 256]
 
     def top(keys: list[Any]) -> dict[Any, list[str]]:
-        return top_activating_tokens(model, positions, sample, keys, k=10, progress=progress)
+        return top_activating_tokens(model, by_layer, sample, keys, k=10, progress=progress)
 
     found = semantic_evaluation(chain, top_tokens=top, n_paths=16 if quick else 64,
                                 progress=progress)

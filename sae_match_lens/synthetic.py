@@ -21,9 +21,9 @@ class PlantedChain(NamedTuple):
     """A stack of SAEs built from one another by hidden permutations, rescaling and noise."""
 
     saes: list[JumpReLUSAE]
-    """The SAEs, hook ``blocks.{l}.hook_resid_post`` for layer ``l``."""
+    """The SAEs, hook ``blocks.{first_layer + i}.hook_resid_post`` for the ``i``-th."""
     truths: list[Permutation]
-    """``truths[l].indices[i]``: SAE l+1's feature that was made from SAE l's feature i."""
+    """``truths[k].indices[i]``: SAE k+1's feature that was made from SAE k's feature i."""
 
 
 def planted_chain(
@@ -36,6 +36,7 @@ def planted_chain(
     n_clusters: int | None = None,
     cluster_spread: float = 0.35,
     seed: int = 0,
+    first_layer: int = 0,
 ) -> PlantedChain:
     """JumpReLU SAEs whose features correspond by planted permutations.
 
@@ -56,6 +57,7 @@ def planted_chain(
         n_clusters: number of feature clusters (default ``d_sae // 8``).
         cluster_spread: spread of features around their cluster centre.
         seed: random seed.
+        first_layer: the model layer of the first SAE (the others follow one per layer).
     """
     gen = torch.Generator().manual_seed(seed)
     n_clusters = n_clusters or max(1, d_sae // 8)
@@ -69,7 +71,7 @@ def planted_chain(
 
     def make(layer: int) -> JumpReLUSAE:
         cfg = JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae)
-        cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
+        cfg.metadata.hook_name = f"blocks.{first_layer + layer}.hook_resid_post"
         sae = JumpReLUSAE(cfg)
         theta = torch.exp(scale_sigma * torch.randn(d_sae, generator=gen))
         with torch.no_grad():

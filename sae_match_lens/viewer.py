@@ -47,12 +47,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import hook_name_of
+from .adapters import hook_name_of, layers_from_hooks
 from .chain import ChainMatch
 from .coactivation import record_states, token_batches
 from .flow import MODULES, FlowGraph, LayerSAEs
 from .metrics import fires, scored_states
-from .permutation import Permutation, _remove_stale_temporaries, _temp_beside
+from .permutation import _remove_stale_temporaries, _temp_beside
 
 __all__ = ["DEFAULT_MAX_NODES", "DEFAULT_MAX_PATHS", "top_activating_tokens", "write_html"]
 
@@ -78,6 +78,7 @@ class _Chain(NamedTuple):
     """A chain's links as plain arrays (from a ChainMatch, or from a saved chain directory)."""
 
     hook_names: list[str]
+    layers: list[int]
     widths: list[int]
     indices: list[torch.Tensor]
     costs: list[torch.Tensor | None]
@@ -120,40 +121,20 @@ def _chain_from_match(chain: ChainMatch) -> _Chain:
                                            strict=True):
                 if isinstance(url, str) and url:
                     urls[(int(layer), int(feature))] = url
-    widths = [chain.steps[0].permutation.n_source] + [s.permutation.n_target for s in chain.steps]
-    return _Chain(list(chain.hook_names), widths, [s.permutation.indices for s in chain.steps],
+    widths = [chain.width(layer) for layer in chain.layers]
+    return _Chain(list(chain.hook_names), list(chain.layers), widths,
+                  [s.permutation.indices for s in chain.steps],
                   [s.cost_F.double() for s in chain.steps], [s.margin_F.double() for s in chain.steps],
                   urls)
 
 
 def _chain_from_directory(directory: Path) -> _Chain:
-    files = sorted(directory.glob("step_*.safetensors"))
-    if not files:
-        raise ValueError(f"{directory} holds no step_*.safetensors files; give a directory written "
-                         "by ChainMatch.save or a FlowGraph JSON file written by FlowGraph.save_json.")
-    expected = [f"step_{i:03d}.safetensors" for i in range(len(files))]
-    if [f.name for f in files] != expected:
-        raise ValueError(f"{directory}: the steps must be {expected[0]} .. {expected[-1]} without "
-                         f"gaps, found {[f.name for f in files]}.")
-    perms = [Permutation.load(f) for f in files]
-    hooks = []
-    for i, perm in enumerate(perms):
-        src = (perm.source or {}).get("hook_name")
-        dst = (perm.target or {}).get("hook_name")
-        if i == 0:
-            hooks.append(src or f"SAE 0 ({files[0].name})")
-        elif src is not None and src != hooks[-1]:
-            raise ValueError(f"{files[i]}: starts at SAE '{src}' but {files[i - 1].name} ends at "
-                             f"'{hooks[-1]}'; the steps are not one chain.")
-        if i > 0 and perms[i - 1].n_target != perm.n_source:
-            raise ValueError(f"{files[i]}: starts from {perm.n_source} features but "
-                             f"{files[i - 1].name} maps into {perms[i - 1].n_target}.")
-        hooks.append(dst or f"SAE {i + 1} ({files[i].name})")
-    widths = [perms[0].n_source] + [p.n_target for p in perms]
-    logger.info("%s: a saved chain of %d SAEs; ChainMatch.save stores the permutations only, so "
-                "the view has no link costs or margins", directory, len(hooks))
-    return _Chain(hooks, widths, [p.indices for p in perms], [None] * len(perms),
-                  [None] * len(perms), {})
+    if not (directory / "chain.json").is_file():
+        old = " (step_NNN.safetensors files of an older release: match the chain again)" if any(
+            directory.glob("step_*.safetensors")) else ""
+        raise ValueError(f"{directory} holds no chain.json{old}; give a directory written by "
+                         "ChainMatch.save or a FlowGraph JSON file written by FlowGraph.save_json.")
+    return _chain_from_match(ChainMatch.load(directory))
 
 
 def _load_flow(path: Path) -> FlowGraph:
@@ -168,6 +149,7 @@ def _load_flow(path: Path) -> FlowGraph:
 def _chain_view(data: _Chain, *, max_paths: int, max_nodes: int, max_cost: float | None,
                 features: Iterable[int | tuple[int, int]] | None) -> _View:
     n_layers = len(data.hook_names)
+    position = {layer: i for i, layer in enumerate(data.layers)}
     nxt = []
     for idx, cost in zip(data.indices, data.costs, strict=True):
         ok = idx >= 0
@@ -184,10 +166,11 @@ def _chain_view(data: _Chain, *, max_paths: int, max_nodes: int, max_cost: float
     else:
         starts: dict[int, list[int]] = {}
         for item in features:
-            layer, feature = (0, item) if isinstance(item, int) else item
-            if not 0 <= layer < n_layers or not 0 <= feature < data.widths[layer]:
-                raise ValueError(f"features: ({layer}, {feature}) is not a feature of the chain "
-                                 f"(layers 0..{n_layers - 1}, widths {data.widths}).")
+            model_layer, feature = (data.layers[0], item) if isinstance(item, int) else item
+            layer = position.get(model_layer, -1)
+            if layer < 0 or not 0 <= feature < data.widths[layer]:
+                raise ValueError(f"features: ({model_layer}, {feature}) is not a feature of the "
+                                 f"chain (model layers {data.layers}, widths {data.widths}).")
             starts.setdefault(layer, []).append(feature)
         heads = [(layer, torch.tensor(sorted(set(fs)))) for layer, fs in sorted(starts.items())]
     start_layer, start_feature, length, mean_cost = [], [], [], []
@@ -238,14 +221,15 @@ def _chain_view(data: _Chain, *, max_paths: int, max_nodes: int, max_cost: float
             feature = to
         for r in path_rows:
             rows[r].update(path_links=int(n_links[i]), path_mean_cost=float(mean[i]),
-                           path_start=f"{layer}:{int(s_feature[i])}")
+                           path_start=f"{data.layers[layer]}:{int(s_feature[i])}")
     nodes = pd.DataFrame(rows, columns=["layer", "feature", "path", "path_links", "path_mean_cost",
                                         "path_start"])
     nodes["module"] = "feature"
     nodes["hook"] = [data.hook_names[v] for v in nodes.layer]
+    nodes["x"] = nodes.layer.astype(float)  # evenly spaced SAEs, labelled with model layers
+    nodes["layer"] = [data.layers[v] for v in nodes.layer]
     nodes["id"] = [f"{a}:{b}" for a, b in zip(nodes.layer, nodes.feature, strict=True)]
     nodes["key"] = list(zip(nodes.layer, nodes.feature, strict=True))
-    nodes["x"] = nodes.layer.astype(float)
     nodes["y"] = -nodes.path.astype(float)
     nodes["symbol"] = "circle"
     nodes["url"] = [data.urls.get(k) for k in nodes.key]
@@ -264,11 +248,11 @@ def _chain_view(data: _Chain, *, max_paths: int, max_nodes: int, max_cost: float
     nodes["details"] = info
     notes = []
     if any(c is None for c in data.costs):
-        notes.append("Link costs and margins were not saved with this chain (ChainMatch.save "
-                     "stores the permutations); write the view from the ChainMatch to see them.")
+        notes.append("Link costs and margins are unknown for this chain.")
     title = (f"SAE Match chain: {n_layers} SAEs ({data.hook_names[0]} → {data.hook_names[-1]}); "
              f"{len(chosen)} of {len(order)} paths")
-    ticks = (list(range(n_layers)), [f"{i}<br>{html.escape(h)}" for i, h in enumerate(data.hook_names)])
+    ticks = (list(range(n_layers)), [f"{layer}<br>{html.escape(h)}"
+                                     for layer, h in zip(data.layers, data.hook_names, strict=True)])
     return _View(nodes, edge_frame, "chain", title, notes, ticks)
 
 
@@ -448,7 +432,7 @@ def _figure(view: _View) -> tuple[Any, dict[str, Any]]:
         template="plotly_white", height=int(min(1100, max(450, 16 * n_rows + 200))),
         margin={"l": 60, "r": 20, "t": 60, "b": 90}, legend={"orientation": "h", "y": 1.02},
         xaxis={"tickvals": view.ticks[0], "ticktext": view.ticks[1], "zeroline": False,
-               "title": "SAE in the chain" if chain else "model layer"},
+               "title": "model layer (one SAE each)" if chain else "model layer"},
         yaxis={"showticklabels": not chain, "zeroline": False, "showgrid": not chain,
                "tickvals": list(bands.values()), "ticktext": list(bands),
                "range": None if chain else [-1.6, 1.6],
@@ -644,11 +628,11 @@ def write_html(
     Args:
         result: a :class:`~sae_match_lens.chain.ChainMatch`, a
             :class:`~sae_match_lens.flow.FlowGraph`, a directory written by
-            :meth:`ChainMatch.save` (permutations only: no costs or margins) or a JSON file
+            :meth:`ChainMatch.save` or a JSON file
             written by :meth:`FlowGraph.save_json`.
         path: the HTML file to write.
         top_tokens: top-activating tokens per node, a mapping ``(layer, feature)`` (chain: the
-            SAE's position) or ``(layer, module, feature)`` (flow) → list of strings, or a
+            SAE's model layer) or ``(layer, module, feature)`` (flow) → list of strings, or a
             callable that takes the shown nodes' keys and returns such a mapping (e.g.
             ``functools.partial(top_activating_tokens, model, saes, tokens)``).
         neuronpedia: Neuronpedia links: a format string with fields ``{layer}``,
@@ -663,7 +647,7 @@ def write_html(
             best-scored nodes).
         max_cost: chains: links costlier than this are cut (their paths split in two).
         features: chains: draw only the paths starting at these features (an int is a feature of
-            the first SAE, ``(layer, feature)`` any other), instead of every path.
+            the first SAE, ``(model layer, feature)`` any other), instead of every path.
 
     Returns:
         The path written.
@@ -718,7 +702,7 @@ def _sae_for(saes: Mapping[Hashable, Any], key: Key) -> Any:
         sae = saes.get(prefix[0] if len(prefix) == 1 else prefix)
     if sae is None:
         raise KeyError(f"no SAE for node {key!r}: the SAEs are keyed {list(saes)} (a chain's keys are "
-                       "its positions 0, 1, ...; a flow's are {layer: LayerSAEs} or (layer, module)).")
+                       "its model layers; a flow's are {layer: LayerSAEs} or (layer, module)).")
     return sae
 
 
@@ -742,7 +726,8 @@ def top_activating_tokens(
 
     Args:
         model: the TransformerLens model the SAEs read (it needs a tokenizer).
-        saes: a chain's SAEs in order (keys ``(position, feature)``), or a flow's stack
+        saes: a chain's SAEs, a list (layers from the hook names ``blocks.L.…``) or a mapping
+            ``{model layer: SAE}`` (keys ``(model layer, feature)``), or a flow's stack
             ``{layer: LayerSAEs}`` / ``{(layer, module): SAE}`` (keys ``(layer, module, feature)``).
         tokens: ``[n_seq, pos]`` token ids, BOS first.
         features: the node keys to describe.
@@ -761,7 +746,8 @@ def top_activating_tokens(
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("top_activating_tokens needs a model with a tokenizer (model.tokenizer is None).")
-    sae_map = dict(saes) if isinstance(saes, Mapping) else dict(enumerate(saes))
+    sae_map = (dict(saes) if isinstance(saes, Mapping)
+               else dict(zip(layers_from_hooks(saes, what="top_activating_tokens"), saes, strict=True)))
     by_hook: dict[str, tuple[Any, list[Key]]] = {}
     for key in dict.fromkeys(features):
         sae = _sae_for(sae_map, key)

@@ -118,3 +118,78 @@ def test_bad_layers_are_one_line_error(tmp_path):
 def test_release_options_without_release_are_one_line_error(tmp_path):
     proc = run_cli("demo", "--layers", "3-5", cwd=tmp_path)
     assert_user_error(proc, "--layers only applies with --release")
+
+
+def test_match_command_options_reach_match_and_are_recorded(tmp_path, capsys, monkeypatch):
+    pair = planted_pair(d_sae=64, noise=0.1, seed=2)
+    pair.sae_a.save_model(tmp_path / "a")
+    pair.sae_b.save_model(tmp_path / "b")
+    import sae_match_lens.matching as matching
+
+    seen = {}
+    real = matching.match
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(matching, "match", spy)
+    out = tmp_path / "perm.safetensors"
+    assert main(["match", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--quiet",
+                 "--solver", "scipy", "--metric", "cosine", "--weights", "decoder=1,encoder=0.5",
+                 "--max-cost", "auto", "--no-fold", "--device", "cpu"]) == 0
+    options = Permutation.load(out).metadata["options"]
+    assert options["solver"] == "scipy" and options["metric"] == "cosine"
+    assert options["weights"] == {"decoder": 1.0, "encoder": 0.5, "b_enc": 0.0}
+    assert options["fold"] is False and isinstance(options["max_cost"], float)
+    assert options["null_rate"] == 0.01  # max_cost="auto" went through the null model
+    assert seen["device"] == "cpu"
+    assert main(["match", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--quiet",
+                 "--max-cost", "0.5", "--solver", "sparse"]) == 0
+    options = Permutation.load(out).metadata["options"]
+    assert (options["max_cost"], options["solver"], options["fold"]) == (0.5, "sparse", True)
+
+
+@pytest.mark.parametrize(("flag", "value", "fragment"), [
+    ("--solver", "fast", "--solver must be one of auto, lapjv, scipy, sparse"),
+    ("--metric", "l1", "--metric must be one of mse, cosine"),
+    ("--weights", "decoder", "--weights takes NAME=NUMBER"),
+    ("--weights", "decoder=1,bias=2", "--weights takes NAME=NUMBER"),
+    ("--max-cost", "cheap", "--max-cost must be 'none', 'auto' or a finite number"),
+    ("--device", "gpu0", "--device 'gpu0' is not a torch device"),
+])
+def test_a_bad_match_option_is_a_one_line_error(tmp_path, capsys, flag, value, fragment):
+    assert main(["match", "a", "b", "--out", str(tmp_path / "p.safetensors"), flag, value]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_chain_command_saves_a_chain_at_the_model_layers(tmp_path, capsys, monkeypatch):
+    from collections import namedtuple
+
+    import pandas as pd
+    from helpers import planted_chain
+
+    import sae_match_lens.cli as cli
+    from sae_match_lens import ChainMatch
+
+    planted = planted_chain(3, d_sae=32, noise=0.05, seed=4, first_layer=3)
+    entry = namedtuple("Entry", "layer sae_id")
+
+    def fake_stack(args, layers):
+        return ([entry(layer, f"layer_{layer}") for layer in layers],
+                dict(zip(layers, planted.saes, strict=True)))
+
+    monkeypatch.setattr(cli, "_release_stack", fake_stack)
+    out = tmp_path / "chain"
+    assert main(["chain", "some-release", "--layers", "3-5", "--out", str(out), "--quiet",
+                 "--metric", "cosine", "--max-cost", "auto"]) == 0
+    assert "layer 3→4: matched" in capsys.readouterr().out
+    chain = ChainMatch.load(out, saes=planted.saes)
+    assert chain.layers == (3, 4, 5)
+    assert chain.options["metric"] == "cosine" and chain.options["max_cost"] == "auto"
+    edges = pd.read_csv(out / "edges.csv")
+    assert sorted(set(zip(edges.layer_a, edges.layer_b, strict=True))) == [(3, 4), (4, 5)]
+    release = json.loads((out / "release.json").read_text())
+    assert release["layers"] == [3, 4, 5] and release["saes"][0]["sae_id"] == "layer_3"

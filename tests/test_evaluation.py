@@ -128,7 +128,7 @@ def test_a_planted_permutation_beats_the_random_baseline(model, tokens):
     sae_a = random_jumprelu_sae("blocks.1.hook_resid_post", seed=1)
     sae_b, planted = planted_copy(sae_a, "blocks.2.hook_resid_pre")
     table = evaluate_substitution(
-        model, [sae_a, sae_b], tokens, permutations={(0, 1): planted},
+        model, [sae_a, sae_b], tokens, permutations={(1, 2): planted},  # keys: model layers
         variants=["folded", "raw", "random_permutation", "sae_a_reconstruction"], progress=False,
     ).set_index("variant")
     assert table.coactivation["folded"] == pytest.approx(1.0)
@@ -167,3 +167,17 @@ def test_bad_arguments_are_clear_errors(model, saes, tokens):
     with pytest.raises(ValueError, match="source side has 10 features"):
         evaluate_substitution(model, saes, tokens, pairs=[(0, 1)], variants=["folded"],
                               permutations=wrong, progress=False)
+
+
+def test_a_list_of_saes_is_tabled_at_the_model_layers_of_its_hooks(model, tokens):
+    sae_a = random_jumprelu_sae("blocks.1.hook_resid_post", seed=1)
+    sae_b = random_jumprelu_sae("blocks.3.hook_resid_post", seed=2)
+    table = evaluate_substitution(model, [sae_a, sae_b], tokens, variants=["identity"],
+                                  progress=False)
+    assert (table.layer_a.tolist(), table.layer_b.tolist()) == ([1], [3])
+    keyed = evaluate_substitution(model, {"a": sae_a, "b": sae_b}, tokens, variants=["identity"],
+                                  progress=False)
+    assert (keyed.layer_a.tolist(), keyed.layer_b.tolist()) == (["a"], ["b"])
+    hookless = random_jumprelu_sae("resid_at_one", seed=3)
+    with pytest.raises(ValueError, match=r"resid_at_one.*pass a mapping"):
+        evaluate_substitution(model, [hookless, sae_b], tokens, progress=False)

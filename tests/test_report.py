@@ -211,7 +211,7 @@ def test_the_report_and_plots_rebuild_from_strict_results_json(tmp_path):
     report.plot_costs({"0→1": [0.1, 1.0, math.nan]}, {"0→1": 0.5}, tmp_path / "c.png", null_rate=0.01)
     steps = [{"layer": 0, "feature": 3, "cost": None, "firing_rate": 0.1, "top_tokens": ["a"]},
              {"layer": 1, "feature": 5, "cost": 0.4, "firing_rate": 0.0, "top_tokens": []}]
-    report.plot_paths([{"steps": steps, "total_cost": 0.4}], tmp_path / "p.png", thresholds=[0.5],
+    report.plot_paths([{"steps": steps, "total_cost": 0.4}], tmp_path / "p.png", thresholds={1: 0.5},
                       hooks=loaded["setting"]["hooks"])
     for name in ("s.png", "a.png", "c.png", "p.png"):
         assert (tmp_path / name).stat().st_size > 0

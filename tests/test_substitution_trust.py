@@ -187,7 +187,7 @@ def test_coactivation_counts_negative_abstopk_activations_as_firing(model, token
     sae_b = build_sae("abstopk", d_in=D_MODEL, d_sae=48, hook_name=HOOK_B, seed=2)
     perm = Permutation.random(48, generator=torch.Generator().manual_seed(3))
     table = evaluate_substitution(model, [sae_a, sae_b], tokens, variants=["folded"],
-                                  permutations={(0, 1): perm}, progress=False)
+                                  permutations={(1, 3): perm}, progress=False)  # model layers
     with torch.no_grad():
         f_a = sae_a.encode(state_at(model, tokens, HOOK_A))[:, 1:].reshape(-1, 48)
         f_b = sae_b.encode(state_at(model, tokens, HOOK_B))[:, 1:].reshape(-1, 48)

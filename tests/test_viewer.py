@@ -93,6 +93,19 @@ def test_chain_view_keeps_the_longest_then_cheapest_paths(chain, tmp_path):
         assert value == pytest.approx(float(step.cost_F[feature]), rel=1e-12)
 
 
+def test_a_chain_at_later_layers_is_drawn_with_its_model_layers(tmp_path):
+    planted = planted_chain(3, d_in=16, d_sae=D_SAE, noise=0.05, seed=3, first_layer=5)
+    chain = match_chain(planted.saes, progress=False)
+    write_html(chain, tmp_path / "late.html", features=[(6, 4)])
+    data = payload(tmp_path / "late.html")
+    nodes = data["nodes"]
+    assert nodes["layer"] == [6, 7]
+    assert nodes["feature"] == [4, int(chain.steps[1].permutation.indices[4])]
+    assert data["layers"] == [6, 7]
+    with pytest.raises(ValueError, match=r"model layers \[5, 6, 7\]"):
+        write_html(chain, tmp_path / "bad.html", features=[(0, 4)])
+
+
 def test_a_large_chain_is_capped_and_says_what_it_kept(tmp_path, caplog):
     n, layers = 16384, 6
     gen = torch.Generator().manual_seed(0)
@@ -102,7 +115,8 @@ def test_a_large_chain_is_capped_and_says_what_it_kept(tmp_path, caplog):
         cost = torch.rand(n, generator=gen, dtype=torch.float64)
         steps.append(MatchResult(perm, cost, float(cost.sum()), cost * 0.1, None, True, 0.0,
                                  "test", {}))
-    chain = ChainMatch(tuple(steps), tuple(f"blocks.{i}.hook_resid_post" for i in range(layers)))
+    chain = ChainMatch(tuple(steps), tuple(f"blocks.{i}.hook_resid_post" for i in range(layers)),
+                       tuple(range(layers)))
     with caplog.at_level(logging.INFO, logger="sae_match_lens.viewer"):
         path = write_html(chain, tmp_path / "big.html")
     assert "kept 200 of 16384 paths" in caplog.text
@@ -191,10 +205,10 @@ def test_bad_inputs_raise_with_what_was_expected(chain, flow, tmp_path):
 def test_saved_chain_and_flow_json_are_viewed_from_disk(chain, flow, tmp_path):
     chain.save(tmp_path / "chain")
     write_html(tmp_path / "chain", tmp_path / "chain.html")
+    write_html(chain, tmp_path / "direct.html")
     data = payload(tmp_path / "chain.html")
     assert len(data["nodes"]["id"]) == D_SAE * N_LAYERS
-    assert data["filter"]["lo"] is None  # costs are not saved: the cost filter is off
-    assert "not saved" in (tmp_path / "chain.html").read_text()
+    assert data == payload(tmp_path / "direct.html")  # costs and margins are saved too
     loaded = FlowGraph.load_json(flow.save_json(tmp_path / "flow.json"))
     assert loaded.nodes.to_dict("records") == flow.nodes.to_dict("records")
     def links(frame):  # networkx lists edges by source node
@@ -222,8 +236,8 @@ def test_top_activating_tokens_equal_a_direct_ranking():
     tokens = tiny_tokens(n_seq=5)
     sae = random_jumprelu_sae("blocks.1.hook_resid_post", seed=3)
     feats = [0, 5, 17]
-    got = top_activating_tokens(model, [sae], tokens, [(0, f) for f in feats], k=3, context=2,
-                                batch_size=2, progress=False)
+    got = top_activating_tokens(model, [sae], tokens, [(1, f) for f in feats], k=3, context=2,
+                                batch_size=2, progress=False)  # a list is keyed by model layer
     _, cache = model.run_with_cache(tokens)
     acts = sae.encode(cache["blocks.1.hook_resid_post"][:, 1:]).detach()  # BOS excluded
     decode = model.tokenizer.decode
@@ -233,10 +247,10 @@ def test_top_activating_tokens_equal_a_direct_ranking():
                         for p in range(a.shape[1]) if a[s, p] != 0), reverse=True)[:3]
         want = [f"{decode(tokens[s, max(1, p - 2):p].tolist())}[{decode([int(tokens[s, p])])}] "
                 f"({v:.3g})" for v, s, p in order]
-        assert got[(0, f)] == want
+        assert got[(1, f)] == want
     flow_keys = top_activating_tokens(model, {1: LayerSAEs(sae)}, tokens, [(1, "res", 5)], k=3,
                                       context=2, progress=False)
-    assert flow_keys[(1, "res", 5)] == got[(0, 5)]
+    assert flow_keys[(1, "res", 5)] == got[(1, 5)]
     with pytest.raises(KeyError, match="no SAE for node"):
         top_activating_tokens(model, [sae], tokens, [(3, 1)], progress=False)
 
