@@ -5,13 +5,18 @@ Subcommands:
 * ``sae-match demo`` — run the whole method end to end on the built-in model and SAEs (or a
   SAELens release with ``--release``) and write a report.
 * ``sae-match match A B --out FILE`` — match two SAEs (saved directories, or
-  ``release:sae_id`` for ``SAE.from_pretrained``) and save the permutation.
+  ``release:sae_id`` for ``SAE.from_pretrained``) and save the permutation (``--solver``,
+  ``--metric``, ``--weights``, ``--max-cost``, ``--device``, ``--no-fold`` are ``match``'s options).
 * ``sae-match chain RELEASE --layers 10-14 --out DIR`` — match every adjacent pair of a SAELens
-  release's SAEs at those model layers; save the permutations, an edge table and a manifest.
+  release's SAEs at those model layers (same matching options); save the chain
+  (:meth:`ChainMatch.save <sae_match_lens.chain.ChainMatch.save>`), an edge table and the
+  release's choices.
 * ``sae-match links RELEASE --layers 10-12 --out FILE.csv`` — top-k links between adjacent
   layers, with Neuronpedia URLs (CSV or JSON).
 * ``sae-match flow RELEASE --mlp-release R --layer L --feature F --out FILE.json`` — the
   Feature Flow graph of one residual feature (node-link JSON, optionally GraphML).
+* ``sae-match batch PLAN.yaml --store DIR [--ray ADDRESS]`` — run a plan of pair jobs (match /
+  links / compare) into a results store, locally or on a Ray cluster (:mod:`sae_match_lens.batch`).
 
 Release commands resolve SAE ids with :mod:`sae_match_lens.releases` (``--width``, ``--l0``,
 ``--hook``, ``--variant`` make the choices a release offers; an open choice is reported with its
@@ -30,6 +35,7 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -49,17 +55,60 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (CommandError, OSError, ValueErr
 """Exception types reported as one line: the library raises these for bad input (STYLE.md)."""
 
 
+SOLVERS = ("auto", "lapjv", "scipy", "sparse")
+METRICS = ("mse", "cosine")
+WEIGHT_BLOCKS = ("decoder", "encoder", "b_enc")
+
+
 def _max_cost(value: str) -> float | str | None:
     if value == "none":
         return None
     if value == "auto":
         return value
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--max-cost must be 'none', 'auto' or a number, got {value!r}"
-        ) from None
+        number = math.nan
+    if not math.isfinite(number):
+        raise CommandError(f"--max-cost must be 'none', 'auto' or a finite number, got {value!r}.")
+    return number
+
+
+def _weights(value: str | None) -> dict[str, float] | None:
+    """``"decoder=1,encoder=0.5"`` → ``{"decoder": 1.0, "encoder": 0.5}`` (blocks left out weigh 0)."""
+    if value is None:
+        return None
+    out: dict[str, float] = {}
+    for part in value.split(","):
+        name, sep, number = (x.strip() for x in part.partition("="))
+        try:
+            weight = float(number) if sep and name in WEIGHT_BLOCKS and name not in out else None
+        except ValueError:
+            weight = None
+        if weight is None:
+            raise CommandError(f"--weights takes NAME=NUMBER pairs, each NAME once, NAME one of "
+                               f"{', '.join(WEIGHT_BLOCKS)} (e.g. decoder=1,encoder=1,b_enc=0); "
+                               f"got {value!r}.")
+        out[name] = weight
+    return out
+
+
+def _match_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``match`` given on the command line, checked."""
+    for flag, value, valid in (("--solver", args.solver, SOLVERS), ("--metric", args.metric, METRICS)):
+        if value not in valid:
+            raise CommandError(f"{flag} must be one of {', '.join(valid)}; got {value!r}.")
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise CommandError(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, "
+                           "cuda:1).") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {args.device!r}: CUDA is not available on this machine.")
+    return {"fold": not args.no_fold, "metric": args.metric, "weights": _weights(args.weights),
+            "max_cost": _max_cost(args.max_cost), "solver": args.solver, "device": args.device}
 
 
 def _check_writable(path: str, *, directory: bool) -> None:
@@ -106,12 +155,12 @@ def _load_sae(spec: str) -> Any:
 
 
 def _cmd_match(args: argparse.Namespace) -> int:
+    options = _match_options(args)
     _check_writable(args.out, directory=False)
     sae_a, sae_b = _load_sae(args.sae_a), _load_sae(args.sae_b)
     from .matching import match
 
-    result = match(sae_a, sae_b, fold=not args.no_fold, metric=args.metric, max_cost=args.max_cost,
-                   solver=args.solver, progress=not args.quiet)
+    result = match(sae_a, sae_b, progress=not args.quiet, **options)
     path = result.permutation.save(args.out)
     print(f"matched {result.permutation.n_matched}/{result.permutation.n_source} features, "
           f"total cost {result.total_cost:.6g}, certified={result.certified}; saved {path}")
@@ -189,35 +238,23 @@ def _cmd_chain(args: argparse.Namespace) -> int:
     from .releases import parse_layers
 
     layers = parse_layers(args.layers)
+    options = _match_options(args)
     _check_writable(args.out, directory=True)
     entries, stack = _release_stack(args, layers)
     from .chain import match_chain
 
-    chain = match_chain(stack, fold=not args.no_fold, metric=args.metric, max_cost=args.max_cost,
-                        solver=args.solver, progress=not args.quiet)
-    out = Path(args.out)
-    edges = chain.edges()
-    model_layers = dict(enumerate(layers))
-    edges.insert(0, "model_layer_b", edges.layer_b.map(model_layers))
-    edges.insert(0, "model_layer_a", edges.layer_a.map(model_layers))
-    manifest = {
-        "format": "sae_match_lens.chain_cli", "release": args.release, "layers": layers,
-        "choices": _choices(args), "saes": [e._asdict() for e in entries],
-        "options": {"fold": not args.no_fold, "metric": args.metric, "max_cost": args.max_cost,
-                    "solver": args.solver},
-        "steps": [{"layers": [layers[i], layers[i + 1]], "file": f"step_{i:03d}.safetensors",
-                   "n_matched": r.permutation.n_matched, "n_source": r.permutation.n_source,
-                   "certified": r.certified, "total_cost": r.total_cost}
-                  for i, r in enumerate(chain.steps)],
-    }
-    chain.save(out)
-    _write_text(out / "edges.csv", edges.to_csv(index=False))
-    _write_text(out / "chain.json", json.dumps(manifest, indent=1, default=str))
-    for i, r in enumerate(chain.steps):
-        print(f"layer {layers[i]}→{layers[i + 1]}: matched {r.permutation.n_matched}/"
-              f"{r.permutation.n_source} features, total cost {r.total_cost:.6g}, "
-              f"certified={r.certified}")
-    print(f"saved {len(chain.steps)} permutations, edges.csv and chain.json in {out}")
+    chain = match_chain(stack, progress=not args.quiet, **options)
+    release = {"release": args.release, "layers": list(chain.layers), "choices": _choices(args),
+               "saes": [e._asdict() for e in entries]}
+    path = chain.save(args.out, extra_files={
+        "edges.csv": chain.edges().to_csv(index=False),
+        "release.json": json.dumps(release, indent=1, default=str),
+    })
+    for (a, b), r in zip(itertools.pairwise(chain.layers), chain.steps, strict=True):
+        print(f"layer {a}→{b}: matched {r.permutation.n_matched}/{r.permutation.n_source} "
+              f"features, total cost {r.total_cost:.6g}, certified={r.certified}")
+    print(f"saved the chain ({len(chain.steps)} steps, chain.json), edges.csv and release.json "
+          f"in {path}")
     return 0
 
 
@@ -308,6 +345,22 @@ def _add_release_options(p: argparse.ArgumentParser, *, stack: bool = True) -> N
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_match_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``match`` (checked by :func:`_match_options`, so a bad value is one line)."""
+    p.add_argument("--solver", default="auto", metavar="{" + ",".join(SOLVERS) + "}",
+                   help="assignment solver (default: %(default)s; all exact)")
+    p.add_argument("--metric", default="mse", metavar="{" + ",".join(METRICS) + "}",
+                   help="matching cost (default: %(default)s)")
+    p.add_argument("--weights", metavar="decoder=1,encoder=1,b_enc=1",
+                   help="cost weight of each block; blocks left out weigh 0 (default: all three "
+                   "for mse, decoder and encoder for cosine)")
+    p.add_argument("--max-cost", default="none", metavar="none|auto|NUMBER",
+                   help="'none' (full bijection, default), 'auto' (null model) or a number")
+    p.add_argument("--device", default="cpu",
+                   help="where cost blocks are computed, e.g. cuda (default: %(default)s)")
+    p.add_argument("--no-fold", action="store_true", help="match raw instead of folded parameters")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sae-match`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -336,11 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("sae_b", help="target SAE: a saved SAE directory or release:sae_id")
     m.add_argument("--out", required=True,
                    help="output .safetensors file (a .json sidecar is written beside it)")
-    m.add_argument("--no-fold", action="store_true", help="match raw instead of folded parameters")
-    m.add_argument("--metric", default="mse", choices=["mse", "cosine"])
-    m.add_argument("--max-cost", type=_max_cost, default=None,
-                   help="'none' (full bijection, default), 'auto' (null model) or a number")
-    m.add_argument("--solver", default="auto", choices=["auto", "lapjv", "scipy"])
+    _add_match_options(m)
     m.add_argument("--quiet", action="store_true", help="no progress bars")
     m.set_defaults(func=_cmd_match)
 
@@ -361,15 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chain", help="match adjacent layers of a SAELens release and save the chain",
                        description="Match every adjacent pair of a release's SAEs at the given model "
                        "layers (data-free; SAEs come from SAE.from_pretrained or the local cache). "
-                       "DIR gets step_NNN.safetensors (+ .json), edges.csv (model layers, features, "
-                       "costs, Neuronpedia URLs) and chain.json.")
+                       "DIR gets the saved chain (chain.json and one step_AAA_BBB directory per "
+                       "pair of model layers; ChainMatch.load reads it), edges.csv (model layers, "
+                       "features, costs, Neuronpedia URLs) and release.json.")
     _add_release_options(c)
     c.add_argument("--out", required=True, help="output directory")
-    c.add_argument("--no-fold", action="store_true", help="match raw instead of folded parameters")
-    c.add_argument("--metric", default="mse", choices=["mse", "cosine"])
-    c.add_argument("--max-cost", type=_max_cost, default=None,
-                   help="'none' (full bijection, default), 'auto' (null model) or a number")
-    c.add_argument("--solver", default="auto", choices=["auto", "lapjv", "scipy"])
+    _add_match_options(c)
     c.set_defaults(func=_cmd_chain)
 
     scores = ["decoder_cosine", "folded_mse", "cosine_sum", "csls", "cosine_density"]
@@ -405,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="output node-link JSON file")
     f.add_argument("--graphml", help="also write the graph as GraphML to this file")
     f.set_defaults(func=_cmd_flow)
+
+    from . import batch_cli  # standard library only: --help stays torch-free
+
+    batch_cli.add_parser(sub)
     return parser
 
 

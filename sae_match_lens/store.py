@@ -1,0 +1,370 @@
+"""The results store of a batch of pair jobs: one atomic result directory per job, and a table.
+
+A store is a directory (local, or on a file system shared by every node of a cluster)::
+
+    STORE/
+      store.json                 format name and version (another version is refused)
+      <job key>/                 one per job, written atomically (savedir.write_directory)
+        job.json                 the record: status ok/error, error text, timings, host, pid,
+                                 attempt, certificate, the SAE references and fingerprints
+        result/                  kind "match"/"compare": MatchResult.save output
+        links/                   kind "links": links.safetensors + links.json (checksummed)
+        compare.json             kind "compare": the baselines (:mod:`sae_match_lens.batch`)
+      results.parquet            the table of all records (or results.jsonl without pyarrow),
+                                 rewritten atomically by :meth:`ResultStore.write_table`
+      .attempts/<run>/<key>/N.json   one file per started attempt (its host and pid); the
+                                 attempt number is N; a run removes its own when it ends
+
+A job's key hashes its kind, both SAEs' fingerprints and its options
+(:func:`sae_match_lens.batch.job_key`), so a job is *finished* when its directory holds an ``ok``
+record; changed inputs or options give a new key and the job is done again. A result directory
+is built in a temporary directory beside its place and renamed in: a killed writer leaves no
+partial result (its temporary is removed by the next writer of that job or by :meth:`clean`).
+Two attempts of one job that both finish (a retried task whose first worker was only slow)
+leave one directory: the later rename replaces the earlier one whole, and an ``ok`` result is
+never replaced by a later error. The table is derived from the records, never the other way.
+
+Example:
+    >>> store = ResultStore("results/gemma-16k")
+    >>> store.table()[["label", "status", "seconds", "certified"]]
+    >>> chain = store.chain()            # the adjacent match results as a ChainMatch
+    >>> store.match_result(key).permutation.indices[:10]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from .linking import Links
+from .matching import MatchResult
+from .savedir import _pid_alive, decode_json, encode_json, tensor_checksum, write_directory
+
+__all__ = ["JOB_FORMAT", "STORE_FORMAT", "STORE_VERSION", "ResultStore", "StoreError", "load_chain"]
+
+logger = logging.getLogger(__name__)
+
+STORE_FORMAT = "sae_match_lens.ResultStore"
+STORE_VERSION = 1
+"""Version of the store layout; a store of another version is refused with what to do."""
+JOB_FORMAT = "sae_match_lens.BatchJob"
+LINKS_FORMAT = "sae_match_lens.Links"
+_STORE_FILE = "store.json"
+_RECORD = "job.json"
+_ATTEMPTS = ".attempts"
+_TMP_SUFFIXES = (".sae-match-tmpdir", ".sae-match-old")
+
+
+class StoreError(ValueError):
+    """A store directory that cannot be used: another format version, or not a store."""
+
+
+class ResultStore:
+    """A directory of batch results (module docstring); creates it when missing.
+
+    Args:
+        root: the store directory.
+        create: create ``root`` (and its ``store.json``) when it does not exist yet.
+
+    Raises:
+        StoreError: ``root`` was written by another store version, or is a non-empty directory
+            that is not a store.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.root = Path(root)
+        marker = self.root / _STORE_FILE
+        if marker.is_file():
+            try:
+                info = json.loads(marker.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise StoreError(f"{marker} is unreadable ({exc}); it is not a usable results "
+                                 "store. Use another --store directory.") from exc
+            if not isinstance(info, dict) or info.get("format") != STORE_FORMAT:
+                raise StoreError(f"{self.root} is not a sae_match_lens results store ({marker} "
+                                 f"says format {info.get('format') if isinstance(info, dict) else info!r}).")
+            version = info.get("version")
+            if version != STORE_VERSION:
+                newer = isinstance(version, int) and version > STORE_VERSION
+                raise StoreError(
+                    f"{self.root} is a results store of version {version!r}, but this "
+                    f"sae_match_lens reads version {STORE_VERSION}; "
+                    + ("upgrade sae_match_lens to use it." if newer else
+                       "use a new --store directory (or delete this one) and run the plan again.")
+                )
+            return
+        if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
+            raise StoreError(f"{self.root} exists and is not a results store (no {_STORE_FILE}); "
+                             "it is left untouched. Choose another store directory.")
+        if not create:
+            raise StoreError(f"{self.root} is not a results store (no {_STORE_FILE}).")
+        self.root.mkdir(parents=True, exist_ok=True)
+        _write_text_atomic(marker, json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION}))
+
+    def __repr__(self) -> str:
+        return f"ResultStore({str(self.root)!r})"
+
+    def job_dir(self, key: str) -> Path:
+        """The directory of job ``key``."""
+        if not key or "/" in key or key.startswith("."):
+            raise ValueError(f"invalid job key {key!r}.")
+        return self.root / key
+
+    def keys(self) -> list[str]:
+        """Keys of every job directory with a readable record, sorted."""
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and (p / _RECORD).is_file())
+
+    def record(self, key: str) -> dict[str, Any] | None:
+        """The record (``job.json``) of job ``key``; None when there is none or it is unreadable."""
+        try:
+            record = json.loads((self.job_dir(key) / _RECORD).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("format") != JOB_FORMAT:
+            return None
+        return decode_json(record)
+
+    def records(self) -> list[dict[str, Any]]:
+        """All job records, by key."""
+        return [r for r in (self.record(k) for k in self.keys()) if r is not None]
+
+    def is_finished(self, key: str) -> bool:
+        """Whether job ``key`` has an ``ok`` record and its result files (the job is skipped)."""
+        record = self.record(key)
+        if record is None or record.get("status") != "ok":
+            return False
+        d = self.job_dir(key)
+        needed = {"match": "result/result.json", "compare": "result/result.json",
+                  "links": "links/links.json"}.get(record.get("kind", ""), "")
+        return bool(needed) and (d / needed).is_file()
+
+    def write_job(self, key: str, record: Mapping[str, Any],
+                  write_result: Callable[[Path], None] | None = None) -> bool:
+        """Write job ``key``'s directory atomically: ``write_result(tmp)`` fills the result
+        files, then the record is written, then the directory is renamed into place.
+
+        Returns False (and writes nothing) when the job already has an ``ok`` result and this
+        record is an error: a finished result is never replaced by a failure.
+        """
+        path = self.job_dir(key)
+        if record.get("status") != "ok" and self.is_finished(key):
+            logger.info("job %s already has a result; its failed attempt is not recorded", key)
+            return False
+        text = json.dumps(encode_json({**record, "format": JOB_FORMAT, "key": key}), indent=1,
+                          sort_keys=True, allow_nan=False)
+
+        def write(tmp: Path) -> None:
+            if write_result is not None:
+                write_result(tmp)
+            (tmp / _RECORD).write_text(text, encoding="utf-8")
+
+        write_directory(path, write, manifest=_RECORD, kind=JOB_FORMAT)
+        return True
+
+    def begin_attempt(self, run: str, key: str, info: Mapping[str, Any]) -> int:
+        """Record that an attempt of job ``key`` started in run ``run``; returns its number (1, 2...).
+
+        The attempt's file holds ``info`` plus the host and pid of the caller (the process
+        running the job), so an operator (or a test) can see which process runs which job."""
+        folder = self.root / _ATTEMPTS / run / key
+        folder.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps(encode_json({**info, "host": socket.gethostname(), "pid": os.getpid()}))
+        n = 1
+        while True:
+            try:
+                fd = os.open(folder / f"{n}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                n += 1
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(payload)
+            return n
+
+    def attempts(self, run: str | None = None) -> Iterator[tuple[str, int, dict[str, Any]]]:
+        """``(key, attempt, info)`` of every recorded attempt (of run ``run``, or of all runs)."""
+        base = self.root / _ATTEMPTS
+        for f in sorted(base.glob(f"{run or '*'}/*/*.json")):
+            try:
+                info = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # being written
+            yield f.parent.name, int(f.stem), info
+
+    def end_run(self, run: str) -> None:
+        """Remove run ``run``'s attempt files (the records keep each job's attempt number)."""
+        shutil.rmtree(self.root / _ATTEMPTS / run, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (self.root / _ATTEMPTS).rmdir()
+
+    def clean(self) -> list[Path]:
+        """Remove temporaries left by killed writers on this host (their pid no longer runs);
+        returns what was removed. Writers on other hosts of a shared store are not judged."""
+        removed = []
+        for entry in self.root.iterdir():
+            if not entry.name.startswith(".") or not entry.name.endswith(_TMP_SUFFIXES):
+                continue
+            pid = entry.name.rsplit(".", 3)[-3] if entry.name.count(".") >= 4 else ""
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+        return removed
+
+    def temporaries(self) -> list[Path]:
+        """Temporary or set-aside directories present in the store (none after a clean run)."""
+        return [e for e in self.root.iterdir() if e.name.endswith(_TMP_SUFFIXES)]
+
+    def match_result(self, key: str, *, source: Any | None = None,
+                     target: Any | None = None) -> MatchResult:
+        """The stored :class:`~sae_match_lens.matching.MatchResult` of a match/compare job
+        (checksum verified; ``source``/``target`` checked like :meth:`MatchResult.load`)."""
+        self._require_ok(key, ("match", "compare"))
+        return MatchResult.load(self.job_dir(key) / "result", source=source, target=target)
+
+    def links_result(self, key: str) -> Links:
+        """The stored :class:`~sae_match_lens.linking.Links` of a links job (checksum verified)."""
+        self._require_ok(key, ("links",))
+        return load_links(self.job_dir(key) / "links")
+
+    def _require_ok(self, key: str, kinds: tuple[str, ...]) -> dict[str, Any]:
+        record = self.record(key)
+        if record is None:
+            raise KeyError(f"{self.root} has no job {key!r}; its jobs are listed by store.table().")
+        if record.get("status") != "ok":
+            raise ValueError(f"job {key} ({record.get('label')}) failed: {record.get('error')}; "
+                             "run the plan again to retry it.")
+        if record.get("kind") not in kinds:
+            raise ValueError(f"job {key} is a {record.get('kind')!r} job, not {' or '.join(kinds)}.")
+        return record
+
+    def table(self) -> pd.DataFrame:
+        """One row per job record: key, label, kind, status, error, layers, timings, host, pid,
+        attempt, certificate (``certified``, ``gap``), ``total_cost``, ``n_matched``."""
+        columns = ["key", "label", "kind", "status", "error", "layer_a", "layer_b", "module_a",
+                   "module_b", "started", "finished", "seconds", "seconds_load", "seconds_solve",
+                   "host", "pid", "attempt", "device", "certified", "gap", "total_cost",
+                   "n_matched", "source_fingerprint", "target_fingerprint"]
+        rows = [{c: r.get(c) for c in columns} for r in self.records()]
+        return pd.DataFrame(rows, columns=columns)
+
+    def write_table(self) -> Path:
+        """Write :meth:`table` to ``results.parquet`` (``results.jsonl`` without pyarrow),
+        atomically; returns the file."""
+        frame = self.table()
+        try:
+            import pyarrow  # noqa: F401
+
+            target = self.root / "results.parquet"
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            frame.to_parquet(tmp, index=False)
+        except ImportError:
+            target = self.root / "results.jsonl"
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            frame.to_json(tmp, orient="records", lines=True)
+        os.replace(tmp, target)
+        return target
+
+    def chain(self, *, kind: str = "match", module: str | None = None,
+              options: Mapping[str, Any] | None = None) -> Any:
+        """The stored adjacent match results as a :class:`~sae_match_lens.chain.ChainMatch`
+        (:func:`load_chain`)."""
+        return load_chain(self, kind=kind, module=module, options=options)
+
+
+def load_chain(store: ResultStore, *, kind: str = "match", module: str | None = None,
+               options: Mapping[str, Any] | None = None) -> Any:
+    """A :class:`~sae_match_lens.chain.ChainMatch` from a store's adjacent match results.
+
+    Takes the ``ok`` jobs of ``kind`` (``"match"`` or ``"compare"``) between consecutive layers
+    of the stack the plan was made from (``distance == 1``; for module stacks, same-module jobs
+    of ``module``; with ``options``, jobs run with exactly those options), orders them by layer
+    and checks that each step starts where the last ended.
+
+    Raises:
+        ValueError: no such jobs, a missing step between two layers, or two results for one
+            step (the message says which filter tells them apart).
+    """
+    from .chain import ChainMatch
+
+    steps: dict[int, tuple[dict[str, Any], MatchResult]] = {}
+    for record in store.records():
+        if (record.get("status") != "ok" or record.get("kind") != kind
+                or record.get("distance") != 1 or record.get("module_a") != record.get("module_b")
+                or (module is not None and record.get("module_a") != module)
+                or (options is not None and record.get("options") != dict(options))):
+            continue
+        layer = record.get("layer_a")
+        if layer in steps:
+            raise ValueError(f"{store.root} holds two adjacent {kind} results from layer {layer} "
+                             f"({steps[layer][0]['label']} with options "
+                             f"{steps[layer][0].get('options')}, {record['label']} with "
+                             f"{record.get('options')}); pass module= or options=.")
+        steps[layer] = (record, store.match_result(record["key"]))
+    if not steps:
+        raise ValueError(f"{store.root} holds no finished adjacent match jobs (distance 1"
+                         f"{', module ' + module if module else ''}); run a plan of kind match.")
+    ordered = [steps[k] for k in sorted(steps)]
+    layers = [ordered[0][0]["layer_a"]]
+    for record, _ in ordered:
+        if record["layer_a"] != layers[-1]:
+            raise ValueError(f"{store.root}: the chain has no step from layer {layers[-1]} to "
+                             f"{record['layer_a']}; its adjacent results start at layers "
+                             f"{sorted(steps)}.")
+        layers.append(record["layer_b"])
+    results = tuple(result for _, result in ordered)
+    hooks = [results[0].permutation.source["hook_name"]]
+    hooks += [r.permutation.target["hook_name"] for r in results]
+    options = dict(ordered[0][0].get("options") or {})
+    return ChainMatch(steps=results, hook_names=tuple(hooks), layers=tuple(layers),
+                      options=options)
+
+
+def save_links(lk: Links, directory: Path) -> Path:
+    """Write :class:`~sae_match_lens.linking.Links` to ``directory`` atomically (tensors exact,
+    the other fields in ``links.json`` with a checksum over all of it)."""
+    tensors = {"indices": lk.indices.contiguous(), "scores": lk.scores.contiguous(),
+               "confidence": lk.confidence.contiguous()}
+    fields = encode_json({name: getattr(lk, name) for name in lk._fields if name not in tensors})
+    checksum = tensor_checksum(tensors, fields)
+    text = json.dumps({"format": LINKS_FORMAT, "version": 1, "checksum": checksum,
+                       "fields": fields}, indent=1, sort_keys=True, allow_nan=False)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "links.safetensors"))
+        (tmp / "links.json").write_text(text, encoding="utf-8")
+
+    return write_directory(directory, write, manifest="links.json", kind=LINKS_FORMAT)
+
+
+def load_links(directory: Path) -> Links:
+    """Read :class:`~sae_match_lens.linking.Links` written by :func:`save_links`."""
+    try:
+        record = json.loads((directory / "links.json").read_text(encoding="utf-8"))
+        tensors = load_file(str(directory / "links.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{directory} is not a readable saved Links ({exc}).") from exc
+    if record.get("format") != LINKS_FORMAT or record.get("version") != 1:
+        raise StoreError(f"{directory}: not a saved Links of version 1; run the plan again.")
+    if tensor_checksum(tensors, record["fields"]) != record.get("checksum"):
+        raise StoreError(f"{directory}: checksum mismatch (modified or truncated files); run the "
+                         "plan again to redo the job.")
+    fields = decode_json(record["fields"])
+    return Links(indices=tensors["indices"], scores=tensors["scores"],
+                 confidence=tensors["confidence"].to(torch.float32), **fields)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
