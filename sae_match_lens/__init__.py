@@ -121,6 +121,15 @@ _EXPORTS: dict[str, str] = {
     "ChatJudge": "judge",
     "ScriptedJudge": "judge",
     "semantic_evaluation": "semantic",
+    "SAERef": "batch",
+    "PairJob": "batch",
+    "BatchReport": "batch",
+    "batch_match": "batch",
+    "plan_pairs": "batch",
+    "plan_from_release": "batch",
+    "load_plan": "batch",
+    "ResultStore": "store",
+    "StoreError": "store",
 }
 """Each public name → the submodule that defines it."""
 

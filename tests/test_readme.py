@@ -6,13 +6,15 @@ self-contained), in a temporary working directory (snippets write files).
 Snippets that load a hub release cannot run here (no network): ``SAE.from_pretrained`` and
 ``HookedTransformer.from_pretrained`` / ``from_pretrained_no_processing`` are monkeypatched to
 return default-suite objects. A Gemma Scope id ``layer_{l}/...`` (the README uses layers 10-14)
-gets the default suite's SAE of layer ``l - 10``, and the model is the default suite's, so the
-hook names those SAEs read (``blocks.{l - 10}.hook_resid_post``) are hook points of the model,
-as the snippets expect of a real release and its model.
+gets (a copy of) the default suite's SAE of layer ``l`` (the README uses layers 1-5, which both
+have), and the model is the default suite's, so the hook names those SAEs read
+(``blocks.{l}.hook_resid_post``) are hook points of the model and agree with the model layers the
+snippets use, as they would for a real release and its model.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,8 @@ from transformer_lens import HookedTransformer
 from sae_match_lens import assets
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-FIRST_GEMMA_LAYER = 10
-"""The README's Gemma Scope snippets start at layer 10; it maps to default-suite layer 0."""
+FIRST_GEMMA_LAYER = 0
+"""Gemma Scope layer ``l`` of the README maps to default-suite layer ``l - FIRST_GEMMA_LAYER``."""
 
 
 def python_sections() -> dict[str, list[str]]:
@@ -66,7 +68,7 @@ def offline_hub(suite, monkeypatch) -> None:
         layer = int(found.group(1)) - FIRST_GEMMA_LAYER
         if not 0 <= layer < len(saes):
             raise ValueError(f"{sae_id!r}: the default suite has no layer {layer}.")
-        return saes[layer]
+        return copy.deepcopy(saes[layer])  # loaders record release metadata on what they load
 
     def model_from_pretrained(name: str, *args: Any, **kwargs: Any) -> Any:
         return model
