@@ -168,7 +168,8 @@ def _cmd_match(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    release_only = [f"--{name.replace('_', '-')}" for name in ("sae_id_template", "model", "layers")
+    release_only = [f"--{name.replace('_', '-')}" for name in
+                    ("sae_id_template", "model", "layers", "width", "l0", "hook", "variant")
                     if getattr(args, name) is not None]
     if args.release is None and release_only:
         verb = "applies" if len(release_only) == 1 else "apply"
@@ -180,7 +181,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         layers = parse_layers(args.layers) if args.layers else None
         summary = run_demo(args.out, family=args.family, quick=args.quick, progress=not args.quiet,
                            release=args.release, sae_id_template=args.sae_id_template,
-                           model_name=args.model, layers=layers)
+                           model_name=args.model, layers=layers, choices=_choices(args))
     except HubUnavailableError as exc:
         raise CommandError(str(exc)) from None
     print(summary)
@@ -378,10 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--release", help="a SAELens release to use instead of the built-in suite, "
                       "e.g. gemma-scope-2b-pt-res-canonical (needs the hub or a local cache)")
+    demo.add_argument("--layers", help="model layers for --release, e.g. 10-14 or 3,5,7")
+    demo.add_argument("--width", help="--release: width of the SAEs, e.g. 16k (when it has several)")
+    demo.add_argument("--l0", help="--release: average L0, a number or a label such as big")
+    demo.add_argument("--hook", help="--release: hook site, e.g. hook_resid_pre (when several)")
+    demo.add_argument("--variant", help="--release: e.g. trainer_0 (when it has several)")
     demo.add_argument("--sae-id-template",
-                      help="SAE id with {layer}, e.g. 'layer_{layer}/width_16k/canonical'")
-    demo.add_argument("--model", help="TransformerLens model name for --release, e.g. gemma-2-2b")
-    demo.add_argument("--layers", help="layers for --release, e.g. 10-14 or 3,5,7")
+                      help="for a release outside SAELens' registry: SAE id with {layer}, e.g. "
+                      "'layer_{layer}/width_16k/canonical' (then --model is needed)")
+    demo.add_argument("--model", help="TransformerLens model name (default: the registry's)")
     demo.set_defaults(func=_cmd_demo)
 
     m = sub.add_parser("match", help="match two SAEs and save the permutation")

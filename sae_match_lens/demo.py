@@ -91,6 +91,26 @@ def load_release(
     return model, saes
 
 
+def _load_registry_release(release: str, layers: Sequence[int], choices: dict[str, Any],
+                           model_name: str | None, *, sae_loader: SAELoader | None,
+                           model_loader: ModelLoader | None, progress: bool
+                           ) -> tuple[Any, list[Any], str]:
+    """A registry release's SAEs at ``layers`` (ids resolved first, so a bad choice fails before
+    anything loads) and its model (the registry's, unless ``model_name`` is given)."""
+    from .releases import _lookup, load_release_model, load_release_stack, resolve_release
+
+    resolve_release(release, layers=layers, **choices)
+    stack = load_release_stack(release, layers=layers, sae_loader=sae_loader, progress=progress,
+                               **choices)
+    if model_name is None:
+        model_name = _lookup(release).model
+        model = load_release_model(release, model_loader=model_loader)
+    else:
+        with _loading(model_name, model_loader is None and not _hub_reachable()):
+            model = (model_loader or _default_model_loader)(model_name)
+    return model, [stack[layer] for layer in sorted(stack)], str(model_name)
+
+
 def _eval_tokens(model: Any, family_tokens: torch.Tensor | None, n_seqs: int) -> torch.Tensor:
     if family_tokens is not None:
         return family_tokens[:n_seqs]
@@ -113,11 +133,15 @@ def run_demo(
     layers: Sequence[int] | None = None,
     sae_loader: SAELoader | None = None,
     model_loader: ModelLoader | None = None,
+    choices: Mapping[str, Any] | None = None,
 ) -> str:
     """Run the pipeline on the default suite (or a release) and write the report to ``out``.
 
-    Returns a short summary. With ``release`` set, ``sae_id_template``, ``model_name`` and
-    ``layers`` are required (see :func:`load_release`).
+    Returns a short summary. With ``release`` set, ``layers`` is required. A release in SAELens'
+    registry resolves its SAE ids and its model by itself (``choices``: the ``width``, ``l0``,
+    ``hook``, ``variant`` of :func:`~sae_match_lens.releases.resolve_release` where the release
+    offers several); otherwise ``sae_id_template`` and ``model_name`` say what to load (see
+    :func:`load_release`).
     """
     n_seqs = 16 if quick else 64
     if release is None:
@@ -125,6 +149,7 @@ def run_demo(
 
         model, saes = load_default_suite(family)  # type: ignore[arg-type]
         tokens: torch.Tensor | None = load_eval_tokens()
+        steering_tokens = tokens  # all held-out sequences: the steering section labels sources
         source = f"default suite ({family})"
         if quick:
             saes = saes[:4]
@@ -138,17 +163,27 @@ def run_demo(
             except SuiteFilesMissingError as err:  # a suite built without module SAEs
                 logger.warning("The flow section uses the residual SAEs only: %s", err)
     else:
-        if not (sae_id_template and model_name and layers):
-            raise ValueError("--release needs --sae-id-template, --model and --layers.")
-        model, saes = load_release(release, sae_id_template, model_name, layers,
-                                   sae_loader=sae_loader, model_loader=model_loader, progress=progress)
+        if not layers:
+            raise ValueError("--release needs --layers.")
+        if sae_id_template is None:
+            model, saes, model_name = _load_registry_release(
+                release, layers, dict(choices or {}), model_name, sae_loader=sae_loader,
+                model_loader=model_loader, progress=progress)
+        else:
+            if not model_name:
+                raise ValueError("--sae-id-template needs --model (the TransformerLens model name).")
+            model, saes = load_release(release, sae_id_template, model_name, layers,
+                                       sae_loader=sae_loader, model_loader=model_loader,
+                                       progress=progress)
         tokens, source = None, f"{release} on {model_name}"
         family = saes[0].cfg.architecture()
         stack = None
+        steering_tokens = None  # the steering section's themes are the default suite's corpus
+        logger.info("The steering section needs the default suite's labelled corpus; left out.")
     tokens = _eval_tokens(model, tokens, n_seqs)
     return run_pipeline(model, saes, tokens, out, source=source, family=family,
                         max_distance=2 if quick else 3, progress=progress, stack=stack,
-                        quick=quick)
+                        steering_tokens=steering_tokens, quick=quick)
 
 
 def run_pipeline(
@@ -164,6 +199,7 @@ def run_pipeline(
     progress: bool = True,
     stack: Mapping[int, Any] | None = None,
     flow: bool = True,
+    steering_tokens: torch.Tensor | None = None,
     quick: bool = False,
 ) -> str:
     """Fold, match, compose, evaluate and report (see the module docstring).
@@ -171,7 +207,10 @@ def run_pipeline(
     ``saes`` is a list (each SAE's model layer from its hook name ``blocks.L.…``) or a mapping
     ``{model layer: SAE}``; every table and plot names model layers. ``stack`` (``{model layer:
     LayerSAEs}``) adds MLP/attention SAEs to the flow section; without it the section uses the
-    residual SAEs. ``flow=False`` leaves the flow section out.
+    residual SAEs. ``flow=False`` leaves the flow section out. ``steering_tokens`` (held-out
+    tokens of the default suite's corpus, whose sources the steering section labels) adds the
+    steering section (:func:`~sae_match_lens.steering_report.steering_section`); without them it
+    is left out.
     """
     from . import report
     from .evaluation import evaluate_substitution
@@ -199,6 +238,12 @@ def run_pipeline(
     results["reading"] = reading(results)
     if flow:
         results["flow"] = _flow(model, saes, tokens, chain, stack, out, quick, progress)
+    if steering_tokens is not None:
+        from .steering_report import steering_section
+
+        results["steering"] = steering_section(model, stack or by_layer, steering_tokens,
+                                               model.tokenizer, out, quick=quick,
+                                               progress=progress)
     results["seconds"] = time.perf_counter() - t0
     report.write_results(results, out / "results.json")
     report.plot_substitution(table, out / "substitution.png")

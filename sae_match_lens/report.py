@@ -470,6 +470,12 @@ def write_report(results: Mapping[str, Any], table: pd.DataFrame | None, out: Pa
         from .flow_report import flow_markdown
 
         lines += flow_markdown(results["flow"], _markdown_table)
+    if results.get("steering"):
+        from .steering_report import steering_markdown
+
+        lines += steering_markdown(results["steering"])
+    steering_files = [f"`{e['heatmap']}`" for e in (results.get("steering") or {}).values()
+                      if isinstance(e, dict) and e.get("heatmap")]
     lines += ["## Files", "",
               "- `results.json`: everything above, machine-readable (strict JSON; missing values are null).",
               "- `substitution.png`: EV and ΔCE per layer pair, the method, its variants and baselines.",
@@ -478,6 +484,9 @@ def write_report(results: Mapping[str, Any], table: pd.DataFrame | None, out: Pa
               "- `feature_paths.png`: traced features with link costs and top-activating tokens.",
               *(["- `flow_graph.png`, `flow_graph.json`: one traced feature flow (picture and "
                  "node-link JSON)."] if results.get("flow") else []),
+              *([f"- {', '.join(steering_files)}: steering sweeps (proxy score per layer and "
+                 "coefficient); `steering_*.jsonl`: their rows, resumable."] if steering_files
+                else []),
               "", f"Run time: {results.get('seconds', math.nan):.0f} s.", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))

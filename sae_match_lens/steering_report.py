@@ -314,7 +314,11 @@ def steering_markdown(section: Mapping[str, Any]) -> list[str]:
         lines += ["", f"Heat-map of every setting: `{part['heatmap']}`. Three generations per "
                   "setting:", ""]
         for row in part["summary"]:
-            lines.append(f"- {row['setting']}, coefficient {row['coefficient']}:")
+            coefficient = row["coefficient"]
+            unsteered = coefficient is None or (isinstance(coefficient, float)
+                                                and math.isnan(coefficient))
+            lines.append(f"- {row['setting']}:" if unsteered
+                         else f"- {row['setting']}, coefficient {coefficient:g}:")
             lines += [f"    - {text!r}" for text in row["examples"]]
         lines.append("")
     semantic = section["semantic"]

@@ -56,6 +56,31 @@ def test_release_path_goes_through_the_loaders(tmp_path):
     assert saes[1].cfg.metadata.release == "my-release"
 
 
+def test_a_registry_release_resolves_its_ids_and_model_without_a_template(tmp_path):
+    saes = load_suite_saes("jumprelu")
+    calls = []
+
+    def sae_loader(release, sae_id):
+        calls.append((release, sae_id))
+        return saes[int(sae_id.split("/")[0].removeprefix("layer_"))]
+
+    def model_loader(name):
+        calls.append(name)
+        return load_suite_model()
+
+    run_demo(tmp_path, quick=True, progress=False, release="gemma-scope-2b-pt-res-canonical",
+             layers=[1, 2, 3], choices={"width": "16k"}, sae_loader=sae_loader,
+             model_loader=model_loader)
+    assert calls == [("gemma-scope-2b-pt-res-canonical", f"layer_{k}/width_16k/canonical")
+                     for k in (1, 2, 3)] + ["gemma-2-2b"]  # ids and model from the registry
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["setting"]["hooks"] == [f"blocks.{k}.hook_resid_post" for k in (1, 2, 3)]
+    assert "steering" not in results  # the steering themes are the default suite's corpus
+    with pytest.raises(ValueError, match="widths 16k, 65k"):
+        run_demo(tmp_path, quick=True, progress=False, release="gemma-scope-2b-pt-res-canonical",
+                 layers=[10, 11], sae_loader=sae_loader, model_loader=model_loader)
+
+
 def test_unreachable_hub_is_one_clear_sentence(monkeypatch):
     monkeypatch.setattr(demo_module, "_hub_reachable", lambda *a, **k: False)
     with pytest.raises(HubUnavailableError, match="hub is unreachable"):
