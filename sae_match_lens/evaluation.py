@@ -167,8 +167,8 @@ VARIANTS: dict[str, Variant] = {
         Variant("hybrid", Substitution("hybrid", "folded", quantile=0.5)),
         Variant("error_preserving", Substitution("error_preserving", "folded")),
         Variant("identity", Substitution("identity")),
-        Variant("sae_b_reconstruction", Substitution("reconstruct_b")),
-        Variant("sae_a_reconstruction", Substitution("reconstruct_a")),
+        Variant("sae_b_reconstruction", Substitution("sae_b_reconstruction")),
+        Variant("sae_a_reconstruction", Substitution("sae_a_reconstruction")),
         Variant("random_permutation", Substitution("permute", "folded"), "random"),
         Variant("unfolded_matching", Substitution("permute", "folded"), "unfolded"),
         Variant("transition_decoder_cosine", Substitution("permute", "folded"), "links",
@@ -517,7 +517,7 @@ def _process_batch(route: ModelRoute, batch: torch.Tensor, plans: list[_PairPlan
         plan.ce_clean += ce_clean
         plan.n_ce += n_ce
         needs_f_A = bool(plan.perms) or any(
-            sub.substitution.method not in ("identity", "reconstruct_b") for _, sub in plan.subs)
+            sub.substitution.method not in ("identity", "sae_b_reconstruction") for _, sub in plan.subs)
         f_A = plan.subs[0][1].encode_a(h_A) if needs_f_A else None
         _update_pair(plan, f_A, h_B)
         for variant, sub in plan.subs:

@@ -38,8 +38,8 @@ coincide.
 * ``"error_preserving"``: ``h_A - SAE_A.decode(f_A) + SAE_B.decode(P f_A)``; carries SAE A's
   reconstruction error across, separating the SAE's error from the matching error.
 * ``"identity"``: ``h_A`` (drop the blocks).
-* ``"reconstruct_a"``: ``SAE_A.decode(f_A)`` used as the state at B.
-* ``"reconstruct_b"``: ``SAE_B.decode(SAE_B.encode(h_B))`` of the true ``h_B`` (needs the
+* ``"sae_a_reconstruction"``: ``SAE_A.decode(f_A)`` used as the state at B.
+* ``"sae_b_reconstruction"``: ``SAE_B.decode(SAE_B.encode(h_B))`` of the true ``h_B`` (needs the
   skipped blocks, so it has no skipping route).
 
 **BOS.** The SAEs this package meets (Gemma Scope, the default suite) are trained without the
@@ -97,12 +97,14 @@ from .routes import (
 __all__ = [
     "BOS_POLICIES",
     "METHODS",
+    "SUBSTITUTIONS",
     "BlockSubstitute",
     "BosPolicy",
     "HookFn",
     "Map",
     "Method",
     "Substitution",
+    "SubstitutionName",
     "Transfer",
     "block_substitute",
     "run_skipping",
@@ -112,13 +114,21 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["permute", "hybrid", "error_preserving", "identity", "reconstruct_a",
-                 "reconstruct_b"]
+Method = Literal["permute", "hybrid", "error_preserving", "identity", "sae_a_reconstruction",
+                 "sae_b_reconstruction"]
+SubstitutionName = Literal["folded", "raw", "hybrid", "error_preserving", "identity",
+                           "sae_a_reconstruction", "sae_b_reconstruction"]
 Transfer = Literal["folded", "raw"]
 HookFn = Callable[..., torch.Tensor | None]
 METHODS: tuple[str, ...] = ("permute", "hybrid", "error_preserving", "identity",
-                            "reconstruct_a", "reconstruct_b")
+                            "sae_a_reconstruction", "sae_b_reconstruction")
 _USES_PERMUTATION = ("permute", "hybrid", "error_preserving")
+SUBSTITUTIONS: tuple[str, ...] = ("folded", "raw", "hybrid", "error_preserving", "identity",
+                                  "sae_a_reconstruction", "sae_b_reconstruction")
+"""The substitution names, the same as the :func:`~sae_match_lens.evaluation.evaluate_substitution`
+variants they make: ``"folded"`` (the method: permute in fold units) and ``"raw"`` (permute raw
+activations) are the two transfers of ``permute``; the others name their method (folded transfer
+where it applies). Anything else is a :class:`Substitution`."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,24 @@ class Substitution:
     """Units in which activations cross from A to B: ``"folded"`` or ``"raw"``."""
     quantile: float = 0.5
     """``hybrid`` only: the fraction of matched features (lowest cost first) sent through P."""
+
+    @classmethod
+    def of(cls, value: Substitution | str) -> Substitution:
+        """A :class:`Substitution` from itself or a name of :data:`SUBSTITUTIONS` (or a
+        :data:`METHODS` name, folded transfer).
+
+        Example:
+            >>> Substitution.of("raw")
+            Substitution(method='permute', transfer='raw', quantile=0.5)
+        """
+        if isinstance(value, Substitution):
+            return value
+        if value in ("folded", "raw"):
+            return cls("permute", value)  # type: ignore[arg-type]
+        if isinstance(value, str) and value in METHODS:
+            return cls(value)  # type: ignore[arg-type]
+        raise ValueError(f"unknown substitution {value!r}; use one of {list(SUBSTITUTIONS)} "
+                         "or a Substitution(method, transfer, quantile).")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -155,7 +183,7 @@ class Substitution:
     @property
     def needs_target_state(self) -> bool:
         """Whether the method needs the true state at B (so the blocks must run)."""
-        return self.method == "reconstruct_b"
+        return self.method == "sae_b_reconstruction"
 
 
 @dataclass(frozen=True, eq=False)
@@ -220,7 +248,7 @@ class BlockSubstitute:
 
         Args:
             h_A: the state at A's hook ``[..., d_in]``.
-            h_B: the true state at B's hook (only ``reconstruct_b`` reads it).
+            h_B: the true state at B's hook (only ``sae_b_reconstruction`` reads it).
             f_A: SAE A's activations of ``h_A`` if already computed (saves one encode).
 
         Returns:
@@ -229,17 +257,17 @@ class BlockSubstitute:
         method = self.substitution.method
         if method == "identity":
             return h_A
-        if method == "reconstruct_b":
+        if method == "sae_b_reconstruction":
             if h_B is None:
                 raise ValueError(
-                    f"substitution 'reconstruct_b' at '{self.hook_b}' needs the true state at B; "
+                    f"substitution 'sae_b_reconstruction' at '{self.hook_b}' needs the true state at B; "
                     "it cannot skip the blocks."
                 )
             sae = self.sae_b
             return sae.decode(sae.encode(_to_sae(h_B, sae))).to(h_B.device, h_B.dtype)
         if f_A is None:
             f_A = self.encode_a(h_A)
-        if method == "reconstruct_a":
+        if method == "sae_a_reconstruction":
             out = self.sae_a.decode(f_A)
         elif method == "permute":
             out = self.sae_b.decode(self.move(f_A))
@@ -302,7 +330,7 @@ def block_substitute(
     sae_b: Any,
     permutation: Map | None = None,
     *,
-    substitution: Substitution | Method = "permute",
+    substitution: Substitution | SubstitutionName | Method = "folded",
     cost_F: torch.Tensor | None = None,
 ) -> BlockSubstitute:
     """Prepare the substitute ``h_A -> ĥ_B`` for a pair of SAEs (no model needed).
@@ -313,7 +341,8 @@ def block_substitute(
         permutation: the map A→B, or a :class:`~sae_match_lens.matching.MatchResult` (whose
             ``cost_F`` then serves the ``hybrid`` method). Needed by ``permute``, ``hybrid``
             and ``error_preserving``; ignored by the others.
-        substitution: a :class:`Substitution`, or a method name (folded transfer).
+        substitution: a :class:`Substitution` or a name of :data:`SUBSTITUTIONS` (the
+            evaluation variants' names: ``"folded"``, ``"raw"``, ``"hybrid"``, …).
         cost_F: per-source-feature match cost ``[n_source]`` for ``hybrid`` (NaN: unmatched);
             default: the MatchResult's.
 
@@ -325,9 +354,10 @@ def block_substitute(
         >>> sub = block_substitute(sae_3, sae_4, match(sae_3, sae_4))
         >>> h_4_hat = sub(h_3)
     """
-    spec = Substitution(method=substitution) if isinstance(substitution, str) else substitution
-    if not isinstance(spec, Substitution):
-        raise TypeError(f"substitution must be a Substitution or a method name, got {spec!r}.")
+    if not isinstance(substitution, Substitution | str):
+        raise TypeError(f"substitution must be a Substitution or one of {list(SUBSTITUTIONS)}, "
+                        f"got {substitution!r}.")
+    spec = Substitution.of(substitution)
     hook_a, hook_b = _check_sae(sae_a, "SAE A"), _check_sae(sae_b, "SAE B")
     perm, cost = _split(permutation, cost_F)
     if not spec.uses_permutation:
@@ -483,7 +513,7 @@ def _make_hooks(model: Any, sub: BlockSubstitute, bos: BosPolicy,
 
 
 def _prepare(model: Any, sae_a: Any, sae_b: Any, permutation: Map | None,
-             substitution: Substitution | Method, cost_F: torch.Tensor | None) -> BlockSubstitute:
+             substitution: Substitution | SubstitutionName | Method, cost_F: torch.Tensor | None) -> BlockSubstitute:
     sub = block_substitute(sae_a, sae_b, permutation, substitution=substitution, cost_F=cost_F)
     validate_route(model, sub)
     return sub
@@ -495,7 +525,7 @@ def substitution_hooks(
     sae_b: Any,
     permutation: Map | None = None,
     *,
-    substitution: Substitution | Method = "permute",
+    substitution: Substitution | SubstitutionName | Method = "folded",
     cost_F: torch.Tensor | None = None,
     bos: BosPolicy = "keep",
     bos_token_id: int | None = None,
@@ -533,7 +563,7 @@ def substitute(
     sae_b: Any,
     permutation: Map | None = None,
     *,
-    substitution: Substitution | Method = "permute",
+    substitution: Substitution | SubstitutionName | Method = "folded",
     cost_F: torch.Tensor | None = None,
     bos: BosPolicy = "keep",
     bos_token_id: int | None = None,
@@ -560,7 +590,7 @@ def run_skipping(
     sae_b: Any,
     permutation: Map | None = None,
     *,
-    substitution: Substitution | Method = "permute",
+    substitution: Substitution | SubstitutionName | Method = "folded",
     cost_F: torch.Tensor | None = None,
     return_type: Literal["logits", "loss", "both"] = "loss",
     loss_per_token: bool = False,

@@ -81,7 +81,7 @@ import torch
 from .adapters import describe_sae, hook_name_of
 from .coactivation import sae_pairs
 from .evaluation import DEFAULT_VARIANTS, Variant, evaluate_substitution
-from .hooks import BlockSubstitute, Map, Method, Substitution, block_substitute
+from .hooks import BlockSubstitute, Map, Method, Substitution, SubstitutionName, block_substitute
 from .matching import MatchResult
 from .permutation import Permutation
 from .routes import BOS_POLICIES, BosPolicy, resolve_bos_token_id, skip_boundaries
@@ -531,7 +531,7 @@ def substitute_nnsight(
     sae_b: Any,
     permutation: Map | None = None,
     *,
-    substitution: Substitution | Method = "permute",
+    substitution: Substitution | SubstitutionName | Method = "folded",
     cost_F: torch.Tensor | None = None,
     bos: BosPolicy = "keep",
     bos_token_id: int | None = None,

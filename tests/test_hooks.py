@@ -81,7 +81,7 @@ def test_permutation_direction_is_a_scatter_into_target_order(model, tokens, sae
 
 
 @pytest.mark.parametrize("method", ["permute", "hybrid", "error_preserving", "identity",
-                                    "reconstruct_a"])
+                                    "sae_a_reconstruction"])
 @pytest.mark.parametrize("hooks", [(HOOK_1, HOOK_3), ("blocks.1.hook_resid_pre",
                                                       "blocks.2.hook_resid_pre")])
 def test_hook_route_and_true_skip_route_give_the_same_loss(model, tokens, perm, method, hooks):
@@ -247,7 +247,7 @@ def test_sae_without_hook_name_is_a_clear_error(model, sae_3, perm):
 
 def test_true_skip_refuses_what_it_cannot_skip(model, tokens, sae_1, sae_3, perm):
     with pytest.raises(ValueError, match="cannot be skipped"):
-        run_skipping(model, tokens, sae_1, sae_3, substitution="reconstruct_b")
+        run_skipping(model, tokens, sae_1, sae_3, substitution="sae_b_reconstruction")
     mlp = random_jumprelu_sae("blocks.3.hook_mlp_out", seed=3)
     with pytest.raises(ValueError, match="residual hooks"):
         run_skipping(model, tokens, sae_1, mlp, perm)
@@ -280,3 +280,15 @@ def test_same_substitution_runs_on_a_transformer_bridge_built_offline(tokens, sa
             substitution_hooks(bridge, random_jumprelu_sae("blocks.9.hook_resid_post"), sae_3, perm)
     finally:
         bridge.reset_hooks()
+
+
+def test_substitution_names_are_the_evaluation_variants_of_the_same_name():
+    from sae_match_lens.evaluation import VARIANTS
+    from sae_match_lens.hooks import SUBSTITUTIONS
+
+    for name in SUBSTITUTIONS:
+        assert VARIANTS[name].substitution == Substitution.of(name), name
+    assert Substitution.of("raw") == Substitution("permute", "raw")
+    assert Substitution.of("sae_b_reconstruction").needs_target_state
+    with pytest.raises(ValueError, match=r"unknown substitution 'permuted'.*'folded', 'raw'"):
+        Substitution.of("permuted")
