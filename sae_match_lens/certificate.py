@@ -39,23 +39,51 @@ negative beyond rounding and beyond what the shortest-path tolerance may leave.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .costs import ExactScales, StackedFeatures, edge_costs, edge_error, exact_rows, float32_error
 
-if TYPE_CHECKING:
-    from .sparse import EdgeSet
-
-__all__ = ["SP_TOL", "EdgeCheck", "Problem", "check_rows", "dual_gap", "duals", "floor_pads",
-           "graph_worst", "problem_errors", "recheck", "reduced", "suspect_rows"]
+__all__ = ["SP_TOL", "EdgeCheck", "EdgeSet", "Problem", "check_rows", "dual_gap", "duals",
+           "floor_pads", "graph_worst", "problem_errors", "recheck", "reduced", "suspect_rows"]
 
 _EPS = 2.0**-53
 SP_TOL = 2.0**-40
 """Relative tolerance of the shortest-path relaxation (see the module doc)."""
 
+
+class EdgeSet:
+    """Real candidate edges (deduplicated, exact costs), keyed by ``row * n_b + col``."""
+
+    def __init__(self, n_a: int, n_b: int) -> None:
+        self.n_a, self.n_b = n_a, n_b
+        self.keys = np.empty(0, dtype=np.int64)
+        self.cost = np.empty(0, dtype=np.float64)
+
+    def missing(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keys = np.unique(rows.astype(np.int64) * self.n_b + cols)
+        keys = keys[~np.isin(keys, self.keys, assume_unique=True)]
+        return keys // self.n_b, keys % self.n_b
+
+    def add(self, rows: np.ndarray, cols: np.ndarray, cost: np.ndarray) -> None:
+        keys = rows.astype(np.int64) * self.n_b + cols
+        allk = np.concatenate([self.keys, keys])
+        allc = np.concatenate([self.cost, cost])
+        order = np.argsort(allk, kind="stable")
+        allk, allc = allk[order], allc[order]
+        first = np.ones(len(allk), dtype=bool)
+        first[1:] = allk[1:] != allk[:-1]
+        self.keys, self.cost = allk[first], allc[first]
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.keys // self.n_b
+
+    @property
+    def cols(self) -> np.ndarray:
+        return self.keys % self.n_b
 
 class Problem(NamedTuple):
     """The square problem the solver sees: left/right nodes, sparse edges, a zero-cost block."""

@@ -11,6 +11,7 @@ A and C with :func:`compare_composed_direct`, which reuses the options the chain
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -129,7 +130,7 @@ def chain_saes(saes: Sequence[Any] | Mapping[Any, Any], *, what: str) -> tuple[l
                         f"got {type(saes).__name__}.")
     ordered = list(saes)
     layers = layers_from_hooks(ordered, what=what)
-    if any(b <= a for a, b in zip(layers, layers[1:], strict=False)):
+    if any(b <= a for a, b in itertools.pairwise(layers)):
         hooks = [hook_name_of(sae) for sae in ordered]
         raise ValueError(f"{what}: the SAEs must be in increasing layer order, got {hooks} "
                          f"(layers {layers}); sort them or pass a mapping {{model layer: SAE}}.")
@@ -162,7 +163,7 @@ class ChainMatch:
         if any(not isinstance(v, numbers.Integral) or isinstance(v, bool) for v in self.layers):
             raise TypeError(f"layers must be ints (model layers), got {self.layers!r}.")
         layers = tuple(int(v) for v in self.layers)  # type: ignore[call-overload]
-        if any(b <= a for a, b in zip(layers, layers[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(layers)):
             raise ValueError(f"the layers of a chain must increase, got {layers} for hooks "
                              f"{list(self.hook_names)}.")
         for layer, hook in zip(layers, self.hook_names, strict=True):

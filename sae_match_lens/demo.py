@@ -12,6 +12,7 @@ The SAEs come from the embedded default suite (offline), or from a SAELens relea
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import math
 import time
@@ -226,7 +227,7 @@ def run_pipeline(
     raw_checks = compare_composed_direct(raw_chain, by_layer, max_distance=max_distance,
                                          progress=progress)  # fold=False: recorded in raw_chain
     thresholds = [null_max_cost(saes[i], saes[i + 1]) for i in range(len(saes) - 1)]
-    pairs = list(zip(layers, layers[1:], strict=False))
+    pairs = list(itertools.pairwise(layers))
     table = evaluate_substitution(model, by_layer, tokens, pairs=pairs, batch_size=8,
                                   permutations=dict(zip(pairs, chain.steps, strict=True)),
                                   progress=progress)

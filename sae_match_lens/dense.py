@@ -29,10 +29,18 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .certificate import EdgeCheck, check_rows, dual_gap, duals, floor_pads, graph_worst, problem_errors
+from .certificate import (
+    EdgeCheck,
+    EdgeSet,
+    check_rows,
+    dual_gap,
+    duals,
+    floor_pads,
+    graph_worst,
+    problem_errors,
+)
 from .costs import ExactScales, StackedFeatures, edge_costs, float32_error, float32_error_max
 from .sparse import (
-    EdgeSet,
     build_problem,
     margins,
     matched_costs,

@@ -513,7 +513,8 @@ def _make_hooks(model: Any, sub: BlockSubstitute, bos: BosPolicy,
 
 
 def _prepare(model: Any, sae_a: Any, sae_b: Any, permutation: Map | None,
-             substitution: Substitution | SubstitutionName | Method, cost_F: torch.Tensor | None) -> BlockSubstitute:
+             substitution: Substitution | SubstitutionName | Method,
+             cost_F: torch.Tensor | None) -> BlockSubstitute:
     sub = block_substitute(sae_a, sae_b, permutation, substitution=substitution, cost_F=cost_F)
     validate_route(model, sub)
     return sub

@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
 from .adapters import describe_sae
 
-if TYPE_CHECKING:
-    from .hooks import BlockSubstitute
+
+class BlockSubstitute(Protocol):
+    """What a route reads of a prepared substitute (:class:`~sae_match_lens.hooks.BlockSubstitute`
+    satisfies it); declared here so that routes need nothing above them."""
+
+    sae_a: Any
+    sae_b: Any
+    hook_a: str
+    hook_b: str
+    substitution: Any
 
 __all__ = [
     "BOS_POLICIES",

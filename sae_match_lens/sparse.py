@@ -51,6 +51,7 @@ import torch
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from .certificate import (
+    EdgeSet,
     Problem,
     dual_gap,
     duals,
@@ -124,38 +125,6 @@ def sparse_bytes(n_a: int, n_b: int, k: int, block_rows: int | None, width: int 
         screen = min(int(screen_dims), width)
     return (3 * rows * n_b * 4 + (n_a + n_b) * (screen + 4) * 4 + edges * 80
             + (n_a + n_b) * 200)
-
-
-class EdgeSet:
-    """Real candidate edges (deduplicated, exact costs), keyed by ``row * n_b + col``."""
-
-    def __init__(self, n_a: int, n_b: int) -> None:
-        self.n_a, self.n_b = n_a, n_b
-        self.keys = np.empty(0, dtype=np.int64)
-        self.cost = np.empty(0, dtype=np.float64)
-
-    def missing(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        keys = np.unique(rows.astype(np.int64) * self.n_b + cols)
-        keys = keys[~np.isin(keys, self.keys, assume_unique=True)]
-        return keys // self.n_b, keys % self.n_b
-
-    def add(self, rows: np.ndarray, cols: np.ndarray, cost: np.ndarray) -> None:
-        keys = rows.astype(np.int64) * self.n_b + cols
-        allk = np.concatenate([self.keys, keys])
-        allc = np.concatenate([self.cost, cost])
-        order = np.argsort(allk, kind="stable")
-        allk, allc = allk[order], allc[order]
-        first = np.ones(len(allk), dtype=bool)
-        first[1:] = allk[1:] != allk[:-1]
-        self.keys, self.cost = allk[first], allc[first]
-
-    @property
-    def rows(self) -> np.ndarray:
-        return self.keys // self.n_b
-
-    @property
-    def cols(self) -> np.ndarray:
-        return self.keys % self.n_b
 
 
 def _complete_pairing(g: EdgeSet) -> tuple[np.ndarray, np.ndarray]:
