@@ -34,8 +34,8 @@ import torch
 from sae_lens import JumpReLUSAE
 
 from sae_match_lens import feature_view
-from sae_match_lens.costs import CostWeights, cost_blocks, stack_features
 from sae_match_lens.matching import match
+from sae_match_lens.solvers.costs import CostWeights, cost_blocks, stack_features
 from sae_match_lens.synthetic import planted_chain
 
 

@@ -30,8 +30,8 @@ import time
 import numpy as np
 import torch
 
-from sae_match_lens.costs import StackedFeatures
 from sae_match_lens.matching import _available_bytes, match_features
+from sae_match_lens.solvers.costs import StackedFeatures
 
 
 def peak_rss_gib() -> float:

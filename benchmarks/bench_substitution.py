@@ -28,7 +28,7 @@ from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_match_lens.evaluation import evaluate_substitution
-from sae_match_lens.hooks import block_substitute, run_skipping, substitute
+from sae_match_lens.lens.hooks import block_substitute, run_skipping, substitute
 from sae_match_lens.matching import match
 
 

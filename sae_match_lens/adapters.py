@@ -364,7 +364,7 @@ def folded_activation_factor(sae: SAE) -> torch.Tensor:
 
     Moving activations from SAE A into SAE B "in folded units" is therefore
     ``f_B_raw[P(i)] = f_A_raw[i] · factor_A[i] / factor_B[P(i)]``, which equals
-    ``fold(B).decode``-ready units for B and is what :mod:`sae_match_lens.hooks` does.
+    ``fold(B).decode``-ready units for B and is what :mod:`sae_match_lens.lens.hooks` does.
     """
     spec = validate_sae(sae)
     if _encode_absorbs_scale(sae, spec):

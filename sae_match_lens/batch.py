@@ -97,14 +97,14 @@ def job_memory_bytes(kind: str, options: Mapping[str, Any], n_a: int, n_b: int,
     """Estimated peak memory of one job beyond the loaded SAEs (bytes).
 
     The folded, stacked features of both SAEs, plus the solver's own need:
-    :func:`~sae_match_lens.sparse.sparse_bytes` on the sparse route, the dense matrix
+    :func:`~sae_match_lens.solvers.sparse.sparse_bytes` on the sparse route, the dense matrix
     ``4·n·n`` (lapjv) or ``3·4·n_a·n_b`` (scipy) on the dense route, the score block buffers for
     links. ``solver="auto"`` is resolved as :func:`~sae_match_lens.matching.match_features`
     resolves it for the size.
     """
     from .matching import SPARSE_FROM_N
-    from .screen import block_rows_for
-    from .sparse import sparse_bytes
+    from .solvers.screen import block_rows_for
+    from .solvers.sparse import sparse_bytes
 
     width = (d_out or d_in) + d_in + 1
     features = 2 * (n_a + n_b) * width * 4
@@ -135,7 +135,7 @@ def _compare_baselines(result: Any, sae_a: Any, sae_b: Any, device: str | None) 
     import torch
 
     from .adapters import feature_view
-    from .costs import CostWeights, edge_costs, stack_features
+    from .solvers.costs import CostWeights, edge_costs, stack_features
 
     opts = result.options
     metric = opts.get("metric", "mse")

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .adapters import describe_sae, hook_name_of, validate_sae
 from .coactivation import LinkMethod, link_indices
-from .routes import hook_order
+from .lens.routes import hook_order
 
 __all__ = ["CAUSAL_COLUMNS", "causal_check"]
 

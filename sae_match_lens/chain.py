@@ -27,11 +27,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import describe_sae, feature_view, hook_name_of, layers_from_hooks, model_layer_of
-from .costs import CostWeights, stack_features
 from .matching import MatchResult, MatchResultFileError, match
 from .neuronpedia import feature_url, feature_urls
 from .permutation import Permutation, ProvenanceError
 from .savedir import decode_json, encode_json, write_directory
+from .solvers.costs import CostWeights, stack_features
 
 __all__ = [
     "CHAIN_VERSION",

@@ -29,7 +29,7 @@ The substituted run starts at B's block boundary (``start_at_layer``) on a ``Hoo
 whose SAEs read ``hook_resid_pre`` / ``hook_resid_post``; elsewhere (``TransformerBridge``, other
 hooks) the whole model runs with a hook writing the substitute at B. Both give the same numbers.
 How states are read and the substitute written is a :class:`ModelRoute`; a model of another
-library plugs in through its own (nnsight: :mod:`~sae_match_lens.nnsight_route`).
+library plugs in through its own (nnsight: :mod:`~sae_match_lens.lens.nnsight`).
 """
 
 from __future__ import annotations
@@ -45,8 +45,16 @@ from tqdm.auto import tqdm
 
 from .adapters import feature_view
 from .coactivation import sae_pairs, token_batches
-from .costs import CostWeights, Metric, stack_features
-from .hooks import BlockSubstitute, Substitution, block_substitute
+from .lens.hooks import BlockSubstitute, Substitution, block_substitute
+from .lens.routes import (
+    BOS_POLICIES,
+    BosPolicy,
+    check_bos_tokens,
+    resolve_bos_token_id,
+    run_from,
+    skip_boundaries,
+    validate_route,
+)
 from .linking import SCORES, Transition, links
 from .matching import MatchResult, match
 from .metrics import (
@@ -60,15 +68,7 @@ from .metrics import (
     vocab_dot,
 )
 from .permutation import Permutation
-from .routes import (
-    BOS_POLICIES,
-    BosPolicy,
-    check_bos_tokens,
-    resolve_bos_token_id,
-    run_from,
-    skip_boundaries,
-    validate_route,
-)
+from .solvers.costs import CostWeights, Metric, stack_features
 
 __all__ = [
     "DEFAULT_VARIANTS",
@@ -93,7 +93,7 @@ class ModelRoute(Protocol):
 
     This is the only part of an evaluation that depends on the model's library; the variants, the
     substitutes and the metrics are shared. The TransformerLens route is built from ``route=``
-    (``"auto"``, ``"skip"``, ``"hooks"``); :class:`~sae_match_lens.nnsight_route.NNsightRoute` is
+    (``"auto"``, ``"skip"``, ``"hooks"``); :class:`~sae_match_lens.lens.nnsight.NNsightRoute` is
     the route for an nnsight model. States are keyed by the SAEs' hook names
     (``cfg.metadata.hook_name``); a route says where a hook name sits in its model.
     """
@@ -127,7 +127,7 @@ class Variant:
     name: str
     """The ``variant`` column's value."""
     substitution: Substitution = field(default_factory=Substitution)
-    """How the state at B is computed (:class:`~sae_match_lens.hooks.Substitution`)."""
+    """How the state at B is computed (:class:`~sae_match_lens.lens.hooks.Substitution`)."""
     permutation: PermutationSource = "matched"
     """``"matched"``: ``match(sae_a, sae_b)`` (or the permutation passed in); ``"unfolded"``:
     ``match(..., fold=False)``; ``"random"``: a seeded random one-to-one map; ``"links"``: a
@@ -324,7 +324,7 @@ def evaluate_substitution(
             (``HookedTransformer`` with residual hooks), ``"hooks"`` runs the whole model with a
             hook at B, ``"auto"`` skips where possible. The numbers are the same. Or a
             :class:`ModelRoute` for another library's model
-            (:func:`~sae_match_lens.nnsight_route.evaluate_substitution_nnsight` passes one).
+            (:func:`~sae_match_lens.lens.nnsight.evaluate_substitution_nnsight` passes one).
         match_options: extra keyword arguments for ``match`` (e.g. ``{"max_cost": "auto"}``).
         seed: seed of the random-permutation baseline.
         progress: show progress bars.

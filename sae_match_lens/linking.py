@@ -60,9 +60,9 @@ from .adapters import (
     sae_identity,
     validate_sae,
 )
-from .costs import CostWeights, StackedFeatures, ieee_products, matmul_nt, stack_features
 from .neuronpedia import feature_urls
-from .screen import (
+from .solvers.costs import CostWeights, StackedFeatures, ieee_products, matmul_nt, stack_features
+from .solvers.screen import (
     block_rows_for,
     coordinate_order,
     make_screen,
@@ -592,7 +592,7 @@ def links(
             features, the score is at least 512 wide and the estimate says it pays, else exact.
             Same top-k either way.
         screen_dims: screened route: coordinates of the screening bound (``"auto"``: estimated
-            from a sample of rows, :func:`~sae_match_lens.screen.row_screen_dims_auto`).
+            from a sample of rows, :func:`~sae_match_lens.solvers.screen.row_screen_dims_auto`).
         candidates: screened route: partners kept per row by the screen and scored exactly
             (default ``k + 15``; at least ``k``).
         block_rows: rows of the score matrix (or of the screen) computed at a time (``None``:

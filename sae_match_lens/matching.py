@@ -1,17 +1,17 @@
 """Data-free matching of two SAEs' features: ``match(sae_a, sae_b) -> MatchResult``.
 
-The permutation minimises the summed matching cost (:mod:`sae_match_lens.costs`) between
+The permutation minimises the summed matching cost (:mod:`sae_match_lens.solvers.costs`) between
 the folded parameters of SAE A's features and SAE B's features, a linear assignment problem.
 The full cost matrix is built block by block into one ``n_a × n_b`` float32 array (the only
 one alive), then solved exactly:
 
 * ``solver="lapjv"``: the Jonker–Volgenant solver of the ``lapjv`` package on the float32
   matrix; its solution is then certified, or repaired and certified, against the float64 costs
-  of the parameters (:mod:`sae_match_lens.dense`);
+  of the parameters (:mod:`sae_match_lens.solvers.dense`);
 * ``solver="scipy"``: ``scipy.optimize.linear_sum_assignment`` on the float32 matrix, certified
   the same way;
 * ``solver="sparse"``: top-``k`` candidate edges, never the whole matrix, with a certificate of
-  global optimality and repair rounds (:mod:`sae_match_lens.sparse`); for 16k to 1M features;
+  global optimality and repair rounds (:mod:`sae_match_lens.solvers.sparse`); for 16k to 1M features;
 * ``solver="auto"``: lapjv for n < 8192 without ``max_cost`` when the dense matrix fits
   comfortably in memory (at most half of the available memory), otherwise sparse (lapjv 1.3.29
   also crashes at n ≥ 46342; with ``max_cost`` the sparse route's dummy partners are much cheaper
@@ -45,7 +45,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .adapters import describe_sae, feature_view, hook_name_of, sae_identity
-from .costs import (
+from .permutation import Permutation, PermutationFileError, ProvenanceError, check_provenance
+from .savedir import decode_json, encode_json, tensor_checksum, write_directory
+from .solvers.costs import (
     CostWeights,
     ExactScales,
     Metric,
@@ -55,11 +57,9 @@ from .costs import (
     ieee_products,
     stack_features,
 )
-from .dense import DenseCertificate, certify_dense, encode_max_cost, square_assignment
-from .permutation import Permutation, PermutationFileError, ProvenanceError, check_provenance
-from .savedir import decode_json, encode_json, tensor_checksum, write_directory
-from .screen import block_rows_for
-from .sparse import Precision, solve_sparse, sparse_bytes
+from .solvers.dense import DenseCertificate, certify_dense, encode_max_cost, square_assignment
+from .solvers.screen import block_rows_for
+from .solvers.sparse import Precision, solve_sparse, sparse_bytes
 
 __all__ = ["LAPJV_MAX_N", "MATCH_RESULT_VERSION", "MatchResult", "MatchResultFileError", "Solver",
            "load_match_result", "match", "match_features", "null_confidence", "null_costs",
@@ -82,7 +82,7 @@ class MatchResult(NamedTuple):
     """``permutation.indices[i] = j``: A's feature i ↔ B's feature j (-1: no partner)."""
     cost_F: torch.Tensor
     """Cost of each source feature's assigned pair [n_a] (float64, computed in float64 from
-    direct differences of the stacked features, :mod:`~sae_match_lens.costs`; NaN where
+    direct differences of the stacked features, :mod:`~sae_match_lens.solvers.costs`; NaN where
     unmatched)."""
     total_cost: float
     """Sum of ``cost_F`` over matched features (float64, correctly rounded)."""
@@ -100,9 +100,9 @@ class MatchResult(NamedTuple):
     certified: bool
     """True when the assignment is proven optimal for the float64 costs on every route: no
     pair is known to violate the dual certificate, and ``gap`` is within the written rounding
-    tolerance (about ``1e-11 · n · max cost``; :mod:`~sae_match_lens.certificate`). The float32
+    tolerance (about ``1e-11 · n · max cost``; :mod:`~sae_match_lens.solvers.certificate`). The float32
     solvers only find a start: near-ties they get wrong are repaired in float64
-    (:mod:`~sae_match_lens.dense`). False when ``max_rounds`` ran out with known violations
+    (:mod:`~sae_match_lens.solvers.dense`). False when ``max_rounds`` ran out with known violations
     (or ``certify=False`` left suspect rows)."""
     gap: float
     """Rigorous upper bound on ``total − optimum`` for the float64 costs, from the dual
@@ -516,7 +516,7 @@ def match_features(
 ) -> MatchResult:
     """Solve the assignment between two stacked feature sets (the engine behind :func:`match`).
 
-    Matching a chain of SAEs: stack each SAE once (:func:`~sae_match_lens.costs.stack_features`)
+    Matching a chain of SAEs: stack each SAE once (:func:`~sae_match_lens.solvers.costs.stack_features`)
     and call this for each adjacent pair; the folded, stacked tensors are then computed once per
     SAE instead of twice. Arguments are those of :func:`match`.
     """
@@ -632,7 +632,7 @@ def _solve(C: torch.Tensor, a: StackedFeatures, b: StackedFeatures, solver: str,
            scales: ExactScales, max_cost: float | None, max_rounds: int, dev: torch.device,
            top_idx: torch.Tensor, label: str) -> DenseCertificate:
     """Find an assignment on the float32 matrix ``C`` (square padded for lapjv), then certify
-    or repair it against the float64 costs (:func:`~sae_match_lens.dense.certify_dense`)."""
+    or repair it against the float64 costs (:func:`~sae_match_lens.solvers.dense.certify_dense`)."""
     n_a, n_b = a.matrix_FK.shape[0], b.matrix_FK.shape[0]
     if solver == "scipy":
         from scipy.optimize import linear_sum_assignment
@@ -749,7 +749,7 @@ def null_max_cost(
         null_rate: the false-match rate to calibrate for, in (0, 1).
         n_rows: best-by-chance costs to collect (A's features, several rotations if A has fewer).
         seed: seed of the rotations and the row sample.
-        features: both SAEs' :func:`~sae_match_lens.costs.stack_features` for these ``fold``,
+        features: both SAEs' :func:`~sae_match_lens.solvers.costs.stack_features` for these ``fold``,
             ``weights`` and ``metric`` (reused from :func:`match`; computed when omitted).
     """
     if not (isinstance(null_rate, int | float) and 0 < null_rate < 1):

@@ -13,11 +13,11 @@ neither. Theme seeds are the residual features at the middle layer that fire on 
 frequent first (:func:`theme_seeds`; no feature id is chosen by hand). The theme's flow is the
 union of the seeds' flow graphs (:func:`~sae_match_lens.flow.flow_graph`).
 
-**Experiments** (:func:`~sae_match_lens.steering.steering_sweep`, resumable row logs under
+**Experiments** (:func:`~sae_match_lens.lens.steering.steering_sweep`, resumable row logs under
 ``out``): suppression (rescale the flow's features by ``r``, biblical prompts cut from held-out
 biblical sequences) and activation (add the flow's folded decoder rows with coefficient ``s``,
 prompts cut from Python-documentation sequences), each single-layer vs cumulative, scored with
-the judge-free proxies of :mod:`~sae_match_lens.steering` (behaviour normalised by the flow's
+the judge-free proxies of :mod:`~sae_match_lens.lens.steering` (behaviour normalised by the flow's
 firing rate on held-out biblical text). The semantic table labels matched residual features by
 top-activating-token overlap (:mod:`~sae_match_lens.semantic`), not by a language-model judge.
 """
@@ -39,9 +39,9 @@ from .adapters import hook_name_of
 from .chain import match_chain
 from .coactivation import record_states
 from .flow import LayerSAEs, flow_graph
+from .lens.steering import FlowNode, flow_nodes, plot_sweep, steering_sweep, theme_presence
 from .metrics import fires
 from .semantic import semantic_evaluation
-from .steering import FlowNode, flow_nodes, plot_sweep, steering_sweep, theme_presence
 from .viewer import top_activating_tokens
 
 __all__ = ["label_sequences", "steering_markdown", "steering_section", "theme_seeds"]

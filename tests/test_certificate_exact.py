@@ -14,9 +14,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from sae_match_lens import fold
-from sae_match_lens.costs import StackedFeatures
 from sae_match_lens.matching import match, match_features
-from sae_match_lens.sparse import solve_sparse
+from sae_match_lens.solvers.costs import StackedFeatures
+from sae_match_lens.solvers.sparse import solve_sparse
 
 
 def near_tie_vectors(n_blocks: int = 30, size: int = 6, dim: int = 16, seed: int = 0,

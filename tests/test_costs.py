@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae_match_lens.costs import (
+from sae_match_lens.solvers.costs import (
     StackedFeatures,
     cost_blocks,
     edge_costs,

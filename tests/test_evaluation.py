@@ -12,7 +12,7 @@ from sae_match_lens.evaluation import (
     Variant,
     evaluate_substitution,
 )
-from sae_match_lens.hooks import Substitution
+from sae_match_lens.lens.hooks import Substitution
 from sae_match_lens.permutation import Permutation
 from tests.helpers_tl import layer_saes, planted_copy, random_jumprelu_sae, tiny_model, tiny_tokens
 

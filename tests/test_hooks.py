@@ -7,7 +7,7 @@ import torch
 from sae_lens import HookedSAETransformer
 
 from sae_match_lens.adapters import fold
-from sae_match_lens.hooks import (
+from sae_match_lens.lens.hooks import (
     Substitution,
     block_substitute,
     run_skipping,
@@ -284,7 +284,7 @@ def test_same_substitution_runs_on_a_transformer_bridge_built_offline(tokens, sa
 
 def test_substitution_names_are_the_evaluation_variants_of_the_same_name():
     from sae_match_lens.evaluation import VARIANTS
-    from sae_match_lens.hooks import SUBSTITUTIONS
+    from sae_match_lens.lens.hooks import SUBSTITUTIONS
 
     for name in SUBSTITUTIONS:
         assert VARIANTS[name].substitution == Substitution.of(name), name

@@ -177,7 +177,7 @@ def test_evaluate_links_scores_unions_and_exposes_hubs(model, pair_saes):
 
 
 def test_a_transition_from_one_to_one_links_substitutes_like_the_permutation(model):
-    from sae_match_lens.hooks import block_substitute
+    from sae_match_lens.lens.hooks import block_substitute
     from sae_match_lens.linking import Transition
 
     sae_a = random_jumprelu_sae("blocks.0.hook_resid_post", seed=1)
@@ -190,7 +190,7 @@ def test_a_transition_from_one_to_one_links_substitutes_like_the_permutation(mod
     h = torch.randn(2, 5, sae_a.cfg.d_in)
     for method in ("permute", "error_preserving"):
         for transfer in ("folded", "raw"):
-            from sae_match_lens.hooks import Substitution
+            from sae_match_lens.lens.hooks import Substitution
 
             spec = Substitution(method, transfer)
             torch.testing.assert_close(block_substitute(sae_a, sae_b, tr, substitution=spec)(h),
@@ -199,7 +199,7 @@ def test_a_transition_from_one_to_one_links_substitutes_like_the_permutation(mod
 
 def test_a_many_to_one_transition_sums_the_folded_activations_linked_to_a_target():
     from sae_match_lens.adapters import fold
-    from sae_match_lens.hooks import block_substitute
+    from sae_match_lens.lens.hooks import block_substitute
     from sae_match_lens.linking import Transition
     from sae_match_lens.permutation import ProvenanceError
 
@@ -227,7 +227,7 @@ def test_a_many_to_one_transition_sums_the_folded_activations_linked_to_a_target
 
 def test_transition_variants_in_evaluate_substitution_match_a_hand_built_transition(model):
     from sae_match_lens.evaluation import Variant, evaluate_substitution
-    from sae_match_lens.hooks import Substitution, substitute
+    from sae_match_lens.lens.hooks import Substitution, substitute
 
     saes = [random_jumprelu_sae("blocks.0.hook_resid_post", seed=1),
             random_jumprelu_sae("blocks.2.hook_resid_post", seed=2)]
@@ -352,8 +352,8 @@ def test_exact_ties_are_taken_and_ordered_by_lower_index():
 
 
 def test_the_row_screen_floor_bounds_every_pruned_cost_with_the_gap():
-    from sae_match_lens.costs import StackedFeatures
-    from sae_match_lens.screen import make_screen, screen_rows
+    from sae_match_lens.solvers.costs import StackedFeatures
+    from sae_match_lens.solvers.screen import make_screen, screen_rows
 
     gen = torch.Generator().manual_seed(4)
     a, b = torch.randn(90, 40, generator=gen), torch.randn(70, 40, generator=gen)

@@ -17,10 +17,8 @@ import pytest
 import torch
 
 from sae_match_lens.evaluation import RESULT_COLUMNS, VARIANTS, evaluate_substitution
-from sae_match_lens.hooks import METHODS, Substitution, substitute
-from sae_match_lens.linking import Transition, links
-from sae_match_lens.matching import match
-from sae_match_lens.nnsight_route import (
+from sae_match_lens.lens.hooks import METHODS, Substitution, substitute
+from sae_match_lens.lens.nnsight import (
     MODULE_PATHS,
     ModuleSite,
     NNsightRoute,
@@ -30,6 +28,8 @@ from sae_match_lens.nnsight_route import (
     module_site,
     substitute_nnsight,
 )
+from sae_match_lens.linking import Transition, links
+from sae_match_lens.matching import match
 from tests.helpers_tl import D_VOCAB, N_CTX, random_jumprelu_sae, tiny_tokenizer, tiny_tokens
 
 pytestmark = pytest.mark.skipif(
@@ -344,15 +344,17 @@ def test_without_nnsight_the_functions_name_the_extra(monkeypatch, saes, tokens)
         evaluate_substitution_nnsight(object(), saes, tokens, pairs=[("r0", "r1")])
 
 
-def test_the_package_imports_nnsight_only_inside_nnsight_route_functions():
+def test_the_package_imports_nnsight_only_inside_the_nnsight_route_functions():
     package = pathlib.Path(__file__).resolve().parents[1] / "sae_match_lens"
     for path in package.rglob("*.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         top_level = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
         for node in ast.walk(tree):
             if isinstance(node, ast.Import | ast.ImportFrom):
+                if isinstance(node, ast.ImportFrom) and node.level:  # relative: the package's own
+                    continue
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [
                     node.module or ""]
                 if any(n.split(".")[0] == "nnsight" for n in names):
-                    assert path.name == "nnsight_route.py", path
+                    assert path.relative_to(package).as_posix() == "lens/nnsight.py", path
                     assert node not in top_level, f"{path}: module-level nnsight import"

@@ -15,7 +15,7 @@ import torch
 from sae_match_lens.adapters import fold, rescale, sae_identity
 from sae_match_lens.chain import match_chain
 from sae_match_lens.evaluation import evaluate_substitution
-from sae_match_lens.hooks import run_skipping, substitute
+from sae_match_lens.lens.hooks import run_skipping, substitute
 from sae_match_lens.matching import match
 from sae_match_lens.permutation import Permutation, ProvenanceError
 from tests.helpers_tl import layer_saes, tiny_model, tiny_tokens

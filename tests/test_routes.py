@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_match_lens.routes import hook_order, run_from, run_to, skip_boundaries
+from sae_match_lens.lens.routes import hook_order, run_from, run_to, skip_boundaries
 from tests.helpers_tl import N_LAYERS, tiny_model, tiny_tokens
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from sae_match_lens.costs import StackedFeatures
-from sae_match_lens.screen import (
+from sae_match_lens.solvers.costs import StackedFeatures
+from sae_match_lens.solvers.screen import (
     Screen,
     _ColumnLists,
     make_screen,

@@ -11,9 +11,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from sae_match_lens import matching
-from sae_match_lens.costs import StackedFeatures, cost_blocks
 from sae_match_lens.matching import match, match_features
-from sae_match_lens.sparse import solve_sparse
+from sae_match_lens.solvers.costs import StackedFeatures, cost_blocks
+from sae_match_lens.solvers.sparse import solve_sparse
 
 CUDA = torch.cuda.is_available()
 

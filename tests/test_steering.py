@@ -12,7 +12,7 @@ import torch
 from sae_match_lens.chain import match_chain
 from sae_match_lens.flow import flow_graph
 from sae_match_lens.judge import JudgeError, ScriptedJudge
-from sae_match_lens.steering import (
+from sae_match_lens.lens.steering import (
     AddDirection,
     FlowNode,
     RescaleFeatures,

@@ -8,7 +8,7 @@ import torch
 
 from sae_match_lens.adapters import fold, folded_activation_factor
 from sae_match_lens.evaluation import evaluate_substitution
-from sae_match_lens.hooks import Substitution, block_substitute, run_skipping, substitute
+from sae_match_lens.lens.hooks import Substitution, block_substitute, run_skipping, substitute
 from sae_match_lens.matching import match
 from sae_match_lens.permutation import Permutation
 from tests.helpers import build_sae, sample_inputs

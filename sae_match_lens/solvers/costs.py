@@ -44,7 +44,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
-from .adapters import FeatureView
+from ..adapters import FeatureView
 
 __all__ = ["BLOCKS", "CostWeights", "ExactScales", "Metric", "StackedFeatures", "cost_blocks",
            "edge_costs", "edge_error", "exact_rows", "exact_scales", "float32_error", "float32_error_max",

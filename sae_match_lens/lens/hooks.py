@@ -70,16 +70,16 @@ from typing import Any, Literal
 
 import torch
 
-from .adapters import (
+from ..adapters import (
     check_no_runtime_normalisation,
     describe_sae,
     folded_activation_factor,
     hook_name_of,
     validate_sae,
 )
-from .linking import Links, Transition
-from .matching import MatchResult
-from .permutation import Permutation, check_provenance
+from ..linking import Links, Transition
+from ..matching import MatchResult
+from ..permutation import Permutation, check_provenance
 from .routes import (
     BOS_POLICIES,
     BosPolicy,

@@ -1,9 +1,9 @@
 """The optimality certificate of an assignment, against the float64 costs of the features.
 
-The cost certified is the real number ``C_ij`` of :mod:`sae_match_lens.costs` (``‖x_i − y_j‖²``
+The cost certified is the real number ``C_ij`` of :mod:`sae_match_lens.solvers.costs` (``‖x_i − y_j‖²``
 of the stacked folded parameters, plus float64 offsets that are 0 for ``mse``). Given an
 assignment that is optimal on a graph ``G`` of edges whose float64 costs ``ĉ`` are known
-(:mod:`sae_match_lens.sparse`; the dense route builds ``G`` from its float32 solution):
+(:mod:`sae_match_lens.solvers.sparse`; the dense route builds ``G`` from its float32 solution):
 
 1. **Duals.** Prices ``(u, v)`` with reduced costs ``ĉ_ij − u_i − v_j ≥ 0`` on ``G`` and ``= 0``
    on matched edges come from shortest paths on the residual graph (Bellman–Ford, vectorised,
@@ -11,8 +11,8 @@ assignment that is optimal on a graph ``G`` of edges whose float64 costs ``ĉ`` 
    again only when its distance drops by more than ``2⁻⁴⁰ (|d| + |w|)`` through an edge of
    weight ``w``, so rounding noise cannot keep it going).
 2. **Every other edge.** An edge outside ``G`` is proven (``C_ij − u_i − v_j ≥ 0``) by a
-   rigorous lower bound of ``C_ij``: a screening floor (:mod:`sae_match_lens.screen`) or a float32
-   entry minus its error bound (:func:`~sae_match_lens.costs.float32_error`). Edges that no
+   rigorous lower bound of ``C_ij``: a screening floor (:mod:`sae_match_lens.solvers.screen`) or a float32
+   entry minus its error bound (:func:`~sae_match_lens.solvers.costs.float32_error`). Edges that no
    bound proves get their float64 cost from direct differences (:func:`check_rows`); those whose
    reduced cost is negative beyond rounding are *known violations*, and the caller re-solves with
    them in ``G`` — it never stops "within tolerance" while one is known.
@@ -22,7 +22,7 @@ assignment that is optimal on a graph ``G`` of edges whose float64 costs ``ĉ`` 
 
 **Rounding analysis.** Let ``ε = 2⁻⁵³`` and ``g64 = 2(K + 6)ε`` (``K`` the stacked width).
 (a) A float64 edge cost is within ``err = g64 (|ĉ| + 2|o_i| + 2|o_j|)`` of ``C``
-(:func:`~sae_match_lens.costs.edge_error`). (b) A computed reduced cost ``fl(fl(ĉ − u) − v)`` is
+(:func:`~sae_match_lens.solvers.costs.edge_error`). (b) A computed reduced cost ``fl(fl(ĉ − u) − v)`` is
 within ``err + 3ε (|ĉ| + |u| + |v|)`` of ``C − u − v``, so that lower bound (``low``) is rigorous.
 (c) Comparisons of floors with duals (:func:`floor_pads`) widen the duals by
 ``g64 (ν² + |o| + |u| + |floor|)`` per side: the floors bound ``c_i + c_j − 2x·y`` with the stored
@@ -189,7 +189,7 @@ def reduced(cost: np.ndarray, err: np.ndarray, u: np.ndarray,
 
 def problem_errors(prob: Problem, scales: ExactScales, n_a: int, n_b: int) -> np.ndarray:
     """Error bound of every edge cost of ``prob``: real edges (left < n_a, right < n_b) by
-    :func:`~sae_match_lens.costs.edge_error`, dummies (exact ``λ/2`` or 0) none."""
+    :func:`~sae_match_lens.solvers.costs.edge_error`, dummies (exact ``λ/2`` or 0) none."""
     real = (prob.e_left < n_a) & (prob.e_right < n_b)
     err = np.zeros(len(prob.e_cost))
     err[real] = edge_error(scales, prob.e_left[real], prob.e_right[real], prob.e_cost[real])

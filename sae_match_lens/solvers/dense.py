@@ -4,12 +4,12 @@ The dense route (:mod:`sae_match_lens.matching`) holds the ``n_a × n_b`` float3
 and lets lapjv or scipy *find* an assignment on it. Float32 cannot separate alternatives whose
 costs differ below its rounding (about ``K · 2⁻²⁴`` of the squared norms), so that assignment
 is only a start. :func:`certify_dense` proves or repairs it against the float64 costs
-(:mod:`sae_match_lens.costs`), with the machinery of the sparse route:
+(:mod:`sae_match_lens.solvers.costs`), with the machinery of the sparse route:
 
 1. ``G`` holds the float32 solution's pairs with float64 costs (scipy: also each row's ``t``
    cheapest float32 entries). Round 0 takes lapjv's column prices (row prices recomputed from
    the float64 costs of the pairs); later rounds solve exactly on ``G`` (LAPJVsp, float64) and
-   take shortest-path duals (:mod:`sae_match_lens.certificate`).
+   take shortest-path duals (:mod:`sae_match_lens.solvers.certificate`).
 2. One pass over the float32 matrix proves every entry whose float32 value minus its rigorous
    error bound has a non-negative reduced cost; the rest get float64 costs from direct
    differences (usually a few per row: the near-ties). Those join ``G``; if any is a known
@@ -63,9 +63,9 @@ class DenseCertificate(NamedTuple):
     cost: np.ndarray
     """Float64 cost of each pair (not clamped at ``max_cost``)."""
     margin: np.ndarray
-    """Lower bounds of the margins [n_a] (:func:`~sae_match_lens.sparse.margins`)."""
+    """Lower bounds of the margins [n_a] (:func:`~sae_match_lens.solvers.sparse.margins`)."""
     certified: bool
-    """No violation known and the gap within rounding (:mod:`sae_match_lens.certificate`)."""
+    """No violation known and the gap within rounding (:mod:`sae_match_lens.solvers.certificate`)."""
     gap: float
     """Upper bound on ``total − optimum`` for the float64 costs."""
     rounds: int
@@ -86,7 +86,7 @@ def square_assignment(rows: np.ndarray, cols: np.ndarray, n_a: int, n_b: int) ->
 def encode_max_cost(C_RN: torch.Tensor, max_cost: float, scales: ExactScales,
                     block_rows: int = 1024) -> None:
     """Clamp the float32 real block ``C_RN`` [n_a, n_b] at ``λ = max_cost`` in place, in the
-    encoding :func:`~sae_match_lens.certificate.check_rows` reads: entries whose float32 value
+    encoding :func:`~sae_match_lens.solvers.certificate.check_rows` reads: entries whose float32 value
     minus its largest error bound is ≥ λ (so ``min(C, λ) = λ`` exactly) become ``fl32(λ)``; the
     other entries ≥ ``fl32(λ)`` become the next float32 above it (``min(C, λ)`` is then in
     ``[fl32(λ) − err, λ]``); the rest stay as they are."""
@@ -115,7 +115,7 @@ def certify_dense(C: torch.Tensor, a: StackedFeatures, b: StackedFeatures,
         a, b: the stacked features it was computed from.
         match_right: the solver's square (zero-padded) assignment (:func:`square_assignment`).
         v_init: the solver's column prices [n] (lapjv), or ``None`` (scipy: no prices).
-        scales: :func:`~sae_match_lens.costs.exact_scales` of ``a`` and ``b``.
+        scales: :func:`~sae_match_lens.solvers.costs.exact_scales` of ``a`` and ``b``.
         max_cost: the clamp ``λ`` of the problem, or ``None``.
         max_rounds: re-solves on float64 costs at most.
         dev: where float64 costs are computed.
@@ -220,7 +220,7 @@ def _margins(C: torch.Tensor, a: StackedFeatures, b: StackedFeatures, scales: Ex
 def _check_matrix(C: torch.Tensor, a: StackedFeatures, b: StackedFeatures, scales: ExactScales,
                   u: np.ndarray, v: np.ndarray, g: EdgeSet, dev: torch.device,
                   max_cost: float | None) -> EdgeCheck:
-    """:func:`~sae_match_lens.certificate.check_rows` over the whole real block, by chunks."""
+    """:func:`~sae_match_lens.solvers.certificate.check_rows` over the whole real block, by chunks."""
     n_a, n_b = len(u), len(v)
     inf_a, inf_b = np.full(n_a, np.inf), np.full(n_b, np.inf)
     pad_a, pad_b = floor_pads(scales, u, v, inf_a, inf_b)

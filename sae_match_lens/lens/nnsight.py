@@ -1,11 +1,11 @@
 """Block substitution and its evaluation on nnsight models (the optional ``nnsight`` extra).
 
-The same substitutes as :mod:`~sae_match_lens.hooks` (encode → permute/transition → decode, and
+The same substitutes as :mod:`~sae_match_lens.lens.hooks` (encode → permute/transition → decode, and
 the baselines) and the same table as :func:`~sae_match_lens.evaluation.evaluate_substitution`,
 for an nnsight model (``nnsight.TransformersModel`` / ``LanguageModel``) over a Hugging Face
 causal LM. Only "where a state is read, how the substitute is written, where the logits come
 from" is specific to nnsight (:class:`NNsightRoute`); the variants, the substitutes
-(:func:`~sae_match_lens.hooks.block_substitute`) and the metrics (:mod:`~sae_match_lens.metrics`)
+(:func:`~sae_match_lens.lens.hooks.block_substitute`) and the metrics (:mod:`~sae_match_lens.metrics`)
 are the package's own, so both routes give the same numbers on the same weights.
 
 Install with ``pip install "sae-match-lens[nnsight]"``; the rest of the package never imports
@@ -46,7 +46,7 @@ against the SAEs' ``d_in`` and A must precede B, before any real pass.
 (their output is overwritten), as TransformerLens' hook route does; the numbers equal its
 true-skip route.
 
-**BOS.** As on TransformerLens (:mod:`~sae_match_lens.hooks`): sequences must start with the BOS
+**BOS.** As on TransformerLens (:mod:`~sae_match_lens.lens.hooks`): sequences must start with the BOS
 token (checked on the token ids), ``bos="keep"`` keeps position 0's true state at B,
 ``bos="substitute"`` substitutes it too. Inputs are token ids ``[batch, pos]`` without padding.
 
@@ -78,12 +78,12 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
-from .adapters import describe_sae, hook_name_of
-from .coactivation import sae_pairs
-from .evaluation import DEFAULT_VARIANTS, Variant, evaluate_substitution
+from ..adapters import describe_sae, hook_name_of
+from ..coactivation import sae_pairs
+from ..evaluation import DEFAULT_VARIANTS, Variant, evaluate_substitution
+from ..matching import MatchResult
+from ..permutation import Permutation
 from .hooks import BlockSubstitute, Map, Method, Substitution, SubstitutionName, block_substitute
-from .matching import MatchResult
-from .permutation import Permutation
 from .routes import BOS_POLICIES, BosPolicy, resolve_bos_token_id, skip_boundaries
 
 __all__ = [
@@ -539,15 +539,15 @@ def substitute_nnsight(
 ) -> Iterator[Any]:
     """Context manager: a copy of ``lm`` whose every trace uses the substitute A → B.
 
-    The nnsight counterpart of :func:`~sae_match_lens.hooks.substitute`: the state at A's site
-    is read, the substitute (:func:`~sae_match_lens.hooks.block_substitute`) is written at B's
+    The nnsight counterpart of :func:`~sae_match_lens.lens.hooks.substitute`: the state at A's site
+    is read, the substitute (:func:`~sae_match_lens.lens.hooks.block_substitute`) is written at B's
     site. ``lm`` itself is never edited; the yielded copy's edit is cleared on exit.
 
     Args:
         lm: the nnsight model.
         sae_a, sae_b, permutation, substitution, cost_F: see
-            :func:`~sae_match_lens.hooks.block_substitute`.
-        bos, bos_token_id: see :func:`~sae_match_lens.hooks.substitution_hooks`; every trace's
+            :func:`~sae_match_lens.lens.hooks.block_substitute`.
+        bos, bos_token_id: see :func:`~sae_match_lens.lens.hooks.substitution_hooks`; every trace's
             token ids are checked to start with BOS.
         sae_paths: explicit sites by hook name (see :func:`module_site`).
 

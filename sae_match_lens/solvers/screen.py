@@ -1,11 +1,11 @@
 """Screening: a cheap lower bound ``L ≤ C`` of the cost matrix, and the candidate edges it keeps.
 
-The sparse solver (:mod:`sae_match_lens.sparse`) never holds the cost matrix. One pass over row
+The sparse solver (:mod:`sae_match_lens.solvers.sparse`) never holds the cost matrix. One pass over row
 blocks of ``L`` keeps each row's ``k`` and each column's ``max(4, k // 4)`` cheapest entries;
 only those candidate edges leave the device. The ``k``-th value of row ``i`` (``row_floor_i``)
 and the last kept value of column ``j`` (``col_floor_j``) bound every edge that was not kept:
 ``C_ij ≥ L_ij ≥ max(row_floor_i, col_floor_j)``. The certificate
-(:mod:`sae_match_lens.certificate`) uses them to prove most rows without another pass.
+(:mod:`sae_match_lens.solvers.certificate`) uses them to prove most rows without another pass.
 
 **The bound.** ``C_ij = c_i + c_j − 2 a_i·b_j``. Splitting the stacked coordinates into a set
 ``S`` (the ``m`` coordinates of largest energy over both SAEs) and the rest ``R``,
@@ -18,9 +18,9 @@ Any ``S`` gives a valid bound; energy only makes it tight. With ``m = K`` the sc
 it also carries the constants and an allowance ``γ(c_i + c_j + 2‖a'_i‖‖b'_j‖)``,
 ``γ = 2(m + 9)·2⁻²⁴``, that covers its own accumulation error in any summation order, so ``L`` is
 rigorously ≤ the exact real cost ``c_i + c_j − 2a_i·b_j`` with the stored float64 constants
-(the float64 cost of :mod:`sae_match_lens.costs` differs from it by the float64 rounding of the
+(the float64 cost of :mod:`sae_match_lens.solvers.costs` differs from it by the float64 rounding of the
 norms; the certificate widens the duals by that before comparing them with floors,
-:func:`~sae_match_lens.certificate.floor_pads`). With ``precision="bfloat16"``/``"float16"``
+:func:`~sae_match_lens.solvers.certificate.floor_pads`). With ``precision="bfloat16"``/``"float16"``
 the product runs in that precision and the bound subtracts a rigorous allowance for the rounding of the inputs
 (``‖δa_i‖‖b̃_j‖ + ‖a_i‖‖δb_j‖``, measured exactly), of the product's accumulation and output
 (``(K·2⁻²⁴ + u_out)‖ã_i‖‖b̃_j‖``) and of the float32 constants. On CPUs without bf16/fp16 matrix

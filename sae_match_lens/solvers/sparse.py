@@ -3,7 +3,7 @@
 The dense route (:mod:`sae_match_lens.matching`) holds the whole ``n_a × n_b`` cost matrix; at 65k
 features that is 16 GiB, at 1M 4 TiB. This route never holds more than one block of rows:
 
-1. **Screening pass** (:mod:`sae_match_lens.screen`): row blocks of a lower bound ``L ≤ C`` (the
+1. **Screening pass** (:mod:`sae_match_lens.solvers.screen`): row blocks of a lower bound ``L ≤ C`` (the
    cost itself with ``screen_dims=None``, or a narrower product) are computed on ``device`` and
    reduced there to each row's ``k`` and each column's ``max(4, k // 4)`` cheapest entries, plus
    floors that bound every pruned edge of each row and column.
@@ -13,19 +13,19 @@ features that is 16 GiB, at 1M 4 TiB. This route never holds more than one block
    restricted to them, by cost scaling (:func:`_staged_lapjvsp`: near-ties would otherwise start
    price wars of range/gap steps). Its output is checked (every edge exists, one-to-one, right
    size).
-3. **Certificate** (:mod:`sae_match_lens.certificate`): dual prices from the residual graph;
+3. **Certificate** (:mod:`sae_match_lens.solvers.certificate`): dual prices from the residual graph;
    rows whose floors prove every pruned edge has a non-negative reduced cost need no further
    work; the rest are checked exactly, violating edges join the graph and the problem is
    re-solved (at most ``max_rounds`` repairs). ``gap`` bounds ``total − optimum``.
 
 **Rigour.** Every cost the solver compares and every cost in the result is a float64 cost of the
-stacked features from direct differences (:mod:`sae_match_lens.costs`); the screen and float32
+stacked features from direct differences (:mod:`sae_match_lens.solvers.costs`); the screen and float32
 rows are only filters with rigorous error bounds. "Certified" means what
-:mod:`sae_match_lens.certificate` proves: no edge is known to violate the duals, and
+:mod:`sae_match_lens.solvers.certificate` proves: no edge is known to violate the duals, and
 ``gap`` — an upper bound on ``total − optimum`` for the real-valued costs — is within the
 written rounding tolerance (about ``1e-11 · n · max cost``). Known violations are always added and
 re-solved while rounds remain (``max_rounds``); when they run out, ``certified`` is False and
-``gap`` still bounds the distance to the optimum. :func:`~sae_match_lens.dense.certify_dense`
+``gap`` still bounds the distance to the optimum. :func:`~sae_match_lens.solvers.dense.certify_dense`
 applies the same certificate and repairs to a dense float32 solution (lapjv, scipy).
 
 **Unmatched features** (``max_cost=λ``). As in the dense route, a pair costing ≥ λ is no better
@@ -94,7 +94,7 @@ class SparseSolution(NamedTuple):
     cols: np.ndarray
     """Their partners in the target (int64)."""
     cost: np.ndarray
-    """Float64 cost of each pair (module doc of :mod:`sae_match_lens.costs`)."""
+    """Float64 cost of each pair (module doc of :mod:`sae_match_lens.solvers.costs`)."""
     margin: np.ndarray
     """Per source row [n_a]: a lower bound of (cheapest other partner − assigned cost), where a
     row is assigned when its pair costs less than ``max_cost``; for unassigned rows of
@@ -273,7 +273,7 @@ def solve_sparse(
     """Exact assignment on top-``k`` candidate edges, with a certificate of global optimality.
 
     Args:
-        a, b: stacked source and target features (:func:`~sae_match_lens.costs.stack_features`);
+        a, b: stacked source and target features (:func:`~sae_match_lens.solvers.costs.stack_features`);
             a chain of SAEs stacks each SAE once and calls this per adjacent pair.
         k: candidates kept per row (columns keep ``max(4, k // 4)``).
         max_cost: pairs costing ≥ this are no better than leaving the row unmatched (dummy
@@ -282,7 +282,7 @@ def solve_sparse(
             one solve (``certified`` is still True when no row is suspect).
         max_rounds: repair rounds (re-solves with added edges) at most.
         screen_dims: coordinates used by the screening pass (``None``: all, exact float32
-            screen; ``"auto"``: chosen by :func:`~sae_match_lens.screen.screen_dims_auto`).
+            screen; ``"auto"``: chosen by :func:`~sae_match_lens.solvers.screen.screen_dims_auto`).
         precision: arithmetic of the screening product (``"float32"``, or ``"bfloat16"`` /
             ``"float16"`` with a rigorous rounding allowance; slower than float32 on AVX2 CPUs).
         block_rows: rows per block of the screening pass (memory: ``block_rows · n_b · 4 · 3``;

@@ -19,7 +19,7 @@ state (position 0 attends only to itself, so its state at every hook is a fixed 
 once by a one-token run when the hooks are built; hooks the caller installed fire on that run
 too), which also works with a KV cache and left padding.
 
-:func:`steer` is a context manager like :func:`~sae_match_lens.hooks.substitute`: every hook name
+:func:`steer` is a context manager like :func:`~sae_match_lens.lens.hooks.substitute`: every hook name
 and width is checked before anything is installed, only its own hooks are removed on exit (also
 after an error), and it works on ``HookedTransformer`` and ``TransformerBridge`` (hooks never read
 ``hook.name``). A hook whose output is not finite raises, naming the SAE and the coefficient.
@@ -75,12 +75,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import describe_sae, fold_scales, folded_activation_factor, hook_name_of
-from .chain import FeaturePath
-from .coactivation import record_states
-from .flow import FlowGraph, LayerSAEs, _as_stack
+from ..adapters import describe_sae, fold_scales, folded_activation_factor, hook_name_of
+from ..chain import FeaturePath
+from ..coactivation import record_states
+from ..flow import FlowGraph, LayerSAEs, _as_stack
+from ..judge import Judge, RowLog
 from .hooks import HookFn, _check_sae
-from .judge import Judge, RowLog
 from .routes import _hook_width, resolve_bos_token_id
 
 __all__ = [

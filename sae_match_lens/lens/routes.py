@@ -4,7 +4,7 @@
 substitute's two hooks against a model before anything is installed, and :func:`skip_boundaries`,
 :func:`run_to` / :func:`run_from` cut a ``HookedTransformer``'s forward pass at block boundaries
 (``stop_at_layer`` / ``start_at_layer``) for the true-skip route
-(:func:`~sae_match_lens.hooks.run_skipping`).
+(:func:`~sae_match_lens.lens.hooks.run_skipping`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from .adapters import describe_sae
+from ..adapters import describe_sae
 
 
 class BlockSubstitute(Protocol):
-    """What a route reads of a prepared substitute (:class:`~sae_match_lens.hooks.BlockSubstitute`
+    """What a route reads of a prepared substitute (:class:`~sae_match_lens.lens.hooks.BlockSubstitute`
     satisfies it); declared here so that routes need nothing above them."""
 
     sae_a: Any
