@@ -9,7 +9,13 @@ import pandas as pd
 import pytest
 
 from sae_match_lens.flow import LayerSAEs
-from sae_match_lens.flow_report import flow_markdown, flow_section, link_verdicts, weight_ablation
+from sae_match_lens.flow_report import (
+    DATA_REFERENCE,
+    flow_markdown,
+    flow_section,
+    link_verdicts,
+    weight_ablation,
+)
 from sae_match_lens.matching import match
 from sae_match_lens.report import _markdown_table
 from tests.helpers_tl import random_jumprelu_sae, tiny_model, tiny_tokens
@@ -69,7 +75,7 @@ def test_flow_section_runs_on_a_stack_with_modules(tmp_path):
     causal = pd.DataFrame(result["causal"])
     assert set(causal.module) == {"res", "mlp", "attn"}
     assert set(causal[causal.module == "res"].method) >= {"permutation",
-                                                           "best partner (data, ceiling)"}
+                                                           DATA_REFERENCE}
     groups = pd.DataFrame(result["origin_groups"])
     shares = groups.drop(columns=["layer", "n_active"]).sum(axis=1)
     assert ((shares - 1).abs() < 1e-9).all()
