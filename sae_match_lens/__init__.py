@@ -127,6 +127,7 @@ _EXPORTS: dict[str, str] = {
     "plan_pairs": "plan",
     "plan_from_release": "plan",
     "load_plan": "plan",
+    "plan_flow": "plan",
     "ResultStore": "store",
     "StoreError": "store",
 }

@@ -30,7 +30,7 @@ from .adapters import describe_sae, feature_view, hook_name_of, layers_from_hook
 from .matching import MatchResult, MatchResultFileError, match
 from .neuronpedia import feature_url, feature_urls
 from .permutation import Permutation, ProvenanceError
-from .savedir import decode_json, encode_json, write_directory
+from .savedir import decode_json, encode_json, read_versioned_manifest, write_directory
 from .solvers.costs import CostWeights, stack_features
 
 __all__ = [
@@ -401,24 +401,8 @@ class ChainMatch:
         directory = Path(directory)
         if not directory.is_dir():
             raise ChainFileError(f"chain directory {directory} does not exist.")
-        try:
-            record = json.loads((directory / _MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ChainFileError(f"{directory} is not a readable saved chain ({_MANIFEST}: {exc})."
-                                 ) from exc
-        found = record.get("format") if isinstance(record, dict) else None
-        if found != CHAIN_FORMAT:
-            raise ChainFileError(f"{directory} is not a saved chain: its {_MANIFEST} says format "
-                                 f"{found!r}, expected {CHAIN_FORMAT!r}.")
-        version = record.get("format_version")
-        if version != CHAIN_VERSION:
-            newer = isinstance(version, int) and version > CHAIN_VERSION
-            raise ChainFileError(
-                f"{directory} was saved in chain format version {version!r}, but this "
-                f"sae_match_lens reads version {CHAIN_VERSION}; "
-                + ("upgrade sae_match_lens to read it." if newer
-                   else "re-run match_chain to save it again.")
-            )
+        record = read_versioned_manifest(directory, _MANIFEST, CHAIN_FORMAT, CHAIN_VERSION,
+                                         ChainFileError, "saved chain", "re-run match_chain")
         layers = [int(v) for v in record["layers"]]
         given: list[Any] | None = None
         if saes is not None:

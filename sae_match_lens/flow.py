@@ -28,6 +28,8 @@ over the residual stack by chained adjacent top-1 links, cut where ``s(R) < cut`
 MLP/attention predecessors of every residual node kept when their score is ``≥ module_min``
 (0.15); :class:`FlowGraph` has a ``networkx.DiGraph`` view, node-link JSON and GraphML export and
 a layered plot. :func:`persistence` counts for every feature how many layers its chain survives.
+Links computed by a batch run (:func:`~sae_match_lens.plan.plan_flow`) are read back through
+``flow_graph(..., links_by_key=...)`` or :meth:`~sae_match_lens.store.ResultStore.flow_graph`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +46,7 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
-from .adapters import describe_sae, hook_name_of, layers_from_hooks
+from .adapters import describe_sae, hook_name_of, identity_mismatch, layers_from_hooks, sae_identity
 from .coactivation import record_states
 from .linking import Links, LinkScore, links
 from .metrics import fires, scored_states
@@ -54,6 +56,7 @@ __all__ = [
     "MODULES",
     "ORIGIN_GROUPS",
     "FlowGraph",
+    "FlowKey",
     "LayerSAEs",
     "flow_graph",
     "origin_groups",
@@ -91,6 +94,11 @@ class LayerSAEs:
 
 
 Stack = Mapping[int, LayerSAEs | Any]
+FlowKey = tuple[int, int, str]
+"""Which top-1 links a flow graph reads: ``(here, there, "res")`` links residual SAE ``here`` to
+residual SAE ``there`` (adjacent layers; ``there < here`` for the backward walk), and ``(layer,
+layer, module)`` links residual SAE ``layer`` to its ``"mlp"``/``"attn"`` SAE (source = the
+residual SAE, so rows are residual features)."""
 
 
 def _as_stack(stack: Stack | Sequence[Any]) -> dict[int, LayerSAEs]:
@@ -373,6 +381,7 @@ def flow_graph(
     module_min: float = 0.15,
     max_layers: int | None = None,
     progress: bool = False,
+    links_by_key: Mapping[FlowKey, Links] | None = None,
 ) -> FlowGraph:
     """The flow graph of residual feature ``seed = (layer, feature)``.
 
@@ -388,6 +397,27 @@ def flow_graph(
             and 0.15, are the paper's, for decoder cosine).
         max_layers: follow at most this many layers in each direction.
         progress: show progress bars.
+        links_by_key: top-1 links already computed (e.g. by a batch run,
+            :meth:`~sae_match_lens.store.ResultStore.flow_graph`), by :data:`FlowKey`; they are
+            used instead of computing them, and keys not in it are computed as without it. The
+            stack is still needed (hooks, widths, Neuronpedia ids). Each link set used is checked
+            first: ``k ≥ 1``, scored by ``score``, one row per source feature, targets within
+            the target SAE, and, where it records SAE identities, source and target are the
+            stack's SAEs at that key (hook, sizes, architecture, direction signature). Its other
+            options are the caller's: ``null_rate`` cuts links (-1 ends the walk there), ``n_null``
+            and ``seed`` change ``confidence``.
+
+    Raises:
+        KeyError: the seed layer is not in the stack.
+        ValueError: the seed feature is out of range, or a link set of ``links_by_key`` does not
+            fit its key (the message names the key).
+        TypeError: a value of ``links_by_key`` is not a :class:`~sae_match_lens.linking.Links`.
+
+    Example:
+        >>> graph = flow_graph({0: LayerSAEs(res0, mlp=mlp0), 1: LayerSAEs(res1)}, (1, 42))
+        >>> graph.edges[["source", "target", "score", "kind"]]
+        >>> known = {(0, 1, "res"): links(res0, res1, k=1, score="decoder_cosine")}
+        >>> flow_graph({0: res0, 1: res1}, (0, 7), links_by_key=known)  # computes no links
     """
     layers = _as_stack(stack)
     layer0, feature0 = seed
@@ -396,11 +426,23 @@ def flow_graph(
     if not 0 <= feature0 < layers[layer0].res.cfg.d_sae:
         raise ValueError(f"seed feature {feature0} is out of range for "
                          f"{describe_sae(layers[layer0].res)}.")
-    cache: dict[tuple[int, int, str], Links] = {}
+    cache: dict[FlowKey, Links] = {}
+    identities: dict[int, dict[str, Any]] = {}
 
-    def link(a: Any, b: Any, key: tuple[int, int, str]) -> Links:
+    def identity(sae: Any) -> dict[str, Any]:
+        if id(sae) not in identities:
+            identities[id(sae)] = sae_identity(sae)
+        return identities[id(sae)]
+
+    def link(a: Any, b: Any, key: FlowKey) -> Links:
         if key not in cache:
-            cache[key] = links(a, b, k=1, score=score, progress=progress)
+            if links_by_key is not None and key in links_by_key:
+                cache[key] = _checked_links(links_by_key[key], key, a, b, score, identity)
+            else:
+                if links_by_key is not None:
+                    logger.info("flow graph: links %s are not among the given ones; computing them",
+                                key)
+                cache[key] = links(a, b, k=1, score=score, progress=progress)
         return cache[key]
 
     nodes: dict[str, dict[str, Any]] = {}
@@ -460,6 +502,40 @@ def flow_graph(
     edge_frame = pd.DataFrame(edges, columns=["source", "target", "score", "confidence", "kind"])
     return FlowGraph(node_frame.sort_values(["layer", "module"]).reset_index(drop=True),
                      edge_frame, options)
+
+
+def _checked_links(lk: Any, key: FlowKey, source: Any, target: Any, score: str,
+                   identity: Callable[[Any], dict[str, Any]]) -> Links:
+    """``lk`` when it is top-1 links by ``score`` from ``source``'s features to ``target``'s
+    (see :func:`flow_graph`'s ``links_by_key``); otherwise raise naming ``key``."""
+    where = f"links_by_key[{key!r}] (links {describe_sae(source)} -> {describe_sae(target)})"
+    if not isinstance(lk, Links):
+        raise TypeError(f"{where} is a {type(lk).__name__}, not a Links.")
+    if lk.indices.ndim != 2 or lk.k < 1:
+        raise ValueError(f"{where} has indices of shape {tuple(lk.indices.shape)}; a flow graph "
+                         "needs at least the top-1 link of every source feature (k >= 1).")
+    if lk.score != score:
+        raise ValueError(f"{where} was scored by {lk.score!r}, but this flow graph uses "
+                         f"score={score!r}; pass links made with score={score!r} or leave the key "
+                         "out to compute it.")
+    n_source, n_target = int(source.cfg.d_sae), int(target.cfg.d_sae)
+    if lk.indices.shape[0] != n_source:
+        raise ValueError(f"{where} has {lk.indices.shape[0]} source features, but the source SAE "
+                         f"has d_sae={n_source}.")
+    recorded = (lk.target or {}).get("d_sae")
+    if recorded is not None and int(recorded) != n_target:
+        raise ValueError(f"{where} links into {recorded} target features, but the target SAE "
+                         f"has d_sae={n_target}.")
+    top = lk.indices[:, 0]
+    if top.numel() and int(top.max()) >= n_target:
+        raise ValueError(f"{where} links to target feature {int(top.max())}, but the target SAE "
+                         f"has d_sae={n_target}.")
+    for side, record, sae in (("source", lk.source, source), ("target", lk.target, target)):
+        why = identity_mismatch(record, identity(sae))
+        if why is not None:
+            raise ValueError(f"{where}: its recorded {side} SAE is not the stack's ({why}); the "
+                             "links were made for other SAEs.")
+    return lk
 
 
 def persistence(

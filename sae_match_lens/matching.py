@@ -46,7 +46,13 @@ from tqdm.auto import tqdm
 
 from .adapters import describe_sae, feature_view, hook_name_of, sae_identity
 from .permutation import Permutation, PermutationFileError, ProvenanceError, check_provenance
-from .savedir import decode_json, encode_json, tensor_checksum, write_directory
+from .savedir import (
+    decode_json,
+    encode_json,
+    read_versioned_manifest,
+    tensor_checksum,
+    write_directory,
+)
 from .solvers.costs import (
     CostWeights,
     ExactScales,
@@ -251,30 +257,14 @@ class MatchResult(NamedTuple):
             ProvenanceError: ``source``/``target`` are not the SAEs the result was made for.
         """
         directory = Path(directory)
-        manifest, tensor_file = directory / _MANIFEST, directory / _TENSORS
+        tensor_file = directory / _TENSORS
         if not directory.is_dir():
             hint = (" (a file: MatchResult.save writes a directory; a lone .safetensors file is "
                     "a Permutation, read it with Permutation.load)") if directory.is_file() else ""
             raise MatchResultFileError(f"match result directory {directory} does not exist{hint}.")
-        try:
-            record = json.loads(manifest.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise MatchResultFileError(
-                f"{directory} is not a readable saved match result ({_MANIFEST}: {exc})."
-            ) from exc
-        found = record.get("format") if isinstance(record, dict) else None
-        if found != MATCH_RESULT_FORMAT:
-            raise MatchResultFileError(f"{directory} is not a saved match result: its {_MANIFEST} "
-                                       f"says format {found!r}, expected {MATCH_RESULT_FORMAT!r}.")
-        version = record.get("format_version")
-        if version != MATCH_RESULT_VERSION:
-            newer = isinstance(version, int) and version > MATCH_RESULT_VERSION
-            raise MatchResultFileError(
-                f"{directory} was saved in match-result format version {version!r}, but this "
-                f"sae_match_lens reads version {MATCH_RESULT_VERSION}; "
-                + ("upgrade sae_match_lens to read it." if newer
-                   else "re-run the matching to save it again.")
-            )
+        record = read_versioned_manifest(directory, _MANIFEST, MATCH_RESULT_FORMAT,
+                                         MATCH_RESULT_VERSION, MatchResultFileError,
+                                         "saved match result", "re-run the matching")
         try:
             tensors = load_file(str(tensor_file))
         except Exception as exc:

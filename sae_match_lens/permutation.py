@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .savedir import pid_alive
+
 __all__ = ["FORMAT_VERSION", "Permutation", "PermutationFileError", "ProvenanceError",
            "check_provenance"]
 
@@ -401,23 +403,13 @@ def _temp_beside(path: Path) -> Path:
             continue
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_temporaries(path: Path) -> None:
     """Delete temporaries of ``path`` whose writing process no longer exists."""
     prefix = f".{path.name}."
     for tmp in path.parent.glob(f"{glob.escape(prefix)}*{_TEMP_SUFFIX}"):
         middle = tmp.name[len(prefix):-len(_TEMP_SUFFIX)]
         pid_text = middle.split(".", 1)[0]
-        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+        if not pid_text.isdigit() or pid_alive(int(pid_text)):
             continue
         logger.info("removing %s, left by an interrupted save of %s", tmp, path)
         tmp.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -15,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["HOOK_OPTIONS", "KINDS", "JobKind", "PairJob", "SAERef", "job_key", "load_plan",
-           "plan_from_release", "plan_pairs"]
+__all__ = ["FLOW_MODULES", "HOOK_OPTIONS", "KINDS", "JobKind", "PairJob", "SAERef", "job_key",
+           "load_plan", "plan_flow", "plan_from_release", "plan_pairs"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,8 @@ JobKind = Literal["match", "links", "compare"]
 KINDS: tuple[str, ...] = ("match", "links", "compare")
 HOOK_OPTIONS: tuple[str, ...] = ("delay_s",)
 """Options every kind takes besides its function's keyword arguments (module docstring)."""
+FLOW_MODULES: tuple[str, ...] = ("mlp", "attn")
+"""The module SAEs a flow graph links each residual SAE to (:func:`plan_flow`)."""
 _NOT_OPTIONS = ("sae_a", "sae_b", "progress", "device", "features")
 SAELoader = Callable[[str, str], Any]
 
@@ -143,7 +146,9 @@ class PairJob:
     module_a: str | None = None
     module_b: str | None = None
     distance: int | None = None
-    """Positions apart in the stack the plan was made from (1: adjacent; 0: across modules)."""
+    """Positions apart in the stack the plan was made from (1: adjacent; 0: across modules at
+    one layer; negative: a backward pair whose target lies that many positions before its
+    source, as :func:`plan_flow` plans for the backward walk)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -246,6 +251,89 @@ def plan_pairs(
                          kind, opts, layer_a=have[i], layer_b=have[i + d], module_a=ma,
                          module_b=mb, distance=d)
                  for d in ds for i in range(len(have) - d)]
+    return jobs
+
+
+def plan_flow(
+    stack: Mapping[int, Any],
+    *,
+    score: str = "decoder_cosine",
+    modules: Sequence[str] = FLOW_MODULES,
+) -> list[PairJob]:
+    """The ``links`` jobs (``k=1``, ``score``) that :func:`~sae_match_lens.flow.flow_graph`
+    reads, for every seed of a whole stack.
+
+    For every pair of adjacent layers ``L, L+1`` of the stack: residual ``L → L+1`` (each
+    feature's best partner forward, ``distance=1``) and residual ``L+1 → L`` (its best
+    predecessor backward, ``distance=-1``); for every layer with such SAEs: residual ``→ mlp``
+    and residual ``→ attn`` at the same layer (source = the residual SAE, so the links are
+    indexed by residual features; ``distance=0``). Each job's ``layer_a``/``layer_b``/
+    ``module_a``/``module_b`` say which link set it is, so
+    :meth:`~sae_match_lens.store.ResultStore.flow_graph` finds it. Layers that are not adjacent
+    (a gap in the stack) get no residual pair: a flow graph stops there.
+
+    Args:
+        stack: a module stack ``{layer: {module: SAERef}}`` (modules ``"res"``, required, and
+            ``"mlp"``/``"attn"``; refs, paths or ``"release:sae_id"`` strings), or a residual
+            stack ``{layer: SAERef}``.
+        score: the link score (:data:`~sae_match_lens.linking.SCORES`); a flow graph read from
+            the store must use the same one.
+        modules: which module SAEs to link each residual SAE to (a subset of
+            :data:`FLOW_MODULES`); layers without one are skipped.
+
+    Returns:
+        The jobs, residual pairs first (an empty list for one residual layer and no modules).
+
+    Raises:
+        ValueError: an unknown score or module, a layer of a module stack without ``"res"``, a
+            stack mixing both forms.
+        TypeError: a layer key that is not an int.
+
+    Example:
+        >>> stack = {L: {"res": f"saes/res{L}", "mlp": f"saes/mlp{L}", "attn": f"saes/attn{L}"}
+        ...          for L in range(3)}
+        >>> batch_match(plan_flow(stack), "results/flow")  # 4 residual + 6 module jobs
+        >>> ResultStore("results/flow").flow_graph(loaded_stack, (1, 42))
+    """
+    from .linking import SCORES
+
+    if score not in SCORES:
+        raise ValueError(f"unknown link score {score!r}; valid: {list(SCORES)}.")
+    unknown = [m for m in modules if m not in FLOW_MODULES]
+    if isinstance(modules, str) or unknown:
+        raise ValueError(f"modules must be a subset of {list(FLOW_MODULES)}, got {modules!r}.")
+    layers = sorted(stack)
+    nested = bool(layers) and isinstance(stack[layers[0]], Mapping)
+    refs: dict[int, dict[str, SAERef]] = {}
+    for layer in layers:
+        if not isinstance(layer, int):
+            raise TypeError(f"stack keys must be model layer numbers (int), got {layer!r}.")
+        entry = stack[layer]
+        if isinstance(entry, Mapping) != nested:
+            raise ValueError(f"layer {layer}: a stack is either {{layer: SAERef}} or {{layer: "
+                             "{module: SAERef}}, not both.")
+        if not nested:
+            refs[layer] = {"res": SAERef.parse(entry)}
+            continue
+        bad = sorted(set(entry) - {"res", *FLOW_MODULES})
+        if "res" not in entry or bad:
+            raise ValueError(f"layer {layer} of the stack has modules {sorted(entry)}; a flow "
+                             f"stack needs 'res' and may have {list(FLOW_MODULES)}.")
+        refs[layer] = {m: SAERef.parse(r) for m, r in entry.items()}
+    opts = {"k": 1, "score": score}
+    jobs = []
+    for a, b in itertools.pairwise(layers):
+        if b != a + 1:
+            logger.info("plan_flow: layers %d and %d are not adjacent; no residual links between "
+                        "them (a flow graph stops at the gap)", a, b)
+            continue
+        jobs.append(PairJob(refs[a]["res"], refs[b]["res"], "links", opts, layer_a=a, layer_b=b,
+                            module_a="res", module_b="res", distance=1))
+        jobs.append(PairJob(refs[b]["res"], refs[a]["res"], "links", opts, layer_a=b, layer_b=a,
+                            module_a="res", module_b="res", distance=-1))
+    jobs += [PairJob(refs[layer]["res"], refs[layer][m], "links", opts, layer_a=layer,
+                     layer_b=layer, module_a="res", module_b=m, distance=0)
+             for layer in layers for m in modules if m in refs[layer]]
     return jobs
 
 

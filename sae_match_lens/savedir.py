@@ -52,7 +52,8 @@ def _beside(path: Path, suffix: str) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (a temporary's writer, by its name)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -60,6 +61,31 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def read_versioned_manifest(directory: Path, manifest: str, fmt: str, version: int,
+                            error: type[Exception], what: str, redo: str) -> dict[str, Any]:
+    """Read ``directory/manifest``, a JSON record with ``format`` and ``format_version``.
+
+    Raises ``error`` (naming ``directory``) when the file is unreadable, of another format
+    (``what`` names the expected kind, e.g. "saved chain"), or of another version: a newer one
+    asks to upgrade sae_match_lens, an older one says ``redo`` (e.g. "re-run match_chain").
+    """
+    try:
+        record = json.loads((directory / manifest).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise error(f"{directory} is not a readable {what} ({manifest}: {exc}).") from exc
+    found = record.get("format") if isinstance(record, dict) else None
+    if found != fmt:
+        raise error(f"{directory} is not a {what}: its {manifest} says format {found!r}, "
+                    f"expected {fmt!r}.")
+    got = record.get("format_version")
+    if got != version:
+        newer = isinstance(got, int) and got > version
+        raise error(f"{directory} was saved in {fmt} format version {got!r}, but this "
+                    f"sae_match_lens reads version {version}; "
+                    + ("upgrade sae_match_lens to read it." if newer else f"{redo} to save it again."))
+    return record
 
 
 def _remove_stale(path: Path) -> None:
@@ -70,7 +96,7 @@ def _remove_stale(path: Path) -> None:
             if not entry.name.endswith(suffix):
                 continue
             pid = entry.name[len(prefix):-len(suffix)].split(".", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 logger.info("removing %s, left by an interrupted save of %s", entry, path)
                 shutil.rmtree(entry, ignore_errors=True)
 

@@ -28,12 +28,14 @@ Example:
     >>> store = ResultStore("results/gemma-16k")
     >>> store.table()[["label", "status", "seconds", "certified"]]
     >>> chain = store.chain()            # the adjacent match results as a ChainMatch
+    >>> graph = store.flow_graph(stack, (3, 42))   # a FlowGraph from plan_flow's links jobs
     >>> store.match_result(key).permutation.indices[:10]
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -41,7 +43,7 @@ import shutil
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -49,9 +51,13 @@ from safetensors.torch import load_file, save_file
 
 from .linking import Links
 from .matching import MatchResult
-from .savedir import _pid_alive, decode_json, encode_json, tensor_checksum, write_directory
+from .savedir import decode_json, encode_json, pid_alive, tensor_checksum, write_directory
 
-__all__ = ["JOB_FORMAT", "STORE_FORMAT", "STORE_VERSION", "ResultStore", "StoreError", "load_chain"]
+if TYPE_CHECKING:
+    from .flow import FlowGraph, FlowKey
+
+__all__ = ["JOB_FORMAT", "STORE_FORMAT", "STORE_VERSION", "ResultStore", "StoreError", "load_chain",
+           "load_flow_graph"]
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +222,7 @@ class ResultStore:
             if not entry.name.startswith(".") or not entry.name.endswith(_TMP_SUFFIXES):
                 continue
             pid = entry.name.rsplit(".", 3)[-3] if entry.name.count(".") >= 4 else ""
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)
         return removed
@@ -281,6 +287,19 @@ class ResultStore:
         (:func:`load_chain`)."""
         return load_chain(self, kind=kind, module=module, options=options)
 
+    def flow_graph(self, stack: Mapping[int, Any], seed: tuple[int, int], *,
+                   score: str = "decoder_cosine", cut: float = 0.5, module_min: float = 0.15,
+                   max_layers: int | None = None, options: Mapping[str, Any] | None = None,
+                   progress: bool = False) -> FlowGraph:
+        """The :class:`~sae_match_lens.flow.FlowGraph` of ``seed`` from the stored top-1 links
+        (:func:`load_flow_graph`; plan them with :func:`~sae_match_lens.plan.plan_flow`).
+
+        Example:
+            >>> ResultStore("results/flow").flow_graph(stack, (3, 42)).edges
+        """
+        return load_flow_graph(self, stack, seed, score=score, cut=cut, module_min=module_min,
+                               max_layers=max_layers, options=options, progress=progress)
+
 
 def load_chain(store: ResultStore, *, kind: str = "match", module: str | None = None,
                options: Mapping[str, Any] | None = None) -> Any:
@@ -328,6 +347,130 @@ def load_chain(store: ResultStore, *, kind: str = "match", module: str | None = 
     options = dict(ordered[0][0].get("options") or {})
     return ChainMatch(steps=results, hook_names=tuple(hooks), layers=tuple(layers),
                       options=options)
+
+
+class _StoredLinks(Mapping["FlowKey", Links]):
+    """Stored links by flow key, each read from the store (checksum verified) when first used."""
+
+    def __init__(self, store: ResultStore, keys: Mapping[FlowKey, str]) -> None:
+        self._store, self._keys = store, dict(keys)
+        self._loaded: dict[FlowKey, Links] = {}
+
+    def __getitem__(self, key: FlowKey) -> Links:
+        if key not in self._loaded:
+            self._loaded[key] = self._store.links_result(self._keys[key])
+        return self._loaded[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[FlowKey]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _flow_key(record: Mapping[str, Any]) -> FlowKey | None:
+    """The flow key (:data:`~sae_match_lens.flow.FlowKey`) a links job's record stands for, or
+    None. A job without modules (a plain ``{layer: SAERef}`` stack) links residual SAEs; a job
+    run with ``direction="backward"`` stands for its reverse."""
+    la, lb = record.get("layer_a"), record.get("layer_b")
+    if not isinstance(la, int) or not isinstance(lb, int):
+        return None
+    ma, mb = record.get("module_a") or "res", record.get("module_b") or "res"
+    if (record.get("options") or {}).get("direction", "forward") == "backward":
+        la, lb, ma, mb = lb, la, mb, ma
+    if ma == mb == "res" and abs(la - lb) == 1:
+        return (la, lb, "res")
+    if ma == "res" and mb in ("mlp", "attn") and la == lb:
+        return (la, lb, mb)
+    return None
+
+
+def load_flow_graph(
+    store: ResultStore,
+    stack: Mapping[int, Any],
+    seed: tuple[int, int],
+    *,
+    score: str = "decoder_cosine",
+    cut: float = 0.5,
+    module_min: float = 0.15,
+    max_layers: int | None = None,
+    options: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> FlowGraph:
+    """A :class:`~sae_match_lens.flow.FlowGraph` whose top-1 links come from a store.
+
+    Takes the ``ok`` ``links`` jobs run with ``k=1`` and ``score`` (options left out count at
+    :func:`~sae_match_lens.linking.links`' defaults; with ``options``, only jobs run with
+    exactly those options), keys each by its layers and modules (residual ``L → L±1``:
+    ``(L, L±1, "res")``; residual ``→`` ``mlp``/``attn`` at one layer: ``(L, L, module)``;
+    :func:`~sae_match_lens.plan.plan_flow` plans them all) and passes them to
+    :func:`~sae_match_lens.flow.flow_graph` as ``links_by_key``. Each stored link set is read
+    (checksum verified) only when the walk reaches it. Links the store lacks (another score, a
+    layer not planned) are computed and logged, as ``flow_graph`` does.
+
+    The loaded SAEs are still needed: the graph's hooks, widths and Neuronpedia ids come from
+    them, and every stored link set used is checked against them (its recorded source and target
+    identities: hook, sizes, architecture, direction signature), so links made for other SAEs
+    are refused, never silently used.
+
+    Args:
+        store: the results store.
+        stack: the loaded SAEs, ``{layer: LayerSAEs}`` (or ``{layer: residual SAE}``).
+        seed: ``(layer, feature)`` of the residual seed feature.
+        score, cut, module_min, max_layers, progress: as in
+            :func:`~sae_match_lens.flow.flow_graph`.
+        options: use only jobs whose options equal these exactly (to choose between stored
+            results that differ in other options).
+
+    Raises:
+        ValueError: two stored results fit one key within the stack (listed, with how they
+            differ), ``options`` naming another score or ``k``, or a stored link set that does
+            not fit the stack (from ``flow_graph``).
+
+    Example:
+        >>> batch_match(plan_flow(refs), "results/flow", backend="local")
+        >>> stack = {L: LayerSAEs(**{m: r.load() for m, r in refs[L].items()}) for L in refs}
+        >>> load_flow_graph(ResultStore("results/flow"), stack, (1, 42)).nodes
+    """
+    from .flow import _as_stack, flow_graph
+    from .linking import links
+
+    defaults = {name: p.default for name, p in inspect.signature(links).parameters.items()}
+    if options is not None:
+        wanted = {**defaults, **dict(options)}
+        if wanted["k"] != 1 or wanted["score"] != score:
+            raise ValueError(f"options={dict(options)} say k={wanted['k']}, score="
+                             f"{wanted['score']!r}; a flow graph by score={score!r} reads k=1 "
+                             f"links by {score!r}.")
+    layers = _as_stack(stack)
+    found: dict[FlowKey, list[dict[str, Any]]] = {}
+    for record in store.records():
+        opts = record.get("options") or {}
+        if (record.get("status") != "ok" or record.get("kind") != "links"
+                or opts.get("k", defaults["k"]) != 1
+                or opts.get("score", defaults["score"]) != score
+                or (options is not None and opts != dict(options))):
+            continue
+        key = _flow_key(record)
+        if key is None or key[0] not in layers or key[1] not in layers or (
+                key[2] != "res" and layers[key[0]].get(key[2]) is None):
+            continue
+        found.setdefault(key, []).append(record)
+    for key, records in found.items():
+        if len(records) > 1:
+            listed = "; ".join(f"{r['key']} ({r.get('label')}, {r.get('source')} -> "
+                               f"{r.get('target')}, options {r.get('options')})" for r in records)
+            raise ValueError(f"{store.root} holds {len(records)} finished k=1 {score} links "
+                             f"results for flow key {key}: {listed}. Pass options= to choose "
+                             "one, or keep one stack and one option set per store.")
+    logger.info("flow graph from %s: %d stored link sets fit the stack", store.root, len(found))
+    stored = _StoredLinks(store, {key: records[0]["key"] for key, records in found.items()})
+    return flow_graph(layers, seed, score=score, cut=cut,  # type: ignore[arg-type]
+                      module_min=module_min, max_layers=max_layers, progress=progress,
+                      links_by_key=stored)
 
 
 def save_links(lk: Links, directory: Path) -> Path:
