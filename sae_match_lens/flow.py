@@ -364,7 +364,8 @@ class FlowGraph:
         ax.set_title(title or f"feature flow from {self.options.get('seed')} "
                      f"(edge width = {self.options.get('score')} score; labels = feature ids)",
                      fontsize=9)
-        ax.legend(loc="upper left", fontsize=7, title="node module", title_fontsize=7)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, title="node module",
+                  title_fontsize=7)  # outside the axes: never over a node label
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path, dpi=120)
