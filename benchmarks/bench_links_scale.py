@@ -140,9 +140,11 @@ def main() -> None:
                 route = (f"route {r['route']}" if r["route"] == "exact" else
                          f"screened at width {r['screen_dims']} of {r['width']}, "
                          f"{r['candidates']} candidates per row, {r['rows_certified']} rows "
-                         f"certified, {r['rows_recomputed']} recomputed exactly "
-                         f"(screen {r['t_screen']:.1f}s, width estimate {r['t_width']:.1f}s, "
-                         f"recompute {r['t_recompute']:.1f}s), null {lk.route['t_null']:.1f}s")
+                         f"certified, {r['rows_rechecked']} rechecked, {r['rows_recomputed']} "
+                         f"recomputed exactly (screen {r['t_screen']:.1f}s, width estimate "
+                         f"{r['t_width']:.1f}s, candidate scores {r['t_scores']:.1f}s, "
+                         f"recheck {r['t_recompute']:.1f}s), operands "
+                         f"{lk.route['t_operands']:.1f}s, null {lk.route['t_null']:.1f}s")
                 share, worst = agreement(ref, lk.indices[rows])
                 target = 1.5 * t_match if n <= 16384 else 180.0
                 verdict = "meets" if t_links <= target else "misses"

@@ -36,6 +36,23 @@ a link with probability about ``q``.
 
 The reverse direction (each target feature's best source predecessors) is
 ``links(..., direction="backward")``.
+
+**Routes.** Every route returns the true top-k of the score (equal scores: lower index first).
+
+* ``method="exact"``: every score of every pair, block by block (float32 products), each row's
+  top-k kept.
+* ``method="screened"`` (``"auto"`` takes it for large problems when a sampled estimate says it
+  pays, :func:`~sae_match_lens.solvers.screen.row_screen_dims_auto`): a screen of width ``m``
+  (:mod:`sae_match_lens.solvers.screen`) bounds every pair's score from above using ``m``
+  coordinates and the norms of the rest, rigorously under float32 rounding. One pass keeps each
+  row's ``candidates`` best bounds and a floor (the best bound of every other column). The
+  candidates are scored from float32 dot products with a rigorous error bound; a row whose order
+  is within that bound (near or exact ties) is rescored in float64. A row is *certified* when
+  its proven k-th score beats its floor. A row that is not is *rechecked*: a second pass over
+  its row of the screen lists every column whose bound reaches its proven k-th score (the true
+  top-k are among them), scored the same way; a row with more than
+  ``n_b / LISTED_PAIR_COST`` such columns is *recomputed* in full instead (an exact row).
+  ``links.route["links"]`` reports the width and how many rows took each path, with times.
 """
 
 from __future__ import annotations
@@ -63,11 +80,13 @@ from .adapters import (
 from .neuronpedia import feature_urls
 from .solvers.costs import CostWeights, StackedFeatures, ieee_products, matmul_nt, stack_features
 from .solvers.screen import (
+    LISTED_PAIR_COST,
     block_rows_for,
     coordinate_order,
     make_screen,
     row_screen_dims_auto,
     screen_rows,
+    screen_rows_below,
 )
 
 __all__ = ["SCORES", "LinkScore", "Links", "Transition", "firing_offset_z", "links"]
@@ -235,15 +254,14 @@ _CHUNK = 4096
 def firing_offset_z(sae: Any) -> torch.Tensor:
     """z-scores (within the SAE) of each feature's firing-hyperplane distance from the origin,
     ``(θ − b_enc) / ‖W_enc[:, i]‖`` (θ = 0 without a threshold; gated: the gate bias). Folding and
-    any positive per-feature rescaling leave it unchanged. Computed in float64, the encoder norms
-    in chunks of features (no float64 copy of the SAE)."""
+    any positive per-feature rescaling leave it unchanged. The encoder norms are reduced along the
+    input dimension in float32 (no transposed copy of the encoder), the rest in
+    float64."""
     spec = validate_sae(sae)
     bias = getattr(sae, spec.bias_names[0]).detach().to(torch.float64)
     theta = _threshold_F(sae, spec)
     theta = torch.zeros_like(bias) if theta is None else theta.to(bias)
-    w_enc = sae.W_enc.detach()
-    norms = torch.cat([w_enc[:, r0:r0 + _CHUNK].T.to(torch.float64).norm(dim=1)
-                       for r0 in range(0, w_enc.shape[1], _CHUNK)])
+    norms = torch.linalg.vector_norm(sae.W_enc.detach(), dim=0, dtype=torch.float32).to(bias)
     offset = (theta - bias) / norms.clamp_min(torch.finfo(torch.float64).tiny)
     spread = offset.std()
     z = (offset - offset.mean()) / spread if float(spread) > 0 else torch.zeros_like(offset)
@@ -426,10 +444,108 @@ def _norm_bounds(x: torch.Tensor) -> torch.Tensor:
                       for r0 in range(0, x.shape[0], _CHUNK)]) * up
 
 
+class _Bounds(NamedTuple):
+    """Magnitudes bounding a score's rounding: row norms of both sides (float64, CPU) and the
+    largest magnitudes of the separable terms."""
+
+    na: torch.Tensor
+    nb: torch.Tensor
+    p: torch.Tensor | None
+    q: float
+    g: torch.Tensor | None
+    h: float
+
+    @classmethod
+    def of(cls, prob: _Problem) -> _Bounds:
+        def mag(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.abs().cpu().double()
+
+        q, h = mag(prob.q), mag(prob.h)
+        return cls(_norm_bounds(prob.a), _norm_bounds(prob.b), mag(prob.p),
+                   0.0 if q is None or not len(q) else float(q.max()), mag(prob.g),
+                   0.0 if h is None or not len(h) else float(h.max()))
+
+    def error(self, prob: _Problem, rows: torch.Tensor, cols: torch.Tensor, gamma: float
+              ) -> torch.Tensor:
+        """Bound of ``|ŝ − s|`` for pairs ``(rows[i], cols[i, r])`` scored by a dot product with
+        relative accumulation error ``gamma`` and float64 arithmetic for the rest ([R, L])."""
+        dots = prob.alpha * self.na[rows][:, None] * self.nb[cols]
+        rest = torch.zeros(len(rows), dtype=torch.float64)
+        if self.p is not None:
+            rest += self.p[rows]
+        if self.g is not None:
+            rest += self.g[rows]
+        rest += self.q + self.h
+        return gamma * dots + 2 * _EPS64 * (dots + rest[:, None]) * 8
+
+
+_GAMMA32 = 2.0**-24
+
+
+def _rank_lists(prob: _Problem, rows: torch.Tensor, cols: torch.Tensor, kk: int, bounds: _Bounds
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each listed row's top-``kk`` among its listed columns (``cols`` [R, L], -1 = none; each
+    row lists at least ``kk``): ``(indices [R, kk], float32 scores, a lower bound of the real
+    k-th score [R] float64)``, best first, equal real scores by lower index.
+
+    Scores come from float32 dot products (error ``γ_K·α‖a‖‖b‖``, any summation order). A row
+    whose order among its first ``kk + 1`` is not proven by those bounds (near or exact ties) is
+    rescored in float64 from the same operands (error ``~2⁻⁵³K``), where ties fall to the lower
+    index."""
+    R, L = cols.shape
+    K = prob.a.shape[1]
+    dev = prob.a.device
+    gamma = K * _GAMMA32 / (1 - K * _GAMMA32)
+    valid = cols >= 0
+    safe = cols.clamp(min=0)
+    scores = torch.empty((R, L), dtype=torch.float64)
+    chunk = max(1, (1 << 27) // (4 * K * max(L, 1)))
+    buf = torch.empty((min(chunk, max(R, 1)) * L, K), dtype=torch.float32, device=dev)
+    for r0 in range(0, R, chunk):
+        r1 = min(R, r0 + chunk)
+        ix = safe[r0:r1].to(dev).reshape(-1)
+        gathered = torch.index_select(prob.b, 0, ix, out=buf[: len(ix)]).view(r1 - r0, L, K)
+        lhs = prob.a[rows[r0:r1].to(dev)]
+        scores[r0:r1] = torch.bmm(gathered, lhs[:, :, None])[:, :, 0].cpu().double()
+    scores *= prob.alpha
+    rows_cpu = rows.cpu()
+    if prob.p is not None:
+        scores -= prob.p.cpu().double()[rows_cpu][:, None]
+    if prob.q is not None:
+        scores -= prob.q.cpu().double()[safe]
+    if prob.g is not None and prob.h is not None:
+        scores -= (prob.g.cpu().double()[rows_cpu][:, None] - prob.h.cpu().double()[safe]).abs_()
+    scores.masked_fill_(~valid, -math.inf)
+    far = cols.new_full((), 1 << 62)  # after every real column in ties (only -inf scores tie it)
+    scores, order_idx = _best_first(scores, torch.where(valid, cols, far))
+    sorted_safe = order_idx.clamp(max=prob.b.shape[0] - 1)
+    err = bounds.error(prob, rows_cpu, sorted_safe, gamma).masked_fill_(~torch.isfinite(scores), 0)
+    span = min(kk + 1, L)
+    head, head_err = scores[:, :span], err[:, :span]
+    if span > 1:
+        gaps = head[:, :-1] - head[:, 1:]
+        unsure = (gaps <= head_err[:, :-1] + head_err[:, 1:]).any(dim=1)
+    else:
+        unsure = torch.zeros(R, dtype=torch.bool)
+    idx, val = order_idx[:, :kk].clone(), scores[:, :kk].clone()
+    low = (scores[:, kk - 1] - err[:, kk - 1]).clone()
+    redo = torch.nonzero(unsure).flatten()
+    if len(redo):
+        sub_cols, sub_valid = safe[redo], valid[redo]
+        exact = _listed_scores(prob.rows(rows[redo]), sub_cols).masked_fill_(~sub_valid,
+                                                                             -math.inf)
+        ev, ei = _best_first(exact, torch.where(sub_valid, cols[redo], far))
+        idx[redo], val[redo] = ei[:, :kk], ev[:, :kk]
+        low[redo] = ev[:, kk - 1] - bounds.error(prob, rows_cpu[redo], ei[:, kk - 1:kk].clamp(
+            max=prob.b.shape[0] - 1), _EPS64 * (K + 8))[:, 0]
+    return idx, val.float(), low
+
+
 def _screened_topk(prob: _Problem, k: int, *, m: int, keep: int, sides: tuple, block_rows: int,
                    progress: bool, label: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Top-``k`` through a width-``m`` screen keeping ``keep`` candidates per row, certified row
-    by row; rows the certificate cannot prove are recomputed exactly (module doc)."""
+    by row (module doc, "Routes"): rows the candidates cannot prove are rechecked against every
+    column the screen cannot rule out, or recomputed exactly when those are many."""
     sa, sb, gap, beta, shift, order = sides
     n_a, n_b = prob.a.shape[0], prob.b.shape[0]
     K = prob.a.shape[1]
@@ -438,40 +554,58 @@ def _screened_topk(prob: _Problem, k: int, *, m: int, keep: int, sides: tuple, b
     screen = make_screen(sa, sb, m, "float32", prob.a.device, order=order)
     cand = screen_rows(screen, n_a, n_b, keep, gap=gap, block_rows=block_rows,
                        progress=progress, label=label)
-    del screen
     t1 = time.perf_counter()
-    scores, cand_idx = _best_first(_listed_scores(prob, cand.idx), cand.idx)
-    top_v, idx = scores[:, :kk].contiguous(), cand_idx[:, :kk].contiguous()
-    kth = top_v[:, -1].numpy()
-    # |ŝ − s| of a float64 score: K-term dot product (γ_K ‖a‖‖b‖) and four more roundings
-    na, nb = _norm_bounds(prob.a).numpy(), float(_norm_bounds(prob.b).max())
-
-    def mag(t: torch.Tensor | None, per_row: bool) -> np.ndarray | float:
-        if t is None:
-            return 0.0
-        t = t.abs().cpu().double()
-        return t.numpy() if per_row else float(t.max())
-
-    err = 2 * _EPS64 * (K + 8) * (prob.alpha * na * nb + mag(prob.p, True) + mag(prob.q, False)
-                                  + mag(prob.g, True) + mag(prob.h, False))
+    bounds = _Bounds.of(prob)
+    idx, val, low = _rank_lists(prob, torch.arange(n_a), cand.idx, kk, bounds)
+    low_np = low.numpy()
+    const_max = float(sa.const_F.max()) + float(sb.const_F.max())
     floor = cand.floor
     with np.errstate(invalid="ignore"):  # inf floors: nothing pruned, certified below
         upper = -floor / beta - shift  # bounds the score of every pruned entry of the row
-        slack = 2.0**-40 * (np.abs(floor) + abs(shift) + np.abs(kth)
-                            + float(sa.const_F.max()) + float(sb.const_F.max()))
-        certified = np.isinf(floor) | (kth - err >= upper + slack)
+        slack = 2.0**-40 * (np.abs(floor) + abs(shift) + np.abs(low_np) + const_max)
+        certified = np.isinf(floor) | (low_np >= upper + slack)
     bad = torch.from_numpy(np.flatnonzero(~certified))
-    val = top_v.float()
     t2 = time.perf_counter()
+    n_listed = 0
     if len(bad):
-        idx_bad, val_bad = _exact_topk(prob.rows(bad), k, block_rows=block_rows)
-        idx[bad], val[bad] = idx_bad, val_bad
+        # every column j the bound cannot put below the row's proven k-th score: s_ij ≤
+        # −L_ij/β − shift, so L_ij > β(−low − shift) rules it out; the limit is rounded up
+        low_bad = low_np[bad.numpy()]
+        limit = beta * (-low_bad - shift)
+        limit += 2.0**-30 * (np.abs(limit) + beta * (abs(shift) + np.abs(low_bad)) + const_max)
+        lim32 = torch.from_numpy(limit).float()
+        lim32 = torch.where(lim32.double() < torch.from_numpy(limit),
+                            torch.nextafter(lim32, torch.tensor(math.inf)), lim32)
+        sub = screen._replace(a_FS=screen.a_FS[bad.to(screen.a_FS.device)],
+                              norm_a=screen.norm_a[bad.to(screen.norm_a.device)],
+                              err_a=screen.err_a[bad.to(screen.err_a.device)],
+                              const_a=screen.const_a[bad.to(screen.const_a.device)])
+        sub_gap = None if gap is None else (gap[0][bad.to(gap[0].device)], gap[1])
+        cap = max(keep, n_b // LISTED_PAIR_COST)
+        found = screen_rows_below(sub, len(bad), n_b, lim32, max_cols=cap, gap=sub_gap,
+                                  block_rows=block_rows)
+        listed = np.flatnonzero((found.counts <= cap) & (found.counts >= kk))
+        if len(listed):
+            cols = found.cols[torch.from_numpy(listed)]
+            cols = cols[:, : int(found.counts[listed].max())]
+            li, lv, _ = _rank_lists(prob, bad[listed], cols, kk, bounds)
+            idx[bad[listed]], val[bad[listed]] = li, lv
+            n_listed = len(listed)
+        full = bad[torch.from_numpy(np.setdiff1d(np.arange(len(bad)), listed))]
+    else:
+        full = bad
+    del screen
+    if len(full):
+        idx_full, val_full = _exact_topk(prob.rows(full), k, block_rows=block_rows)
+        idx[full], val[full] = idx_full, val_full
     stats = {"route": "screened", "screen_dims": int(m), "width": int(K), "candidates": keep,
-             "rows_certified": int(certified.sum()), "rows_recomputed": len(bad),
-             "t_screen": t1 - t0, "t_scores": t2 - t1, "t_recompute": time.perf_counter() - t2}
+             "rows_certified": int(certified.sum()), "rows_rechecked": n_listed,
+             "rows_recomputed": len(full), "t_screen": t1 - t0, "t_scores": t2 - t1,
+             "t_recompute": time.perf_counter() - t2}
     logger.info("%s: screened top-%d at width %d of %d, %d candidates per row: %d rows "
-                "certified, %d recomputed exactly", label, kk, m, K, keep,
-                stats["rows_certified"], len(bad))
+                "certified, %d rechecked against the columns the screen cannot rule out, %d "
+                "recomputed exactly", label, kk, m, K, keep, stats["rows_certified"], n_listed,
+                len(full))
     return idx, val, stats
 
 

@@ -310,7 +310,7 @@ def test_screened_top_k_is_the_brute_force_top_k_and_the_screen_is_used(k, gap, 
                              block_rows=64, progress=False, label="test")
     _assert_true_top_k(idx, val, full, k)
     assert stats["route"] == "screened" and stats["screen_dims"] == 24
-    assert stats["rows_certified"] + stats["rows_recomputed"] == 300
+    assert stats["rows_certified"] + stats["rows_rechecked"] + stats["rows_recomputed"] == 300
     assert stats["rows_recomputed"] < 300 // 2, stats  # most rows proven without a full row
     exact_idx, exact_val, exact_stats = _solve(prob, k, method="exact", screen_dims=24,
                                                keep=k + 15, block_rows=64, progress=False,
@@ -329,48 +329,49 @@ def test_screened_rows_the_screen_cannot_prove_are_recomputed_exactly():
     _assert_true_top_k(idx, val, full, 3)
 
 
-def test_screened_top_k_with_k_at_least_the_targets_is_a_full_sort():
+@pytest.mark.parametrize(("n_b", "m", "k", "gap"), [(420, 24, 3, True), (2000, 40, 5, False),
+                                                   (2000, 24, 1, True)])
+def test_rows_the_candidates_cannot_prove_are_rechecked_against_every_column_in_reach(
+        n_b, m, k, gap):
+    """With only ``k`` candidates no row is certified by its candidates; the recheck lists every
+    column whose bound reaches the row's proven k-th score and finds the true top-k there."""
     from sae_match_lens.linking import _solve
 
-    prob, full = _structured(40, 30, 32, seed=2, gap=True)
-    idx, val, stats = _solve(prob, 35, method="screened", screen_dims=8, keep=35,
-                             block_rows=16, progress=False, label="test")
-    assert idx.shape == (40, 30)
-    _assert_true_top_k(idx, val, full, 35)
-    assert stats["rows_recomputed"] == 0  # nothing pruned: every row is certified
+    prob, full = _structured(400, n_b, 64, seed=k, gap=gap)
+    idx, val, stats = _solve(prob, k, method="screened", screen_dims=m, keep=k, block_rows=64,
+                             progress=False, label="test")
+    assert stats["rows_certified"] + stats["rows_rechecked"] + stats["rows_recomputed"] == 400
+    assert stats["rows_rechecked"] > 200, stats
+    _assert_true_top_k(idx, val, full, k)
 
 
-def test_exact_ties_are_taken_and_ordered_by_lower_index():
-    from sae_match_lens.linking import _block_topk
-
-    gen = torch.Generator().manual_seed(0)
-    block = torch.randint(0, 4, (50, 23), generator=gen).float()  # many ties
-    for kk in (1, 3, 22, 23):
-        v, i = _block_topk(block, kk)
-        ref = torch.sort(block, dim=1, descending=True, stable=True)
-        assert torch.equal(i, ref.indices[:, :kk]) and torch.equal(v, ref.values[:, :kk])
-
-
-def test_the_row_screen_floor_bounds_every_pruned_cost_with_the_gap():
+def test_screen_rows_below_lists_every_column_whose_cost_reaches_the_limit():
     from sae_match_lens.solvers.costs import StackedFeatures
-    from sae_match_lens.solvers.screen import make_screen, screen_rows
+    from sae_match_lens.solvers.screen import make_screen, screen_rows_below
 
-    gen = torch.Generator().manual_seed(4)
-    a, b = torch.randn(90, 40, generator=gen), torch.randn(70, 40, generator=gen)
+    gen = torch.Generator().manual_seed(6)
+    a, b = torch.randn(80, 40, generator=gen), torch.randn(300, 40, generator=gen)
     ca, cb = a.double().square().sum(1), b.double().square().sum(1)
-    g, h = torch.randn(90, generator=gen), torch.randn(70, generator=gen)
+    g, h = torch.randn(80, generator=gen), torch.randn(300, generator=gen)
     cost = (ca[:, None] + cb[None, :] - 2 * a.double() @ b.double().T
             + (g.double()[:, None] - h.double()[None, :]).abs())
-    for m in (4, 40):
+    limits = torch.quantile(cost, 0.05, dim=1).float()  # about 15 columns per row reach it
+    for m, max_cols in ((8, 300), (40, 60), (40, 10)):
         screen = make_screen(StackedFeatures(a, ca), StackedFeatures(b, cb), m, "float32",
                              torch.device("cpu"))
-        cand = screen_rows(screen, 90, 70, 6, gap=(g, h), block_rows=32, progress=False)
-        pruned = torch.ones(90, 70, dtype=torch.bool).scatter_(1, cand.idx, False)
-        lowest_pruned = cost.masked_fill(~pruned, np.inf).amin(dim=1).numpy()
-        assert (cand.floor <= lowest_pruned).all()
-        if m == 40:  # the full-width screen is the cost less a rounding allowance: tight
-            sixth = cost.sort(dim=1).values[:, 5].numpy()
-            assert (cand.floor >= sixth - 1e-4 * np.abs(sixth)).all()
+        found = screen_rows_below(screen, 80, 300, limits, max_cols=max_cols, gap=(g, h),
+                                  block_rows=16)
+        listed = found.counts <= max_cols
+        assert (found.counts >= 15).all()
+        assert listed.all() if max_cols > 15 else not listed.any()
+        for i in np.flatnonzero(listed):
+            cols = found.cols[i][found.cols[i] >= 0]
+            assert len(cols) == found.counts[i] and torch.equal(cols, cols.sort().values)
+            reach = torch.nonzero(cost[i] <= limits[i].double()).flatten()
+            assert set(reach.tolist()) <= set(cols.tolist())  # nothing in reach left out
+        assert (found.cols[~torch.from_numpy(listed)] == -1).all()
+        if m == 40:  # the full-width bound is the cost less rounding: little beyond the limit
+            assert (found.counts <= (cost <= limits.double()[:, None] + 1e-3).sum(1).numpy()).all()
 
 
 @pytest.mark.parametrize("score", SCORES)
