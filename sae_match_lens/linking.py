@@ -37,10 +37,11 @@ a link with probability about ``q``.
 The reverse direction (each target feature's best source predecessors) is
 ``links(..., direction="backward")``.
 
-**Routes.** Every route returns the true top-k of the score (equal scores: lower index first).
+**Routes.** Both routes return each row's top-k, best first, equal scores by lower index.
 
 * ``method="exact"``: every score of every pair, block by block (float32 products), each row's
-  top-k kept.
+  top-k of those float32 scores kept (pairs within float32 rounding of each other may come in
+  either order).
 * ``method="screened"`` (``"auto"`` takes it for large problems when a sampled estimate says it
   pays, :func:`~sae_match_lens.solvers.screen.row_screen_dims_auto`): a screen of width ``m``
   (:mod:`sae_match_lens.solvers.screen`) bounds every pair's score from above using ``m``
@@ -51,7 +52,8 @@ The reverse direction (each target feature's best source predecessors) is
   its proven k-th score beats its floor. A row that is not is *rechecked*: a second pass over
   its row of the screen lists every column whose bound reaches its proven k-th score (the true
   top-k are among them), scored the same way; a row with more than
-  ``n_b / LISTED_PAIR_COST`` such columns is *recomputed* in full instead (an exact row).
+  ``n_b / LISTED_PAIR_COST`` such columns is *recomputed* in full instead (an exact row). The
+  top-k of certified and rechecked rows are proven to be the top-k of the real scores.
   ``links.route["links"]`` reports the width and how many rows took each path, with times.
 """
 
@@ -311,6 +313,9 @@ class _Problem(NamedTuple):
     q: torch.Tensor | None = None
     g: torch.Tensor | None = None
     h: torch.Tensor | None = None
+    pairs: int = 0
+    """Width of two equally wide leading blocks (decoder, encoder) the screen may pair up
+    (:func:`_cost_form`); 0: none."""
 
     def rows(self, idx: torch.Tensor) -> _Problem:
         """The problem restricted to rows ``idx`` of ``a``."""
@@ -321,7 +326,7 @@ class _Problem(NamedTuple):
 
     def swapped(self) -> _Problem:
         """The problem of ``b``'s rows against ``a``'s (the score is symmetric in its terms)."""
-        return _Problem(self.b, self.a, self.alpha, self.q, self.p, self.h, self.g)
+        return _Problem(self.b, self.a, self.alpha, self.q, self.p, self.h, self.g, self.pairs)
 
 
 def _score_blocks(prob: _Problem, block_rows: int):
@@ -405,7 +410,41 @@ def _cost_form(prob: _Problem) -> tuple[StackedFeatures, StackedFeatures,
     gap = None
     if prob.g is not None and prob.h is not None:
         gap = (prob.g * beta, prob.h * beta)
+    if prob.pairs:
+        x, y = _Paired(prob.a, prob.pairs, 1.0), _Paired(prob.b, prob.pairs, 0.5)
+        return (StackedFeatures(x, ca), StackedFeatures(y, cb),  # type: ignore[arg-type]
+                gap, beta, pmin + qmin)
     return (StackedFeatures(prob.a, ca), StackedFeatures(prob.b, cb), gap, beta, pmin + qmin)
+
+
+PAIR_ALLOWANCE = 4 * 2.0**-24
+"""Screen allowance (``make_screen(extra=)``) for paired operands: ``x·y'`` is within
+``2.01·2⁻²⁴‖x‖‖y'‖`` of ``a·b`` (each sum rounds once; halving is exact), so the cost moves by at
+most ``4.02·2⁻²⁴‖x‖‖y'‖``, and the screen subtracts ``extra·2ν_xν_y' ≥ 8·2⁻²⁴‖x‖‖y'‖``."""
+
+
+class _Paired:
+    """Screen operands in the basis of paired blocks, row blocks computed on access (no copy of
+    the matrix): row ``r`` is ``[scale·(u + v), scale·(u − v), rest]`` with ``u = t[r, :d]``,
+    ``v = t[r, d:2d]``. With ``scale`` 1 for the source and 0.5 for the target, ``x·y' = a·b`` up
+    to the rounding of the sums (:data:`PAIR_ALLOWANCE`): ``(u+v)·(u'+v') + (u−v)·(u'−v') =
+    2(u·u' + v·v')``. When the decoder and encoder vectors of a feature point alike, ``u + v``
+    holds most of the energy and ``u − v`` little, so a screen over the highest-energy
+    coordinates bounds the score far more tightly than in the original basis (where the energy
+    is spread over both blocks)."""
+
+    def __init__(self, t: torch.Tensor, d: int, scale: float) -> None:
+        self.t, self.d, self.scale = t, d, scale
+        self.shape, self.device, self.dtype = t.shape, t.device, t.dtype
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        rows = self.t[key]
+        u, v = rows[:, : self.d], rows[:, self.d: 2 * self.d]
+        plus, minus = u + v, u - v
+        if self.scale != 1.0:
+            plus.mul_(self.scale)
+            minus.mul_(self.scale)
+        return torch.cat([plus, minus, rows[:, 2 * self.d:]], dim=1)
 
 
 def _listed_scores(prob: _Problem, idx: torch.Tensor) -> torch.Tensor:
@@ -551,7 +590,8 @@ def _screened_topk(prob: _Problem, k: int, *, m: int, keep: int, sides: tuple, b
     K = prob.a.shape[1]
     kk, keep = min(k, n_b), min(max(keep, k), n_b)
     t0 = time.perf_counter()
-    screen = make_screen(sa, sb, m, "float32", prob.a.device, order=order)
+    screen = make_screen(sa, sb, m, "float32", prob.a.device, order=order,
+                         extra=PAIR_ALLOWANCE if prob.pairs else 0.0)
     cand = screen_rows(screen, n_a, n_b, keep, gap=gap, block_rows=block_rows,
                        progress=progress, label=label)
     t1 = time.perf_counter()
@@ -786,12 +826,20 @@ def links(
     keep = candidates if candidates is not None else k + 15
     route: dict[str, Any] = {"method": method, "t_operands": time.perf_counter() - t0}
     solve = {"method": method, "screen_dims": screen_dims, "keep": keep, "block_rows": rows}
-    if score == "folded_mse":
-        base = _Problem(a, b, 2.0, const_a, const_b)
-    elif score == "cosine_density" and density_weight > 0:
-        base = _Problem(a, b, 1.0, g=const_a, h=const_b)
+    d_out = int(getattr(sae_a.cfg, "d_out", sae_a.cfg.d_in))
+    if score == "folded_mse":  # stacked layout [decoder | encoder | b_enc]; b_enc not rotated
+        assert w is not None
+        widths = [wd for wd, on in ((d_out, w.decoder), (int(sae_a.cfg.d_in), w.encoder)) if on]
     else:
-        base = _Problem(a, b, 1.0)
+        widths = [d_out] + ([int(sae_a.cfg.d_in)] if score != "decoder_cosine" else [])
+    # decoder and encoder blocks of equal width: the screen pairs them up (_Paired)
+    pairs = widths[0] if len(widths) == 2 and widths[0] == widths[1] else 0
+    if score == "folded_mse":
+        base = _Problem(a, b, 2.0, const_a, const_b, pairs=pairs)
+    elif score == "cosine_density" and density_weight > 0:
+        base = _Problem(a, b, 1.0, g=const_a, h=const_b, pairs=pairs)
+    else:
+        base = _Problem(a, b, 1.0, pairs=pairs)
     r_b = None
     with ieee_products(dev):
         if score == "csls":
@@ -801,20 +849,11 @@ def links(
             _, v, route["csls_target"] = _solve(base.swapped(), csls_k, progress=False,
                                                 label=f"{label} csls r_B", **solve)
             r_b = v.mean(dim=1).to(dev)
-            final = _Problem(a, b, 2.0, r_a, r_b)
+            final = _Problem(a, b, 2.0, r_a, r_b, pairs=pairs)
         else:
             final = base
         indices, scores, route["links"] = _solve(final, k, progress=progress, label=label,
                                                  **solve)
-        if score == "folded_mse":  # stacked layout [decoder | encoder | b_enc]; b_enc not rotated
-            assert w is not None
-            d_out = int(getattr(sae_a.cfg, "d_out", sae_a.cfg.d_in))
-            widths = [wd for wd, on in ((d_out, w.decoder), (int(sae_a.cfg.d_in), w.encoder))
-                      if on]
-        else:
-            widths = [int(getattr(sae_a.cfg, "d_out", sae_a.cfg.d_in))]
-            if score != "decoder_cosine":
-                widths.append(int(sae_a.cfg.d_in))
         t1 = time.perf_counter()
         null = _null_best(base, widths=widths, r_b=r_b, csls_k=csls_k, n_null=n_null, seed=seed,
                           block_rows=rows)

@@ -374,6 +374,90 @@ def test_screen_rows_below_lists_every_column_whose_cost_reaches_the_limit():
             assert (found.counts <= (cost <= limits.double()[:, None] + 1e-3).sum(1).numpy()).all()
 
 
+def test_screened_top_k_with_k_at_least_the_targets_is_a_full_sort():
+    from sae_match_lens.linking import _solve
+
+    prob, full = _structured(40, 30, 32, seed=2, gap=True)
+    idx, val, stats = _solve(prob, 35, method="screened", screen_dims=8, keep=35,
+                             block_rows=16, progress=False, label="test")
+    assert idx.shape == (40, 30)
+    _assert_true_top_k(idx, val, full, 35)
+    assert stats["rows_recomputed"] == 0  # nothing pruned: every row is certified
+
+
+def test_exact_ties_are_taken_and_ordered_by_lower_index():
+    from sae_match_lens.linking import _block_topk
+
+    gen = torch.Generator().manual_seed(0)
+    block = torch.randint(0, 4, (50, 23), generator=gen).float()  # many ties
+    for kk in (1, 3, 22, 23):
+        v, i = _block_topk(block, kk)
+        ref = torch.sort(block, dim=1, descending=True, stable=True)
+        assert torch.equal(i, ref.indices[:, :kk]) and torch.equal(v, ref.values[:, :kk])
+
+
+def test_the_row_screen_floor_bounds_every_pruned_cost_with_the_gap():
+    from sae_match_lens.solvers.costs import StackedFeatures
+    from sae_match_lens.solvers.screen import make_screen, screen_rows
+
+    gen = torch.Generator().manual_seed(4)
+    a, b = torch.randn(90, 40, generator=gen), torch.randn(70, 40, generator=gen)
+    ca, cb = a.double().square().sum(1), b.double().square().sum(1)
+    g, h = torch.randn(90, generator=gen), torch.randn(70, generator=gen)
+    cost = (ca[:, None] + cb[None, :] - 2 * a.double() @ b.double().T
+            + (g.double()[:, None] - h.double()[None, :]).abs())
+    for m in (4, 40):
+        screen = make_screen(StackedFeatures(a, ca), StackedFeatures(b, cb), m, "float32",
+                             torch.device("cpu"))
+        cand = screen_rows(screen, 90, 70, 6, gap=(g, h), block_rows=32, progress=False)
+        pruned = torch.ones(90, 70, dtype=torch.bool).scatter_(1, cand.idx, False)
+        lowest_pruned = cost.masked_fill(~pruned, np.inf).amin(dim=1).numpy()
+        assert (cand.floor <= lowest_pruned).all()
+        if m == 40:  # the full-width screen is the cost less a rounding allowance: tight
+            sixth = cost.sort(dim=1).values[:, 5].numpy()
+            assert (cand.floor >= sixth - 1e-4 * np.abs(sixth)).all()
+
+
+@pytest.mark.parametrize(("k", "gap", "alpha", "consts"), [
+    (1, True, 1.0, False), (4, False, 2.0, True), (2, True, 2.0, True)])
+def test_paired_screen_is_exact_and_tighter_when_decoder_and_encoder_point_alike(
+        k, gap, alpha, consts):
+    """Scores over [decoder | encoder] blocks: the screen may work in the basis (u + v, u − v).
+    The top-k stay the brute-force ones (any pairing is exact up to a rounding allowance), and
+    when each feature's two blocks point alike (as trained SAEs' do) the same width proves
+    more rows than the original basis."""
+    from sae_match_lens.linking import _Problem, _solve
+
+    half, _ = _structured(300, 420, 32, seed=10 + k)
+    gen = torch.Generator().manual_seed(k)
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:
+        enc = x + 0.15 * torch.randn(x.shape, generator=gen) / x.shape[1] ** 0.5
+        return torch.cat([x, enc / enc.norm(dim=1, keepdim=True)], dim=1)
+
+    a, b = blocks(half.a), blocks(half.b)
+    kw = {}
+    if consts:
+        kw["p"], kw["q"] = torch.rand(300, generator=gen) * 0.3, torch.rand(420, generator=gen)
+    if gap:
+        kw["g"] = 0.2 * torch.randn(300, generator=gen)
+        kw["h"] = 0.2 * torch.randn(420, generator=gen)
+    full = alpha * (a.double() @ b.double().T)
+    if consts:
+        full -= kw["p"].double()[:, None] + kw["q"].double()[None, :]
+    if gap:
+        full -= (kw["g"].double()[:, None] - kw["h"].double()[None, :]).abs()
+    full = full.numpy()
+    certified = {}
+    for pairs in (0, 32):
+        prob = _Problem(a, b, alpha, pairs=pairs, **kw)
+        idx, val, stats = _solve(prob, k, method="screened", screen_dims=6, keep=k + 15,
+                                 block_rows=64, progress=False, label="test")
+        _assert_true_top_k(idx, val, full, k)
+        certified[pairs] = stats["rows_certified"]
+    assert certified[32] > certified[0] + 30, certified
+
+
 @pytest.mark.parametrize("score", SCORES)
 def test_links_screened_route_equals_brute_force_on_planted_saes(score, caplog):
     pair = planted_pair(d_sae=160, d_in=24, noise=0.05, seed=5)

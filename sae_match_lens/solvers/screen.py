@@ -109,9 +109,12 @@ def coordinate_order(a: StackedFeatures, b: StackedFeatures) -> torch.Tensor:
 
 
 def make_screen(a: StackedFeatures, b: StackedFeatures, m: int, precision: Precision,
-                dev: torch.device, order: torch.Tensor | None = None) -> Screen:
+                dev: torch.device, order: torch.Tensor | None = None,
+                extra: float = 0.0) -> Screen:
     """Screening operands ``[x_S, ‖x_R‖↑]`` (``S``: the first ``m`` coordinates of ``order``,
-    by default :func:`coordinate_order`) with their rounding allowances (see the module doc)."""
+    by default :func:`coordinate_order`) with their rounding allowances (see the module doc).
+    ``extra``: a further allowance ``extra·2‖a_i‖‖b_j‖`` subtracted from every bound, for
+    operands that carry their own rounding relative to the cost they stand for."""
     K = a.matrix_FK.shape[1]
     if m >= K:
         keep = torch.arange(K)
@@ -149,7 +152,7 @@ def make_screen(a: StackedFeatures, b: StackedFeatures, m: int, precision: Preci
         # One product gives L directly: [x_S, r, c_a(1−γ), 1, ν_a] · [−2y_S, −2r, 1, c_b(1−γ),
         # −2γν_b] = c_a + c_b − 2(x_S·y_S + r_a r_b) − γ(c_a + c_b + 2ν_aν_b); γ covers the
         # accumulation (≤ γ_w Σ|terms|), the float32 constants, and the rounding of these columns.
-        g = 2 * (sa.shape[1] + 8) * _EPS32
+        g = 2 * (sa.shape[1] + 8) * _EPS32 + extra
         one_a = torch.ones_like(ca)[:, None]
         one_b = torch.ones_like(cb)[:, None]
         fa = torch.cat([sa, (ca * (1 - g))[:, None], one_a, na[:, None]], dim=1)
@@ -166,7 +169,7 @@ def make_screen(a: StackedFeatures, b: StackedFeatures, m: int, precision: Preci
     nla, nlb = la.double().norm(dim=1), lb.double().norm(dim=1)
     # |a·b − ã·b̃| ≤ ‖δa‖‖b̃‖ + ‖a‖‖δb‖ (exact), accumulation and output rounding ≤ (γ + u)‖ã‖‖b̃‖:
     # allowance err_a_i·‖b̃_j‖ + ‖a_i‖·err_b_j with the terms below.
-    err_a = (da + (gamma + u_out) * nla) * 1.001
+    err_a = (da + (gamma + u_out + extra) * nla) * 1.001
     return Screen(la, lb, na, (nlb * 1.001).float(), err_a.float(), (db * 1.001).float(),
                   ca, cb, False)
 
@@ -559,10 +562,12 @@ def row_screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, keep: i
         const = consts(c0, c0 + len(y))
         dot = torch.zeros((len(rows), len(y)))
         seg = torch.empty_like(dot)
+        low = torch.empty_like(dot)
         for w, (p, m) in enumerate(bounds):
             dot += matmul_nt(xs[:, p:m].contiguous(), ys[:, p:m].contiguous(), seg)
-            low = const - 2 * (dot + torch.outer(rest_a[:, w], rest_b[:, w]))
-            floors[w] = torch.topk(torch.cat([floors[w], low], dim=1), kept, dim=1,
+            torch.outer(rest_a[:, w], rest_b[:, w], out=low).add_(dot).mul_(-2.0).add_(const)
+            part = torch.topk(low, min(kept, low.shape[1]), dim=1, largest=False).values
+            floors[w] = torch.topk(torch.cat([floors[w], part], dim=1), kept, dim=1,
                                    largest=False).values
             below[w] += (low <= kth[:, None]).sum(dim=1).double()
     cap = n_b / LISTED_PAIR_COST
