@@ -86,6 +86,7 @@ from .solvers.screen import (
     block_rows_for,
     coordinate_order,
     make_screen,
+    round_up_f32,
     row_screen_dims_auto,
     screen_rows,
     screen_rows_below,
@@ -439,12 +440,15 @@ class _Paired:
 
     def __getitem__(self, key: Any) -> torch.Tensor:
         rows = self.t[key]
-        u, v = rows[:, : self.d], rows[:, self.d: 2 * self.d]
-        plus, minus = u + v, u - v
+        d = self.d
+        out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+        u, v = rows[:, :d], rows[:, d: 2 * d]
+        torch.add(u, v, out=out[:, :d])
+        torch.sub(u, v, out=out[:, d: 2 * d])
+        out[:, 2 * d:] = rows[:, 2 * d:]
         if self.scale != 1.0:
-            plus.mul_(self.scale)
-            minus.mul_(self.scale)
-        return torch.cat([plus, minus, rows[:, 2 * self.d:]], dim=1)
+            out[:, : 2 * d].mul_(self.scale)
+        return out
 
 
 def _listed_scores(prob: _Problem, idx: torch.Tensor) -> torch.Tensor:
@@ -613,9 +617,7 @@ def _screened_topk(prob: _Problem, k: int, *, m: int, keep: int, sides: tuple, b
         low_bad = low_np[bad.numpy()]
         limit = beta * (-low_bad - shift)
         limit += 2.0**-30 * (np.abs(limit) + beta * (abs(shift) + np.abs(low_bad)) + const_max)
-        lim32 = torch.from_numpy(limit).float()
-        lim32 = torch.where(lim32.double() < torch.from_numpy(limit),
-                            torch.nextafter(lim32, torch.tensor(math.inf)), lim32)
+        lim32 = round_up_f32(torch.from_numpy(limit))
         sub = screen._replace(a_FS=screen.a_FS[bad.to(screen.a_FS.device)],
                               norm_a=screen.norm_a[bad.to(screen.norm_a.device)],
                               err_a=screen.err_a[bad.to(screen.err_a.device)],
@@ -665,7 +667,8 @@ def _solve(prob: _Problem, k: int, *, method: str, screen_dims: int | str, keep:
         order = coordinate_order(sa, sb)
         sides = (sa, sb, gap, beta, shift, order)
         if screen_dims == "auto":
-            m = row_screen_dims_auto(sa, sb, k, keep, gap=gap, order=order)
+            exact = (StackedFeatures(prob.a, sa.const_F), StackedFeatures(prob.b, sb.const_F))
+            m = row_screen_dims_auto(sa, sb, k, keep, gap=gap, order=order, exact=exact)
         else:
             m = min(int(screen_dims), K)
     t_width = time.perf_counter() - t0

@@ -50,9 +50,10 @@ from tqdm.auto import tqdm
 
 from .costs import StackedFeatures, ieee_products, matmul_nt
 
-__all__ = ["Candidates", "Precision", "RowCandidates", "RowsBelow", "Screen", "block_rows_for",
-           "LISTED_PAIR_COST", "coordinate_order", "gap_slack", "make_screen", "row_screen_dims_auto", "screen_block",
-           "screen_dims_auto", "screen_pass", "screen_rows", "screen_rows_below"]
+__all__ = ["LISTED_PAIR_COST", "Candidates", "Precision", "RowCandidates", "RowsBelow", "Screen",
+           "block_rows_for", "coordinate_order", "gap_slack", "make_screen", "round_up_f32",
+           "row_screen_dims_auto", "screen_block", "screen_dims_auto", "screen_pass",
+           "screen_rows", "screen_rows_below"]
 
 logger = logging.getLogger(__name__)
 
@@ -411,11 +412,20 @@ class _RowBounds:
             self.gap_buf = torch.empty_like(self.buf)
 
     def block(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of ``fl(L + |g − h|)``: every entry less ``self.slack`` is a lower
+        bound (the callers subtract it from a row's floor, or add it to a row's limit, in
+        float64: one pass fewer over the block)."""
         low = screen_block(self.screen, r0, r1, out=self.buf[: r1 - r0])
         if self.gap_buf is not None:
             diff = torch.sub(self.g_a[r0:r1, None], self.g_b[None, :], out=self.gap_buf[: r1 - r0])
-            low.add_(diff.abs_()).sub_(self.slack)
+            low.add_(diff.abs_())
         return low
+
+
+def round_up_f32(x: torch.Tensor) -> torch.Tensor:
+    """The float32 values nearest above (or equal to) the float64 ``x``."""
+    y = x.to(torch.float32)
+    return torch.where(y.double() < x, torch.nextafter(y, torch.tensor(math.inf)), y)
 
 
 def screen_rows(screen: Screen, n_a: int, n_b: int, k: int, *,
@@ -442,6 +452,7 @@ def screen_rows(screen: Screen, n_a: int, n_b: int, k: int, *,
         floor[r0:r1] = vals.amax(dim=1).double().cpu()
         bar.update(r1 - r0)
     bar.close()
+    floor -= bounds.slack
     if kr == n_b:  # every entry of the row is kept
         floor.fill_(math.inf)
     return RowCandidates(idx, floor.numpy())
@@ -459,12 +470,12 @@ class RowsBelow(NamedTuple):
 def screen_rows_below(screen: Screen, n_a: int, n_b: int, limits: torch.Tensor, *,
                       max_cols: int, gap: tuple[torch.Tensor, torch.Tensor] | None = None,
                       block_rows: int | None = None) -> RowsBelow:
-    """Every column ``j`` of each row ``i`` with ``L_ij ≤ limits[i]`` (float32 ``limits``, with
-    the gap as in :func:`screen_rows`): a column left out has ``C_ij ≥ L_ij > limits[i]``. Rows
+    """Every column ``j`` of each row ``i`` with ``L_ij ≤ limits[i]`` (with the gap as in
+    :func:`screen_rows`): a column left out has ``C_ij ≥ L_ij > limits[i]``. Rows
     with more than ``max_cols`` such columns are only counted (their lists are left empty)."""
     bounds = _RowBounds(screen, n_a, n_b, block_rows, gap)
     dev = screen.a_FS.device
-    limits = limits.to(dev, torch.float32)
+    limits = round_up_f32(limits.double().cpu() + bounds.slack).to(dev)
     counts = np.zeros(n_a, dtype=np.int64)
     lists: list[tuple[int, torch.Tensor]] = []
     width = 0
@@ -503,7 +514,8 @@ _ROW_WIDTHS = (1 / 10, 1 / 8, 1 / 7, 1 / 6, 1 / 5, 0.225, 0.25, 0.275, 0.3, 0.32
 def row_screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, keep: int, *,
                          gap: tuple[torch.Tensor, torch.Tensor] | None = None,
                          sample: int = 256, seed: int = 0, order: torch.Tensor | None = None,
-                         chunk: int = 4096, overhead: float = 0.05) -> int:
+                         chunk: int = 4096, overhead: float = 0.05,
+                         exact: tuple[StackedFeatures, StackedFeatures] | None = None) -> int:
     """The screen width of a rows-only top-``k`` screen (:func:`screen_rows` keeping ``keep``)
     that minimises the expected work, from a sample of rows; ``K``: do not screen.
 
@@ -518,7 +530,8 @@ def row_screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, keep: i
     rows' mean recheck cost and two standard errors of it (plus ``1/sample``: the share of
     rechecked rows jumps within a few percent of width, and an underestimate costs more than an
     overestimate), against 1 for the exact pass. It has no size floor: the caller decides when
-    screening is worth estimating."""
+    screening is worth estimating. ``exact``: the same costs in another basis, cheaper to read
+    (the first pass uses it; e.g. the unpaired operands of a paired screen)."""
     n_a, n_b = a.matrix_FK.shape[0], b.matrix_FK.shape[0]
     K = a.matrix_FK.shape[1]
     gen = torch.Generator().manual_seed(seed)
@@ -549,10 +562,12 @@ def row_screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, keep: i
         return const
 
     best = torch.full((len(rows), kk), math.inf)
+    ex_a, ex_b = (a, b) if exact is None else exact
+    x0 = ex_a.matrix_FK[rows].cpu().float()
     for c0 in range(0, n_b, chunk):
-        y = b.matrix_FK[c0:c0 + chunk].cpu().float()
-        exact = consts(c0, c0 + len(y)) - 2 * matmul_nt(x, y, torch.empty((len(rows), len(y))))
-        best = torch.topk(torch.cat([best, exact], dim=1), kk, dim=1, largest=False).values
+        y = ex_b.matrix_FK[c0:c0 + chunk].cpu().float()
+        cost = consts(c0, c0 + len(y)) - 2 * matmul_nt(x0, y, torch.empty((len(rows), len(y))))
+        best = torch.topk(torch.cat([best, cost], dim=1), kk, dim=1, largest=False).values
     kth = best.amax(dim=1)
     floors = torch.full((len(widths), len(rows), kept), math.inf)
     below = torch.zeros((len(widths), len(rows)), dtype=torch.float64)
