@@ -526,10 +526,11 @@ _GAMMA32 = 2.0**-24
 
 
 def _rank_lists(prob: _Problem, rows: torch.Tensor, cols: torch.Tensor, kk: int, bounds: _Bounds
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Each listed row's top-``kk`` among its listed columns (``cols`` [R, L], -1 = none; each
     row lists at least ``kk``): ``(indices [R, kk], float32 scores, a lower bound of the real
-    k-th score [R] float64)``, best first, equal real scores by lower index.
+    k-th score [R] float64, rows rescored in float64)``, best first, equal real scores by lower
+    index.
 
     Scores come from float32 dot products (error ``γ_K·α‖a‖‖b‖``, any summation order). A row
     whose order among its first ``kk + 1`` is not proven by those bounds (near or exact ties) is
@@ -574,14 +575,19 @@ def _rank_lists(prob: _Problem, rows: torch.Tensor, cols: torch.Tensor, kk: int,
     low = (scores[:, kk - 1] - err[:, kk - 1]).clone()
     redo = torch.nonzero(unsure).flatten()
     if len(redo):
-        sub_cols, sub_valid = safe[redo], valid[redo]
-        exact = _listed_scores(prob.rows(rows[redo]), sub_cols).masked_fill_(~sub_valid,
-                                                                             -math.inf)
-        ev, ei = _best_first(exact, torch.where(sub_valid, cols[redo], far))
+        # only columns that may reach the k-th: s + err ≥ (k-th s − err); every other one is
+        # below all of the top-k in real scores, so it can be left out of the rescoring
+        reach = (scores[redo] + err[redo]) >= (scores[redo, kk - 1] - err[redo, kk - 1])[:, None]
+        width = int(torch.nonzero(reach.any(dim=0)).max()) + 1
+        sub_idx = order_idx[redo, :width]
+        sub_valid = reach[:, :width] & torch.isfinite(scores[redo, :width])
+        exact = _listed_scores(prob.rows(rows[redo]), sub_idx.clamp(max=prob.b.shape[0] - 1))
+        exact.masked_fill_(~sub_valid, -math.inf)
+        ev, ei = _best_first(exact, torch.where(sub_valid, sub_idx, far))
         idx[redo], val[redo] = ei[:, :kk], ev[:, :kk]
         low[redo] = ev[:, kk - 1] - bounds.error(prob, rows_cpu[redo], ei[:, kk - 1:kk].clamp(
             max=prob.b.shape[0] - 1), _EPS64 * (K + 8))[:, 0]
-    return idx, val.float(), low
+    return idx, val.float(), low, len(redo)
 
 
 def _screened_topk(prob: _Problem, k: int, *, m: int, keep: int, sides: tuple, block_rows: int,
@@ -600,7 +606,7 @@ def _screened_topk(prob: _Problem, k: int, *, m: int, keep: int, sides: tuple, b
                        progress=progress, label=label)
     t1 = time.perf_counter()
     bounds = _Bounds.of(prob)
-    idx, val, low = _rank_lists(prob, torch.arange(n_a), cand.idx, kk, bounds)
+    idx, val, low, rescored = _rank_lists(prob, torch.arange(n_a), cand.idx, kk, bounds)
     low_np = low.numpy()
     const_max = float(sa.const_F.max()) + float(sb.const_F.max())
     floor = cand.floor
@@ -630,7 +636,8 @@ def _screened_topk(prob: _Problem, k: int, *, m: int, keep: int, sides: tuple, b
         if len(listed):
             cols = found.cols[torch.from_numpy(listed)]
             cols = cols[:, : int(found.counts[listed].max())]
-            li, lv, _ = _rank_lists(prob, bad[listed], cols, kk, bounds)
+            li, lv, _, more = _rank_lists(prob, bad[listed], cols, kk, bounds)
+            rescored += more
             idx[bad[listed]], val[bad[listed]] = li, lv
             n_listed = len(listed)
         full = bad[torch.from_numpy(np.setdiff1d(np.arange(len(bad)), listed))]
@@ -642,7 +649,8 @@ def _screened_topk(prob: _Problem, k: int, *, m: int, keep: int, sides: tuple, b
         idx[full], val[full] = idx_full, val_full
     stats = {"route": "screened", "screen_dims": int(m), "width": int(K), "candidates": keep,
              "rows_certified": int(certified.sum()), "rows_rechecked": n_listed,
-             "rows_recomputed": len(full), "t_screen": t1 - t0, "t_scores": t2 - t1,
+             "rows_recomputed": len(full), "rows_rescored_float64": rescored,
+             "t_screen": t1 - t0, "t_scores": t2 - t1,
              "t_recompute": time.perf_counter() - t2}
     logger.info("%s: screened top-%d at width %d of %d, %d candidates per row: %d rows "
                 "certified, %d rechecked against the columns the screen cannot rule out, %d "
