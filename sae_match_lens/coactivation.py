@@ -39,7 +39,11 @@ from tqdm.auto import tqdm
 from .adapters import describe_sae, hook_name_of, layers_from_hooks, validate_sae
 from .linking import Links
 from .matching import MatchResult
-from .metrics import fires, scored_states
+from .metrics import (
+    fires,
+    record_states,  # re-exported (its home is metrics)
+    scored_states,
+)
 from .permutation import Permutation
 
 __all__ = [
@@ -140,23 +144,6 @@ class CoactivationStats:
         if by == "correlation":
             return self.correlation()
         raise ValueError(f"by must be 'jaccard' or 'correlation', got {by!r}.")
-
-
-def record_states(model: Any, names: Sequence[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One forward pass of ``batch`` recording the activations at hooks ``names`` (no grad)."""
-    states: dict[str, torch.Tensor] = {}
-
-    def recorder(name: str) -> Any:
-        def record(x: torch.Tensor, *, hook: Any) -> None:
-            states[name] = x
-        return record
-
-    with torch.no_grad(), model.hooks(fwd_hooks=[(n, recorder(n)) for n in names]):
-        model(batch, return_type=None)
-    missing = [n for n in names if n not in states]
-    if missing:
-        raise RuntimeError(f"hooks {missing} did not fire during the forward pass.")
-    return states
 
 
 def _encode(sae: Any, h: torch.Tensor) -> torch.Tensor:

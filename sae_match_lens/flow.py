@@ -47,9 +47,8 @@ import pandas as pd
 import torch
 
 from .adapters import describe_sae, hook_name_of, identity_mismatch, layers_from_hooks, sae_identity
-from .coactivation import record_states
 from .linking import Links, LinkScore, links
-from .metrics import fires, scored_states
+from .metrics import fires, record_states, scored_states
 from .neuronpedia import feature_url, neuronpedia_id
 
 __all__ = [

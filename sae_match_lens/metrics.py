@@ -32,7 +32,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -46,6 +48,7 @@ __all__ = [
     "kl_sum",
     "next_token_ce",
     "next_token_targets",
+    "record_states",
     "scored_predictions",
     "scored_states",
     "squared_error_sum",
@@ -215,3 +218,20 @@ def kl_sum(p_clean: torch.Tensor, neg_entropy_clean: torch.Tensor, log_probs: to
     """
     kl_BP = neg_entropy_clean - vocab_dot(p_clean, log_probs)
     return float(scored_predictions(kl_BP).double().sum())
+
+
+def record_states(model: Any, names: Sequence[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One forward pass of ``batch`` recording the activations at hooks ``names`` (no grad)."""
+    states: dict[str, torch.Tensor] = {}
+
+    def recorder(name: str) -> Any:
+        def record(x: torch.Tensor, *, hook: Any) -> None:
+            states[name] = x
+        return record
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(n, recorder(n)) for n in names]):
+        model(batch, return_type=None)
+    missing = [n for n in names if n not in states]
+    if missing:
+        raise RuntimeError(f"hooks {missing} did not fire during the forward pass.")
+    return states

@@ -37,10 +37,9 @@ import torch
 
 from .adapters import hook_name_of
 from .chain import match_chain
-from .coactivation import record_states
 from .flow import LayerSAEs, flow_graph
 from .lens.steering import FlowNode, flow_nodes, plot_sweep, steering_sweep, theme_presence
-from .metrics import fires
+from .metrics import fires, record_states
 from .semantic import semantic_evaluation
 from .viewer import top_activating_tokens
 

@@ -77,9 +77,9 @@ from tqdm.auto import tqdm
 
 from ..adapters import describe_sae, fold_scales, folded_activation_factor, hook_name_of
 from ..chain import FeaturePath
-from ..coactivation import record_states
 from ..flow import FlowGraph, LayerSAEs, _as_stack
 from ..judge import Judge, RowLog
+from ..metrics import record_states
 from .hooks import HookFn, _check_sae
 from .routes import _hook_width, resolve_bos_token_id
 
