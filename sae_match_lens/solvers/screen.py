@@ -33,8 +33,10 @@ many rows each width would leave for the certificate to recheck, and picks the c
 **Rows only.** Top-k problems (:func:`~sae_match_lens.linking.links`) need no column lists:
 :func:`screen_rows` keeps each row's ``k`` smallest bounds and a floor below every other entry
 of the row, optionally for the cost plus a non-separable gap ``|g_i − h_j|`` (added to ``L``
-with a rigorous float32 allowance, :func:`gap_slack`); :func:`row_screen_dims_auto` picks its
-width from the share of sampled rows whose exact ``k``-th cost would not be below the floor.
+with a rigorous float32 allowance, :func:`gap_slack`); :func:`screen_rows_below` lists, for
+rows the caller could not prove, every column whose bound reaches a given limit (the columns
+that may still beat the row's proven k-th cost); :func:`row_screen_dims_auto` picks the width
+from the sampled rows' exact ``k``-th costs, floors and the columns each recheck would list.
 The constants ``c`` must be ≥ 0 (the allowance ``γ·c`` assumes it).
 """
 
