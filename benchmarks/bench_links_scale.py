@@ -141,7 +141,8 @@ def main() -> None:
                          f"screened at width {r['screen_dims']} of {r['width']}, "
                          f"{r['candidates']} candidates per row, {r['rows_certified']} rows "
                          f"certified, {r['rows_rechecked']} rechecked, {r['rows_recomputed']} "
-                         f"recomputed exactly (screen {r['t_screen']:.1f}s, width estimate "
+                         f"recomputed exactly, {r['rows_rescored_float64']} rescored in "
+                         f"float64 (screen {r['t_screen']:.1f}s, width estimate "
                          f"{r['t_width']:.1f}s, candidate scores {r['t_scores']:.1f}s, "
                          f"recheck {r['t_recompute']:.1f}s), operands "
                          f"{lk.route['t_operands']:.1f}s, null {lk.route['t_null']:.1f}s")
