@@ -624,10 +624,9 @@ def _screened_topk(prob: _Problem, k: int, *, m: int, keep: int, sides: tuple, b
         limit = beta * (-low_bad - shift)
         limit += 2.0**-30 * (np.abs(limit) + beta * (abs(shift) + np.abs(low_bad)) + const_max)
         lim32 = round_up_f32(torch.from_numpy(limit))
-        sub = screen._replace(a_FS=screen.a_FS[bad.to(screen.a_FS.device)],
-                              norm_a=screen.norm_a[bad.to(screen.norm_a.device)],
-                              err_a=screen.err_a[bad.to(screen.err_a.device)],
-                              const_a=screen.const_a[bad.to(screen.const_a.device)])
+        on_dev = bad.to(screen.a_FS.device)  # every screen operand lives on one device
+        sub = screen._replace(a_FS=screen.a_FS[on_dev], norm_a=screen.norm_a[on_dev],
+                              err_a=screen.err_a[on_dev], const_a=screen.const_a[on_dev])
         sub_gap = None if gap is None else (gap[0][bad.to(gap[0].device)], gap[1])
         cap = max(keep, n_b // LISTED_PAIR_COST)
         found = screen_rows_below(sub, len(bad), n_b, lim32, max_cols=cap, gap=sub_gap,

@@ -345,16 +345,23 @@ def test_rows_the_candidates_cannot_prove_are_rechecked_against_every_column_in_
     _assert_true_top_k(idx, val, full, k)
 
 
+def _gap_cost_problem(n_a: int, n_b: int, *, seed: int):
+    """Random rows (width 40) with mse constants and a gap ``g, h``, and their float64 cost
+    ``c_a + c_b − 2a·b + |g − h|``."""
+    gen = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(n_a, 40, generator=gen), torch.randn(n_b, 40, generator=gen)
+    ca, cb = a.double().square().sum(1), b.double().square().sum(1)
+    g, h = torch.randn(n_a, generator=gen), torch.randn(n_b, generator=gen)
+    cost = (ca[:, None] + cb[None, :] - 2 * a.double() @ b.double().T
+            + (g.double()[:, None] - h.double()[None, :]).abs())
+    return a, b, ca, cb, g, h, cost
+
+
 def test_screen_rows_below_lists_every_column_whose_cost_reaches_the_limit():
     from sae_match_lens.solvers.costs import StackedFeatures
     from sae_match_lens.solvers.screen import make_screen, screen_rows_below
 
-    gen = torch.Generator().manual_seed(6)
-    a, b = torch.randn(80, 40, generator=gen), torch.randn(300, 40, generator=gen)
-    ca, cb = a.double().square().sum(1), b.double().square().sum(1)
-    g, h = torch.randn(80, generator=gen), torch.randn(300, generator=gen)
-    cost = (ca[:, None] + cb[None, :] - 2 * a.double() @ b.double().T
-            + (g.double()[:, None] - h.double()[None, :]).abs())
+    a, b, ca, cb, g, h, cost = _gap_cost_problem(80, 300, seed=6)
     limits = torch.quantile(cost, 0.05, dim=1).float()  # about 15 columns per row reach it
     for m, max_cols in ((8, 300), (40, 60), (40, 10)):
         screen = make_screen(StackedFeatures(a, ca), StackedFeatures(b, cb), m, "float32",
@@ -400,12 +407,7 @@ def test_the_row_screen_floor_bounds_every_pruned_cost_with_the_gap():
     from sae_match_lens.solvers.costs import StackedFeatures
     from sae_match_lens.solvers.screen import make_screen, screen_rows
 
-    gen = torch.Generator().manual_seed(4)
-    a, b = torch.randn(90, 40, generator=gen), torch.randn(70, 40, generator=gen)
-    ca, cb = a.double().square().sum(1), b.double().square().sum(1)
-    g, h = torch.randn(90, generator=gen), torch.randn(70, generator=gen)
-    cost = (ca[:, None] + cb[None, :] - 2 * a.double() @ b.double().T
-            + (g.double()[:, None] - h.double()[None, :]).abs())
+    a, b, ca, cb, g, h, cost = _gap_cost_problem(90, 70, seed=4)
     for m in (4, 40):
         screen = make_screen(StackedFeatures(a, ca), StackedFeatures(b, cb), m, "float32",
                              torch.device("cpu"))
