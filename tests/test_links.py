@@ -300,6 +300,41 @@ def _assert_true_top_k(idx, val, full, k):
     np.testing.assert_array_equal(idx.numpy()[clear], order[clear])
 
 
+@pytest.mark.parametrize("gap", [False, True])
+def test_the_chunked_row_selection_equals_a_full_selection(gap):
+    """``screen_rows`` reads only the ``k`` chunks of columns with the smallest bounds. Without a
+    gap its candidates and floor are a full selection's (the ``k`` smallest entries, the floor
+    the largest of them); with one the floor stays below every pruned entry and is lower than a
+    full selection's by at most the spread of ``h`` within a chunk."""
+    from sae_match_lens.solvers.costs import StackedFeatures
+    from sae_match_lens.solvers.screen import _chunk_width, make_screen, screen_block, screen_rows
+
+    n_a, n_b, k = 60, 512, 5
+    assert _chunk_width(n_b, k) == 32  # 16 chunks: the chunked path is the one under test
+    a, b, ca, cb, g, h, cost = _gap_cost_problem(n_a, n_b, seed=8)
+    screen = make_screen(StackedFeatures(a, ca), StackedFeatures(b, cb), 12, "float32",
+                         torch.device("cpu"))
+    cand = screen_rows(screen, n_a, n_b, k, gap=(g, h) if gap else None, block_rows=16,
+                       progress=False)
+    full = torch.cat([screen_block(screen, r0, min(n_a, r0 + 16))  # the same blocks' products
+                      for r0 in range(0, n_a, 16)]).double()
+    if not gap:
+        kept = full.gather(1, cand.idx).sort(dim=1).values
+        assert torch.equal(kept, full.sort(dim=1).values[:, :k])
+        assert np.array_equal(cand.floor, kept[:, -1].numpy())
+        return
+    pruned = torch.ones(n_a, n_b, dtype=torch.bool).scatter_(1, cand.idx, False)
+    # the entries' bounds: the floor must stay below them in the chunks it did not read too
+    with_gap = full + (g.double()[:, None] - h.double()[None, :]).abs()
+    for bound in (with_gap, cost):
+        assert (cand.floor <= bound.masked_fill(~pruned, np.inf).amin(dim=1).numpy()).all()
+    chunks_h = h.sort().values.view(16, 32)
+    spread = float((chunks_h[:, -1] - chunks_h[:, 0]).max())
+    kth = with_gap.sort(dim=1).values[:, k - 1].numpy()
+    assert (cand.floor >= kth - spread - 1e-4).all()
+    assert (cand.floor < kth - 1e-6).any()  # the chunk bounds did cut some floors
+
+
 @pytest.mark.parametrize(("k", "gap", "alpha", "consts"), [
     (1, False, 1.0, False), (3, False, 2.0, True), (5, True, 1.0, False), (2, True, 2.0, True)])
 def test_screened_top_k_is_the_brute_force_top_k_and_the_screen_is_used(k, gap, alpha, consts):

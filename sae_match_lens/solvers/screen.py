@@ -33,10 +33,12 @@ many rows each width would leave for the certificate to recheck, and picks the c
 **Rows only.** Top-k problems (:func:`~sae_match_lens.linking.links`) need no column lists:
 :func:`screen_rows` keeps each row's ``k`` smallest bounds and a floor below every other entry
 of the row, optionally for the cost plus a non-separable gap ``|g_i − h_j|`` (added to ``L``
-with a rigorous float32 allowance, :func:`gap_slack`); :func:`screen_rows_below` lists, for
-rows the caller could not prove, every column whose bound reaches a given limit (the columns
-that may still beat the row's proven k-th cost); :func:`row_screen_dims_auto` picks the width
-from the sampled rows' exact ``k``-th costs, floors and the columns each recheck would list.
+with a rigorous float32 allowance, :func:`gap_slack`; columns in order of ``h``, selected by
+chunks of adjacent columns so that only ``k`` chunks per row are read entry by entry);
+:func:`screen_rows_below` lists, for rows the caller could not prove, every column whose
+bound reaches a given limit (the columns that may still beat the row's proven k-th cost);
+:func:`row_screen_dims_auto` picks the width from the sampled rows' exact ``k``-th costs,
+floors and the columns each recheck would list.
 The constants ``c`` must be ≥ 0 (the allowance ``γ·c`` assumes it).
 """
 
@@ -52,10 +54,26 @@ from tqdm.auto import tqdm
 
 from .costs import StackedFeatures, ieee_products, matmul_nt
 
-__all__ = ["LISTED_PAIR_COST", "Candidates", "Precision", "RowCandidates", "RowsBelow", "Screen",
-           "block_rows_for", "coordinate_order", "gap_slack", "make_screen", "round_up_f32",
-           "row_screen_dims_auto", "screen_block", "screen_dims_auto", "screen_pass",
-           "screen_rows", "screen_rows_below"]
+__all__ = [
+    "CHUNK_COLUMNS",
+    "LISTED_PAIR_COST",
+    "Candidates",
+    "Precision",
+    "RowCandidates",
+    "RowsBelow",
+    "Screen",
+    "block_rows_for",
+    "coordinate_order",
+    "gap_slack",
+    "make_screen",
+    "round_up_f32",
+    "row_screen_dims_auto",
+    "screen_block",
+    "screen_dims_auto",
+    "screen_pass",
+    "screen_rows",
+    "screen_rows_below",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -430,6 +448,20 @@ def round_up_f32(x: torch.Tensor) -> torch.Tensor:
     return torch.where(y.double() < x, torch.nextafter(y, torch.tensor(math.inf)), y)
 
 
+CHUNK_COLUMNS = 256
+"""Columns per chunk of :func:`screen_rows`' selection (at most; a power of two dividing
+``n_b``)."""
+
+
+def _chunk_width(n_b: int, k: int) -> int:
+    """The largest power of two ≤ :data:`CHUNK_COLUMNS` dividing ``n_b`` that leaves at least
+    ``2(k + 1)`` chunks (1 when none does: every column its own chunk)."""
+    c = CHUNK_COLUMNS
+    while c > 1 and (n_b % c or n_b // c < 2 * (k + 1)):
+        c //= 2
+    return c
+
+
 def screen_rows(screen: Screen, n_a: int, n_b: int, k: int, *,
                 gap: tuple[torch.Tensor, torch.Tensor] | None = None,
                 block_rows: int | None = None, progress: bool = True,
@@ -437,24 +469,61 @@ def screen_rows(screen: Screen, n_a: int, n_b: int, k: int, *,
     """One pass over the row blocks of ``L`` (plus ``|g_i − h_j|`` when ``gap = (g, h)``): each
     row's ``k`` smallest entries and a floor bounding every other entry of the row.
 
-    Every entry left out is ≥ the largest kept one (``topk`` keeps the ``k`` smallest), which is
-    therefore the floor; it is ``inf`` when ``k ≥ n_b``. With a gap the bound is
-    ``fl(L + |g − h|) − gap_slack``, rigorously below ``C + |g − h|``. The block buffers are
-    reused for the whole pass (memory: ``block_rows · n_b · 4`` bytes, twice with a gap)."""
+    The selection works on chunks of ``c`` adjacent columns (:func:`_chunk_width`), with the
+    columns in order of ``h`` when there is a gap. A chunk's bound is its smallest ``L`` plus
+    the distance from ``g_i`` to the chunk's range of ``h`` (no more than any of its entries,
+    and without the gap its smallest entry). Only the ``k`` chunks with the smallest bounds are
+    read entry by entry (gap included): their ``k`` smallest entries are kept, and the floor is
+    the smaller of the largest kept entry and the next chunk's bound. Without a gap these are
+    the row's ``k`` smallest entries and the floor is the largest of them, as a full selection
+    would give; with a gap the floor can only be lower by the spread of ``h`` within a chunk.
+    The gap is thus added to ``k·c`` entries per row, not ``n_b``. Rounding: ``fl(L + |fl(g −
+    h)|) − gap_slack`` is rigorously below ``C + |g − h|`` (:func:`gap_slack`), and a chunk's
+    bound rounds the same two operations on no larger magnitudes. The block buffer is reused for
+    the whole pass (memory: ``block_rows · n_b · 4`` bytes)."""
     kr = min(k, n_b)
-    bounds = _RowBounds(screen, n_a, n_b, block_rows, gap)
+    dev = screen.a_FS.device
+    perm, h, g_a, slack = None, None, None, 0.0
+    if gap is not None:
+        g_a, g_b = gap[0].to(dev, torch.float32), gap[1].to(dev, torch.float32)
+        slack = gap_slack(screen, g_a, g_b)
+        perm = torch.argsort(g_b, stable=True)
+        h = g_b[perm].contiguous()
+        screen = screen._replace(b_FS=screen.b_FS[perm], norm_b=screen.norm_b[perm],
+                                 err_b=screen.err_b[perm], const_b=screen.const_b[perm])
+    c = _chunk_width(n_b, kr)
+    nc = n_b // c
+    take = min(kr, nc)
+    within = torch.arange(c, device=dev)
+    if h is not None:
+        h_lo, h_hi = h.view(nc, c)[:, 0], h.view(nc, c)[:, -1]
+    rows = block_rows or block_rows_for(n_b)
+    buf = torch.empty((min(rows, max(n_a, 1)), n_b), dtype=torch.float32, device=dev)
     idx = torch.empty((n_a, kr), dtype=torch.int64)
     floor = torch.empty(n_a, dtype=torch.float64)
     bar = tqdm(total=n_a, desc=f"screen {label}", unit="row", disable=not progress, leave=False)
-    for r0 in range(0, n_a, bounds.block_rows):
-        r1 = min(n_a, r0 + bounds.block_rows)
-        low = bounds.block(r0, r1)
-        vals, ix = torch.topk(low, kr, dim=1, largest=False, sorted=False)
-        idx[r0:r1] = ix.cpu()
-        floor[r0:r1] = vals.amax(dim=1).double().cpu()
+    for r0 in range(0, n_a, rows):
+        r1 = min(n_a, r0 + rows)
+        low = screen_block(screen, r0, r1, out=buf[: r1 - r0])
+        bound = low.view(r1 - r0, nc, c).amin(dim=2)
+        if g_a is not None:
+            ga = g_a[r0:r1, None]
+            bound.add_(torch.maximum(h_lo[None, :] - ga, ga - h_hi[None, :]).clamp_(min=0.0))
+        chunk_bound, chunks = torch.topk(bound, min(take + 1, nc), dim=1, largest=False)
+        cols = (chunks[:, :take, None] * c + within).view(r1 - r0, take * c)
+        entries = torch.gather(low, 1, cols)
+        if g_a is not None:
+            entries.add_((g_a[r0:r1, None] - h[cols]).abs_())
+        vals, pos = torch.topk(entries, kr, dim=1, largest=False, sorted=False)
+        top = vals.amax(dim=1)
+        if take < nc:  # every entry of a chunk not read is ≥ the next chunk's bound
+            top = torch.minimum(top, chunk_bound[:, take])
+        picked = cols.gather(1, pos)
+        idx[r0:r1] = (picked if perm is None else perm[picked]).cpu()
+        floor[r0:r1] = top.double().cpu()
         bar.update(r1 - r0)
     bar.close()
-    floor -= bounds.slack
+    floor -= slack
     if kr == n_b:  # every entry of the row is kept
         floor.fill_(math.inf)
     return RowCandidates(idx, floor.numpy())
