@@ -246,10 +246,6 @@ class Transition:
         return out.index_add_(-1, tgt, acts[..., src] * self.weight.to(acts))
 
 
-def _unit(t: torch.Tensor) -> torch.Tensor:
-    return t / t.norm(dim=1, keepdim=True).clamp_min(torch.finfo(t.dtype).tiny)
-
-
 _CHUNK = 4096
 """Features processed at a time when building operands (bounds the temporaries)."""
 
@@ -278,12 +274,15 @@ def _cosine_matrix(sae: Any, with_encoder: bool) -> torch.Tensor:
     d_out, d_in = dec.shape[1], enc.shape[0]
     out = torch.empty((dec.shape[0], d_out + (d_in if with_encoder else 0)), dtype=torch.float32,
                       device=dec.device)
+    tiny = torch.finfo(torch.float32).tiny
     for r0 in range(0, dec.shape[0], _CHUNK):
         r1 = min(dec.shape[0], r0 + _CHUNK)
-        out[r0:r1, :d_out] = _unit(dec[r0:r1].to(torch.float32))
+        parts = [(out[r0:r1, :d_out], dec[r0:r1])]
         if with_encoder:
-            out[r0:r1, d_out:] = _unit(enc[:, r0:r1].T.to(torch.float32,
-                                                          memory_format=torch.contiguous_format))
+            parts.append((out[r0:r1, d_out:], enc[:, r0:r1].T))
+        for dst, src in parts:  # normalised in place: no temporaries of the chunk
+            dst.copy_(src)
+            dst.div_(torch.linalg.vector_norm(dst, dim=1, keepdim=True).clamp_min_(tiny))
     return out
 
 
