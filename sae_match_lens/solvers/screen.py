@@ -147,39 +147,44 @@ def make_screen(a: StackedFeatures, b: StackedFeatures, m: int, precision: Preci
     up_rest = 1.0 + 2 * (K + 2) * _EPS32  # float32 norms times this are upper bounds
     up_part = 1.0 + 2 * (len(keep) + 3) * _EPS32
 
+    width = len(keep) + int(has_rest)
+    fused = precision == "float32"
+    pad = 3 if fused else 0  # the fused product's constant columns, filled below
+
     def side(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[x_S, ‖x_R‖↑]`` on ``dev`` and upper bounds of its row norms, in chunks of rows."""
-        width = len(keep) + int(has_rest)
-        out = torch.empty((x.shape[0], width), dtype=torch.float32, device=dev)
+        """``[x_S, ‖x_R‖↑]`` on ``dev`` (and ``pad`` columns left to fill) and upper bounds of
+        its row norms, in chunks of rows."""
+        out = torch.empty((x.shape[0], width + pad), dtype=torch.float32, device=dev)
         norms = torch.empty(x.shape[0], dtype=torch.float32, device=dev)
+        keep_dev = keep.to(dev)
         for r0 in range(0, x.shape[0], 4096):
-            chunk = x[r0:r0 + 4096].to(dev)
-            part = chunk[:, keep.to(dev)]
+            r1 = min(x.shape[0], r0 + 4096)
+            chunk = x[r0:r1].to(dev)
+            dst = out[r0:r1, :width]
+            dst[:, : len(keep)] = chunk[:, keep_dev]
             if has_rest:
                 # ‖x_R‖² ≤ ‖x‖↑² − ‖x_S‖↓² (no copy of the rest): float32 norms widened by their
                 # error bound, the difference in float64, the result rounded up
                 full_sq = (torch.linalg.vector_norm(chunk, dim=1).double() * up_full).square_()
-                part_sq = (torch.linalg.vector_norm(part, dim=1).double() * down_part).square_()
-                rest_norm = (full_sq - part_sq).clamp_(min=0.0).sqrt_().float() * up_rest
-                part = torch.cat([part, rest_norm[:, None]], dim=1)
-            out[r0:r0 + 4096] = part
-            norms[r0:r0 + 4096] = torch.linalg.vector_norm(part, dim=1) * up_part
+                part_sq = (torch.linalg.vector_norm(dst[:, : len(keep)], dim=1).double()
+                           * down_part).square_()
+                dst[:, -1] = (full_sq - part_sq).clamp_(min=0.0).sqrt_().float() * up_rest
+            norms[r0:r1] = torch.linalg.vector_norm(dst, dim=1) * up_part
         return out, norms
 
-    sa, na = side(a.matrix_FK)
-    sb, nb = side(b.matrix_FK)
+    fa, na = side(a.matrix_FK)
+    fb, nb = side(b.matrix_FK)
     ca, cb = a.const_F.to(dev, torch.float32), b.const_F.to(dev, torch.float32)
-    if precision == "float32":
+    if fused:
         # One product gives L directly: [x_S, r, c_a(1−γ), 1, ν_a] · [−2y_S, −2r, 1, c_b(1−γ),
         # −2γν_b] = c_a + c_b − 2(x_S·y_S + r_a r_b) − γ(c_a + c_b + 2ν_aν_b); γ covers the
         # accumulation (≤ γ_w Σ|terms|), the float32 constants, and the rounding of these columns.
-        g = 2 * (sa.shape[1] + 8) * _EPS32 + extra
-        one_a = torch.ones_like(ca)[:, None]
-        one_b = torch.ones_like(cb)[:, None]
-        fa = torch.cat([sa, (ca * (1 - g))[:, None], one_a, na[:, None]], dim=1)
-        fb = torch.cat([sb.mul_(-2.0), one_b, (cb * (1 - g))[:, None], (-2 * g * nb)[:, None]],
-                       dim=1)
+        g = 2 * (width + 8) * _EPS32 + extra
+        fa[:, width], fa[:, width + 1], fa[:, width + 2] = ca * (1 - g), 1.0, na
+        fb[:, :width].mul_(-2.0)
+        fb[:, width], fb[:, width + 1], fb[:, width + 2] = 1.0, cb * (1 - g), -2 * g * nb
         return Screen(fa, fb, na, nb, na, nb, ca, cb, True)
+    sa, sb = fa, fb
     gamma = (sa.shape[1] + 2) * _EPS32
     dtype, u_out = LOW_PRECISION[precision]
     la, lb = sa.to(dtype), sb.to(dtype)
@@ -651,7 +656,8 @@ def row_screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, keep: i
         low = torch.empty_like(dot)
         for w, (p, m) in enumerate(bounds):
             dot += matmul_nt(xs[:, p:m].contiguous(), ys[:, p:m].contiguous(), seg)
-            torch.outer(rest_a[:, w], rest_b[:, w], out=low).add_(dot).mul_(-2.0).add_(const)
+            torch.addr(dot, rest_a[:, w], rest_b[:, w], out=low)
+            torch.add(const, low, alpha=-2.0, out=low)
             part = torch.topk(low, min(kept, low.shape[1]), dim=1, largest=False).values
             floors[w] = torch.topk(torch.cat([floors[w], part], dim=1), kept, dim=1,
                                    largest=False).values
