@@ -47,6 +47,32 @@ def _brute_scores(sae_a, sae_b, score, csls_k=10, density_weight=0.2):
     return -((xa[:, None, :] - xb[None, :, :]) ** 2).sum(-1)
 
 
+@pytest.mark.parametrize("architecture", ["jumprelu", "standard", "topk"])
+def test_the_firing_offset_does_not_depend_on_where_the_encoder_subtracts_b_dec(architecture):
+    """An SAE whose encoder subtracts ``b_dec`` from its input and the same function written
+    with ``b_enc − W_encᵀb_dec`` and no subtraction get the same offsets and the same links;
+    measured from the origin instead, their offsets would differ."""
+    import copy
+
+    sae = build_sae(architecture, d_in=16, d_sae=40, seed=3)
+    assert sae.cfg.apply_b_dec_to_input
+    other = copy.deepcopy(sae)
+    other.cfg.apply_b_dec_to_input = False
+    with torch.no_grad():
+        other.b_enc.sub_(sae.b_dec @ sae.W_enc)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(other.encode(x), sae.encode(x))  # the same function
+    torch.testing.assert_close(firing_offset_z(other), firing_offset_z(sae))
+    target = build_sae(architecture, d_in=16, d_sae=56, seed=4)
+    assert torch.equal(links(other, target, k=3, progress=False).indices,
+                       links(sae, target, k=3, progress=False).indices)
+    norms = sae.W_enc.norm(dim=0)
+    theta = getattr(sae, "threshold", torch.zeros(40))
+    from_origin = [((theta - s.b_enc) / norms).detach() for s in (sae, other)]
+    z = [(o - o.mean()) / o.std() for o in from_origin]
+    assert not torch.allclose(z[0], z[1], atol=1e-2)
+
+
 @pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("architecture", ["jumprelu", "standard", "topk", "gated"])
 def test_top_k_links_are_the_true_top_k_of_every_score(score, architecture):
