@@ -535,6 +535,17 @@ class _Bounds(NamedTuple):
 _GAMMA32 = 2.0**-24
 
 
+def _row_dots(gathered: torch.Tensor, lhs: torch.Tensor) -> torch.Tensor:
+    """``out[r, l] = gathered[r, l] · lhs[r]`` ([R, L, K] and [R, K]). Float32 CPU tensors go
+    through numpy's stacked matmul (about twice as fast as ``torch.bmm`` here, measured at
+    L = 20, K = 4608 on 2 AVX2 cores); the rounding bound of a float32 dot product holds for
+    any summation order."""
+    if gathered.device.type == "cpu" and gathered.dtype == torch.float32 == lhs.dtype:
+        return torch.from_numpy(np.matmul(gathered.numpy(), lhs.contiguous().numpy()[:, :, None])
+                                [:, :, 0])
+    return torch.bmm(gathered, lhs[:, :, None])[:, :, 0]
+
+
 def _rank_lists(prob: _Problem, rows: torch.Tensor, cols: torch.Tensor, kk: int, bounds: _Bounds
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Each listed row's top-``kk`` among its listed columns (``cols`` [R, L], -1 = none; each
@@ -559,8 +570,7 @@ def _rank_lists(prob: _Problem, rows: torch.Tensor, cols: torch.Tensor, kk: int,
         r1 = min(R, r0 + chunk)
         ix = safe[r0:r1].to(dev).reshape(-1)
         gathered = torch.index_select(prob.b, 0, ix, out=buf[: len(ix)]).view(r1 - r0, L, K)
-        lhs = prob.a[rows[r0:r1].to(dev)]
-        scores[r0:r1] = torch.bmm(gathered, lhs[:, :, None])[:, :, 0].cpu().double()
+        scores[r0:r1] = _row_dots(gathered, prob.a[rows[r0:r1].to(dev)]).cpu().double()
     scores *= prob.alpha
     rows_cpu = rows.cpu()
     if prob.p is not None:
