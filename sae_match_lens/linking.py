@@ -460,6 +460,44 @@ class _Paired:
             out[:, : 2 * d].mul_(self.scale)
         return out
 
+    def columns(self, r0: int, r1: int, cols: torch.Tensor) -> torch.Tensor:
+        """Rows ``r0:r1`` at the columns ``cols`` (any order), the same values as
+        ``self[r0:r1][:, cols]`` without computing the other columns."""
+        rows, d = self.t[r0:r1], self.d
+        cols = cols.to(rows.device)
+        ordered, where = torch.sort(cols)
+        out = torch.empty((rows.shape[0], len(cols)), dtype=rows.dtype, device=rows.device)
+        # ascending: the u + v columns, then the u − v columns, then the rest, each contiguous
+        ends = torch.searchsorted(ordered, torch.tensor([d, 2 * d], device=ordered.device))
+        plus, minus = int(ends[0]), int(ends[1])
+        for lo, hi, op in ((0, plus, torch.add), (plus, minus, torch.sub)):
+            if hi > lo:
+                at = ordered[lo:hi] % d
+                op(rows[:, at], rows[:, d + at], out=out[:, lo:hi])
+                if self.scale != 1.0:
+                    out[:, lo:hi].mul_(self.scale)
+        if len(cols) > minus:
+            out[:, minus:] = rows[:, ordered[minus:]]
+        if bool((where == torch.arange(len(cols), device=where.device)).all()):
+            return out
+        return out.index_select(1, torch.argsort(where))
+
+    def norm_sq_upper(self, r0: int, r1: int) -> torch.Tensor:
+        """Upper bounds (float64) of the squared norms of rows ``r0:r1`` as ``self[r0:r1]``
+        computes them: ``‖fl(u ± v)‖ ≤ (1 + 2⁻²⁴)‖u ± v‖`` and ``‖u + v‖² + ‖u − v‖² = 2(‖u‖² +
+        ‖v‖²)`` exactly; float32 norms of ``w`` coordinates widened by ``(w + 2)·2⁻²⁴``."""
+        rows, d = self.t[r0:r1], self.d
+
+        def norm_up(x: torch.Tensor) -> torch.Tensor:
+            up = 1.0 + (x.shape[1] + 2) * 2.0**-24
+            return (torch.linalg.vector_norm(x, dim=1).double() * up).square_()
+
+        total = (norm_up(rows[:, :d]) + norm_up(rows[:, d: 2 * d])).mul_(
+            2.0 * self.scale**2 * (1.0 + 2.0**-24) ** 2)
+        if rows.shape[1] > 2 * d:
+            total += norm_up(rows[:, 2 * d:])
+        return total.mul_(1.0 + 2.0**-40)  # the float64 arithmetic above
+
 
 def _listed_scores(prob: _Problem, idx: torch.Tensor) -> torch.Tensor:
     """Float64 scores of each row ``i`` against the columns ``idx[i]`` ([n_a, L], CPU): float32

@@ -361,6 +361,25 @@ def test_the_chunked_row_selection_equals_a_full_selection(gap):
     assert (cand.floor < kth - 1e-6).any()  # the chunk bounds did cut some floors
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_paired_columns_and_norm_bounds_match_the_full_paired_rows(scale):
+    """The screen reads paired operands by columns (only those it keeps): the same values as the
+    full paired rows, bit for bit, in any column order, and squared-norm bounds that are upper
+    bounds of the rows the screen multiplies, within a few float32 roundings."""
+    from sae_match_lens.linking import _Paired
+
+    gen = torch.Generator().manual_seed(3)
+    t = torch.randn(50, 2 * 24 + 5, generator=gen)
+    paired = _Paired(t, 24, scale)
+    full = paired[5:40]
+    cols = torch.randperm(53, generator=gen)[:30]
+    assert bool((cols < 24).any() and ((cols >= 24) & (cols < 48)).any() and (cols >= 48).any())
+    assert torch.equal(paired.columns(5, 40, cols), full[:, cols])
+    exact = full.double().square().sum(dim=1)
+    bound = paired.norm_sq_upper(5, 40)
+    assert bool((bound >= exact).all()) and bool((bound <= exact * (1 + 1e-5)).all())
+
+
 @pytest.mark.parametrize(("k", "gap", "alpha", "consts"), [
     (1, False, 1.0, False), (3, False, 2.0, True), (5, True, 1.0, False), (2, True, 2.0, True)])
 def test_screened_top_k_is_the_brute_force_top_k_and_the_screen_is_used(k, gap, alpha, consts):

@@ -157,15 +157,23 @@ def make_screen(a: StackedFeatures, b: StackedFeatures, m: int, precision: Preci
         out = torch.empty((x.shape[0], width + pad), dtype=torch.float32, device=dev)
         norms = torch.empty(x.shape[0], dtype=torch.float32, device=dev)
         keep_dev = keep.to(dev)
+        select = getattr(x, "columns", None)  # operands computed on access (linking._Paired)
         for r0 in range(0, x.shape[0], 4096):
             r1 = min(x.shape[0], r0 + 4096)
-            chunk = x[r0:r1].to(dev)
             dst = out[r0:r1, :width]
-            dst[:, : len(keep)] = chunk[:, keep_dev]
+            if select is not None:
+                dst[:, : len(keep)] = select(r0, r1, keep).to(dev)
+            else:
+                chunk = x[r0:r1].to(dev)
+                dst[:, : len(keep)] = chunk[:, keep_dev]
             if has_rest:
                 # ‖x_R‖² ≤ ‖x‖↑² − ‖x_S‖↓² (no copy of the rest): float32 norms widened by their
                 # error bound, the difference in float64, the result rounded up
-                full_sq = (torch.linalg.vector_norm(chunk, dim=1).double() * up_full).square_()
+                if select is not None:
+                    full_sq = x.norm_sq_upper(r0, r1).to(dev)
+                else:
+                    full_sq = (torch.linalg.vector_norm(chunk, dim=1).double()
+                               * up_full).square_()
                 part_sq = (torch.linalg.vector_norm(dst[:, : len(keep)], dim=1).double()
                            * down_part).square_()
                 dst[:, -1] = (full_sq - part_sq).clamp_(min=0.0).sqrt_().float() * up_rest
@@ -625,8 +633,7 @@ def row_screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, keep: i
         rest = total[:, None] - torch.stack(seg, dim=1).cumsum(dim=1)
         return xs, rest.clamp_(min=0.0).sqrt_()
 
-    x = a.matrix_FK[rows].cpu().float()
-    xs, rest_a = prefix_norms(x)
+    xs, rest_a = prefix_norms(a.matrix_FK[rows].cpu().float())
     ca = a.const_F[rows].cpu().float()
     ga, gb = (gap[0][rows].cpu().float(), gap[1].cpu().float()) if gap is not None else (None, None)
     kk, kept = min(k, n_b), min(keep, n_b)
@@ -648,10 +655,10 @@ def row_screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, keep: i
     floors = torch.full((len(widths), len(rows), kept), math.inf)
     below = torch.zeros((len(widths), len(rows)), dtype=torch.float64)
     for c0 in range(0, n_b, chunk):
-        y = b.matrix_FK[c0:c0 + chunk].cpu().float()
-        ys, rest_b = prefix_norms(y)
-        const = consts(c0, c0 + len(y))
-        dot = torch.zeros((len(rows), len(y)))
+        c1 = min(n_b, c0 + chunk)
+        ys, rest_b = prefix_norms(b.matrix_FK[c0:c1].cpu().float())
+        const = consts(c0, c1)
+        dot = torch.zeros((len(rows), c1 - c0))
         seg = torch.empty_like(dot)
         low = torch.empty_like(dot)
         for w, (p, m) in enumerate(bounds):
