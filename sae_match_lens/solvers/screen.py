@@ -605,7 +605,8 @@ def row_screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, keep: i
 
     For ``sample`` random rows of A, a pass over all of B (in chunks) gives each row's exact
     ``k``-th smallest cost ``c_k`` (with the gap); a second pass gives, for every width ``m`` of
-    ``_ROW_WIDTHS``, the floor the screen would give the row (its ``keep``-th smallest bound) and
+    ``_ROW_WIDTHS``, the floor the screen would give the row (its ``keep``-th smallest bound; with
+    a gap the chunked selection of :func:`screen_rows` can give a slightly lower one) and
     the number ``S`` of columns whose bound is ≤ ``c_k``. A row whose ``c_k`` is not below its
     floor is rechecked: a second pass of its row of the screen (``(m + 4)/K``) lists the ``S``
     columns that may beat it, scored at ``LISTED_PAIR_COST`` each relative to a pair of the exact
