@@ -279,7 +279,7 @@ def _structured(n_a, n_b, K, *, seed, gap=False, alpha=1.0, consts=False):
     first rows are noisy copies of A's rows (permuted), the rest unrelated; B also holds an exact
     duplicate of one of its rows and a near-duplicate (near ties). Returns the problem and its
     float64 brute-force score matrix."""
-    from sae_match_lens.linking import _Problem
+    from sae_match_lens.solvers.topk import TopKProblem
 
     gen = torch.Generator().manual_seed(seed)
     energy = torch.exp(-torch.arange(K, dtype=torch.float64) / (K / 6))
@@ -300,7 +300,7 @@ def _structured(n_a, n_b, K, *, seed, gap=False, alpha=1.0, consts=False):
     if gap:
         kw["g"] = 0.2 * torch.randn(n_a, generator=gen)
         kw["h"] = 0.2 * torch.randn(n_b, generator=gen)
-    prob = _Problem(a, b, alpha, **kw)
+    prob = TopKProblem(a, b, alpha, **kw)
     full = alpha * (a.double() @ b.double().T)
     if consts:
         full -= kw["p"].double()[:, None] + kw["q"].double()[None, :]
@@ -366,7 +366,7 @@ def test_paired_columns_and_norm_bounds_match_the_full_paired_rows(scale):
     """The screen reads paired operands by columns (only those it keeps): the same values as the
     full paired rows, bit for bit, in any column order, and squared-norm bounds that are upper
     bounds of the rows the screen multiplies, within a few float32 roundings."""
-    from sae_match_lens.linking import _Paired
+    from sae_match_lens.solvers.topk import _Paired
 
     gen = torch.Generator().manual_seed(3)
     t = torch.randn(50, 2 * 24 + 5, generator=gen)
@@ -383,16 +383,16 @@ def test_paired_columns_and_norm_bounds_match_the_full_paired_rows(scale):
 @pytest.mark.parametrize(("k", "gap", "alpha", "consts"), [
     (1, False, 1.0, False), (3, False, 2.0, True), (5, True, 1.0, False), (2, True, 2.0, True)])
 def test_screened_top_k_is_the_brute_force_top_k_and_the_screen_is_used(k, gap, alpha, consts):
-    from sae_match_lens.linking import _solve
+    from sae_match_lens.solvers.topk import solve_topk
 
     prob, full = _structured(300, 420, 64, seed=k, gap=gap, alpha=alpha, consts=consts)
-    idx, val, stats = _solve(prob, k, method="screened", screen_dims=24, keep=k + 15,
+    idx, val, stats = solve_topk(prob, k, method="screened", screen_dims=24, keep=k + 15,
                              block_rows=64, progress=False, label="test")
     _assert_true_top_k(idx, val, full, k)
     assert stats["route"] == "screened" and stats["screen_dims"] == 24
     assert stats["rows_certified"] + stats["rows_rechecked"] + stats["rows_recomputed"] == 300
     assert stats["rows_recomputed"] < 300 // 2, stats  # most rows proven without a full row
-    exact_idx, exact_val, exact_stats = _solve(prob, k, method="exact", screen_dims=24,
+    exact_idx, exact_val, exact_stats = solve_topk(prob, k, method="exact", screen_dims=24,
                                                keep=k + 15, block_rows=64, progress=False,
                                                label="test")
     assert exact_stats["route"] == "exact"
@@ -400,10 +400,10 @@ def test_screened_top_k_is_the_brute_force_top_k_and_the_screen_is_used(k, gap, 
 
 
 def test_screened_rows_the_screen_cannot_prove_are_recomputed_exactly():
-    from sae_match_lens.linking import _solve
+    from sae_match_lens.solvers.topk import solve_topk
 
     prob, full = _structured(200, 260, 64, seed=7, gap=True)
-    idx, val, stats = _solve(prob, 3, method="screened", screen_dims=1, keep=3,
+    idx, val, stats = solve_topk(prob, 3, method="screened", screen_dims=1, keep=3,
                              block_rows=50, progress=False, label="test")
     assert stats["rows_recomputed"] > 100  # a width-1 screen proves little
     _assert_true_top_k(idx, val, full, 3)
@@ -415,10 +415,10 @@ def test_rows_the_candidates_cannot_prove_are_rechecked_against_every_column_in_
         n_b, m, k, gap):
     """With only ``k`` candidates no row is certified by its candidates; the recheck lists every
     column whose bound reaches the row's proven k-th score and finds the true top-k there."""
-    from sae_match_lens.linking import _solve
+    from sae_match_lens.solvers.topk import solve_topk
 
     prob, full = _structured(400, n_b, 64, seed=k, gap=gap)
-    idx, val, stats = _solve(prob, k, method="screened", screen_dims=m, keep=k, block_rows=64,
+    idx, val, stats = solve_topk(prob, k, method="screened", screen_dims=m, keep=k, block_rows=64,
                              progress=False, label="test")
     assert stats["rows_certified"] + stats["rows_rechecked"] + stats["rows_recomputed"] == 400
     assert stats["rows_rechecked"] > 200, stats
@@ -462,10 +462,10 @@ def test_screen_rows_below_lists_every_column_whose_cost_reaches_the_limit():
 
 
 def test_screened_top_k_with_k_at_least_the_targets_is_a_full_sort():
-    from sae_match_lens.linking import _solve
+    from sae_match_lens.solvers.topk import solve_topk
 
     prob, full = _structured(40, 30, 32, seed=2, gap=True)
-    idx, val, stats = _solve(prob, 35, method="screened", screen_dims=8, keep=35,
+    idx, val, stats = solve_topk(prob, 35, method="screened", screen_dims=8, keep=35,
                              block_rows=16, progress=False, label="test")
     assert idx.shape == (40, 30)
     _assert_true_top_k(idx, val, full, 35)
@@ -473,7 +473,7 @@ def test_screened_top_k_with_k_at_least_the_targets_is_a_full_sort():
 
 
 def test_exact_ties_are_taken_and_ordered_by_lower_index():
-    from sae_match_lens.linking import _block_topk
+    from sae_match_lens.solvers.topk import _block_topk
 
     gen = torch.Generator().manual_seed(0)
     block = torch.randint(0, 4, (50, 23), generator=gen).float()  # many ties
@@ -508,7 +508,7 @@ def test_paired_screen_is_exact_and_tighter_when_decoder_and_encoder_point_alike
     The top-k stay the brute-force ones (any pairing is exact up to a rounding allowance), and
     when each feature's two blocks point alike (as trained SAEs' do) the same width proves
     more rows than the original basis."""
-    from sae_match_lens.linking import _Problem, _solve
+    from sae_match_lens.solvers.topk import TopKProblem, solve_topk
 
     half, _ = _structured(300, 420, 32, seed=10 + k)
     gen = torch.Generator().manual_seed(k)
@@ -532,8 +532,8 @@ def test_paired_screen_is_exact_and_tighter_when_decoder_and_encoder_point_alike
     full = full.numpy()
     certified = {}
     for pairs in (0, 32):
-        prob = _Problem(a, b, alpha, pairs=pairs, **kw)
-        idx, val, stats = _solve(prob, k, method="screened", screen_dims=6, keep=k + 15,
+        prob = TopKProblem(a, b, alpha, pairs=pairs, **kw)
+        idx, val, stats = solve_topk(prob, k, method="screened", screen_dims=6, keep=k + 15,
                                  block_rows=64, progress=False, label="test")
         _assert_true_top_k(idx, val, full, k)
         certified[pairs] = stats["rows_certified"]
@@ -543,7 +543,7 @@ def test_paired_screen_is_exact_and_tighter_when_decoder_and_encoder_point_alike
 @pytest.mark.parametrize("score", SCORES)
 def test_links_screened_route_equals_brute_force_on_planted_saes(score, caplog):
     pair = planted_pair(d_sae=160, d_in=24, noise=0.05, seed=5)
-    with caplog.at_level("INFO", logger="sae_match_lens.linking"):
+    with caplog.at_level("INFO", logger="sae_match_lens"):
         got = links(pair.sae_a, pair.sae_b, k=2, score=score, method="screened",
                     screen_dims=24, progress=False)
     full = _brute_scores(pair.sae_a, pair.sae_b, score)
@@ -563,7 +563,7 @@ def test_links_screened_route_equals_brute_force_on_planted_saes(score, caplog):
 
 def test_small_problems_take_the_exact_route_and_say_so(caplog):
     sae_a, sae_b = build_sae("jumprelu", seed=1), build_sae("jumprelu", seed=2)
-    with caplog.at_level("INFO", logger="sae_match_lens.linking"):
+    with caplog.at_level("INFO", logger="sae_match_lens"):
         got = links(sae_a, sae_b, k=2, progress=False)
     assert got.route["links"]["route"] == "exact" and "exact top-2" in caplog.text
 

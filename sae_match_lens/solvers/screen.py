@@ -157,7 +157,7 @@ def make_screen(a: StackedFeatures, b: StackedFeatures, m: int, precision: Preci
         out = torch.empty((x.shape[0], width + pad), dtype=torch.float32, device=dev)
         norms = torch.empty(x.shape[0], dtype=torch.float32, device=dev)
         keep_dev = keep.to(dev)
-        select = getattr(x, "columns", None)  # operands computed on access (linking._Paired)
+        select = getattr(x, "columns", None)  # operands computed on access (topk._Paired)
         for r0 in range(0, x.shape[0], 4096):
             r1 = min(x.shape[0], r0 + 4096)
             dst = out[r0:r1, :width]
