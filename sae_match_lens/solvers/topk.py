@@ -406,7 +406,7 @@ def _rank_lists(prob: TopKProblem, rows: torch.Tensor, cols: torch.Tensor, kk: i
 def _screened_topk(prob: TopKProblem, k: int, *, m: int, keep: int, sides: tuple, block_rows: int,
                    progress: bool, label: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Top-``k`` through a width-``m`` screen keeping ``keep`` candidates per row, certified row
-    by row (module doc, "Routes"): rows the candidates cannot prove are rechecked against every
+    by row (module doc): rows the candidates cannot prove are rechecked against every
     column the screen cannot rule out, or recomputed exactly when those are many."""
     sa, sb, gap, beta, shift, order = sides
     n_a, n_b = prob.a.shape[0], prob.b.shape[0]
