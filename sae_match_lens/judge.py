@@ -25,7 +25,7 @@ Implementations:
   :class:`JudgeAnswerError` quoting it. Nothing in the package calls a judge unless asked.
 
 :class:`RowLog` is the append-only JSON-lines file behind every loop that must not lose finished
-rows (:func:`judge_generations`, :func:`~sae_match_lens.lens.steering.steering_sweep`,
+rows (:func:`judge_generations`, :func:`~sae_match_lens.steering_eval.steering_sweep`,
 :func:`~sae_match_lens.semantic.semantic_evaluation`): one fsync'ed line per row, a header that
 pins the loop's settings, resumable (a rerun skips finished rows), and a torn last line from a
 killed run is dropped on resume by an atomic rewrite.

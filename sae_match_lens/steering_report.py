@@ -13,7 +13,7 @@ neither. Theme seeds are the residual features at the middle layer that fire on 
 frequent first (:func:`theme_seeds`; no feature id is chosen by hand). The theme's flow is the
 union of the seeds' flow graphs (:func:`~sae_match_lens.flow.flow_graph`).
 
-**Experiments** (:func:`~sae_match_lens.lens.steering.steering_sweep`, resumable row logs under
+**Experiments** (:func:`~sae_match_lens.steering_eval.steering_sweep`, resumable row logs under
 ``out``): suppression (rescale the flow's features by ``r``, biblical prompts cut from held-out
 biblical sequences) and activation (add the flow's folded decoder rows with coefficient ``s``,
 prompts cut from Python-documentation sequences), each single-layer vs cumulative, scored with
@@ -38,9 +38,10 @@ import torch
 from .adapters import hook_name_of
 from .chain import match_chain
 from .flow import LayerSAEs, flow_graph
-from .lens.steering import FlowNode, flow_nodes, plot_sweep, steering_sweep, theme_presence
+from .lens.steering import FlowNode, flow_nodes
 from .metrics import fires, record_states
 from .semantic import semantic_evaluation
+from .steering_eval import plot_sweep, steering_sweep, theme_presence
 from .viewer import top_activating_tokens
 
 __all__ = ["label_sequences", "steering_markdown", "steering_section", "theme_seeds"]

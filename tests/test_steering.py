@@ -17,14 +17,16 @@ from sae_match_lens.lens.steering import (
     FlowNode,
     RescaleFeatures,
     Schedule,
-    coherence,
     flow_interventions,
     flow_nodes,
     generate_steered,
-    plot_sweep,
-    proxy_scores,
     steer,
     steering_hooks,
+)
+from sae_match_lens.steering_eval import (
+    coherence,
+    plot_sweep,
+    proxy_scores,
     steering_sweep,
     theme_presence,
 )
