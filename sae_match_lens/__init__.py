@@ -105,7 +105,7 @@ _EXPORTS: dict[str, str] = {
     "NNsightRoute": "lens.nnsight",
     "StateEdit": "lens.nnsight",
     "edit_states": "lens.nnsight",
-    "evaluate_substitution_nnsight": "lens.nnsight",
+    "evaluate_substitution_nnsight": "evaluation",
     "substitute_nnsight": "lens.nnsight",
     "RescaleFeatures": "lens.steering",
     "AddDirection": "lens.steering",

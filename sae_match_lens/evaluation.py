@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import pandas as pd
 import torch
@@ -70,6 +70,9 @@ from .metrics import (
 from .permutation import Permutation
 from .solvers.costs import CostWeights, Metric, stack_features
 
+if TYPE_CHECKING:
+    from .lens.nnsight import ModuleSite
+
 __all__ = [
     "DEFAULT_VARIANTS",
     "RESULT_COLUMNS",
@@ -78,6 +81,7 @@ __all__ = [
     "PermutationSource",
     "Variant",
     "evaluate_substitution",
+    "evaluate_substitution_nnsight",
     "pair_costs",
 ]
 
@@ -324,7 +328,7 @@ def evaluate_substitution(
             (``HookedTransformer`` with residual hooks), ``"hooks"`` runs the whole model with a
             hook at B, ``"auto"`` skips where possible. The numbers are the same. Or a
             :class:`ModelRoute` for another library's model
-            (:func:`~sae_match_lens.lens.nnsight.evaluate_substitution_nnsight` passes one).
+            (:func:`evaluate_substitution_nnsight` passes one).
         match_options: extra keyword arguments for ``match`` (e.g. ``{"max_cost": "auto"}``).
         seed: seed of the random-permutation baseline.
         progress: show progress bars.
@@ -623,3 +627,53 @@ class _TransformerLensRoute:
 
         with self.model.hooks(fwd_hooks=[(hook_b, write)]):
             return self.model(batch, return_type="logits")
+
+
+def evaluate_substitution_nnsight(
+    lm: Any,
+    saes: Sequence[Any] | Mapping[Hashable, Any],
+    tokens: torch.Tensor | Iterable[torch.Tensor],
+    *,
+    sae_paths: Mapping[str, str | ModuleSite] | None = None,
+    pairs: Sequence[tuple[Hashable, Hashable]] | None = None,
+    variants: Sequence[str | Variant] = DEFAULT_VARIANTS,
+    permutations: Mapping[tuple[Hashable, Hashable], Permutation | MatchResult] | None = None,
+    batch_size: int = 8,
+    match_options: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    bos: BosPolicy = "keep",
+    bos_token_id: int | None = None,
+) -> pd.DataFrame:
+    """:func:`~sae_match_lens.evaluation.evaluate_substitution` on an nnsight model.
+
+    The same variants, baselines, metrics and columns
+    (:data:`~sae_match_lens.evaluation.RESULT_COLUMNS`); only the route differs
+    (:class:`~sae_match_lens.lens.nnsight.NNsightRoute`).
+
+    Args:
+        lm: an nnsight model over a Hugging Face causal LM (``TransformersModel``,
+            ``LanguageModel``), with its tokenizer (or pass ``bos_token_id``).
+        saes, tokens, pairs, variants, permutations, batch_size, match_options, seed, progress,
+            bos, bos_token_id: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
+        sae_paths: explicit sites by hook name, for hooks
+            :data:`~sae_match_lens.lens.nnsight.MODULE_PATHS` does not map (see
+            :func:`~sae_match_lens.lens.nnsight.module_site`).
+
+    Returns:
+        The DataFrame of :func:`~sae_match_lens.evaluation.evaluate_substitution`.
+
+    Example:
+        >>> table = evaluate_substitution_nnsight(lm, saes, tokens, pairs=[(3, 4)])
+        >>> table.pivot(index="variant", columns="layer_b", values="delta_ce")
+    """
+    from .lens.nnsight import NNsightRoute  # the optional extra's module, loaded on use
+
+    sae_map, pair_list = sae_pairs(saes, pairs)
+    used = dict.fromkeys(k for pair in pair_list for k in pair)
+    route = NNsightRoute(lm, [sae_map[k] for k in used], sae_paths)
+    return evaluate_substitution(
+        lm, saes, tokens, pairs=pair_list, variants=variants, permutations=permutations,
+        batch_size=batch_size, route=route, match_options=match_options, seed=seed,
+        progress=progress, bos=bos, bos_token_id=bos_token_id,
+    )

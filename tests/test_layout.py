@@ -17,7 +17,7 @@ LADDER = {
     "solvers.dense": 1, "solvers.topk": 1,
     "matching": 2, "linking": 2,
     "chain": 3, "flow": 3,
-    "lens.routes": 4, "lens.hooks": 4, "lens.steering": 4,
+    "lens.routes": 4, "lens.hooks": 4, "lens.steering": 4, "lens.nnsight": 4,
 }
 """Level of each core module; a module may import modules of its own level or below only."""
 

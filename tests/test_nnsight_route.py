@@ -16,7 +16,12 @@ import pandas as pd
 import pytest
 import torch
 
-from sae_match_lens.evaluation import RESULT_COLUMNS, VARIANTS, evaluate_substitution
+from sae_match_lens.evaluation import (
+    RESULT_COLUMNS,
+    VARIANTS,
+    evaluate_substitution,
+    evaluate_substitution_nnsight,
+)
 from sae_match_lens.lens.hooks import METHODS, Substitution, substitute
 from sae_match_lens.lens.nnsight import (
     MODULE_PATHS,
@@ -24,7 +29,6 @@ from sae_match_lens.lens.nnsight import (
     NNsightRoute,
     StateEdit,
     edit_states,
-    evaluate_substitution_nnsight,
     module_site,
     substitute_nnsight,
 )

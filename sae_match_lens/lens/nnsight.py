@@ -1,7 +1,8 @@
-"""Block substitution and its evaluation on nnsight models (the optional ``nnsight`` extra).
+"""Block substitution on nnsight models (the optional ``nnsight`` extra).
 
 The same substitutes as :mod:`~sae_match_lens.lens.hooks` (encode → permute/transition → decode, and
-the baselines) and the same table as :func:`~sae_match_lens.evaluation.evaluate_substitution`,
+the baselines) and, through :func:`~sae_match_lens.evaluation.evaluate_substitution_nnsight`
+(one level up), the same table as :func:`~sae_match_lens.evaluation.evaluate_substitution`,
 for an nnsight model (``nnsight.TransformersModel`` / ``LanguageModel``) over a Hugging Face
 causal LM. Only "where a state is read, how the substitute is written, where the logits come
 from" is specific to nnsight (:class:`NNsightRoute`); the variants, the substitutes
@@ -70,19 +71,14 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import pandas as pd
 import torch
 
 from ..adapters import describe_sae, hook_name_of
-from ..coactivation import sae_pairs
-from ..evaluation import DEFAULT_VARIANTS, Variant, evaluate_substitution
-from ..matching import MatchResult
-from ..permutation import Permutation
 from .hooks import BlockSubstitute, Map, Method, Substitution, SubstitutionName, block_substitute
 from .routes import BOS_POLICIES, BosPolicy, resolve_bos_token_id, skip_boundaries
 
@@ -93,7 +89,6 @@ __all__ = [
     "NNsightRoute",
     "StateEdit",
     "edit_states",
-    "evaluate_substitution_nnsight",
     "module_site",
     "substitute_nnsight",
 ]
@@ -382,7 +377,7 @@ class NNsightRoute:
 
     States are read in one traced clean pass; the substituted pass overwrites B's site with the
     substitute (the modules between A and B still run). Built by
-    :func:`evaluate_substitution_nnsight`; pass one as ``route=`` to
+    :func:`~sae_match_lens.evaluation.evaluate_substitution_nnsight`; pass one as ``route=`` to
     :func:`~sae_match_lens.evaluation.evaluate_substitution` to share it between calls.
 
     Args:
@@ -448,53 +443,6 @@ class NNsightRoute:
         site = self.sites[hook_b]
         step = _Step(site, writes=[lambda h, _store: h_hat.to(h.device, h.dtype)])
         return _trace(self.lm, batch, [step])["logits"]
-
-
-def evaluate_substitution_nnsight(
-    lm: Any,
-    saes: Sequence[Any] | Mapping[Hashable, Any],
-    tokens: torch.Tensor | Iterable[torch.Tensor],
-    *,
-    sae_paths: Mapping[str, str | ModuleSite] | None = None,
-    pairs: Sequence[tuple[Hashable, Hashable]] | None = None,
-    variants: Sequence[str | Variant] = DEFAULT_VARIANTS,
-    permutations: Mapping[tuple[Hashable, Hashable], Permutation | MatchResult] | None = None,
-    batch_size: int = 8,
-    match_options: Mapping[str, Any] | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    bos: BosPolicy = "keep",
-    bos_token_id: int | None = None,
-) -> pd.DataFrame:
-    """:func:`~sae_match_lens.evaluation.evaluate_substitution` on an nnsight model.
-
-    The same variants, baselines, metrics and columns
-    (:data:`~sae_match_lens.evaluation.RESULT_COLUMNS`); only the route differs
-    (:class:`NNsightRoute`).
-
-    Args:
-        lm: an nnsight model over a Hugging Face causal LM (``TransformersModel``,
-            ``LanguageModel``), with its tokenizer (or pass ``bos_token_id``).
-        saes, tokens, pairs, variants, permutations, batch_size, match_options, seed, progress,
-            bos, bos_token_id: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
-        sae_paths: explicit sites by hook name, for hooks :data:`MODULE_PATHS` does not map
-            (see :func:`module_site`).
-
-    Returns:
-        The DataFrame of :func:`~sae_match_lens.evaluation.evaluate_substitution`.
-
-    Example:
-        >>> table = evaluate_substitution_nnsight(lm, saes, tokens, pairs=[(3, 4)])
-        >>> table.pivot(index="variant", columns="layer_b", values="delta_ce")
-    """
-    sae_map, pair_list = sae_pairs(saes, pairs)
-    used = dict.fromkeys(k for pair in pair_list for k in pair)
-    route = NNsightRoute(lm, [sae_map[k] for k in used], sae_paths)
-    return evaluate_substitution(
-        lm, saes, tokens, pairs=pair_list, variants=variants, permutations=permutations,
-        batch_size=batch_size, route=route, match_options=match_options, seed=seed,
-        progress=progress, bos=bos, bos_token_id=bos_token_id,
-    )
 
 
 def _bos_checker(bos_id: int, where: str) -> Callable[[Any], None]:
