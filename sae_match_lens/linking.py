@@ -30,12 +30,18 @@ Scores (higher is better; :data:`SCORES`):
   ``decoder_cosine`` mean Jaccard, JumpReLU; 0.248 vs 0.235, TopK); it is not tuned on other
   SAEs. Measuring from the origin instead of ``b_dec`` gives 0.386 and 0.232 there.
 
-**Confidence.** For ``n_null`` sampled source features, the best score against B's dictionary in
-a random orthonormal basis (one rotation shared by decoder and encoder; see
-:func:`~sae_match_lens.matching.null_max_cost`) is recorded. A link's ``confidence`` is the
-fraction of those best-by-chance scores that it beats; with ``null_rate=q`` links whose
-confidence is below ``1 − q`` become -1 ("no partner"): a feature with no true partner then keeps
-a link with probability about ``q``.
+**Confidence.** ``n_null`` null features are drawn from A (:mod:`~sae_match_lens.nulls`: a
+sampled A feature whose decoder and encoder directions are redrawn jointly from A's own
+direction mean and covariance, its norms, ``b_enc`` and density offset kept), and each one's
+best score against B is recorded; for ``csls`` a null feature joins B's neighbourhood means as
+a real one does. A link's ``confidence`` is the fraction of those best-by-chance scores that it
+beats; with ``null_rate=q`` links whose score does not exceed the ``1 − q`` quantile become -1
+("no partner"). On unrelated SAEs with realistic geometry (moment-matched to a real SAE, or a
+real SAE in a permuted residual basis) every score keeps between q/3 and 3q of the features
+(README, "Calibration"). The null is marginal over features, so it calibrates the kept
+fraction, not each feature's own chance; ``folded_mse`` on SAEs whose folded decoder norms
+spread widely (the default JumpReLU suite) has almost no power, because norms, which the null
+keeps, dominate the cost.
 
 The reverse direction (each target feature's best source predecessors) is
 ``links(..., direction="backward")``.
@@ -66,6 +72,8 @@ from .adapters import (
     validate_sae,
 )
 from .neuronpedia import feature_urls
+from .nulls import null_surrogates
+from .permutation import check_direction
 from .solvers.costs import CostWeights, ieee_products, stack_features
 from .solvers.screen import block_rows_for
 from .solvers.topk import Method, TopKProblem, exact_topk, score_blocks, solve_topk
@@ -113,6 +121,12 @@ class Links(NamedTuple):
     def top1(self) -> torch.Tensor:
         """int64 ``[n_source]``: each source feature's best target (-1: none)."""
         return self.indices[:, 0]
+
+    def check_saes(self, sae_a: Any, sae_b: Any, *, what: str = "these links") -> None:
+        """Raise unless the links run from ``sae_a``'s features to ``sae_b``'s; reversed links
+        are refused with a message saying how to reverse them
+        (:func:`~sae_match_lens.permutation.check_direction`)."""
+        check_direction(self, sae_a, sae_b, what=what)
 
     def distinct_targets(self, rank: int = 0) -> int:
         """How many different target features the rank-``rank`` links reach (hubs make it small)."""
@@ -203,6 +217,11 @@ class Transition:
         """Identity record of the target SAE (``None``: built by hand)."""
         return self.metadata.get("target")
 
+    def check_saes(self, sae_a: Any, sae_b: Any, *, what: str = "this transition") -> None:
+        """Raise unless the transition maps ``sae_a``'s features into ``sae_b``'s (where it
+        records their identities; :func:`~sae_match_lens.permutation.check_direction`)."""
+        check_direction(self, sae_a, sae_b, what=what)
+
     @property
     def linked(self) -> torch.Tensor:
         """Boolean ``[n_source]``: source features with at least one edge."""
@@ -284,37 +303,38 @@ def _score_operands(sae: Any, score: str, weights: CostWeights | None,
 
 
 def _null_best(base: TopKProblem, *, widths: list[int], r_b: torch.Tensor | None, csls_k: int,
-               n_null: int, seed: int, block_rows: int) -> torch.Tensor:
-    """Best score of sampled source rows rotated into a random basis (B kept), as in
-    :func:`~sae_match_lens.matching.null_costs`: one Haar rotation shared by all vector blocks.
-    With ``r_b`` (csls) the rotated rows' own ``r`` comes from the same score blocks."""
-    from .matching import _haar_orthogonal
-
-    a = base.a
+               n_null: int, seed: int, block_rows: int,
+               kth_b: torch.Tensor | None = None) -> torch.Tensor:
+    """Best score against B of ``n_null`` null features drawn from A
+    (:func:`~sae_match_lens.nulls.null_surrogates`: each a sampled A feature whose decoder and
+    encoder directions are redrawn from A's joint direction mean and covariance, its norms,
+    ``b_enc`` and density offset kept). ``widths`` are the vector blocks at the start of A's
+    operand rows. With ``r_b`` (csls) a null feature's own ``r`` comes from the same score
+    blocks, and B's ``r_B(j)`` is taken as if the null feature were one of A's (``kth_b``:
+    each B feature's ``csls_k``-th best A score): a real source feature is among the
+    neighbours its own ``r_B`` averages over, and a null one must be too, or chance scores
+    come out higher than a real unrelated feature's."""
     gen = torch.Generator().manual_seed(seed)
+    spans, col = [], 0
+    for width in widths:
+        spans.append(slice(col, col + width))
+        col += width
+    _, sub, g = null_surrogates(base.a, spans, n_null, generator=gen, scalars_F=base.g)
+    p = None
+    if base.p is not None:  # folded_mse: the row constant is the surrogate's squared norm
+        p = sub.to(torch.float64).square().sum(dim=1).to(base.p.dtype)
+    null = base._replace(a=sub.contiguous(), p=p, g=g)
+    if r_b is None:
+        return exact_topk(null, 1, block_rows=block_rows)[1][:, 0].to(torch.float64)
     best: list[torch.Tensor] = []
-    collected = 0
-    while collected < n_null:
-        take = min(a.shape[0], n_null - collected)
-        rows = torch.randperm(a.shape[0], generator=gen)[:take].to(a.device)
-        sub = a[rows].to(torch.float64)
-        q_by_width: dict[int, torch.Tensor] = {}
-        col = 0
-        for width in widths:
-            if width not in q_by_width:
-                q_by_width[width] = _haar_orthogonal(width, gen).to(sub.device)
-            sub[:, col:col + width] = sub[:, col:col + width] @ q_by_width[width].T
-            col += width
-        rotated = base.rows(rows)._replace(a=sub.to(torch.float32).contiguous())
-        if r_b is None:
-            best.append(exact_topk(rotated, 1, block_rows=block_rows)[1][:, 0])
-        else:
-            kk = min(csls_k, base.b.shape[0])
-            for _, _, block in score_blocks(rotated, block_rows):
-                r_sub = block.topk(kk, dim=1).values.mean(dim=1)
-                block.mul_(2.0).sub_(r_b[None, :]).sub_(r_sub[:, None])
-                best.append(block.amax(dim=1).cpu())
-        collected += take
+    kk = min(csls_k, base.b.shape[0])
+    k_b = min(csls_k, base.a.shape[0])
+    for _, _, block in score_blocks(null, block_rows):
+        r_sub = block.topk(kk, dim=1).values.mean(dim=1)
+        joined = r_b[None, :] if kth_b is None else \
+            r_b[None, :] + (block - kth_b[None, :]).clamp_min(0.0) / k_b
+        block.mul_(2.0).sub_(joined).sub_(r_sub[:, None])
+        best.append(block.amax(dim=1).cpu())
     return torch.cat(best).to(torch.float64)
 
 
@@ -441,7 +461,7 @@ def links(
         base = TopKProblem(a, b, 1.0, g=const_a, h=const_b, pairs=pairs)
     else:
         base = TopKProblem(a, b, 1.0, pairs=pairs)
-    r_b = None
+    r_b = kth_b = None
     with ieee_products(dev):
         if score == "csls":
             _, v, route["csls_source"] = solve_topk(base, csls_k, progress=False,
@@ -449,7 +469,7 @@ def links(
             r_a = v.mean(dim=1).to(dev)
             _, v, route["csls_target"] = solve_topk(base.swapped(), csls_k, progress=False,
                                                 label=f"{label} csls r_B", **solve)
-            r_b = v.mean(dim=1).to(dev)
+            r_b, kth_b = v.mean(dim=1).to(dev), v[:, -1].to(dev)
             final = TopKProblem(a, b, 2.0, r_a, r_b, pairs=pairs)
         else:
             final = base
@@ -457,7 +477,7 @@ def links(
                                                  **solve)
         t1 = time.perf_counter()
         null = _null_best(base, widths=widths, r_b=r_b, csls_k=csls_k, n_null=n_null, seed=seed,
-                          block_rows=rows)
+                          block_rows=rows, kth_b=kth_b)
         route["t_null"] = time.perf_counter() - t1
     null_sorted = torch.sort(null.float()).values
     confidence = (torch.searchsorted(null_sorted, scores.contiguous(), right=False).float()

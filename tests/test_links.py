@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sae_match_lens.adapters import feature_view
+from sae_match_lens.assets import load_suite_saes
 from sae_match_lens.coactivation import (
     best_partner,
     coactivation_stats,
@@ -16,6 +17,7 @@ from sae_match_lens.coactivation import (
 )
 from sae_match_lens.linking import SCORES, firing_offset_z, links
 from sae_match_lens.matching import match
+from sae_match_lens.nulls import moment_matched_sae
 from tests.helpers import build_sae, planted_pair
 from tests.helpers_tl import random_jumprelu_sae, tiny_model, tiny_tokens
 from tests.test_null_model import aligned_sae
@@ -114,6 +116,27 @@ def test_confidence_separates_true_partners_from_chance():
     assert 0.005 <= kept <= 0.02, kept
     assert torch.isnan(chance.scores[chance.top1 < 0]).all()
     assert chance.null_threshold is not None
+
+
+def test_csls_null_features_join_the_neighbourhoods_real_features_join():
+    """A real source feature is among the A-neighbours its target's r_B averages over; a null
+    feature scored without joining them looks better than chance really is, and the csls null
+    kept 0.1% instead of 1% of an unrelated SAE's features."""
+    stack = load_suite_saes("jumprelu")
+    unrelated = moment_matched_sae(stack[3], seed=5)
+    lk = links(stack[2], unrelated, score="csls", null_rate=0.05, progress=False)
+    assert 0.05 / 3 <= float((lk.top1 >= 0).double().mean()) <= 3 * 0.05
+
+
+def test_null_rate_cuts_at_the_null_threshold_and_confidence_orders_links():
+    stack = load_suite_saes("jumprelu")
+    lk = links(stack[2], stack[3], score="cosine_density", k=2, null_rate=0.01, progress=False)
+    kept = lk.indices >= 0
+    assert bool((lk.scores[kept] > lk.null_threshold).all())
+    assert bool((lk.confidence[kept] >= 0.99 - 1 / 2048 - 1e-6).all())  # n_null = 2048
+    full = links(stack[2], stack[3], score="cosine_density", k=2, progress=False)
+    assert torch.equal(full.confidence, lk.confidence)  # the cut does not change confidences
+    assert bool((full.confidence[:, 0] >= full.confidence[:, 1]).all())
 
 
 def test_bad_arguments_are_clear_errors():

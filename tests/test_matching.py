@@ -407,7 +407,7 @@ def test_confidence_is_the_fraction_of_chance_costs_above_each_pair():
     stacked = tuple(matching_module.stack_features(matching_module.feature_view(s, fold=True), w, "mse")
                     for s in (pair.sae_a, pair.sae_b))
     best = matching_module.null_costs(*stacked, columns=matching_module._block_columns(w, 32, 32),
-                                      shared_rotation=True, n_rows=2048, seed=0).numpy()
+                                      metric="mse", n_rows=2048, seed=0).numpy()
     for i, c in enumerate(result.cost_F.tolist()):
         expected = float((best > c).mean()) if not math.isnan(c) else math.nan
         assert result.confidence_F[i].item() == pytest.approx(expected, nan_ok=True)
