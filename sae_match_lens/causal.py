@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 from .adapters import describe_sae, hook_name_of, validate_sae
 from .coactivation import LinkMethod, link_indices
 from .lens.routes import hook_order
+from .metrics import check_saes_fit_model, check_tokens
+from .permutation import check_direction
 
 __all__ = ["CAUSAL_COLUMNS", "causal_check"]
 
@@ -70,6 +72,7 @@ def causal_check(
     max_targets: int = 25,
     seed: int = 0,
     progress: bool = True,
+    check_model: bool = True,
 ) -> pd.DataFrame:
     """Deactivate each target's predecessor(s) at the target's token and measure the effect.
 
@@ -77,22 +80,36 @@ def causal_check(
         model: the TransformerLens model.
         predecessor_sae: the SAE of the predecessors (its hook must fire before the target's).
         target_sae: the SAE of the target features.
-        tokens: ``[n_seq, pos]`` with BOS at position 0.
+        tokens: ``[n_seq, pos]`` integer token ids with BOS at position 0
+            (:func:`~sae_match_lens.metrics.check_tokens`).
         methods: ``{name: links}`` giving each *target* feature's predecessor candidates in the
             predecessor SAE: ``Links`` from ``links(target_sae, predecessor_sae)`` or
             ``links(predecessor_sae, target_sae, direction="backward")``, a permutation
-            target→predecessor, or an int64 tensor ``[F_T]`` / ``[F_T, k]``.
+            target→predecessor, or an int64 tensor ``[F_T]`` / ``[F_T, k]``. Links and
+            permutations that record their SAEs must run from ``target_sae`` to
+            ``predecessor_sae``; the forward ``links(predecessor_sae, target_sae)`` is refused
+            with a message saying how to reverse it
+            (:func:`~sae_match_lens.permutation.check_direction`).
         mode: ``"all"`` removes every active candidate; ``"random"`` one random active one.
         positions: random non-BOS positions sampled per sequence.
         max_targets: active target features sampled per position.
         seed: seed of the sampling.
         progress: show a progress bar.
+        check_model: refuse SAEs that do not belong to ``model``: a recorded model name that
+            differs from ``model.cfg.model_name``, or, where either is unknown, an explained
+            variance below :data:`~sae_match_lens.metrics.MIN_PROBE_EXPLAINED_VARIANCE` on the
+            first few sequences (:func:`~sae_match_lens.metrics.check_saes_fit_model`).
 
     Returns:
         One row per method with :data:`CAUSAL_COLUMNS`.
+
+    Raises:
+        TypeError, ValueError: bad tokens, SAEs that do not fit each other, the model or the
+            methods (a link set made for other SAEs, or running the other way).
     """
     for sae in (predecessor_sae, target_sae):
         validate_sae(sae)
+    tokens = check_tokens(tokens, model, what="causal_check")
     hook_p, hook_t = hook_name_of(predecessor_sae), hook_name_of(target_sae)
     n_layers = int(model.cfg.n_layers)
     if not hook_order(hook_p, n_layers) < hook_order(hook_t, n_layers):
@@ -102,19 +119,23 @@ def causal_check(
         raise ValueError(f"mode must be 'all' or 'random', got {mode!r}.")
     cands = {}
     for name, method in methods.items():
+        check_direction(method, target_sae, predecessor_sae,
+                        what=f"causal_check method {name!r} (each target feature's predecessors)")
         idx = link_indices(method)
         if idx.shape[0] != target_sae.cfg.d_sae or bool((idx >= predecessor_sae.cfg.d_sae).any()):
             raise ValueError(f"method {name!r}: predecessor links of shape {tuple(idx.shape)} do "
                              f"not fit target {describe_sae(target_sae)} -> predecessor "
                              f"{describe_sae(predecessor_sae)} (expected [{target_sae.cfg.d_sae}, k]).")
         cands[name] = idx
+    if check_model:
+        check_saes_fit_model(model, [predecessor_sae, target_sae], tokens, what="causal_check")
     gen = torch.Generator().manual_seed(seed)
     sums = {name: {"n": 0, "deact": 0, "change": 0.0} for name in cands}
     n_sampled = 0
     device = getattr(model.cfg, "device", None)
-    toks = tokens[None] if tokens.ndim == 1 else tokens
-    for seq in tqdm(range(toks.shape[0]), desc="causal check", unit="seq", disable=not progress):
-        row = toks[seq:seq + 1].to(device) if device is not None else toks[seq:seq + 1]
+    for seq in tqdm(range(tokens.shape[0]), desc="causal check", unit="seq",
+                    disable=not progress):
+        row = tokens[seq:seq + 1].to(device) if device is not None else tokens[seq:seq + 1]
         states: dict[str, torch.Tensor] = {}
 
         def record(name: str, store: dict[str, torch.Tensor] = states) -> Any:

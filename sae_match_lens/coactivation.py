@@ -40,11 +40,12 @@ from .adapters import describe_sae, hook_name_of, layers_from_hooks, validate_sa
 from .linking import Links
 from .matching import MatchResult
 from .metrics import (
+    check_tokens,
     fires,
     record_states,  # re-exported (its home is metrics)
     scored_states,
 )
-from .permutation import Permutation
+from .permutation import Permutation, check_direction
 
 __all__ = [
     "LINK_COLUMNS",
@@ -305,11 +306,16 @@ def evaluate_links(
         saes: the SAEs, as a list (keyed by the model layer in each hook name ``blocks.L.…``)
             or a dict (e.g. layer → SAE).
         tokens: ``[n_seq, pos]`` token ids with BOS at position 0 (split into ``batch_size``
-            sequences), or an iterable of ``[batch, pos]`` batches.
+            sequences), or an iterable of ``[batch, pos]`` batches
+            (:func:`~sae_match_lens.metrics.check_tokens`).
         methods: ``{name: {(a, b): links}}`` where links are :class:`~sae_match_lens.linking.Links`,
             a :class:`~sae_match_lens.permutation.Permutation`/``MatchResult``, or an index tensor.
+            Those that record their SAEs must run from ``saes[a]`` to ``saes[b]``
+            (:func:`~sae_match_lens.permutation.check_direction`: reversed links are refused
+            with a message saying how to reverse them).
         pairs: the ``(a, b)`` keys to evaluate (default: adjacent keys).
-        ks: for ``Links`` methods, the numbers of top links to evaluate (a permutation is k = 1).
+        ks: for ``Links`` methods, the numbers of top links to evaluate (a permutation is k = 1);
+            each must be at most the links' own ``k`` (a larger one is refused, naming it).
         min_fires: source features firing fewer times are left out of the averages.
         batch_size: sequences per forward pass (memory is bounded by it).
         ceilings: which data-based ceilings to compute: ``"best_partner"``, ``"both"`` (also
@@ -328,6 +334,21 @@ def evaluate_links(
                          f"{ceilings!r}.")
     if min_fires < 1:
         raise ValueError(f"min_fires must be >= 1, got {min_fires}.")
+    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+        raise ValueError(f"ks must be positive integers, got {ks!r}.")
+    tokens = check_tokens(tokens, model, what="evaluate_links")
+    for name, by_pair in methods.items():
+        for pair in (pair for pair in pair_list if pair in by_pair):
+            what = f"evaluate_links method {name!r} for pair {pair!r}"
+            check_direction(by_pair[pair], sae_map[pair[0]], sae_map[pair[1]], what=what)
+            too_big = [k for k in ks if isinstance(by_pair[pair], Links) and k > by_pair[pair].k]
+            if too_big:
+                raise ValueError(
+                    f"{what}: the links hold k={by_pair[pair].k} partner(s) per source feature, "
+                    f"but ks={tuple(ks)} asks for k={too_big}; those rows would repeat "
+                    f"k={by_pair[pair].k}. Compute links(..., k={max(ks)}) or leave {too_big} "
+                    "out of ks."
+                )
     plans = []
     for a, b in pair_list:
         sae_a, sae_b = sae_map[a], sae_map[b]

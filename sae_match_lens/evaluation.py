@@ -23,7 +23,15 @@ Metrics (position 0, the BOS position, is excluded from all of them):
 trained without it; ``bos="substitute"`` substitutes it too (it is still not scored).
 
 **Provenance.** Permutations passed in ``permutations`` are checked against the pair's SAEs
-(:meth:`~sae_match_lens.permutation.Permutation.check_saes`).
+(:func:`~sae_match_lens.permutation.check_direction`): one made for other SAEs, or running from
+B to A, is refused naming both hooks (a reversed one with how to reverse it).
+
+**Model.** The SAEs must belong to the model (``check_model=True``): a recorded
+``cfg.metadata.model_name`` must name the model, and where either name is unknown the first
+batch measures each SAE's explained variance at its hook
+(:func:`~sae_match_lens.metrics.check_reconstruction`; refused below
+:data:`~sae_match_lens.metrics.MIN_PROBE_EXPLAINED_VARIANCE`). Tokens are checked first
+(:func:`~sae_match_lens.metrics.check_tokens`).
 
 The substituted run starts at B's block boundary (``start_at_layer``) on a ``HookedTransformer``
 whose SAEs read ``hook_resid_pre`` / ``hook_resid_post``; elsewhere (``TransformerBridge``, other
@@ -59,15 +67,18 @@ from .linking import SCORES, Transition, links
 from .matching import MatchResult, match
 from .metrics import (
     StateSums,
+    check_reconstruction,
+    check_tokens,
     cross_entropy_sum,
     explained_variance,
     fires,
     kl_sum,
     scored_states,
     squared_error_sum,
+    unverified_saes,
     vocab_dot,
 )
-from .permutation import Permutation
+from .permutation import Permutation, check_direction
 from .solvers.costs import CostWeights, Metric, stack_features
 
 if TYPE_CHECKING:
@@ -308,6 +319,7 @@ def evaluate_substitution(
     progress: bool = True,
     bos: BosPolicy = "keep",
     bos_token_id: int | None = None,
+    check_model: bool = True,
 ) -> pd.DataFrame:
     """Evaluate block substitutes and their baselines on a token set.
 
@@ -336,9 +348,15 @@ def evaluate_substitution(
             run; ``"substitute"``: it is substituted too. Never scored either way.
         bos_token_id: the BOS id every sequence must start with (default: the model
             tokenizer's).
+        check_model: refuse SAEs that do not belong to ``model`` (module docstring, "Model");
+            ``False`` skips the check.
 
     Returns:
         A DataFrame with one row per (pair, variant) and the columns :data:`RESULT_COLUMNS`.
+
+    Raises:
+        TypeError, ValueError: bad tokens (not integer ids, out of the vocabulary), SAEs that
+            do not belong to the model, a permutation made for other SAEs or reversed.
 
     Example:
         >>> table = evaluate_substitution(model, saes, tokens, pairs=[(3, 4)], batch_size=16)
@@ -359,6 +377,9 @@ def evaluate_substitution(
     if bos not in BOS_POLICIES:
         raise ValueError(f"bos must be one of {list(BOS_POLICIES)}, got {bos!r}.")
     bos_id = resolve_bos_token_id(model, bos_token_id)
+    tokens = check_tokens(tokens, model, what="evaluate_substitution")
+    used = [sae_map[k] for k in dict.fromkeys(k for pair in pair_list for k in pair)]
+    probe = unverified_saes(model, used, what="evaluate_substitution") if check_model else []
     chosen = _resolve_variants(variants)
     options = dict(match_options or {})
     if options.get("metric") == "cosine" and any(v.permutation == "unfolded" for v in chosen):
@@ -384,7 +405,8 @@ def evaluate_substitution(
         for batch in tqdm(batches, total=total, desc="evaluate substitution", unit="batch",
                           disable=not progress):
             check_bos_tokens(batch, bos_id, "evaluate_substitution")
-            _process_batch(model_route, batch.to(device) if device is not None else batch, plans)
+            _process_batch(model_route, batch.to(device) if device is not None else batch, plans,
+                           probe)
     rows = [row for (a, b), plan in zip(pair_list, plans, strict=True)
             for row in plan.rows(a, b)]
     return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
@@ -449,9 +471,8 @@ def _plan_pair(
     given: Permutation | MatchResult | None, match_options: dict[str, Any], seed: int,
     progress: bool, bos: str,
 ) -> _PairPlan:
-    if isinstance(given, MatchResult | Permutation):
-        perm_given = given.permutation if isinstance(given, MatchResult) else given
-        perm_given.check_saes(sae_a, sae_b, what="the permutation given for this pair")
+    if given is not None:
+        check_direction(given, sae_a, sae_b, what="the permutation given for this pair")
     perms = _permutations(sae_a, sae_b, {s for s in sources if not s.startswith("links:")},
                           given, match_options, seed, progress)
     for variant in variants:
@@ -499,7 +520,10 @@ def _start_layer(model: Any, hook_a: str, hook_b: str, route: Route) -> int | No
     return bounds[1] if ok and bounds is not None else None
 
 
-def _process_batch(route: ModelRoute, batch: torch.Tensor, plans: list[_PairPlan]) -> None:
+def _process_batch(route: ModelRoute, batch: torch.Tensor, plans: list[_PairPlan],
+                   probe: list[Any]) -> None:
+    """One batch through every plan; ``probe``: SAEs whose model is unconfirmed, measured on
+    this batch's clean states and then forgotten (emptied)."""
     if batch.ndim != 2 or batch.shape[1] < 3:
         raise ValueError(
             f"each token batch must be [batch, pos] with pos >= 3 (position 0 is excluded as "
@@ -507,6 +531,9 @@ def _process_batch(route: ModelRoute, batch: torch.Tensor, plans: list[_PairPlan
         )
     names = list(dict.fromkeys(n for p in plans for n in (p.hook_a, p.hook_b)))
     states, logits = route.clean(batch, names)
+    if probe:
+        check_reconstruction(probe, states, what="evaluate_substitution")
+        probe.clear()
     logp_clean = torch.log_softmax(logits.float(), dim=-1)
     p_clean = logp_clean.exp()
     neg_entropy = _dot(p_clean, logp_clean)
@@ -644,6 +671,7 @@ def evaluate_substitution_nnsight(
     progress: bool = True,
     bos: BosPolicy = "keep",
     bos_token_id: int | None = None,
+    check_model: bool = True,
 ) -> pd.DataFrame:
     """:func:`~sae_match_lens.evaluation.evaluate_substitution` on an nnsight model.
 
@@ -655,7 +683,8 @@ def evaluate_substitution_nnsight(
         lm: an nnsight model over a Hugging Face causal LM (``TransformersModel``,
             ``LanguageModel``), with its tokenizer (or pass ``bos_token_id``).
         saes, tokens, pairs, variants, permutations, batch_size, match_options, seed, progress,
-            bos, bos_token_id: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
+            bos, bos_token_id, check_model: as in
+            :func:`~sae_match_lens.evaluation.evaluate_substitution`.
         sae_paths: explicit sites by hook name, for hooks
             :data:`~sae_match_lens.lens.nnsight.MODULE_PATHS` does not map (see
             :func:`~sae_match_lens.lens.nnsight.module_site`).
@@ -675,5 +704,5 @@ def evaluate_substitution_nnsight(
     return evaluate_substitution(
         lm, saes, tokens, pairs=pair_list, variants=variants, permutations=permutations,
         batch_size=batch_size, route=route, match_options=match_options, seed=seed,
-        progress=progress, bos=bos, bos_token_id=bos_token_id,
+        progress=progress, bos=bos, bos_token_id=bos_token_id, check_model=check_model,
     )

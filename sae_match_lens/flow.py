@@ -38,7 +38,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,10 +46,11 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
-from .adapters import describe_sae, hook_name_of, identity_mismatch, layers_from_hooks, sae_identity
+from .adapters import describe_sae, hook_name_of, layers_from_hooks
 from .linking import Links, LinkScore, links
-from .metrics import fires, record_states, scored_states
+from .metrics import check_tokens, fires, record_states, scored_states
 from .neuronpedia import feature_url, neuronpedia_id
+from .permutation import check_direction
 
 __all__ = [
     "MODULES",
@@ -192,10 +193,20 @@ def origin_groups(
     excluded) is assigned the group of its top-1 predecessors (:func:`predecessors`) that are
     active at the same token. Modules without an SAE count as inactive.
 
+    Args:
+        model: the TransformerLens model the SAEs read.
+        stack: as in :func:`predecessors`.
+        tokens: ``[n_seq, pos]`` integer token ids with BOS at position 0
+            (:func:`~sae_match_lens.metrics.check_tokens`).
+        layers: the layers to count (default: every layer of the stack).
+        score: the link score of the top-1 predecessors.
+        batch_size: sequences per forward pass.
+
     Returns:
         One row per layer: ``layer``, ``n_active`` and one share column per group (summing to 1).
     """
     stack_map = _as_stack(stack)
+    tokens = check_tokens(tokens, model, what="origin_groups")
     chosen = [layer for layer in (layers if layers is not None else list(stack_map))]
     preds = {layer: predecessors(stack_map, layer, score=score) for layer in chosen}
     names: list[str] = []
@@ -206,8 +217,7 @@ def origin_groups(
                 names.append(hook_name_of(sae))
     counts = {layer: torch.zeros(len(ORIGIN_GROUPS), dtype=torch.float64) for layer in chosen}
     device = getattr(model.cfg, "device", None)
-    toks = tokens[None] if tokens.ndim == 1 else tokens
-    for batch in toks.split(batch_size):
+    for batch in tokens.split(batch_size):
         states = record_states(model, names, batch.to(device) if device is not None else batch)
         fired: dict[str, torch.Tensor] = {}
 
@@ -403,14 +413,17 @@ def flow_graph(
             stack is still needed (hooks, widths, Neuronpedia ids). Each link set used is checked
             first: ``k ≥ 1``, scored by ``score``, one row per source feature, targets within
             the target SAE, and, where it records SAE identities, source and target are the
-            stack's SAEs at that key (hook, sizes, architecture, direction signature). Its other
+            stack's SAEs at that key (hook, sizes, architecture, direction signature; links of
+            the reverse direction are refused with a message saying how to reverse them,
+            :func:`~sae_match_lens.permutation.check_direction`). Its other
             options are the caller's: ``null_rate`` cuts links (-1 ends the walk there), ``n_null``
             and ``seed`` change ``confidence``.
 
     Raises:
         KeyError: the seed layer is not in the stack.
         ValueError: the seed feature is out of range, or a link set of ``links_by_key`` does not
-            fit its key (the message names the key).
+            fit its key (the message names the key; ``ProvenanceError`` for other SAEs' or
+            reversed links).
         TypeError: a value of ``links_by_key`` is not a :class:`~sae_match_lens.linking.Links`.
 
     Example:
@@ -427,17 +440,11 @@ def flow_graph(
         raise ValueError(f"seed feature {feature0} is out of range for "
                          f"{describe_sae(layers[layer0].res)}.")
     cache: dict[FlowKey, Links] = {}
-    identities: dict[int, dict[str, Any]] = {}
-
-    def identity(sae: Any) -> dict[str, Any]:
-        if id(sae) not in identities:
-            identities[id(sae)] = sae_identity(sae)
-        return identities[id(sae)]
 
     def link(a: Any, b: Any, key: FlowKey) -> Links:
         if key not in cache:
             if links_by_key is not None and key in links_by_key:
-                cache[key] = _checked_links(links_by_key[key], key, a, b, score, identity)
+                cache[key] = _checked_links(links_by_key[key], key, a, b, score)
             else:
                 if links_by_key is not None:
                     logger.info("flow graph: links %s are not among the given ones; computing them",
@@ -504,8 +511,7 @@ def flow_graph(
                      edge_frame, options)
 
 
-def _checked_links(lk: Any, key: FlowKey, source: Any, target: Any, score: str,
-                   identity: Callable[[Any], dict[str, Any]]) -> Links:
+def _checked_links(lk: Any, key: FlowKey, source: Any, target: Any, score: str) -> Links:
     """``lk`` when it is top-1 links by ``score`` from ``source``'s features to ``target``'s
     (see :func:`flow_graph`'s ``links_by_key``); otherwise raise naming ``key``."""
     where = f"links_by_key[{key!r}] (links {describe_sae(source)} -> {describe_sae(target)})"
@@ -530,11 +536,7 @@ def _checked_links(lk: Any, key: FlowKey, source: Any, target: Any, score: str,
     if top.numel() and int(top.max()) >= n_target:
         raise ValueError(f"{where} links to target feature {int(top.max())}, but the target SAE "
                          f"has d_sae={n_target}.")
-    for side, record, sae in (("source", lk.source, source), ("target", lk.target, target)):
-        why = identity_mismatch(record, identity(sae))
-        if why is not None:
-            raise ValueError(f"{where}: its recorded {side} SAE is not the stack's ({why}); the "
-                             "links were made for other SAEs.")
+    check_direction(lk, source, target, what=where, here="the stack's")
     return lk
 
 

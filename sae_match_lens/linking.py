@@ -73,6 +73,7 @@ from .adapters import (
 )
 from .neuronpedia import feature_urls
 from .nulls import null_surrogates
+from .permutation import check_direction
 from .solvers.costs import CostWeights, ieee_products, stack_features
 from .solvers.screen import block_rows_for
 from .solvers.topk import Method, TopKProblem, exact_topk, score_blocks, solve_topk
@@ -120,6 +121,12 @@ class Links(NamedTuple):
     def top1(self) -> torch.Tensor:
         """int64 ``[n_source]``: each source feature's best target (-1: none)."""
         return self.indices[:, 0]
+
+    def check_saes(self, sae_a: Any, sae_b: Any, *, what: str = "these links") -> None:
+        """Raise unless the links run from ``sae_a``'s features to ``sae_b``'s; reversed links
+        are refused with a message saying how to reverse them
+        (:func:`~sae_match_lens.permutation.check_direction`)."""
+        check_direction(self, sae_a, sae_b, what=what)
 
     def distinct_targets(self, rank: int = 0) -> int:
         """How many different target features the rank-``rank`` links reach (hubs make it small)."""
@@ -209,6 +216,11 @@ class Transition:
     def target_identity(self) -> dict[str, Any] | None:
         """Identity record of the target SAE (``None``: built by hand)."""
         return self.metadata.get("target")
+
+    def check_saes(self, sae_a: Any, sae_b: Any, *, what: str = "this transition") -> None:
+        """Raise unless the transition maps ``sae_a``'s features into ``sae_b``'s (where it
+        records their identities; :func:`~sae_match_lens.permutation.check_direction`)."""
+        check_direction(self, sae_a, sae_b, what=what)
 
     @property
     def linked(self) -> torch.Tensor:

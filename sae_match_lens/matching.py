@@ -44,7 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .adapters import describe_sae, feature_view, hook_name_of, sae_identity
+from .adapters import describe_sae, feature_view, hook_name_of, sae_identity, validate_sae
 from .nulls import null_surrogates
 from .permutation import Permutation, PermutationFileError, ProvenanceError, check_provenance
 from .savedir import (
@@ -385,6 +385,31 @@ def _check_pair(sae_a: Any, sae_b: Any, weights: CostWeights) -> None:
         )
 
 
+def _check_families(sae_a: Any, sae_b: Any, fold: bool, metric: str) -> None:
+    """Refuse anything but two SAEs (raw weight tensors get a hint), and warn when the two are
+    folded by different rules (their folded costs then compare parameters in different units)."""
+    for role, sae in (("sae_a", sae_a), ("sae_b", sae_b)):
+        if isinstance(sae, torch.Tensor):
+            raise TypeError(
+                f"match() takes two SAELens SAEs, but {role} is a tensor of shape "
+                f"{tuple(sae.shape)}; pass the SAE objects (SAE.load_from_disk(...)), or stack raw "
+                "feature tensors with solvers.costs.stack_features and call match_features()."
+            )
+    rules = []
+    for sae in (sae_a, sae_b):
+        spec = validate_sae(sae)
+        rescaled = spec.name in ("topk", "abstopk") and getattr(
+            sae.cfg, "rescale_acts_by_decoder_norm", False)
+        rules.append((spec.name, "decoder_norm" if rescaled else spec.scale_rule))
+    if fold and metric != "cosine" and rules[0][1] != rules[1][1]:
+        logger.warning(
+            "matching %s (%s, folded by rule '%s') with %s (%s, folded by rule '%s'): the two "
+            "families are folded by different rules, so their folded parameters are in "
+            "different units and the costs mix them; match SAEs of one family, or use "
+            "metric='cosine' (scale-free).", describe_sae(sae_a), rules[0][0], rules[0][1],
+            describe_sae(sae_b), rules[1][0], rules[1][1])
+
+
 def match(
     sae_a: Any,
     sae_b: Any,
@@ -452,6 +477,7 @@ def match(
         >>> result = match(sae_layer_3, sae_layer_4)
         >>> result.permutation.indices[17]  # feature 17 of layer 3 ↔ this feature of layer 4
     """
+    _check_families(sae_a, sae_b, fold, metric)
     w = CostWeights.resolve(weights, metric)
     _check_pair(sae_a, sae_b, w)
     if features is None:

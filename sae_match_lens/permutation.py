@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from .savedir import pid_alive
 
 __all__ = ["FORMAT_VERSION", "Permutation", "PermutationFileError", "ProvenanceError",
-           "check_provenance"]
+           "check_direction", "check_provenance", "map_identities"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +62,104 @@ def check_provenance(source: Mapping[str, Any] | None, target: Mapping[str, Any]
         reason = same_sae(record, sae) if record else None
         if reason is not None:
             raise ProvenanceError(
-                f"{what} was made for source {_describe_identity(source)} -> target "
+                f"{what}: made for source {_describe_identity(source)} -> target "
                 f"{_describe_identity(target)}, but its {role} here is {describe_sae(sae)} "
                 f"({reason}). Match or link these SAEs, or pass the map made for them."
             )
+
+
+def map_identities(mapping: Any) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str]:
+    """The recorded source and target SAE identities of a map between two SAEs' features, and
+    what kind of map it is.
+
+    Understands a :class:`Permutation`, a ``MatchResult`` (its ``permutation``), ``Links`` and a
+    ``Transition`` (:mod:`~sae_match_lens.linking`); an index tensor or a hand-made map records
+    nothing (``None`` for both sides).
+
+    Returns:
+        ``(source, target, kind)`` with ``kind`` one of ``"permutation"``, ``"match result"``,
+        ``"links"``, ``"transition"``, ``"index tensor"``.
+    """
+    def record(value: Any) -> dict[str, Any] | None:
+        return dict(value) if isinstance(value, Mapping) and value else None
+
+    if isinstance(mapping, Permutation):
+        return mapping.source, mapping.target, "permutation"
+    if isinstance(getattr(mapping, "permutation", None), Permutation):  # MatchResult
+        perm = mapping.permutation
+        return perm.source, perm.target, "match result"
+    if hasattr(mapping, "source_identity") and hasattr(mapping, "target_identity"):  # Transition
+        return record(mapping.source_identity), record(mapping.target_identity), "transition"
+    if hasattr(mapping, "score") and isinstance(getattr(mapping, "source", None), Mapping):
+        return record(mapping.source), record(mapping.target), "links"  # Links
+    return None, None, "index tensor"
+
+
+def _reverse_advice(kind: str, source_hook: str, target_hook: str) -> str:
+    """How to get a map from ``source_hook`` to ``target_hook`` out of one that runs backwards."""
+    src, tgt = f"<SAE '{source_hook}'>", f"<SAE '{target_hook}'>"
+    if kind == "links":
+        return (f"Compute the links in this direction: links({src}, {tgt}, ...), or equivalently "
+                f"links({tgt}, {src}, ..., direction='backward').")
+    if kind == "transition":
+        return f"Build it from links in this direction: Transition.from_links(links({src}, {tgt}))."
+    if kind == "match result":
+        return (f"Use result.permutation.inverse() (the one-to-one map reversed), or "
+                f"match({src}, {tgt}).")
+    return f"Use perm.inverse() (the same one-to-one map reversed), or match({src}, {tgt})."
+
+
+def check_direction(mapping: Any, source_sae: Any, target_sae: Any, *, what: str,
+                    here: str = "the one used here") -> None:
+    """Refuse a map between two SAEs' features unless it runs from ``source_sae`` to ``target_sae``.
+
+    Every consumer of a :class:`Permutation`, ``MatchResult``, ``Links`` or ``Transition`` calls
+    this with the SAEs it is about to use as the map's source (its rows) and target (the
+    features its indices name). The identities the map recorded when it was made
+    (:func:`map_identities`; hook name, widths, architecture, the fold-invariant direction
+    signature, :func:`~sae_match_lens.adapters.identity_mismatch`) must be those SAEs'. A map
+    that records no identities (made by hand, an index tensor) is not checked.
+
+    Args:
+        mapping: the map.
+        source_sae: the SAE the consumer reads the map's rows as.
+        target_sae: the SAE the consumer reads the map's indices as.
+        what: the map, as the error message names it (e.g. ``"method 'links' for pair (1, 2)"``).
+        here: the SAEs the map is compared with, as the message names them.
+
+    Raises:
+        ProvenanceError: (a ``ValueError``) the map was made for other SAEs (naming the recorded
+            and the given hooks), or it runs the other way, from ``target_sae`` to
+            ``source_sae``: then the message says so and how to reverse it (``perm.inverse()``,
+            ``links(..., direction="backward")``).
+    """
+    from .adapters import describe_sae, hook_name_of, identity_mismatch, sae_identity
+
+    source, target, kind = map_identities(mapping)
+    if source is None and target is None:
+        return
+    actual_source, actual_target = sae_identity(source_sae), sae_identity(target_sae)
+    why = {"source": identity_mismatch(source, actual_source),
+           "target": identity_mismatch(target, actual_target)}
+    if why["source"] is None and why["target"] is None:
+        return
+    if (source is not None and target is not None
+            and identity_mismatch(source, actual_target) is None
+            and identity_mismatch(target, actual_source) is None):
+        raise ProvenanceError(
+            f"{what}: it runs the other way ({kind} made from '{source.get('hook_name')}' to "
+            f"'{target.get('hook_name')}'), but it is used here from {describe_sae(source_sae)} "
+            f"to {describe_sae(target_sae)}. "
+            + _reverse_advice(kind, hook_name_of(source_sae), hook_name_of(target_sae))
+        )
+    role = "source" if why["source"] is not None else "target"
+    sae = source_sae if role == "source" else target_sae
+    raise ProvenanceError(
+        f"{what}: made for source {_describe_identity(source)} -> target "
+        f"{_describe_identity(target)}, but its {role} SAE is not {here} ({why[role]}): its "
+        f"{role} here is {describe_sae(sae)}. Match or link these SAEs, or pass the map made for "
+        "them."
+    )
 
 
 def _describe_identity(record: Mapping[str, Any] | None) -> str:
@@ -174,9 +268,11 @@ class Permutation:
 
         Compares hook name, widths, architecture and the fold-invariant weight signature
         (:func:`~sae_match_lens.adapters.same_sae`) with the identities recorded by ``match``;
-        a side without a recorded identity is not checked (hand-made permutations).
+        a side without a recorded identity is not checked (hand-made permutations). A
+        permutation that maps B→A where A→B is asked for is refused with a message pointing to
+        :meth:`inverse` (:func:`check_direction`).
         """
-        check_provenance(self.source, self.target, sae_a, sae_b, what=what)
+        check_direction(self, sae_a, sae_b, what=what)
 
     def __len__(self) -> int:
         return self.n_source

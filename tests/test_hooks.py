@@ -263,12 +263,14 @@ def test_same_substitution_runs_on_a_transformer_bridge_built_offline(tokens, sa
             h_B_true = state_at(bridge, tokens, HOOK_3)
             expected = fold(sae_3).decode(perm.apply(fold(sae_1).encode(h_A)))
             clean = bridge(tokens, return_type="loss")
-            with substitute(bridge, sae_1, sae_3, perm):
+            # the random SAEs were not made for this random bridge: its model check is skipped
+            with substitute(bridge, sae_1, sae_3, perm, check_model=False):
                 written = written_at(bridge, tokens, HOOK_3)
                 loss = bridge(tokens, return_type="loss")
             loss_hooks = bridge.run_with_hooks(tokens, return_type="loss",
                                                fwd_hooks=substitution_hooks(bridge, sae_1, sae_3,
-                                                                            perm))
+                                                                            perm,
+                                                                            check_model=False))
         torch.testing.assert_close(written[:, 1:], expected[:, 1:], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(written[:, 0], h_B_true[:, 0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loss, loss_hooks)

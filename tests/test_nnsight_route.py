@@ -4,6 +4,7 @@ TransformerLens route on the same weights; sites, errors and cleanup."""
 from __future__ import annotations
 
 import ast
+import copy
 import importlib.util
 import os
 import pathlib
@@ -362,3 +363,23 @@ def test_the_package_imports_nnsight_only_inside_the_nnsight_route_functions():
                 if any(n.split(".")[0] == "nnsight" for n in names):
                     assert path.relative_to(package).as_posix() == "lens/nnsight.py", path
                     assert node not in top_level, f"{path}: module-level nnsight import"
+
+
+def test_saes_that_do_not_read_this_model_are_refused_on_the_nnsight_routes(nnsight, family,
+                                                                            saes, tokens):
+    _, _, _, lm = family
+    foreign = {k: copy.deepcopy(saes[k]) for k in ("r0", "r1")}
+    with torch.no_grad():
+        for sae in foreign.values():  # reconstructions 50x too large: nothing is explained
+            sae.W_dec.mul_(50.0)
+    result = match(foreign["r0"], foreign["r1"], progress=False)
+    with substitute_nnsight(lm, foreign["r0"], foreign["r1"], result) as sub, \
+            pytest.raises(ValueError, match=r"explained variance there is -\d+"), \
+            torch.no_grad(), sub.trace(tokens):
+        sub.output.logits  # noqa: B018
+    with pytest.raises(ValueError, match=r"explained variance there is -\d+"):
+        evaluate_substitution_nnsight(lm, foreign, tokens, pairs=[("r0", "r1")],
+                                      variants=["folded"], progress=False)
+    table = evaluate_substitution_nnsight(lm, foreign, tokens, pairs=[("r0", "r1")],
+                                          variants=["folded"], progress=False, check_model=False)
+    assert table.explained_variance.iloc[0] < -1

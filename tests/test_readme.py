@@ -89,10 +89,50 @@ def test_the_readme_has_python_snippets_in_try_it_offline_and_usage():
     assert {"Try it offline", "Usage"} <= set(SECTIONS)
 
 
-@pytest.mark.parametrize("heading", [h for h in SECTIONS if h != "Try it offline"])
+FLOW = "Many-to-one links and feature flow"
+CHECKED = ("Try it offline", FLOW)
+"""Sections whose output a dedicated test checks against what the README says."""
+
+
+def test_every_python_block_of_the_readme_is_collected():
+    fences = [line.strip() for line in README.read_text(encoding="utf-8").splitlines()
+              if line.strip().startswith("```py")]
+    assert set(fences) <= {"```python"}, f"python blocks the test would not run: {set(fences)}"
+    assert sum(len(snippets) for snippets in SECTIONS.values()) == len(fences)
+    assert set(CHECKED) <= set(SECTIONS)
+
+
+@pytest.mark.parametrize("heading", [h for h in SECTIONS if h not in CHECKED])
 def test_every_readme_python_section_runs(heading, offline_hub, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_section(heading)
+
+
+def test_the_flow_section_runs_and_shows_what_its_comments_say(offline_hub, tmp_path,
+                                                               monkeypatch):
+    from sae_match_lens.adapters import model_layer_of
+    from sae_match_lens.flow import FlowGraph
+
+    monkeypatch.chdir(tmp_path)
+    ns = run_section(FLOW)
+    lk, back, saes = ns["lk"], ns["back"], ns["saes"]
+    # top-3 partners per feature, best first
+    assert lk.k == 3 and bool((lk.scores[:, :-1] >= lk.scores[:, 1:]).all())
+    # each layer-1 feature's predecessor (the backward links' rows are layer 1's features)
+    assert back.source["hook_name"] == saes[1].cfg.metadata.hook_name
+    assert back.indices.shape[0] == saes[1].cfg.d_sae
+    table = ns["table"]
+    assert sorted(zip(table.method, table.k, strict=True)) == [
+        ("links", 1), ("links", 3), ("permutation", 1)]
+    assert bool((table.jaccard <= table.ceiling_best_partner + 1e-9).all())
+    # the graph is seeded with feature 17's partner, at the layer lk's targets live in
+    seed_layer = model_layer_of(lk.target["hook_name"])
+    assert ns["graph"].options["seed"] == FlowGraph.node_id(seed_layer, "res", int(lk.top1[17]))
+    assert (tmp_path / "flow.json").is_file()
+    effect = ns["effect"]  # remove the MLP predecessor, see the target drop
+    assert int(effect.n_targets.iloc[0]) > 0
+    assert 0 <= float(effect.success_rate.iloc[0]) <= 1
+    assert float(effect.activation_change.iloc[0]) > 0
 
 
 def test_try_it_offline_runs_and_shows_what_its_text_says(offline_hub, tmp_path, monkeypatch):

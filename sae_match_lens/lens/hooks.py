@@ -79,7 +79,8 @@ from ..adapters import (
 )
 from ..linking import Links, Transition
 from ..matching import MatchResult
-from ..permutation import Permutation, check_provenance
+from ..metrics import check_reconstruction, check_saes_fit_model, check_tokens, unverified_saes
+from ..permutation import Permutation
 from .routes import (
     BOS_POLICIES,
     BosPolicy,
@@ -404,8 +405,7 @@ def block_substitute(
 
 def _transition_substitute(sae_a: Any, sae_b: Any, spec: Substitution, hook_a: str, hook_b: str,
                            tr: Transition) -> BlockSubstitute:
-    check_provenance(tr.source_identity, tr.target_identity, sae_a, sae_b,
-                     what=f"the transition for '{hook_a}' -> '{hook_b}'")
+    tr.check_saes(sae_a, sae_b, what=f"the transition for '{hook_a}' -> '{hook_b}'")
     if spec.method == "hybrid":
         raise ValueError(
             f"substitution 'hybrid' from '{hook_a}' ranks one-to-one matches by cost; a many-to-one "
@@ -463,9 +463,12 @@ def _check_policy(bos: str) -> None:
 
 
 def _make_hooks(model: Any, sub: BlockSubstitute, bos: BosPolicy,
-                bos_token_id: int | None) -> list[tuple[str, HookFn]]:
+                bos_token_id: int | None, probe: list[Any]) -> list[tuple[str, HookFn]]:
+    """The hooks of a substitute; ``probe``: SAEs whose model is unconfirmed, checked on the
+    first forward pass (:func:`~sae_match_lens.metrics.check_reconstruction`)."""
     _check_policy(bos)
     state: dict[str, torch.Tensor] = {}
+    pending = list(probe)
     hook_a, hook_b = sub.hook_a, sub.hook_b
     bos_id = resolve_bos_token_id(model, bos_token_id)
     expected = embedding_of_bos(model, bos_id)
@@ -486,6 +489,10 @@ def _make_hooks(model: Any, sub: BlockSubstitute, bos: BosPolicy,
                 f"state at '{hook_a}' has shape {tuple(h_A.shape)} but the state at '{hook_b}' "
                 f"has {tuple(h_B.shape)}; block substitution needs the same shape at both hooks."
             )
+        if pending and h_A.ndim == 3 and h_A.shape[1] >= 2:  # a pass with a non-BOS position
+            check_reconstruction(pending, {hook_a: h_A, hook_b: h_B},
+                                 what=f"the substitute '{hook_a}' -> '{hook_b}'")
+            pending.clear()
         h_hat = sub(h_A, h_B)
         return _with_true_bos(h_hat, h_B) if bos == "keep" else h_hat
 
@@ -514,10 +521,12 @@ def _make_hooks(model: Any, sub: BlockSubstitute, bos: BosPolicy,
 
 def _prepare(model: Any, sae_a: Any, sae_b: Any, permutation: Map | None,
              substitution: Substitution | SubstitutionName | Method,
-             cost_F: torch.Tensor | None) -> BlockSubstitute:
+             cost_F: torch.Tensor | None, check_model: bool) -> tuple[BlockSubstitute, list[Any]]:
+    """The substitute, and the SAEs whose model its name does not confirm (to be probed)."""
     sub = block_substitute(sae_a, sae_b, permutation, substitution=substitution, cost_F=cost_F)
     validate_route(model, sub)
-    return sub
+    what = f"the substitute '{sub.hook_a}' -> '{sub.hook_b}'"
+    return sub, unverified_saes(model, [sae_a, sae_b], what=what) if check_model else []
 
 
 def substitution_hooks(
@@ -530,6 +539,7 @@ def substitution_hooks(
     cost_F: torch.Tensor | None = None,
     bos: BosPolicy = "keep",
     bos_token_id: int | None = None,
+    check_model: bool = True,
 ) -> list[tuple[str, HookFn]]:
     """Forward hooks that substitute the blocks between SAE A's and SAE B's hooks.
 
@@ -545,6 +555,11 @@ def substitution_hooks(
             it is substituted like every other position.
         bos_token_id: the BOS token id (default: the model tokenizer's ``bos_token_id``; needed
             when the model has no tokenizer).
+        check_model: refuse SAEs that do not belong to ``model``: an SAE whose recorded
+            ``cfg.metadata.model_name`` differs from ``model.cfg.model_name`` is refused here;
+            where either name is unknown, the first forward pass measures each SAE's explained
+            variance at its hook and raises when it is below
+            :data:`~sae_match_lens.metrics.MIN_PROBE_EXPLAINED_VARIANCE`. ``False`` skips both.
 
     Returns:
         ``[(name, fn), ...]`` for ``model.run_with_hooks(fwd_hooks=...)``.
@@ -553,8 +568,8 @@ def substitution_hooks(
         >>> hooks = substitution_hooks(model, sae_3, sae_5, match(sae_3, sae_5))
         >>> loss = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=hooks)
     """
-    sub = _prepare(model, sae_a, sae_b, permutation, substitution, cost_F)
-    return _make_hooks(model, sub, bos, bos_token_id)
+    sub, probe = _prepare(model, sae_a, sae_b, permutation, substitution, cost_F, check_model)
+    return _make_hooks(model, sub, bos, bos_token_id, probe)
 
 
 @contextmanager
@@ -568,6 +583,7 @@ def substitute(
     cost_F: torch.Tensor | None = None,
     bos: BosPolicy = "keep",
     bos_token_id: int | None = None,
+    check_model: bool = True,
 ) -> Iterator[Any]:
     """Context manager: inside it, every forward pass of ``model`` uses the substitute.
 
@@ -579,7 +595,8 @@ def substitute(
         ...     loss = model(tokens, return_type="loss")
     """
     hooks = substitution_hooks(model, sae_a, sae_b, permutation, substitution=substitution,
-                               cost_F=cost_F, bos=bos, bos_token_id=bos_token_id)
+                               cost_F=cost_F, bos=bos, bos_token_id=bos_token_id,
+                               check_model=check_model)
     with model.hooks(fwd_hooks=hooks) as hooked:
         yield hooked
 
@@ -597,6 +614,7 @@ def run_skipping(
     loss_per_token: bool = False,
     bos: BosPolicy = "keep",
     bos_token_id: int | None = None,
+    check_model: bool = True,
 ) -> Any:
     """Run ``model`` without computing the blocks between A's and B's hooks (true skip).
 
@@ -607,23 +625,30 @@ def run_skipping(
 
     Args:
         model: a ``HookedTransformer`` (or ``HookedSAETransformer``).
-        tokens: token ids ``[batch, pos]``.
+        tokens: integer token ids ``[batch, pos]``
+            (:func:`~sae_match_lens.metrics.check_tokens`).
         sae_a, sae_b, permutation, substitution, cost_F: see :func:`block_substitute`; both
             hooks must be ``blocks.L.hook_resid_pre`` / ``blocks.L.hook_resid_post``.
         return_type, loss_per_token: as in ``HookedTransformer.forward``.
         bos, bos_token_id: see :func:`substitution_hooks`. With ``bos="keep"`` the true state of
             position 0 at B comes from a one-token run of the model (causal attention: position
             0 attends only to itself), so no skipped block runs on the other positions.
+        check_model: as in :func:`substitution_hooks`; an SAE whose model its name does not
+            confirm is probed on the first few sequences before the run
+            (:func:`~sae_match_lens.metrics.check_saes_fit_model`).
 
     Example:
         >>> loss = run_skipping(model, tokens, sae_3, sae_5, match(sae_3, sae_5))
     """
     _check_policy(bos)
-    sub = _prepare(model, sae_a, sae_b, permutation, substitution, cost_F)
+    tokens = check_tokens(tokens, model, what="run_skipping")
+    sub, probe = _prepare(model, sae_a, sae_b, permutation, substitution, cost_F, check_model)
     stop, start = check_skippable(model, sub)
-    tokens = tokens[None] if tokens.ndim == 1 else tokens
     check_bos_tokens(tokens, resolve_bos_token_id(model, bos_token_id),
                      f"run_skipping '{sub.hook_a}' -> '{sub.hook_b}'")
+    if probe:
+        check_saes_fit_model(model, probe, tokens, what=f"run_skipping '{sub.hook_a}' -> "
+                             f"'{sub.hook_b}'")
     h_hat = sub(run_to(model, tokens, stop))
     if bos == "keep":
         h_hat = _with_true_bos(h_hat, run_to(model, tokens[:, :1], start))

@@ -79,6 +79,7 @@ from typing import Any, Literal
 import torch
 
 from ..adapters import describe_sae, hook_name_of
+from ..metrics import check_reconstruction, unverified_saes
 from .hooks import BlockSubstitute, Map, Method, Substitution, SubstitutionName, block_substitute
 from .routes import BOS_POLICIES, BosPolicy, resolve_bos_token_id, skip_boundaries
 
@@ -484,6 +485,7 @@ def substitute_nnsight(
     bos: BosPolicy = "keep",
     bos_token_id: int | None = None,
     sae_paths: Mapping[str, str | ModuleSite] | None = None,
+    check_model: bool = True,
 ) -> Iterator[Any]:
     """Context manager: a copy of ``lm`` whose every trace uses the substitute A → B.
 
@@ -498,6 +500,9 @@ def substitute_nnsight(
         bos, bos_token_id: see :func:`~sae_match_lens.lens.hooks.substitution_hooks`; every trace's
             token ids are checked to start with BOS.
         sae_paths: explicit sites by hook name (see :func:`module_site`).
+        check_model: as in :func:`~sae_match_lens.lens.hooks.substitution_hooks`: SAEs whose
+            recorded model is not ``lm``'s (``config.name_or_path``) are refused here; where a
+            name is unknown, the first trace measures their explained variance at their sites.
 
     Yields:
         The edited copy: trace it (``with substituted.trace(tokens): ...``).
@@ -514,8 +519,14 @@ def substitute_nnsight(
     route.check(sub)
     bos_id = resolve_bos_token_id(lm, bos_token_id)
     site_a, site_b = route.sites[sub.hook_a], route.sites[sub.hook_b]
+    where = f"the substitute '{sub.hook_a}' -> '{sub.hook_b}'"
+    pending = unverified_saes(lm, [sae_a, sae_b], what=where) if check_model else []
 
-    def finish(h_hat: torch.Tensor, h_B: torch.Tensor) -> torch.Tensor:
+    def finish(h_A: torch.Tensor, h_B: torch.Tensor) -> torch.Tensor:
+        if pending and h_A.ndim == 3 and h_A.shape[1] >= 2:
+            check_reconstruction(pending, {sub.hook_a: h_A, sub.hook_b: h_B}, what=where)
+            pending.clear()
+        h_hat = sub(h_A, h_B)
         if bos == "keep":
             h_hat = h_hat.clone()
             h_hat[:, :1] = h_B[:, :1]
@@ -523,11 +534,10 @@ def substitute_nnsight(
 
     if site_a == site_b or route._reads_after_write(sub.hook_a, sub.hook_b):
         # One site, or the same block boundary read after B: the state at B is the state at A.
-        steps = [_Step(site_b, writes=[lambda h, _s: finish(sub(h, h), h)])]
+        steps = [_Step(site_b, writes=[lambda h, _s: finish(h, h)])]
     else:
         steps = [_Step(site_a, key="h_A"),
-                 _Step(site_b, writes=[lambda h, s: finish(sub(s["h_A"], h), h)])]
-    where = f"the substitute '{sub.hook_a}' -> '{sub.hook_b}'"
+                 _Step(site_b, writes=[lambda h, s: finish(s["h_A"], h)])]
     with _edited(lm, steps, _bos_checker(bos_id, where)) as edited:
         yield edited
 
