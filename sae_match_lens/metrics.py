@@ -197,6 +197,7 @@ def cross_entropy_sum(log_probs: torch.Tensor, targets: torch.Tensor) -> float:
         targets: :func:`next_token_targets` of the tokens, ``[batch, pos - 2]``; the count is
             ``targets.numel()``.
     """
+    targets = check_tokens(targets, vocab_size=int(log_probs.shape[-1]), what="cross_entropy_sum")
     if targets.shape != (log_probs.shape[0], log_probs.shape[1] - 2):
         raise ValueError(f"targets {tuple(targets.shape)} do not match log-probs "
                          f"{tuple(log_probs.shape)}; pass next_token_targets(tokens).")

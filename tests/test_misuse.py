@@ -23,6 +23,7 @@ from sae_match_lens.matching import match
 from sae_match_lens.metrics import (
     check_reconstruction,
     check_tokens,
+    cross_entropy_sum,
     next_token_ce,
     record_states,
     unverified_saes,
@@ -238,6 +239,14 @@ def test_bad_tokens_get_a_clear_error_at_every_entry_point(suite, case):
     if case != "beyond the vocabulary":  # next_token_ce bounds ids by the logits' width
         with pytest.raises(error, match=pattern):
             next_token_ce(torch.zeros(2, tokens.shape[1], 4096), bad)
+
+
+def test_cross_entropy_targets_beyond_the_logits_are_refused():
+    log_probs = torch.zeros(2, 5, 10).log_softmax(-1)
+    with pytest.raises(ValueError, match=r"cross_entropy_sum: .*vocabulary size 10.* = 12"):
+        cross_entropy_sum(log_probs, torch.tensor([[1, 2, 12], [3, 4, 5]]))
+    assert cross_entropy_sum(log_probs, torch.tensor([[1, 2, 9], [3, 4, 5]])) == pytest.approx(
+        6 * torch.log(torch.tensor(10.0)).item())
 
 
 def test_check_tokens_accepts_batches_and_checks_them_as_they_come():

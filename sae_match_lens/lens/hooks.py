@@ -51,9 +51,16 @@ it too. Either way the tokens must start with the model's BOS token (checked whe
 seen; the hook route checks the embedding of position 0): a sequence without BOS would have its
 first real token treated as BOS, so it is refused with a clear error.
 
-**Provenance.** A permutation made by :func:`~sae_match_lens.matching.match` records which SAEs
-it maps; using it with other SAEs raises
-:class:`~sae_match_lens.permutation.ProvenanceError` naming both.
+**Provenance.** A permutation made by :func:`~sae_match_lens.matching.match` (and links, and
+transitions) records which SAEs it maps; using it with other SAEs raises
+:class:`~sae_match_lens.permutation.ProvenanceError` naming both, and one that maps B→A is
+refused with how to reverse it (:func:`~sae_match_lens.permutation.check_direction`).
+
+**Model.** With ``check_model=True`` (default) an SAE whose recorded model
+(``cfg.metadata.model_name``) is not the model's ``cfg.model_name`` is refused when the hooks are
+built; where a name is unknown, the first forward pass measures each SAE's explained variance
+at its hook and refuses SAEs below
+:data:`~sae_match_lens.metrics.MIN_PROBE_EXPLAINED_VARIANCE` (they do not read this model).
 
 Hooks are plain TransformerLens hook functions ``fn(tensor, *, hook)``; they never read
 ``hook.name`` (a ``TransformerBridge`` calls them under its own names), the names are captured
