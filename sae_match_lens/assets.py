@@ -107,6 +107,7 @@ __all__ = [
     "compute_model_ce",
     "compute_sae_metrics",
     "default_suite_path",
+    "layer_of_hook",
     "load_default_suite",
     "load_eval_tokens",
     "load_manifest",
@@ -244,6 +245,14 @@ def load_suite_model(root: str | Path | None = None, *, device: str = "cpu") -> 
     from transformers import AutoTokenizer
 
     base = _suite_root(root)
+    loader = load_manifest(root).get("model", {}).get("loader")
+    if loader is not None:  # a real-model suite: the model is loaded by its own code
+        module_name, _, function = loader.partition(":")
+        if not module_name.startswith("sae_match_lens."):
+            raise ValueError(f"The suite's manifest names an unknown model loader {loader!r}.")
+        import importlib
+
+        return getattr(importlib.import_module(module_name), function)(device=device)
     config_file = _require(base / MODEL_DIR / MODEL_CONFIG_FILE, "the model config")
     weights_file = _require(base / MODEL_DIR / MODEL_WEIGHTS_FILE, "the model weights")
     tokenizer_dir = _require(base / TOKENIZER_DIR, "the tokenizer directory")
@@ -289,8 +298,9 @@ def suite_hook_names(
         >>> suite_hook_names(load_manifest(), "jumprelu", "attn")[:2]
         ['blocks.0.hook_attn_out', 'blocks.1.hook_attn_out']
     """
-    if family not in FAMILIES:
-        raise ValueError(f"Unknown SAE family {family!r}; choose one of {list(FAMILIES)}.")
+    families_here = list(manifest["saes"].get("families") or FAMILIES)
+    if family not in families_here:
+        raise ValueError(f"Unknown SAE family {family!r}; choose one of {families_here}.")
     if module not in SUITE_MODULES:
         raise ValueError(f"Unknown module {module!r}; choose one of {list(SUITE_MODULES)}.")
     if module == "res":
@@ -396,18 +406,26 @@ def load_suite_stack(
             f"modules must be distinct names among ['mlp', 'attn'] (the residual SAEs are "
             f"always loaded); got {list(modules)}."
         )
-    res = load_suite_saes(family, root, module="res", device=device)
-    extra = {m: load_suite_saes(family, root, module=m, device=device) for m in modules}  # type: ignore[arg-type]
+    res = {layer_of_hook(sae.cfg.metadata.hook_name): sae
+           for sae in load_suite_saes(family, root, module="res", device=device)}
+    extra = {
+        m: {layer_of_hook(sae.cfg.metadata.hook_name): sae
+            for sae in load_suite_saes(family, root, module=m, device=device)}  # type: ignore[arg-type]
+        for m in modules
+    }
     for module, saes in extra.items():
-        if len(saes) != len(res):
+        stray = sorted(set(saes) - set(res))
+        if stray:
             raise ValueError(
-                f"The suite has {len(res)} residual but {len(saes)} {module!r} SAEs; "
-                "rebuild its module SAEs with `--stage modules`."
+                f"The suite has {module!r} SAEs at layers {stray} without a residual SAE; "
+                "rebuild the suite."
             )
     stack = {}
-    for layer, sae in enumerate(res):
-        parts = {m: saes[layer] for m, saes in extra.items()}
+    for layer, sae in res.items():
+        parts = {m: saes.get(layer) for m, saes in extra.items()}
         for module, part in {"res": sae, **parts}.items():
+            if part is None:
+                continue
             expected = f"blocks.{layer}.{MODULE_HOOKS[module]}"
             if part.cfg.metadata.hook_name != expected:
                 raise ValueError(
@@ -416,6 +434,18 @@ def load_suite_stack(
                 )
         stack[layer] = LayerSAEs(res=sae, **parts)
     return stack
+
+
+def layer_of_hook(hook_name: str) -> int:
+    """The block index of a ``blocks.{layer}.<hook>`` name.
+
+    Raises:
+        ValueError: If the name does not start with ``blocks.<int>.``.
+    """
+    parts = hook_name.split(".")
+    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
+        raise ValueError(f"{hook_name!r} is not a 'blocks.<layer>.<hook>' hook name.")
+    return int(parts[1])
 
 
 def load_default_suite(

@@ -461,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import batch_cli  # standard library only: --help stays torch-free
 
     batch_cli.add_parser(sub)
+    from .suites import cli as suite_cli  # standard library only at import
+
+    suite_cli.add_parser(sub)
     return parser
 
 
