@@ -36,7 +36,8 @@ def suite_root(name: str = "default", root: str | Path | None = None) -> Path | 
         ValueError: For an unknown suite name.
         FileNotFoundError: If a real-model suite was not built (or its build did not finish).
     """
-    from .build import MANIFEST, suite_cache_dir
+    from .build import MANIFEST
+    from .cache import suite_cache_dir
 
     if name not in SUITES:
         raise ValueError(f"Unknown suite {name!r}; choose one of {list(SUITES)}.")

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from .cache import suite_cache_dir
 from .smollm2 import (
     BOS_ID,
     FULL,
@@ -56,11 +57,9 @@ __all__ = [
     "FAMILY_DIRS",
     "SuiteVerificationError",
     "build_suite",
-    "suite_cache_dir",
     "verify_suite",
 ]
 
-CACHE_ENV = "SAE_MATCH_LENS_CACHE"
 FAMILY_DIRS: tuple[str, ...] = ("jumprelu", "jumprelu_decoder_scale", "topk")
 """Residual families: Gemma Scope convention, its decoder-scale control, and TopK."""
 MODULE_FAMILIES: tuple[str, ...] = ("jumprelu", "jumprelu_decoder_scale")
@@ -74,19 +73,6 @@ _COST_PER_METRIC_TOKEN = 1 / 400.0
 
 class SuiteVerificationError(RuntimeError):
     """A built suite does not match its manifest (a file changed, went missing, or was added)."""
-
-
-def suite_cache_dir(name: str = "smollm2") -> Path:
-    """Where ``build_suite(name)`` builds: ``$SAE_MATCH_LENS_CACHE/suites/<name>``.
-
-    Without ``SAE_MATCH_LENS_CACHE``, the cache is ``$XDG_CACHE_HOME/sae_match_lens`` (or
-    ``~/.cache/sae_match_lens``).
-    """
-    base = os.environ.get(CACHE_ENV)
-    if base is None:
-        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        base = str(Path(xdg) / "sae_match_lens")
-    return Path(base) / "suites" / name
 
 
 def _sha256(path: Path) -> str:

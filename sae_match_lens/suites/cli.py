@@ -33,7 +33,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _folder(args: argparse.Namespace) -> Path:
-    from .build import suite_cache_dir
+    from .cache import suite_cache_dir
 
     if args.root is not None:
         return Path(args.root)

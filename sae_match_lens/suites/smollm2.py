@@ -227,7 +227,7 @@ def _hooked_config(hf_config: Any) -> Any:
 
 
 def _converted_dir(gguf: Path) -> Path:
-    from .build import suite_cache_dir
+    from .cache import suite_cache_dir
 
     digest = hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]
     return suite_cache_dir("models") / f"{MODEL_NAME}-{digest}"
