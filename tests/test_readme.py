@@ -90,8 +90,10 @@ def test_the_readme_has_python_snippets_in_try_it_offline_and_usage():
 
 
 FLOW = "Many-to-one links and feature flow"
-CHECKED = ("Try it offline", FLOW)
-"""Sections whose output a dedicated test checks against what the README says."""
+SMOLLM2 = "A real model: the SmolLM2 suite (built on demand)"
+CHECKED = ("Try it offline", FLOW, SMOLLM2)
+"""Sections whose output a dedicated test checks against what the README says (the SmolLM2
+section in tests/test_suite_build.py, on the suite the build test builds)."""
 
 
 def test_every_python_block_of_the_readme_is_collected():

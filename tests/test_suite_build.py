@@ -119,7 +119,8 @@ def small_suite(tmp_path_factory: pytest.TempPathFactory) -> dict:
     before = {p: p.stat().st_mtime_ns for p in [first, *shards, root / "work" / "tokens.safetensors"]}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return {"root": root, "before": before, "log": done.stdout + done.stderr}
+    return {"root": root, "before": before, "log": done.stdout + done.stderr,
+            "cache": env["SAE_MATCH_LENS_CACHE"]}
 
 
 @pytest.mark.slow
@@ -187,3 +188,23 @@ def test_loading_a_suite_that_was_never_built_says_how_to_build_it(tmp_path: Pat
         load_suite("smollm2", root=tmp_path)
     with pytest.raises(ValueError, match="Unknown suite"):
         load_suite("gemma")
+
+
+@pytest.mark.slow
+def test_the_readme_smollm2_snippet_runs_on_a_built_suite(small_suite: dict, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_readme import SECTIONS, SMOLLM2
+
+    # The README loads "smollm2" from the cache; here the cache holds the --small build under
+    # that name (layers 3-4 with module SAEs at 4, instead of 10-17 and 12-15).
+    cache = tmp_path / "cache"
+    (cache / "suites").mkdir(parents=True)
+    (cache / "suites" / "smollm2").symlink_to(small_suite["root"])
+    (cache / "suites" / "models").symlink_to(Path(small_suite["cache"]) / "suites" / "models")
+    monkeypatch.setenv("SAE_MATCH_LENS_CACHE", str(cache))
+    namespace: dict = {}
+    for snippet in SECTIONS[SMOLLM2]:
+        exec(compile(snippet, "README.md [SmolLM2]", "exec"), namespace)
+    assert sorted(namespace["saes"]) == [3, 4] and sorted(namespace["mlp_saes"]) == [4]
+    assert namespace["model"].cfg.d_model == 576
+    assert namespace["saes"][4].cfg.metadata.hook_name == "blocks.4.hook_resid_post"
