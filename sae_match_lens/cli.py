@@ -200,18 +200,9 @@ def _cmd_view(args: argparse.Namespace) -> int:
 
 def _write_atomic(path: str | Path, write: Any) -> Path:
     """``write(tmp)`` a temporary beside ``path``, then move it into place."""
-    from .permutation import _remove_stale_temporaries, _temp_beside
+    from .atomicio import atomic_write
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    tmp = _temp_beside(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, write)
 
 
 def _write_text(path: str | Path, text: str) -> Path:

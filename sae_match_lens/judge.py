@@ -16,12 +16,14 @@ Implementations:
 * :class:`ScriptedJudge` answers from a script (a list or a function): for tests, and for a
   user who rates by hand. String answers go through the same parsers as a real judge's.
 * :class:`ChatJudge` talks to any OpenAI-compatible ``/v1/chat/completions`` endpoint over plain
-  HTTP with the standard library (:mod:`urllib.request`; no extra package). Endpoint, model
-  and key come from the arguments or the environment (``SAE_MATCH_JUDGE_BASE_URL`` / ``OPENAI_BASE_URL``,
-  ``SAE_MATCH_JUDGE_MODEL``, ``SAE_MATCH_JUDGE_API_KEY`` / ``OPENAI_API_KEY``). Rate limits
-  (HTTP 429), server errors (5xx), timeouts and dropped connections are retried with bounded
-  exponential back-off (``Retry-After`` honoured up to ``max_backoff``), then
-  :class:`JudgeUnavailableError`; an answer that does not follow the protocol raises
+  HTTP with the standard library (:mod:`sae_match_lens.httpclient`; no extra package). Endpoint,
+  model and key come from the arguments or the environment (``SAE_MATCH_JUDGE_BASE_URL`` /
+  ``OPENAI_BASE_URL``, ``SAE_MATCH_JUDGE_MODEL``, ``SAE_MATCH_JUDGE_API_KEY`` /
+  ``OPENAI_API_KEY``). Rate limits (HTTP 429), server errors (5xx), timeouts and dropped
+  connections are retried with bounded exponential back-off (``Retry-After`` honoured up to
+  ``max_backoff``), then :class:`JudgeUnavailableError`. A redirect is followed only to the same
+  origin with a 307/308 (method, body and key kept); any other redirect is refused, so the API
+  key never reaches another host; an answer that does not follow the protocol raises
   :class:`JudgeAnswerError` quoting it. Nothing in the package calls a judge unless asked.
 
 :class:`RowLog` is the append-only JSON-lines file behind every loop that must not lose finished
@@ -39,15 +41,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import logging
 import math
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -56,7 +55,14 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .permutation import _remove_stale_temporaries, _temp_beside
+from .atomicio import write_text
+from .httpclient import (
+    BadResponseError,
+    RedirectRefusedError,
+    Response,
+    UnavailableError,
+    request,
+)
 
 __all__ = [
     "LABELS",
@@ -350,14 +356,13 @@ class ScriptedJudge(Judge):
                                                (explanation_a, explanation_b)))
 
 
-_RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 521, 522, 524, 529})
-
-
 class ChatJudge(Judge):
     """A judge behind an OpenAI-compatible chat-completions endpoint (standard library only).
 
     Requests are plain ``POST {base_url}/chat/completions`` JSON bodies sent with
-    :mod:`urllib.request`, so no extra package is needed.
+    :func:`sae_match_lens.httpclient.request` (standard library only): its timeouts, retries
+    and redirect policy (a redirect to another origin, or one that would turn the POST into a
+    GET, is refused; the key is never sent elsewhere).
 
     Args:
         model: the model name sent in the request (default: ``$SAE_MATCH_JUDGE_MODEL``).
@@ -368,8 +373,9 @@ class ChatJudge(Judge):
             ``$OPENAI_API_KEY``; none for local servers that need none).
         theme: default theme of :meth:`score`.
         timeout: seconds per request.
-        max_retries: retries after the first attempt for 429, 5xx, timeouts and connection
-            errors; then :class:`JudgeUnavailableError`.
+        max_retries: retries after the first attempt for 408, 429, 5xx
+            (:data:`~sae_match_lens.httpclient.RETRY_STATUS`), timeouts and connection errors;
+            then :class:`JudgeUnavailableError`.
         backoff: first wait in seconds; doubles with each retry, at most ``max_backoff``
             (a ``Retry-After`` header is honoured up to ``max_backoff``).
         answer_retries: how often an answer that does not follow the protocol is asked again
@@ -421,70 +427,42 @@ class ChatJudge(Judge):
     def __repr__(self) -> str:
         return f"ChatJudge(model={self.model!r}, url={self.url!r})"
 
-    def _wait(self, attempt: int, retry_after: str | None) -> float:
-        wait = min(self.max_backoff, self.backoff * 2 ** attempt)
-        if retry_after is not None:
-            with contextlib.suppress(ValueError):
-                wait = min(self.max_backoff, max(0.0, float(retry_after)))
-        return wait
-
-    def _post(self, body: bytes) -> tuple[int, bytes, str | None]:
-        """One request: ``(status, body, Retry-After)``; transport failures raise ``OSError``."""
-        request = urllib.request.Request(self.url, data=body, headers=self._headers,
-                                         method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return int(response.status), response.read(), None
-        except urllib.error.HTTPError as error:
-            with contextlib.closing(error):
-                return int(error.code), error.read(), error.headers.get("Retry-After")
-
     def chat(self, messages: list[dict[str, str]]) -> str:
         """Send one chat request (with the retries described above) and return the answer text.
 
         Raises:
-            JudgeUnavailableError: no answer after ``max_retries`` retries, or a refused request.
+            JudgeUnavailableError: no answer after ``max_retries`` retries, a refused request,
+                or a redirect that is not followed.
             JudgeAnswerError: the reply is not chat-completions JSON.
         """
         body = json.dumps({"model": self.model, "messages": messages,
                            "temperature": self.temperature,
                            "max_tokens": self.max_tokens}).encode("utf-8")
-        last = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            retry_after = None
-            try:
-                status, reply, retry_after = self._post(body)
-            except TimeoutError:
-                last = f"timed out after {self.timeout:g} s"
-            except urllib.error.URLError as exc:
-                timed_out = isinstance(exc.reason, TimeoutError)
-                last = (f"timed out after {self.timeout:g} s" if timed_out
-                        else f"connection failed ({exc.reason})")
-            except (ConnectionError, http.client.HTTPException, OSError) as exc:
-                last = f"connection failed ({type(exc).__name__}: {exc})"
-            else:
-                text = reply.decode("utf-8", errors="replace")
-                if status == 200:
-                    return self._content(text)
-                last = f"HTTP {status} {_quote(text, 200)}"
-                if status not in _RETRY_STATUS:
-                    raise JudgeUnavailableError(
-                        f"the judge at {self.url} (model {self.model!r}) refused the request: "
-                        f"{last}. Check the endpoint, the model name and the API key.")
-            if attempt < self.max_retries:
-                wait = self._wait(attempt, retry_after)
-                logger.info("judge at %s: %s; retry %d/%d in %.2f s", self.url, last,
-                            attempt + 1, self.max_retries, wait)
-                self.sleep(wait)
-        raise JudgeUnavailableError(
-            f"the judge at {self.url} (model {self.model!r}) gave no answer after "
-            f"{self.max_retries + 1} attempts; last: {last}. Try later, raise max_retries, or "
-            "lower the request rate.")
-
-    def _content(self, text: str) -> str:
         try:
-            content = json.loads(text)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
+            reply = request("POST", self.url, headers=self._headers, body=body,
+                            timeout=self.timeout, retries=self.max_retries, backoff=self.backoff,
+                            max_wait=self.max_backoff, sleep=self.sleep)
+        except UnavailableError as exc:
+            raise JudgeUnavailableError(
+                f"the judge at {self.url} (model {self.model!r}) gave no answer after "
+                f"{exc.attempts} attempts; last: {exc.last}. Try later, raise max_retries, or "
+                "lower the request rate.") from None
+        except RedirectRefusedError as exc:
+            raise JudgeUnavailableError(
+                f"the judge at {self.url} (model {self.model!r}) answered with a redirect that "
+                f"is not followed: {exc} Set base_url to the address that answers.") from None
+        if reply.status != 200:
+            raise JudgeUnavailableError(
+                f"the judge at {self.url} (model {self.model!r}) refused the request: HTTP "
+                f"{reply.status} {_quote(reply.text(), 200)}. Check the endpoint, the model name "
+                "and the API key.")
+        return self._content(reply)
+
+    def _content(self, reply: Response) -> str:
+        text = reply.text()
+        try:
+            content = reply.json()["choices"][0]["message"]["content"]
+        except (BadResponseError, KeyError, IndexError, TypeError):
             raise JudgeAnswerError(
                 f"the judge at {self.url} replied with HTTP 200 but not chat-completions JSON "
                 f"(choices[0].message.content): {_quote(text)}", text) from None
@@ -572,16 +550,7 @@ class RowLog:
     def _rewrite(self, rows: list[dict[str, Any]]) -> None:
         lines = [json.dumps({"header": self.header}, allow_nan=False)]
         lines += [json.dumps(row, allow_nan=False) for row in rows]
-        _remove_stale_temporaries(self.path)
-        tmp = _temp_beside(self.path)
-        try:
-            with open(tmp, "w", encoding="utf-8") as handle:
-                handle.write("\n".join(lines) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text(self.path, "\n".join(lines) + "\n")
 
     def _read(self) -> None:
         raw = self.path.read_bytes()

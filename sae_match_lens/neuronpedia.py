@@ -9,31 +9,32 @@ holds the automatic explanations (``description``, the explainer model, the meth
 
 :func:`explanations` fetches them over plain HTTP (standard library only): at most ``rate``
 requests per second, retries with exponential back-off on ``429 Too Many Requests`` (honouring
-``Retry-After``) and on ``5xx``, one JSON file per feature in an on-disk cache (written atomically;
-a cached feature needs no network), and a one-sentence :class:`NeuronpediaUnavailableError` when
-the server cannot be reached. A ``404`` means Neuronpedia has no such feature: it is returned
-(and cached) with ``found=False``. This module imports only the standard library and tqdm.
+``Retry-After``), on ``5xx`` and on timeouts, redirects followed under the policy of
+:mod:`sae_match_lens.httpclient` (the one HTTP client of the package), one JSON file per feature
+in an on-disk cache (written atomically by :mod:`sae_match_lens.atomicio`; a cached feature needs
+no network), and a one-sentence :class:`NeuronpediaUnavailableError` when the server cannot be
+reached. A ``404`` means Neuronpedia has no such feature: it is returned (and cached) with
+``found=False``. This module imports only the standard library, tqdm and those two modules.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import operator
 import os
 import re
-import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from tqdm.auto import tqdm
+
+from .atomicio import write_text
+from .httpclient import HostNotFoundError, RedirectRefusedError, UnavailableError, request
 
 __all__ = [
     "NEURONPEDIA_URL",
@@ -53,7 +54,6 @@ NEURONPEDIA_URL = "https://www.neuronpedia.org"
 
 CACHE_FORMAT = "sae_match_lens.neuronpedia_feature"
 _ID = re.compile(r"^[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$")
-_RETRIED_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
 class NeuronpediaUnavailableError(RuntimeError):
@@ -180,18 +180,6 @@ def _cache_path(cache_dir: Path, base_url: str, npid: str, feature: int) -> Path
             / f"{feature}.json")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _from_record(record: dict[str, Any], npid: str, feature: int, url: str) -> FeatureExplanations:
     items = tuple(Explanation(str(e["description"]), e.get("explainer"), e.get("method"))
                   for e in record["explanations"])
@@ -235,52 +223,30 @@ def _parse_answer(body: bytes, api_url: str) -> list[Explanation] | None:
     return out
 
 
-def _retry_after(error: urllib.error.HTTPError) -> float | None:
-    value = error.headers.get("Retry-After") if error.headers else None
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
-
-
 def _fetch(api_url: str, *, limiter: _RateLimiter, timeout: float, retries: int,
            backoff: float, max_wait: float, base_url: str,
            sleep: Callable[[float], None]) -> list[Explanation] | None:
-    request = urllib.request.Request(api_url, headers={"Accept": "application/json",
-                                                       "User-Agent": "sae-match-lens"})
-    last = ""
-    for attempt in range(retries + 1):
-        limiter.wait()
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                body = response.read()
-            return _parse_answer(body, api_url)
-        except urllib.error.HTTPError as error:
-            if error.code == 404:
-                return None
-            if error.code not in _RETRIED_STATUS:
-                raise ValueError(f"Neuronpedia refused {api_url} with HTTP {error.code} "
-                                 f"({error.reason}); check the Neuronpedia id.") from None
-            last = f"HTTP {error.code} ({error.reason})"
-            wait = _retry_after(error)
-        except TimeoutError:
-            last, wait = f"no answer within {timeout:g} s", None
-        except urllib.error.URLError as error:
-            if isinstance(error.reason, TimeoutError):
-                last, wait = f"no answer within {timeout:g} s", None
-            else:
-                raise NeuronpediaUnavailableError(
-                    f"Cannot reach Neuronpedia at {base_url} ({error.reason}); explanations need "
-                    "network access, except for features already in the cache.") from None
-        except (ConnectionError, http.client.HTTPException) as error:
-            last, wait = f"connection failed ({error.__class__.__name__})", None
-        if attempt < retries:
-            delay = min(max_wait, wait if wait is not None else backoff * 2 ** attempt)
-            logger.info("Neuronpedia: %s for %s; retrying in %.2f s", last, api_url, delay)
-            sleep(delay)
-    raise NeuronpediaUnavailableError(
-        f"Neuronpedia kept failing for {api_url} ({last}) after {retries + 1} tries; lower rate= "
-        "or try again later.")
+    try:
+        reply = request("GET", api_url, headers={"Accept": "application/json",
+                                                 "User-Agent": "sae-match-lens"},
+                        timeout=timeout, retries=retries, backoff=backoff, max_wait=max_wait,
+                        sleep=sleep, before_attempt=limiter.wait)
+    except HostNotFoundError as error:
+        raise NeuronpediaUnavailableError(
+            f"Cannot reach Neuronpedia at {base_url} ({error.last}); explanations need network "
+            "access, except for features already in the cache.") from None
+    except UnavailableError as error:
+        raise NeuronpediaUnavailableError(
+            f"Neuronpedia kept failing for {api_url} ({error.last}) after {error.attempts} tries; "
+            "lower rate= or try again later.") from None
+    except RedirectRefusedError as error:
+        raise NeuronpediaUnavailableError(f"Neuronpedia at {base_url}: {error}") from None
+    if reply.status == 404:
+        return None
+    if not 200 <= reply.status < 300:
+        raise ValueError(f"Neuronpedia refused {api_url} with HTTP {reply.status} "
+                         f"({reply.reason}); check the Neuronpedia id.")
+    return _parse_answer(reply.body, api_url)
 
 
 def explanations(
@@ -353,7 +319,7 @@ def explanations(
         record = {"format": CACHE_FORMAT, "version": 1, "neuronpedia_id": npid, "feature": feature,
                   "found": found, "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
                   "explanations": [e._asdict() for e in result.explanations]}
-        _write_atomic(path, json.dumps(record, indent=1))
+        write_text(path, json.dumps(record, indent=1))
         fetched += 1
         out[feature] = result
     logger.info("Neuronpedia %s: %d features, %d fetched, %d from the cache in %s", npid,

@@ -19,12 +19,10 @@ never checked.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
 import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .savedir import pid_alive
+from .atomicio import atomic_write_files
 
 __all__ = ["FORMAT_VERSION", "Permutation", "PermutationFileError", "ProvenanceError",
            "check_direction", "check_provenance", "map_identities"]
@@ -382,12 +380,12 @@ class Permutation:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``path`` (safetensors) and ``path + '.json'`` (metadata sidecar) atomically.
 
-        Each file is written to a temporary file in the same directory
-        (``.NAME.PID.RANDOM.sae-match-tmp``) and moved into place, so a failed write never leaves
-        a half-written file or damages an existing one. Temporaries that an earlier, killed save
-        of the same target left behind (their process is gone) are removed. The files get the
-        permissions of any newly created file (the user's umask). Returns the path of the
-        safetensors file.
+        Both files are written to temporaries in the same directory
+        (``.NAME.HOST.PID.RANDOM.sae-match-tmp``) and moved into place only once both are written
+        (:func:`~sae_match_lens.atomicio.atomic_write_files`), so a failed write never leaves a
+        half-written file or damages an existing one. Temporaries that an earlier, killed save of
+        the same target left behind are removed. The files get the permissions of any newly
+        created file (the user's umask). Returns the path of the safetensors file.
         """
         path = Path(path)
         sidecar = Path(str(path) + _SIDECAR_SUFFIX)
@@ -401,22 +399,13 @@ class Permutation:
             "metadata": dict(self.metadata),
         }
         text = json.dumps(record, indent=2, sort_keys=True, default=_json_default)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for target in (path, sidecar):
-            _remove_stale_temporaries(target)
-        tmp_tensor = _temp_beside(path)
-        tmp_json = _temp_beside(sidecar)
-        try:
-            mode = tmp_tensor.stat().st_mode & 0o777  # what the umask gave a new file
-            save_file({"indices": self.indices}, str(tmp_tensor),
+
+        def write_tensor(tmp: Path) -> None:
+            save_file({"indices": self.indices}, str(tmp),
                       metadata={"n_target": str(self.n_target), "checksum": record["checksum"]})
-            os.chmod(tmp_tensor, mode)  # safetensors re-creates the file with mode 0600
-            tmp_json.write_text(text)
-            os.replace(tmp_tensor, path)
-            os.replace(tmp_json, sidecar)
-        finally:
-            for tmp in (tmp_tensor, tmp_json):
-                tmp.unlink(missing_ok=True)
+
+        atomic_write_files({path: write_tensor,
+                            sidecar: lambda tmp: tmp.write_text(text)})
         return path
 
     @classmethod
@@ -482,33 +471,6 @@ def _check_identity(path: Path, role: str, recorded: Mapping[str, Any] | None, s
                 f"{describe_sae(sae)} has {key}={actual[key]!r}; it was made for another SAE. "
                 "Re-run the matching for these SAEs, or load without source/target to skip the check."
             )
-
-
-_TEMP_SUFFIX = ".sae-match-tmp"
-
-
-def _temp_beside(path: Path) -> Path:
-    """A new empty file ``.NAME.PID.RANDOM.sae-match-tmp`` beside ``path``, created with the
-    permissions the umask gives (unlike ``tempfile.mkstemp``'s 0600)."""
-    while True:
-        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TEMP_SUFFIX}"
-        try:
-            with open(tmp, "x"):
-                return tmp
-        except FileExistsError:
-            continue
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete temporaries of ``path`` whose writing process no longer exists."""
-    prefix = f".{path.name}."
-    for tmp in path.parent.glob(f"{glob.escape(prefix)}*{_TEMP_SUFFIX}"):
-        middle = tmp.name[len(prefix):-len(_TEMP_SUFFIX)]
-        pid_text = middle.split(".", 1)[0]
-        if not pid_text.isdigit() or pid_alive(int(pid_text)):
-            continue
-        logger.info("removing %s, left by an interrupted save of %s", tmp, path)
-        tmp.unlink(missing_ok=True)
 
 
 def _json_default(value: Any) -> Any:

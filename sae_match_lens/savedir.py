@@ -1,18 +1,22 @@
 """Atomic result directories: write a whole directory, or leave the old one exactly as it was.
 
 :func:`write_directory` builds the new contents in a temporary directory beside the target
-(``.NAME.PID.RANDOM.sae-match-tmpdir``), then puts it in place with one rename:
+(``.NAME.HOST.PID.RANDOM.sae-match-tmpdir``), then puts it in place with one rename:
 
 * no directory at the target yet: ``rename(tmp, target)``;
 * an earlier save there: on Linux the two are swapped atomically
   (``renameat2(RENAME_EXCHANGE)``) and the old contents deleted; where the file system or the
   system cannot swap, the old directory is first renamed aside
-  (``.NAME.PID.RANDOM.sae-match-old``), the new one renamed in, then the old one deleted; if the
-  second rename fails, the old directory is renamed back.
+  (``.NAME.HOST.PID.RANDOM.sae-match-old``), the new one renamed in, then the old one deleted;
+  if the second rename fails, the old directory is renamed back.
 
-A reader therefore sees the old directory or the new one, never a mix. Temporaries of writers
-that no longer run are removed by the next save of the same target. An existing target that is
-not a directory of the same ``kind`` (its manifest says so) is never replaced.
+A reader therefore sees the old directory or the new one, never a mix. The durability policy is
+:mod:`sae_match_lens.atomicio`'s: every file in the new directory and the directory itself are
+``fsync``'ed before the rename, and the parent directory after it. Temporaries of writers that
+no longer write are removed by the next save of the same target, judged as
+:func:`~sae_match_lens.atomicio.is_abandoned` says (this host's by process id, another host's by
+a lease that a live writer keeps fresh while it writes). An existing target that is not a
+directory of the same ``kind`` (its manifest says so) is never replaced.
 
 Also here: a strict-JSON encoding of result fields (non-finite floats as ``{"float": "inf"}``)
 and a checksum over tensors and JSON fields.
@@ -23,13 +27,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import glob
 import hashlib
 import json
 import logging
 import math
 import os
-import secrets
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,6 +39,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .atomicio import fsync_directory, fsync_file, keep_fresh, remove_abandoned, temporary_path
 
 __all__ = ["decode_json", "encode_json", "tensor_checksum", "write_directory"]
 
@@ -49,18 +53,7 @@ _AT_FDCWD = -100
 
 
 def _beside(path: Path, suffix: str) -> Path:
-    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` runs on this host (a temporary's writer, by its name)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return temporary_path(path, suffix)
 
 
 def read_versioned_manifest(directory: Path, manifest: str, fmt: str, version: int,
@@ -89,16 +82,19 @@ def read_versioned_manifest(directory: Path, manifest: str, fmt: str, version: i
 
 
 def _remove_stale(path: Path) -> None:
-    """Delete temporaries (and set-aside old copies) of ``path`` whose writer no longer runs."""
-    prefix = f".{path.name}."
-    for entry in path.parent.glob(f"{glob.escape(prefix)}*"):
-        for suffix in (_TMP, _OLD):
-            if not entry.name.endswith(suffix):
-                continue
-            pid = entry.name[len(prefix):-len(suffix)].split(".", 1)[0]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                logger.info("removing %s, left by an interrupted save of %s", entry, path)
-                shutil.rmtree(entry, ignore_errors=True)
+    """Delete temporaries (and set-aside old copies) of ``path`` whose writer no longer writes."""
+    remove_abandoned(path, (_TMP, _OLD))
+
+
+def _fsync_tree(directory: Path) -> None:
+    """``fsync`` every file below ``directory``, then each directory (deepest first)."""
+    folders = []
+    for root, _, files in os.walk(directory):
+        folders.append(root)
+        for name in files:
+            fsync_file(os.path.join(root, name))
+    for folder in reversed(folders):
+        fsync_directory(folder)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -141,8 +137,11 @@ def write_directory(path: str | os.PathLike[str], write: Callable[[Path], None],
     tmp = _beside(path, _TMP)
     tmp.mkdir()
     try:
-        write(tmp)
+        with keep_fresh(tmp):
+            write(tmp)
+        _fsync_tree(tmp)
         _put_in_place(tmp, path)
+        fsync_directory(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

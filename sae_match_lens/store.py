@@ -19,7 +19,9 @@ A job's key hashes its kind, both SAEs' fingerprints and its options
 (:func:`sae_match_lens.batch.job_key`), so a job is *finished* when its directory holds an ``ok``
 record; changed inputs or options give a new key and the job is done again. A result directory
 is built in a temporary directory beside its place and renamed in: a killed writer leaves no
-partial result (its temporary is removed by the next writer of that job or by :meth:`clean`).
+partial result (its temporary is removed by the next writer of that job or by :meth:`clean`;
+a temporary names its writer's host and process, and another host's temporary is removed only
+after a lease expires, so a clean on one node spares the live writers of another).
 Two attempts of one job that both finish (a retried task whose first worker was only slow)
 leave one directory: the later rename replaces the earlier one whole, and an ``ok`` result is
 never replaced by a later error. The table is derived from the records, never the other way.
@@ -49,9 +51,10 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomicio import LEASE_SECONDS, TEMP_SUFFIX, atomic_write, is_abandoned, write_text
 from .linking import Links
 from .matching import MatchResult
-from .savedir import decode_json, encode_json, pid_alive, tensor_checksum, write_directory
+from .savedir import decode_json, encode_json, tensor_checksum, write_directory
 
 if TYPE_CHECKING:
     from .flow import FlowGraph, FlowKey
@@ -69,7 +72,7 @@ LINKS_FORMAT = "sae_match_lens.Links"
 _STORE_FILE = "store.json"
 _RECORD = "job.json"
 _ATTEMPTS = ".attempts"
-_TMP_SUFFIXES = (".sae-match-tmpdir", ".sae-match-old")
+_TMP_SUFFIXES = (".sae-match-tmpdir", ".sae-match-old", TEMP_SUFFIX)
 
 
 class StoreError(ValueError):
@@ -116,7 +119,7 @@ class ResultStore:
         if not create:
             raise StoreError(f"{self.root} is not a results store (no {_STORE_FILE}).")
         self.root.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(marker, json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION}))
+        write_text(marker, json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION}))
 
     def __repr__(self) -> str:
         return f"ResultStore({str(self.root)!r})"
@@ -214,21 +217,36 @@ class ResultStore:
         with contextlib.suppress(OSError):
             (self.root / _ATTEMPTS).rmdir()
 
-    def clean(self) -> list[Path]:
-        """Remove temporaries left by killed writers on this host (their pid no longer runs);
-        returns what was removed. Writers on other hosts of a shared store are not judged."""
+    def clean(self, *, lease: float = LEASE_SECONDS) -> list[Path]:
+        """Remove temporaries that killed writers left in the store; returns what was removed.
+
+        A temporary's name records its writer's host and process id
+        (:mod:`sae_match_lens.atomicio`). One written on this host is removed when its process
+        no longer runs; one written on another host of a shared store only when it has not been
+        modified for ``lease`` seconds (live writers refresh it every
+        :data:`~sae_match_lens.atomicio.HEARTBEAT_SECONDS` while they write), so a clean on one
+        node never deletes the temporary of a writer still running on another.
+
+        Args:
+            lease: seconds without modification after which another host's temporary counts as
+                abandoned (default :data:`~sae_match_lens.atomicio.LEASE_SECONDS`).
+        """
         removed = []
         for entry in self.root.iterdir():
-            if not entry.name.startswith(".") or not entry.name.endswith(_TMP_SUFFIXES):
+            suffix = next((s for s in _TMP_SUFFIXES if entry.name.endswith(s)), None)
+            if suffix is None or not is_abandoned(entry, suffix, lease=lease):
                 continue
-            pid = entry.name.rsplit(".", 3)[-3] if entry.name.count(".") >= 4 else ""
-            if pid.isdigit() and not pid_alive(int(pid)):
+            logger.info("removing %s, left by an interrupted writer", entry)
+            if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
         return removed
 
     def temporaries(self) -> list[Path]:
-        """Temporary or set-aside directories present in the store (none after a clean run)."""
+        """Temporary or set-aside files and directories present in the store (none after a
+        clean run)."""
         return [e for e in self.root.iterdir() if e.name.endswith(_TMP_SUFFIXES)]
 
     def match_result(self, key: str, *, source: Any | None = None,
@@ -266,20 +284,16 @@ class ResultStore:
 
     def write_table(self) -> Path:
         """Write :meth:`table` to ``results.parquet`` (``results.jsonl`` without pyarrow),
-        atomically; returns the file."""
+        atomically (:func:`~sae_match_lens.atomicio.atomic_write`: a failed write leaves the
+        earlier table and no temporary); returns the file."""
         frame = self.table()
         try:
             import pyarrow  # noqa: F401
-
-            target = self.root / "results.parquet"
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            frame.to_parquet(tmp, index=False)
         except ImportError:
-            target = self.root / "results.jsonl"
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            frame.to_json(tmp, orient="records", lines=True)
-        os.replace(tmp, target)
-        return target
+            return atomic_write(self.root / "results.jsonl",
+                                lambda tmp: frame.to_json(tmp, orient="records", lines=True))
+        return atomic_write(self.root / "results.parquet",
+                            lambda tmp: frame.to_parquet(tmp, index=False))
 
     def chain(self, *, kind: str = "match", module: str | None = None,
               options: Mapping[str, Any] | None = None) -> Any:
@@ -505,9 +519,3 @@ def load_links(directory: Path) -> Links:
     fields = decode_json(record["fields"])
     return Links(indices=tensors["indices"], scores=tensors["scores"],
                  confidence=tensors["confidence"].to(torch.float32), **fields)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -48,11 +48,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import hook_name_of, layers_from_hooks
+from .atomicio import write_text
 from .chain import ChainMatch
 from .coactivation import record_states, token_batches
 from .flow import MODULES, FlowGraph, LayerSAEs
 from .metrics import fires, scored_states
-from .permutation import _remove_stale_temporaries, _temp_beside
 
 __all__ = ["DEFAULT_MAX_NODES", "DEFAULT_MAX_PATHS", "top_activating_tokens", "write_html"]
 
@@ -571,11 +571,24 @@ gd.setAttribute('data-sae-match-ready', '1');
 """
 
 
+_SCRIPT_UNSAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026",
+                                "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _script_json(data: Any) -> str:
+    """``data`` as JSON that is safe inside an HTML ``<script>`` element: every ``<``, ``>``,
+    ``&``, U+2028 and U+2029 is written as a ``\\uXXXX`` escape, so no string in it (a token
+    such as ``</script>`` or ``<!--<script>``) can end the element or open a comment. The JSON
+    value is unchanged (``json.loads`` reads the same data back).
+    """
+    return json.dumps(data, allow_nan=False).translate(_SCRIPT_UNSAFE)
+
+
 def _page(fig: Any, data: dict[str, Any], view: _View, title: str) -> str:
     plot = fig.to_html(full_html=False, include_plotlyjs=True, include_mathjax=False,
                        div_id="sae-match-graph", post_script=_JS,
                        config={"displaylogo": False, "responsive": True, "showSendToCloud": False})
-    payload = json.dumps(data, allow_nan=False).replace("</", "<\\/")
+    payload = _script_json(data)
     notes = "".join(f'<div class="sae-match-note">{html.escape(n)}</div>' for n in view.notes)
     search_hint = "feature id or 2:15" if view.kind == "chain" else "feature id or 7/res/15"
     return f"""<!DOCTYPE html>
@@ -595,17 +608,6 @@ links, top-activating tokens and Neuronpedia link here.</p></div>
 <div id="sae-match-plot">{plot}</div></div>
 </body></html>
 """
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    tmp = _temp_beside(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_html(
@@ -687,7 +689,7 @@ def write_html(
     _decorate(view, top_tokens, neuronpedia)
     fig, data = _figure(view)
     text = _page(fig, data, view, title or view.title)
-    _write_atomically(path, text)
+    write_text(path, text)
     logger.info("wrote %s (%d nodes, %d links, %.1f MB)", path, len(view.nodes), len(view.edges),
                 len(text.encode()) / 1e6)
     return path

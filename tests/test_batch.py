@@ -194,6 +194,84 @@ def test_a_store_of_another_version_is_refused(stack, tmp_path):
         ResultStore(other)
 
 
+def _dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+
+
+def test_clean_on_one_host_spares_a_live_writer_on_another_host(tmp_path, monkeypatch):
+    """Two simulated hosts share one store: node-a writes a job (slowly, in a thread) while node-b
+    cleans. node-a's process id does not run on node-b (the writer is named with a finished
+    process's pid), so only the host in the name and the lease keep its temporary alive."""
+    from sae_match_lens import atomicio
+
+    host = {"id": "node-a"}
+    monkeypatch.setattr("socket.gethostname", lambda: host["id"])
+    dead = _dead_pid()
+    root = tmp_path / "store"
+    store = ResultStore(root)
+    inside, release = threading.Event(), threading.Event()
+
+    def slow(tmp: Path) -> None:
+        (tmp / "result.bin").write_bytes(b"partial result")
+        inside.set()
+        release.wait(30)
+
+    real_getpid = os.getpid
+    monkeypatch.setattr(os, "getpid", lambda: dead)  # node-a's writer, as node-b sees its pid
+    writer = threading.Thread(target=store.write_job, args=(
+        "job1", {"status": "ok", "kind": "match", "label": "slow"}, slow))
+    writer.start()
+    try:
+        assert inside.wait(30)
+        monkeypatch.setattr(os, "getpid", real_getpid)  # the temporary is named; node-b now
+        [live] = store.temporaries()
+        assert f".job1.node-a.{dead}." in live.name
+        host["id"] = "node-b"
+        assert ResultStore(root).clean() == []
+        assert (live / "result.bin").read_bytes() == b"partial result"
+    finally:
+        release.set()
+        writer.join()
+    assert store.record("job1")["label"] == "slow" and store.temporaries() == []
+    # what node-b does remove: node-a's temporary once its lease ran out, its own dead writer's
+    now = time.time()
+    expired = root / f".job2.node-a.{dead}.0badc0de.sae-match-tmpdir"
+    mine = root / f".job3.node-b.{dead}.0badc0de.sae-match-tmpdir"
+    fresh = root / f".results.parquet.node-a.{dead}.0badc0de{atomicio.TEMP_SUFFIX}"
+    for folder in (expired, mine):
+        folder.mkdir()
+    fresh.write_bytes(b"")
+    old = now - atomicio.LEASE_SECONDS - 60
+    os.utime(expired, (old, old))
+    assert sorted(ResultStore(root).clean()) == sorted([expired, mine])
+    assert store.temporaries() == [fresh]
+    assert ResultStore(root).clean(lease=0.0) == [fresh]
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_a_failed_table_write_leaves_the_earlier_table_and_no_temporary(tmp_path, monkeypatch,
+                                                                       error):
+    import pandas as pd
+
+    store = ResultStore(tmp_path / "store")
+    store.write_job("job1", {"status": "error", "kind": "match", "label": "a", "error": "boom"})
+    table = store.write_table()
+    before = (table.read_bytes(), sorted(os.listdir(store.root)))
+
+    def broken(frame, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a table")
+        raise error
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", broken)
+    monkeypatch.setattr(pd.DataFrame, "to_json", broken)
+    store.write_job("job2", {"status": "error", "kind": "match", "label": "b", "error": "boom"})
+    with pytest.raises(type(error)):
+        store.write_table()
+    assert (table.read_bytes(), sorted(os.listdir(store.root))) == (
+        before[0], sorted([*before[1], "job2"]))
+
+
 def test_plan_file_stack_jobs_and_modules(stack, tmp_path):
     plan_file = tmp_path / "plan.yaml"
     rel = {k: os.path.relpath(v, tmp_path) for k, v in stack.items()}

@@ -13,6 +13,7 @@ from scipy.optimize import linear_sum_assignment
 
 from sae_match_lens import Permutation, ProvenanceError, fold
 from sae_match_lens import matching as matching_module
+from sae_match_lens.atomicio import host_id
 from sae_match_lens.matching import match, null_max_cost
 
 
@@ -361,7 +362,7 @@ def test_save_removes_temporaries_of_a_killed_save(tmp_path):
     result = match(pair.sae_a, pair.sae_b, progress=False)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    stale = tmp_path / f".r.{dead}.0badc0de.sae-match-tmpdir"
+    stale = tmp_path / f".r.{host_id()}.{dead}.0badc0de.sae-match-tmpdir"  # this host's
     stale.mkdir()
     (stale / "result.json").write_text("{")
     result.save(tmp_path / "r")

@@ -5,6 +5,7 @@ node count, the filters, the search box, the side panel's link, a non-blank scre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -162,6 +163,37 @@ def test_links_already_on_the_graph_are_used_and_an_explicit_template_wins(flow,
     urls = payload(write_html(graph, tmp_path / "b.html", neuronpedia=URL))["nodes"]
     assert urls["url"] == [URL.format(model_layer=int(i.split("/")[0]), module=i.split("/")[1],
                                       feature=int(i.split("/")[2])) for i in urls["id"]]
+
+
+HOSTILE = ("<!--<script>", "</script><script>window.pwned=1</script>",
+           "<img src=x onerror=\"window.pwned=2\">", "]]> & \u2028 \u2029 <\\/b>")
+"""Strings that would break out of a ``<script>`` element or run code if embedded unescaped (no
+``-->`` among them: it would end the comment that ``<!--<script>`` opens)."""
+
+
+def hostile_flow(flow: FlowGraph) -> tuple[FlowGraph, dict]:
+    """``flow`` with hostile hook names and explanations on its nodes, and hostile top tokens."""
+    nodes = flow.nodes.copy()
+    nodes["hook"] = [HOSTILE[i % len(HOSTILE)] + f" hook {i}" for i in range(len(nodes))]
+    nodes["explanation"] = [HOSTILE[(i + 1) % len(HOSTILE)] for i in range(len(nodes))]
+    tokens = {(int(r.layer), r.module, int(r.feature)): list(HOSTILE) for r in nodes.itertuples()}
+    return dataclasses.replace(flow, nodes=nodes), tokens
+
+
+def test_embedded_json_escapes_every_angle_bracket_and_reads_back_unchanged(flow, tmp_path):
+    graph, tokens = hostile_flow(flow)
+    path = write_html(graph, tmp_path / "hostile.html", top_tokens=tokens, title=HOSTILE[1])
+    text = path.read_text()
+    start = text.index('<script type="application/json" id="sae-match-data">') + 52
+    block = text[start:text.index("</script>", start)]
+    assert not set(block) & set("<>&\u2028\u2029")  # each written as a \\uXXXX escape
+    data = json.loads(block)
+    assert data["nodes"]["tokens"] == [list(HOSTILE)] * len(graph.nodes)
+    info = dict(data["nodes"]["info"][0])
+    assert info["explanation"] == graph.nodes.explanation[0]
+    assert info["layer"].endswith(f"({graph.nodes.hook[0]})")
+    for raw in ("<script>window.pwned", "<!--<script>", "<img src=x"):
+        assert raw not in text  # in no script, title or attribute of the page either
 
 
 # -- the file ---------------------------------------------------------------------------------
@@ -359,3 +391,21 @@ def test_flow_page_renders_filters_links_and_screenshot_in_chromium(browser, flo
     blue = (np.abs(image.astype(int) - [31, 119, 180]).sum(axis=2) < 40).sum()
     assert blue > 100  # residual nodes and links in their colour
     page.clean()
+
+
+def test_hostile_tokens_explanations_and_hooks_show_as_text_in_chromium(browser, flow, tmp_path):
+    graph, tokens = hostile_flow(flow)
+    path = write_html(graph, tmp_path / "hostile.html", top_tokens=tokens, title=HOSTILE[1])
+    page = Page(browser, path)  # waits for the page's script to finish: nothing swallowed it
+    assert page.points() == len(graph.nodes)
+    assert page.page.evaluate("window.pwned") is None  # no injected script or handler ran
+    assert page.page.locator("#sae-match-panel script, #sae-match-panel img").count() == 0
+    seed = graph.options["seed"]
+    page.page.fill("#sae-match-search", seed)
+    panel = page.page.inner_text("#sae-match-panel")
+    row = graph.nodes.index[graph.nodes.node == seed][0]
+    for shown in (*HOSTILE[:3], graph.nodes.hook[row].strip(), graph.nodes.explanation[row]):
+        assert shown.strip() in panel  # shown as text, character for character
+    assert page.page.title() == HOSTILE[1]
+    assert page.page.evaluate("window.pwned") is None
+    page.clean()  # no console error, nothing fetched (the <img> never loaded)
