@@ -779,9 +779,11 @@ def null_max_cost(
                           seed=seed)
 
 
-COMPETITION_MAX_N = 16384
+COMPETITION_MAX_N = 4096
 """Up to this many source features ``max_cost="auto"`` simulates the one-to-one competition of
-a null SAE of A's size (:func:`null_max_cost`); above it λ is the best-by-chance quantile."""
+a null SAE of A's size (:func:`null_max_cost`); above it λ is the best-by-chance quantile
+(conservative). The simulation scores a whole null SAE against B, as many pairs as the match
+itself (measured: 23 s against a 16 s match at 16,384 features, d = 256, two CPU cores)."""
 
 
 def _auto_max_cost(sae_a: Any, sae_b: Any, weights: CostWeights,

@@ -241,6 +241,22 @@ def test_true_partners_stay_matched_under_the_calibrated_threshold():
     assert result.permutation.n_matched == 1024
 
 
+def test_auto_max_cost_allows_for_one_to_one_competition(monkeypatch):
+    """λ is raised from the best-by-chance quantile until a null SAE of A's size, assigned with
+    that cap, keeps null_rate; above COMPETITION_MAX_N features the quantile is used."""
+    sae_a, sae_b = aligned_sae("jumprelu", 512, 1), aligned_sae("jumprelu", 512, 2)
+    w = matching.CostWeights()
+    features = tuple(matching.stack_features(matching.feature_view(s), w, "mse")
+                     for s in (sae_a, sae_b))
+    best = matching.null_costs(*features, columns=matching._block_columns(w, 128, 128))
+    quantile = float(torch.quantile(best, 0.05))
+    lam = null_max_cost(sae_a, sae_b, null_rate=0.05)
+    assert lam >= quantile
+    assert lam == match(sae_a, sae_b, max_cost="auto", null_rate=0.05, progress=False).max_cost
+    monkeypatch.setattr(matching, "COMPETITION_MAX_N", 256)
+    assert null_max_cost(sae_a, sae_b, null_rate=0.05) == quantile
+
+
 def test_auto_max_cost_reuses_the_folded_features(monkeypatch):
     calls = []
     original = matching.feature_view
