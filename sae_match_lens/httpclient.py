@@ -137,6 +137,11 @@ class Response:
     url: str
     """The URL that answered (after any redirects followed)."""
 
+    def header(self, name: str) -> str | None:
+        """The value of header ``name`` (case-insensitive), or None."""
+        lowered = name.lower()
+        return next((v for k, v in self.headers.items() if k.lower() == lowered), None)
+
     def text(self) -> str:
         """The body decoded as UTF-8 (undecodable bytes replaced)."""
         return self.body.decode("utf-8", errors="replace")
@@ -185,8 +190,8 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirect)
 
 
-def _retry_after(headers: Mapping[str, str] | None) -> float | None:
-    value = headers.get("Retry-After") if headers is not None else None
+def _retry_after(reply: Response) -> float | None:
+    value = reply.header("Retry-After")
     if value is None:
         return None
     with contextlib.suppress(ValueError):
@@ -226,7 +231,7 @@ def _follow(method: str, url: str, headers: dict[str, str], body: bytes | None,
         reply = _send(method, current, sent, body, timeout)
         if reply.status not in _REDIRECT_STATUS:
             return reply
-        location = reply.headers.get("Location") or reply.headers.get("location")
+        location = reply.header("Location")
         if not location:
             return reply
         target = urllib.parse.urljoin(current, location)
@@ -318,7 +323,7 @@ def request(method: str, url: str, *, headers: Mapping[str, str] | None = None,
                 return reply
             status = reply.status
             last = f"HTTP {reply.status} {_quote(reply.text(), 200)}"
-            wait = _retry_after(reply.headers)
+            wait = _retry_after(reply)
         if attempt < retries:
             delay = min(max_wait, wait if wait is not None else backoff * 2 ** attempt)
             logger.info("%s %s: %s; retry %d/%d in %.2f s", method, url, last, attempt + 1,

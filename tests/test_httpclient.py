@@ -161,8 +161,8 @@ def test_a_same_origin_redirect_that_would_turn_a_post_into_a_get_is_refused(ser
 
 def test_a_get_follows_redirects_but_drops_credentials_at_another_origin(servers):
     home, elsewhere = servers(), servers()
-    home.answers = [(302, {"Location": "/moved"}, b""),
-                    (301, {"Location": f"{elsewhere.url}/api/x"}, b"")]
+    home.answers = [(302, {"LOCATION": "/moved"}, b""),  # header names in any case
+                    (301, {"location": f"{elsewhere.url}/api/x"}, b"")]
     elsewhere.answers = [(200, {}, b'{"ok": true}')]
     reply = request("GET", f"{home.url}/api/x", headers={
         "Authorization": f"Bearer {KEY}", "X-Api-Key": KEY, "Cookie": "s=1", "Accept": "text/json"},
@@ -207,7 +207,7 @@ def test_a_server_that_hangs_times_out_and_gives_up_after_the_retries(servers):
 
 def test_429_then_200_is_retried_after_the_servers_retry_after(servers):
     home = servers()
-    home.answers = [(429, {"Retry-After": "7"}, b"slow down"), (503, {}, b"busy"),
+    home.answers = [(429, {"retry-after": "7"}, b"slow down"), (503, {}, b"busy"),
                     (200, {}, b'{"fine": 1}')]
     waits: list[float] = []
     reply = _post(home.url, waits, max_wait=10.0)
