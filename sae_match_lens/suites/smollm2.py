@@ -272,7 +272,7 @@ def load_smollm2_model(*, check_logits: bool = True, device: str = "cpu",
                                   move_to_device=False)
         model.load_state_dict(load_file(str(cached / "model.safetensors")), strict=False)
         logger.info("SmolLM2 loaded from the converted weights in %s", cached)
-        return model.eval().to(device)
+        return _with_bos(model).eval().to(device)
     model, tokenizer, diff = _convert(gguf, check_logits)
     if cached is not None:
         tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
@@ -287,7 +287,21 @@ def load_smollm2_model(*, check_logits: bool = True, device: str = "cpu",
         (tmp / "done.json").write_text(json.dumps({"gguf": gguf.name, "logit_diff": diff}))
         shutil.rmtree(cached, ignore_errors=True)
         os.replace(tmp, cached)
-    return model.to(device)
+    return _with_bos(model).to(device)
+
+
+def _with_bos(model: Any) -> Any:
+    """Make ``<|endoftext|>`` (:data:`BOS_ID`) the tokenizer's BOS token.
+
+    The GGUF tokenizer names ``<|im_start|>`` as BOS; the suite starts every sequence with
+    ``<|endoftext|>``, SmolLM2's document separator, and so must every tool that checks or
+    prepends BOS (``model.to_tokens(text, prepend_bos=True)`` included).
+    """
+    tokenizer = model.tokenizer
+    tokenizer.bos_token = tokenizer.convert_ids_to_tokens(BOS_ID)
+    if tokenizer.bos_token_id != BOS_ID:
+        raise RuntimeError(f"Could not make token {BOS_ID} the tokenizer's BOS token.")
+    return model
 
 
 _CONFIG_FIELDS = (
