@@ -26,11 +26,9 @@ Implementations:
   key never reaches another host; an answer that does not follow the protocol raises
   :class:`JudgeAnswerError` quoting it. Nothing in the package calls a judge unless asked.
 
-:class:`RowLog` is the append-only JSON-lines file behind every loop that must not lose finished
-rows (:func:`judge_generations`, :func:`~sae_match_lens.steering_eval.steering_sweep`,
-:func:`~sae_match_lens.semantic.semantic_evaluation`): one fsync'ed line per row, a header that
-pins the loop's settings, resumable (a rerun skips finished rows), and a torn last line from a
-killed run is dropped on resume by an atomic rewrite.
+:func:`judge_generations` keeps its rows in a :class:`~sae_match_lens.rowlog.RowLog` (re-exported
+here), keyed on the judge's :meth:`Judge.identity` and a digest of the inputs, so a rerun resumes
+and a rerun with another judge, prompt version or input refuses to reuse the rows.
 
 Example:
     >>> judge = ChatJudge("gpt-4o-mini", base_url="http://127.0.0.1:8000/v1", theme="religion")
@@ -40,22 +38,18 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
 import os
 import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .atomicio import write_text
 from .httpclient import (
     BadResponseError,
     RedirectRefusedError,
@@ -63,6 +57,7 @@ from .httpclient import (
     UnavailableError,
     request,
 )
+from .rowlog import RowLog, callable_identity, digest
 
 __all__ = [
     "LABELS",
@@ -80,6 +75,7 @@ __all__ = [
     "match_messages",
     "parse_match_answer",
     "parse_steering_answer",
+    "prompt_version",
     "steering_messages",
 ]
 
@@ -276,6 +272,14 @@ def match_messages(explanation_a: str, explanation_b: str) -> list[dict[str, str
     return messages
 
 
+def prompt_version() -> str:
+    """A digest of both prompt templates (:func:`steering_messages`, :func:`match_messages` with
+    placeholder fields): it changes whenever a prompt's wording does, so a row log of a chat
+    judge is never resumed under another prompt."""
+    return digest([steering_messages("{prompt}", "{text}", "{theme}"),
+                   match_messages("{explanation_a}", "{explanation_b}")])
+
+
 class Judge(ABC):
     """What every judge answers: :meth:`score` (steering) and :meth:`compare` (matching)."""
 
@@ -302,6 +306,14 @@ class Judge(ABC):
     @abstractmethod
     def compare(self, explanation_a: str, explanation_b: str) -> int:
         """Label two feature explanations: 1 DIFFERENT, 2 MAYBE, 3 SAME."""
+
+    def identity(self) -> dict[str, Any]:
+        """What determines this judge's answers, for the header of a resumable row log
+        (:mod:`~sae_match_lens.rowlog`): rows from a judge with another identity are never
+        reused. The base class gives the class and the default theme; a subclass adds what
+        else changes its answers (model, endpoint, prompt version, script)."""
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}",
+                "theme": self.theme}
 
 
 Script = Sequence[Any] | Callable[..., Any] | None
@@ -344,6 +356,14 @@ class ScriptedJudge(Judge):
         if isinstance(answer, BaseException):
             raise answer
         return answer
+
+    def identity(self) -> dict[str, Any]:
+        """Class, theme and a digest of each script (a list's answers, a function's source)."""
+        def script_id(script: Script) -> Any:
+            return callable_identity(script) if callable(script) else digest(script)
+
+        return {**super().identity(), "scores": script_id(self.scores),
+                "comparisons": script_id(self.comparisons), "cycle": self.cycle}
 
     def score(self, prompt: str, text: str, *, theme: str | None = None) -> dict[str, int]:
         """The next scripted rating (see :meth:`Judge.score`)."""
@@ -427,6 +447,12 @@ class ChatJudge(Judge):
     def __repr__(self) -> str:
         return f"ChatJudge(model={self.model!r}, url={self.url!r})"
 
+    def identity(self) -> dict[str, Any]:
+        """Class, theme, model name, endpoint, sampling options and :func:`prompt_version`."""
+        return {**super().identity(), "model": self.model, "url": self.url,
+                "temperature": self.temperature, "max_tokens": self.max_tokens,
+                "prompts": prompt_version()}
+
     def chat(self, messages: list[dict[str, str]]) -> str:
         """Send one chat request (with the retries described above) and return the answer text.
 
@@ -492,125 +518,6 @@ class ChatJudge(Judge):
         return self._ask(match_messages(explanation_a, explanation_b), parse_match_answer)
 
 
-def _json_value(value: Any) -> Any:
-    """A strict-JSON value: non-finite floats become ``None``; numpy scalars become Python."""
-    if hasattr(value, "item") and not isinstance(value, str | bytes):
-        with contextlib.suppress(ValueError, AttributeError):
-            value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _json_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_value(v) for v in value]
-    return value
-
-
-class RowLog:
-    """An append-only JSON-lines file of finished rows: partial results survive any failure.
-
-    Line 1 is ``{"header": {...}}``: the settings that produced the rows. Every later line is
-    one row, written with a single ``write`` and ``fsync``'ed before the loop moves on, so a
-    crash loses at most the row being computed. Opening an existing file reads its rows
-    (:meth:`done` tells a rerun what to skip) after checking that its header equals this run's
-    (mixing rows of different settings is refused); a torn last line, left by a run killed while
-    writing, is dropped by an atomic rewrite of the finished lines. Non-finite floats are stored
-    as ``null``.
-
-    Args:
-        path: the file (created with its directory when missing).
-        key: the row fields that identify a row (for :meth:`done`).
-        header: the settings to pin (JSON-able).
-
-    Example:
-        >>> log = RowLog("sweep.jsonl", key=("mode", "layer"), header={"seed": 0})
-        >>> if not log.done({"mode": "single", "layer": 3}):
-        ...     log.append({"mode": "single", "layer": 3, "score": 0.4})
-    """
-
-    def __init__(self, path: str | os.PathLike[str], *, key: Sequence[str],
-                 header: Mapping[str, Any] | None = None) -> None:
-        self.path = Path(path)
-        self.key = tuple(key)
-        self.header = json.loads(json.dumps(_json_value(dict(header or {}))))
-        self.rows: list[dict[str, Any]] = []
-        self._keys: set[tuple[Any, ...]] = set()
-        if self.path.exists():
-            self._read()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._rewrite([])
-
-    def _row_key(self, row: Mapping[str, Any]) -> tuple[Any, ...]:
-        missing = [k for k in self.key if k not in row]
-        if missing:
-            raise KeyError(f"row {dict(row)!r} lacks the key fields {missing} of {self.path}.")
-        return tuple(json.dumps(_json_value(row[k])) for k in self.key)
-
-    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
-        lines = [json.dumps({"header": self.header}, allow_nan=False)]
-        lines += [json.dumps(row, allow_nan=False) for row in rows]
-        write_text(self.path, "\n".join(lines) + "\n")
-
-    def _read(self) -> None:
-        raw = self.path.read_bytes()
-        text = raw.decode("utf-8", errors="replace")
-        lines = text.split("\n")
-        torn = lines[-1] != ""  # the last line never got its newline: a killed write
-        complete = lines[:-1]
-        if not complete:
-            raise ValueError(f"{self.path} is not a row log (no header line); move it away or "
-                             "choose another path.")
-        try:
-            first = json.loads(complete[0])
-        except json.JSONDecodeError:
-            first = None
-        if not isinstance(first, dict) or "header" not in first:
-            raise ValueError(f"{self.path} is not a row log written by sae_match_lens (its first "
-                             "line is not a header); move it away or choose another path.")
-        if first["header"] != self.header:
-            raise ValueError(
-                f"{self.path} holds rows made with other settings: file {first['header']!r}, this "
-                f"run {self.header!r}. Use another path, or delete the file to start over.")
-        for number, line in enumerate(complete[1:], start=2):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"{self.path}, line {number}, is not JSON ({_quote(line, 80)}); "
-                                 "the file was edited or damaged.") from None
-            self.rows.append(row)
-            self._keys.add(self._row_key(row))
-        if torn:
-            logger.warning("%s: dropping a torn last line left by an interrupted run (%d "
-                           "finished rows kept)", self.path, len(self.rows))
-            self._rewrite(self.rows)
-
-    def done(self, row: Mapping[str, Any]) -> bool:
-        """Whether a row with the same key fields is already in the log."""
-        return self._row_key(row) in self._keys
-
-    def get(self, row: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The logged row with the same key fields, or ``None``."""
-        key = self._row_key(row)
-        return next((r for r in self.rows if self._row_key(r) == key), None)
-
-    def append(self, row: Mapping[str, Any]) -> dict[str, Any]:
-        """Write one finished row (fsync'ed) and return it as stored."""
-        stored = _json_value(dict(row))
-        line = json.dumps(stored, allow_nan=False) + "\n"
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
-        self.rows.append(stored)
-        self._keys.add(self._row_key(stored))
-        return stored
-
-    def frame(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
-        """The logged rows as a DataFrame."""
-        return pd.DataFrame(self.rows, columns=list(columns) if columns is not None else None)
-
-
 JUDGED_COLUMNS: tuple[str, ...] = ("row", "coherence", "behavioral")
 
 
@@ -629,8 +536,9 @@ def judge_generations(
         judge: any :class:`Judge`.
         prompts, texts: one prompt and one continuation per generation.
         theme: the theme of the ratings (default: the judge's).
-        path: a :class:`RowLog` file; rows are written as they finish, and a rerun with the same
-            inputs skips the rows already there.
+        path: a :class:`~sae_match_lens.rowlog.RowLog` file; rows are written as they finish,
+            and a rerun with the same judge (:meth:`Judge.identity`) and inputs skips the rows
+            already there (another judge or other inputs: refused, naming what differs).
         progress: show a progress bar.
 
     Returns:
@@ -647,8 +555,7 @@ def judge_generations(
     if len(prompts) != len(texts):
         raise ValueError(f"{len(prompts)} prompts but {len(texts)} texts; give one prompt per text.")
     header = {"what": "judge_generations", "theme": theme if theme is not None else judge.theme,
-              "n": len(texts), "judge": repr(judge) if isinstance(judge, ChatJudge) else
-              type(judge).__name__}
+              "n": len(texts), "judge": judge.identity(), "inputs": digest([prompts, texts])}
     log = RowLog(path, key=("row",), header=header) if path is not None else None
     rows: list[dict[str, Any]] = [] if log is None else list(log.rows)
     done = {r["row"] for r in rows}

@@ -48,10 +48,11 @@ from tqdm.auto import tqdm
 
 from .chain import ChainMatch
 from .flow import FlowGraph
-from .judge import LABELS, Judge, JudgeError, RowLog
+from .judge import LABELS, Judge, JudgeError
 from .matching import MatchResult
 from .neuronpedia import NeuronpediaUnavailableError, explanations
 from .permutation import Permutation
+from .rowlog import RowLog
 
 __all__ = [
     "KINDS",
@@ -322,8 +323,10 @@ def label_pairs(
             ``functools.partial(top_activating_tokens, model, stack, tokens)``); needed by the
             proxy, and by a judge without explanations. The overlap is reported either way.
         same_at, maybe_at: the proxy's thresholds on the overlap (module docstring).
-        path: a :class:`~sae_match_lens.judge.RowLog` for judged pairs: written as they finish,
-            a rerun skips them, a judge failure keeps them.
+        path: a :class:`~sae_match_lens.rowlog.RowLog` for judged pairs: written as they
+            finish, a rerun with the same judge (its
+            :meth:`~sae_match_lens.judge.Judge.identity`) skips them, a judge failure keeps
+            them; a rerun with another judge is refused, naming what differs.
         progress: show a progress bar over judged pairs.
 
     Returns:
@@ -366,7 +369,7 @@ def label_pairs(
 def _judge_labels(frame: pd.DataFrame, judge: Judge, path: str | os.PathLike[str] | None,
                   progress: bool) -> list[float]:
     key = ("explanation_a", "explanation_b")
-    log = RowLog(path, key=key, header={"what": "semantic labels", "judge": type(judge).__name__}
+    log = RowLog(path, key=key, header={"what": "semantic labels", "judge": judge.identity()}
                  ) if path is not None else None
     labels: dict[tuple[str, str], int] = {}
     if log is not None:

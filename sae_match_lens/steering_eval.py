@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .adapters import folded_activation_factor, hook_name_of
 from .flow import _as_stack
-from .judge import Judge, RowLog
+from .judge import Judge
 from .lens.steering import (
     Generation,
     Intervention,
@@ -49,6 +49,7 @@ from .lens.steering import (
     generate_steered,
 )
 from .metrics import record_states
+from .rowlog import RowLog, model_fingerprint, sae_fingerprint
 
 __all__ = ["SWEEP_COLUMNS", "coherence", "plot_sweep", "proxy_scores", "steering_sweep",
            "theme_presence"]
@@ -230,6 +231,12 @@ def _schedule_of(value: Schedule | str) -> Schedule:
     return Schedule(value) if isinstance(value, str) else value
 
 
+def _node_saes(nodes: Sequence[Any], layer_map: Mapping[int, Any]) -> list[Any]:
+    """The distinct SAEs the nodes live in, by hook name."""
+    saes = {hook_name_of(sae): sae for sae in (layer_map[n.layer].get(n.module) for n in nodes)}
+    return [saes[name] for name in sorted(saes)]
+
+
 def steering_sweep(
     model: Any,
     stack: Mapping[int, Any] | Sequence[Any],
@@ -258,9 +265,11 @@ def steering_sweep(
     """Steer a flow over modes × layers × schedules × coefficients and score every setting.
 
     The first row is the unsteered baseline (``mode="none"``), whose mean CE is the coherence
-    reference. Each row is written to ``path`` (a :class:`~sae_match_lens.judge.RowLog`) as soon
-    as it is finished; a rerun with the same settings skips the rows already there, so an
-    interrupted sweep resumes and loses nothing, and adding coefficients or layers extends it.
+    reference. Each row is written to ``path`` (a :class:`~sae_match_lens.rowlog.RowLog`) as
+    soon as it is finished; a rerun with the same settings, model, SAEs (their fingerprints)
+    and judge skips the rows already there, so an interrupted sweep resumes and loses nothing,
+    and adding coefficients or layers extends it; a rerun with anything else that determines
+    the rows is refused, naming what differs.
     Every setting samples with the same seeds, so rows differ only by the steering.
 
     Args:
@@ -306,8 +315,10 @@ def steering_sweep(
               "hooks": sorted({hook_name_of(layer_map[n.layer].get(n.module)) for n in nodes}),
               "prompts": prompt_list, "n_samples": n_samples, "max_new_tokens": max_new_tokens,
               "temperature": temperature, "top_p": top_p, "seed": seed, "batch_size": batch_size,
-              "judge": None if judge is None else type(judge).__name__, "theme": theme,
-              "rate_reference": _rate_reference(rate_reference)}
+              "judge": None if judge is None else judge.identity(), "theme": theme,
+              "rate_reference": _rate_reference(rate_reference),
+              "model": model_fingerprint(model),
+              "saes": {hook_name_of(s): sae_fingerprint(s) for s in _node_saes(nodes, layer_map)}}
     log = RowLog(path, key=("mode", "layer", "schedule", "coefficient"), header=header)
     gen_kwargs = {"n_samples": n_samples, "max_new_tokens": max_new_tokens,
                   "temperature": temperature, "top_p": top_p, "seed": seed,

@@ -115,14 +115,23 @@ def test_a_judge_labels_explanations_and_direct_matches_compare_with_composed(ch
 def test_a_failing_judge_keeps_the_labelled_pairs_and_a_rerun_resumes(chain, origin, tmp_path):
     table = {k: f"concept {i}" for k, i in origin.items()}
     pairs = semantic_pairs(chain, n_paths=6, seed=0)
-    answers = [2, 2, 2, JudgeError("judge went away")]
+    def fails_at(n):  # one judge (the same script) that goes away once, after n answers
+        calls = []
+
+        def compare(a, b):
+            calls.append(a)
+            if len(calls) == n + 1:
+                raise JudgeError("judge went away")
+            return 2 if len(calls) <= n else 1
+        return compare
+
     path = tmp_path / "labels.jsonl"
     with pytest.raises(JudgeError, match="went away") as info:
-        label_pairs(pairs, judge=ScriptedJudge(comparisons=answers), explanations=table,
+        label_pairs(pairs, judge=ScriptedJudge(comparisons=fails_at(3)), explanations=table,
                     path=path, progress=False)
     assert int(info.value.partial.label.notna().sum()) >= 3
     assert len(path.read_text().splitlines()) == 1 + 3
-    again = ScriptedJudge(comparisons=[1], cycle=True)
+    again = ScriptedJudge(comparisons=fails_at(-1))
     done = label_pairs(pairs, judge=again, explanations=table, path=path, progress=False)
     assert done.label.notna().all()
     asked = len(set(zip(done.explanation_a, done.explanation_b, strict=True)))

@@ -350,21 +350,30 @@ def test_sweep_resumes_after_an_interruption_with_its_rows_intact(model, saes, t
     path = tmp_path / "sweep.jsonl"
     good = {"coherence": 4, "behavioral": 1}
     # 1 baseline + 2 modes x 2 layers x 2 coefficients = 9 settings of 2 samples: fail in row 4
-    failing = ScriptedJudge(scores=[good] * 7 + [RuntimeError("judge crashed")])
+    def crash_after(n):  # the same judge (same script), failing once mid-way
+        calls = []
+
+        def scores(prompt, text, theme):
+            calls.append(prompt)
+            if len(calls) == n + 1:
+                raise RuntimeError("judge crashed")
+            return good
+        return scores
+
     with pytest.raises(RuntimeError, match="judge crashed"):
-        _sweep(model, saes, path, failing)
+        _sweep(model, saes, path, ScriptedJudge(scores=crash_after(7)))
     kept = [json.loads(line) for line in path.read_text().splitlines()[1:]]
     assert len(kept) == 3 and kept[0]["mode"] == "none"
     with path.open("a") as handle:  # a write torn by a kill
         handle.write('{"mode": "single", "layer": 2, "sche')
-    resumed_judge = ScriptedJudge(scores=[good], cycle=True)
+    resumed_judge = ScriptedJudge(scores=crash_after(10**6))
     resumed = _sweep(model, saes, path, resumed_judge)
     assert len(resumed_judge.calls) == 2 * (9 - 3)  # finished rows were not recomputed
     for row, stored in zip(resumed.iloc[:3].to_dict("records"), kept, strict=True):
         # the saved rows come back as they were written (pandas reads null as NaN)
         assert {k: None if isinstance(v, float) and math.isnan(v) else v
                 for k, v in row.items()} == stored
-    fresh = _sweep(model, saes, tmp_path / "fresh.jsonl", ScriptedJudge(scores=[good], cycle=True))
+    fresh = _sweep(model, saes, tmp_path / "fresh.jsonl", ScriptedJudge(scores=crash_after(-1)))
     assert resumed[["mode", "layer", "schedule", "coefficient", "example"]].equals(
         fresh[["mode", "layer", "schedule", "coefficient", "example"]])
     for column in ("theme_rate", "ce", "score", "judge_score"):
