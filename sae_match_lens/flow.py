@@ -7,16 +7,27 @@ A residual feature ``f`` at layer ``L`` has one top-1 predecessor in each of ``R
 ``M(L)`` and ``A(L)``, with scores ``s(R), s(M), s(A)`` (:func:`predecessors`; the score is a
 :mod:`~sae_match_lens.linking` score, decoder cosine by default as in the paper).
 
-**Data-free reading** (:func:`predecessors`' ``reading`` column), with thresholds ``high`` and
-``low`` (defaults 0.5 and 0.15, the paper's graph-cut values, in decoder-cosine units; the paper
-gives no per-layer thresholds):
+**Data-free reading** (:func:`predecessors`' ``reading`` column), the paper's rule ("high s(R),
+low s(M), s(A): carried over; high s(R) and high s(M) or s(A): processed by that module; low
+s(R), high s(M) or s(A): born in that module; all low: unexplained") with thresholds ``high``
+and ``low`` (defaults 0.5 and 0.15, the paper's graph-cut values, in decoder-cosine units; the
+paper gives no per-layer thresholds):
 
 * ``carried over``: ``s(R) ≥ high`` and ``s(M), s(A) < low``;
 * ``processed by MLP`` / ``processed by attention`` / ``processed by MLP and attention``:
-  ``s(R) ≥ high`` and that module's score ``≥ low``;
+  ``s(R) ≥ high`` and that module's score ``≥ high``;
+* ``carried over, weak module link``: ``s(R) ≥ high``, no module score ``≥ high``, and one
+  between ``low`` and ``high`` (neither low nor high, so the paper's rule does not decide);
 * ``born in MLP`` / ``born in attention`` / ``born in MLP and attention``: ``s(R) < high`` and
   the module's score ``≥ high``;
 * ``unexplained``: anything else. At layer 0 there is no ``R(L−1)`` (``s(R)`` is NaN).
+
+**Chance levels.** A best cosine is never zero by chance: among ``F`` random unit vectors in
+``d`` dimensions the best cosine with a given direction is about 0.28 for ``F = 1024``,
+``d = 128`` (:func:`chance_best_cosine`), and the share of features whose best partner clears a
+threshold by chance is :func:`chance_share_above` (100% for 0.15 there, 0.0001% for 0.5).
+:func:`chance_levels` gives both beside each threshold for a layer's actual SAEs, with an
+empirical check (the candidates' decoder rows turned by a seeded random rotation).
 
 **Origin groups** (:func:`origin_groups`, activation-based, the paper's 8 groups): for every
 residual feature active at a scored token, which of its three top-1 predecessors are active at
@@ -58,6 +69,9 @@ __all__ = [
     "FlowGraph",
     "FlowKey",
     "LayerSAEs",
+    "chance_best_cosine",
+    "chance_levels",
+    "chance_share_above",
     "flow_graph",
     "origin_groups",
     "persistence",
@@ -120,13 +134,96 @@ def _as_stack(stack: Stack | Sequence[Any]) -> dict[int, LayerSAEs]:
 
 
 def _reading(s_r: float, s_m: float, s_a: float, high: float, low: float) -> str:
-    m = not math.isnan(s_m)
-    a = not math.isnan(s_a)
+    modules = [(name, s) for name, s in (("MLP", s_m), ("attention", s_a)) if not math.isnan(s)]
+    strong = [name for name, s in modules if s >= high]
     if not math.isnan(s_r) and s_r >= high:
-        by = [name for name, ok, s in (("MLP", m, s_m), ("attention", a, s_a)) if ok and s >= low]
-        return "carried over" if not by else "processed by " + " and ".join(by)
-    born = [name for name, ok, s in (("MLP", m, s_m), ("attention", a, s_a)) if ok and s >= high]
-    return "born in " + " and ".join(born) if born else "unexplained"
+        if strong:
+            return "processed by " + " and ".join(strong)
+        return "carried over" if all(s < low for _, s in modules) else (
+            "carried over, weak module link")
+    return "born in " + " and ".join(strong) if strong else "unexplained"
+
+
+def chance_share_above(threshold: float, n_candidates: int, d_model: int) -> float:
+    """The probability that the best of ``n_candidates`` independent random unit vectors in
+    ``d_model`` dimensions has a cosine ``≥ threshold`` with a given direction: ``1 − G(t)^F``,
+    where ``G`` is the distribution of one such cosine (``(1 + cos) / 2`` follows
+    ``Beta((d − 1) / 2, (d − 1) / 2)``).
+
+    Example:
+        >>> round(chance_share_above(0.15, 1024, 128), 3)
+        1.0
+    """
+    from scipy.special import betainc
+
+    if n_candidates < 1 or d_model < 2:
+        raise ValueError(f"need n_candidates >= 1 and d_model >= 2, got {n_candidates}, {d_model}.")
+    half = (d_model - 1) / 2
+    t = min(max(float(threshold), -1.0), 1.0)
+    return float(1.0 - betainc(half, half, (1.0 + t) / 2.0) ** n_candidates)
+
+
+def chance_best_cosine(n_candidates: int, d_model: int) -> float:
+    """The expected best cosine between a given direction and ``n_candidates`` independent random
+    unit vectors in ``d_model`` dimensions (the chance level of a top-1 decoder-cosine link):
+    ``E[max] = ∫₀¹ P(max > x) dx − ∫₋₁⁰ P(max ≤ x) dx``, integrated on a fine grid.
+
+    Example:
+        >>> round(chance_best_cosine(1024, 128), 2)
+        0.28
+    """
+    import numpy as np
+    from scipy.special import betainc
+
+    if n_candidates < 1 or d_model < 2:
+        raise ValueError(f"need n_candidates >= 1 and d_model >= 2, got {n_candidates}, {d_model}.")
+    half = (d_model - 1) / 2
+    x = np.linspace(-1.0, 1.0, 40001)
+    below = betainc(half, half, (1.0 + x) / 2.0) ** n_candidates
+    pos = x >= 0
+    return float(np.trapezoid(1.0 - below[pos], x[pos]) - np.trapezoid(below[~pos], x[~pos]))
+
+
+def chance_levels(stack: Stack | Sequence[Any], layer: int, *,
+                  thresholds: Sequence[float] = (0.5, 0.15), seed: int = 0) -> pd.DataFrame:
+    """The chance level of each threshold of the decoder-cosine reading at ``layer``.
+
+    For each predecessor SAE (``res`` = R(L−1), ``mlp`` = M(L), ``attn`` = A(L)) and threshold:
+    the expected best cosine and the share of residual features whose best partner clears the
+    threshold by chance for random unit vectors (:func:`chance_best_cosine`,
+    :func:`chance_share_above`), and the same two measured with the predecessor's decoder rows
+    turned by a seeded random rotation (its own geometry kept, its directions unrelated to the
+    layer's features).
+
+    Returns:
+        One row per module and threshold: ``layer``, ``module``, ``n_candidates``, ``d_model``,
+        ``threshold``, ``chance_best_cosine``, ``chance_share_above``, ``rotated_best_cosine``,
+        ``rotated_share_above``.
+    """
+    layers = _as_stack(stack)
+    if layer not in layers:
+        raise KeyError(f"layer {layer} has no SAEs; layers are {list(layers)}.")
+    here = layers[layer]
+    target = torch.nn.functional.normalize(here.res.W_dec.detach().double(), dim=1)
+    d = target.shape[1]
+    generator = torch.Generator().manual_seed(seed)
+    rotation, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
+    rows = []
+    sources = {"res": layers[layer - 1].res if layer - 1 in layers else None,
+               "mlp": here.mlp, "attn": here.attn}
+    for module, sae in sources.items():
+        if sae is None:
+            continue
+        candidates = torch.nn.functional.normalize(sae.W_dec.detach().double(), dim=1)
+        best = (target @ (candidates @ rotation).T).max(dim=1).values
+        n = candidates.shape[0]
+        for t in thresholds:
+            rows.append({"layer": layer, "module": module, "n_candidates": n, "d_model": d,
+                         "threshold": float(t), "chance_best_cosine": chance_best_cosine(n, d),
+                         "chance_share_above": chance_share_above(t, n, d),
+                         "rotated_best_cosine": float(best.mean()),
+                         "rotated_share_above": float((best >= t).double().mean())})
+    return pd.DataFrame(rows)
 
 
 def predecessors(
@@ -145,7 +242,8 @@ def predecessors(
             come from the residual SAEs' hook names ``blocks.L.…``).
         layer: the model layer of the residual features.
         score: the link score (:data:`~sae_match_lens.linking.SCORES`).
-        high, low: thresholds of the data-free reading (module docstring), in the score's units.
+        high, low: thresholds of the data-free reading (module docstring: the paper's rule),
+            in the score's units; :func:`chance_levels` gives their chance levels.
         progress: show progress bars.
 
     Returns:

@@ -14,6 +14,9 @@ from sae_match_lens.flow import (
     ORIGIN_GROUPS,
     LayerSAEs,
     _reading,
+    chance_best_cosine,
+    chance_levels,
+    chance_share_above,
     flow_graph,
     origin_groups,
     persistence,
@@ -29,14 +32,59 @@ def chain():
     return planted_chain(4, d_in=24, d_sae=64, noise=0.05, seed=4)
 
 
-def test_reading_follows_the_documented_thresholds():
+def test_reading_follows_the_papers_rule():
     assert _reading(0.9, 0.05, 0.1, 0.5, 0.15) == "carried over"
-    assert _reading(0.9, 0.3, 0.1, 0.5, 0.15) == "processed by MLP"
-    assert _reading(0.9, 0.3, 0.2, 0.5, 0.15) == "processed by MLP and attention"
+    assert _reading(0.9, 0.6, 0.1, 0.5, 0.15) == "processed by MLP"
+    assert _reading(0.9, 0.6, 0.5, 0.5, 0.15) == "processed by MLP and attention"
+    assert _reading(0.9, 0.3, 0.6, 0.5, 0.15) == "processed by attention"
+    # a module score above low but below high is neither low nor high: not "processed by"
+    assert _reading(0.9, 0.3, 0.2, 0.5, 0.15) == "carried over, weak module link"
     assert _reading(0.2, 0.7, 0.1, 0.5, 0.15) == "born in MLP"
     assert _reading(0.2, 0.1, 0.6, 0.5, 0.15) == "born in attention"
     assert _reading(0.2, 0.1, 0.1, 0.5, 0.15) == "unexplained"
     assert _reading(math.nan, math.nan, 0.6, 0.5, 0.15) == "born in attention"
+
+
+def test_processed_by_needs_high_module_scores_on_the_default_suite():
+    from sae_match_lens.assets import load_suite_stack
+
+    stack = load_suite_stack("jumprelu")
+    for layer in [layer for layer in stack if layer - 1 in stack]:
+        frame = predecessors(stack, layer)
+        module_best = frame[["s_mlp", "s_attn"]].max(axis=1)
+        paper = (frame.s_res >= 0.5) & (module_best >= 0.5)
+        processed = frame.reading.str.startswith("processed by")
+        assert (processed == paper).all()
+        # the former reading took any module score >= 0.15 (below chance) as "processed by"
+        former = (frame.s_res >= 0.5) & (module_best >= 0.15)
+        assert former.mean() > 0.9 and processed.mean() < 0.6
+
+
+def test_chance_levels_match_random_unit_vectors():
+    generator = torch.Generator().manual_seed(0)
+    unit = torch.nn.functional.normalize
+    a = unit(torch.randn(2000, 64, generator=generator, dtype=torch.float64), dim=1)
+    b = unit(torch.randn(256, 64, generator=generator, dtype=torch.float64), dim=1)
+    best = (a @ b.T).max(dim=1).values
+    assert chance_best_cosine(256, 64) == pytest.approx(float(best.mean()), abs=0.01)
+    for t in (0.3, 0.4, 0.5):
+        assert chance_share_above(t, 256, 64) == pytest.approx(float((best >= t).double().mean()),
+                                                               abs=0.03)
+    assert chance_best_cosine(1024, 128) == pytest.approx(0.283, abs=0.002)
+    assert chance_share_above(0.15, 1024, 128) > 0.999 > 1e-5 > chance_share_above(0.5, 1024, 128)
+    with pytest.raises(ValueError, match="n_candidates"):
+        chance_best_cosine(0, 64)
+
+
+def test_chance_levels_sit_beside_each_threshold(chain):
+    stack = {10 + i: LayerSAEs(res=sae) for i, sae in enumerate(chain.saes)}
+    table = chance_levels(stack, 11, thresholds=(0.5, 0.15))
+    assert table.module.tolist() == ["res", "res"] and table.threshold.tolist() == [0.5, 0.15]
+    assert (table.n_candidates == 64).all() and (table.d_model == 24).all()
+    assert table.chance_best_cosine.iloc[0] == pytest.approx(chance_best_cosine(64, 24))
+    # the planted partners are far above chance; a random rotation brings them down to it
+    assert float(predecessors(stack, 11).s_res.mean()) > 0.9
+    assert table.rotated_best_cosine.iloc[0] == pytest.approx(chance_best_cosine(64, 24), abs=0.08)
 
 
 def test_predecessors_are_the_backward_top1_links(chain):
