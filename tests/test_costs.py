@@ -6,14 +6,19 @@ import numpy as np
 import pytest
 import torch
 
+from sae_match_lens.adapters import FeatureView
 from sae_match_lens.solvers.costs import (
+    CostWeights,
     StackedFeatures,
     cost_blocks,
     edge_costs,
     exact_rows,
+    exact_scales,
     ieee_products,
     listed_costs,
     matmul_nt,
+    squared_norms,
+    stack_features,
 )
 
 
@@ -83,3 +88,32 @@ def test_ieee_products_switch_off_tf32_on_cuda_and_restore_the_callers_setting()
     finally:
         torch.set_float32_matmul_precision(before[0])
         flags.allow_bf16_reduced_precision_reduction = before[1]
+
+
+def test_listed_and_edge_costs_are_float64_squared_distances_across_many_chunks():
+    gen = torch.Generator().manual_seed(3)
+    a = stacked(torch.randn(300, 700, generator=gen))  # a few rows per chunk: many chunks
+    b = stacked(torch.randn(200, 700, generator=gen) + 0.5)
+    exact = ((a.matrix_FK.double()[:, None] - b.matrix_FK.double()[None]) ** 2).sum(-1).numpy()
+    idx = torch.randint(0, 200, (300, 9), generator=gen)
+    listed = listed_costs(a, b, idx, torch.device("cpu")).numpy()
+    np.testing.assert_allclose(listed, np.take_along_axis(exact, idx.numpy(), 1), rtol=1e-13)
+    r, c = np.arange(300), idx.numpy()[:, 0]
+    np.testing.assert_allclose(edge_costs(a, b, r, c, torch.device("cpu")), exact[r, c],
+                               rtol=1e-13)
+
+
+def test_stacked_norms_are_the_float64_squared_norms_and_zero_the_offsets():
+    gen = torch.Generator().manual_seed(4)
+    dec = torch.randn(50, 6, generator=gen)
+    view = FeatureView(encoder_FD=torch.randn(50, 5, generator=gen), decoder_FO=dec,
+                       bias_FB=torch.randn(50, 1, generator=gen), threshold_F=None,
+                       bias_names=("b_enc",), folded=True, hook_name="h")
+    for weights in (CostWeights(), CostWeights(1.0, 0.0, 0.0), CostWeights(2.0, 0.0, 0.0)):
+        s = stack_features(view, weights, "mse")
+        assert s.norm_sq_F is not None
+        assert torch.equal(s.norm_sq_F, squared_norms(s.matrix_FK))
+        assert torch.equal(s.norm_sq_F, s.matrix_FK.double().square().sum(dim=1))
+        scales = exact_scales(s, s)
+        assert (scales.offset_a == 0).all() and (scales.offset_b == 0).all()
+    torch.testing.assert_close(stack_features(view, CostWeights(1.0, 0.0, 0.0), "mse").matrix_FK, dec)

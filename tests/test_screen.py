@@ -56,6 +56,7 @@ def test_screening_bound_holds_for_identical_features_with_cost_zero():
 
 @pytest.mark.parametrize(("n_a", "n_b", "k", "block_rows"), [
     (50, 40, 6, 7), (50, 40, 6, 1), (3, 40, 16, 2), (40, 5, 8, 16), (200, 300, 16, None),
+    (70, 4096, 16, 32), (30, 640, 4, None),  # rows selected by chunks of 64 columns
 ])
 def test_screen_pass_keeps_each_rows_and_columns_cheapest_entries(n_a, n_b, k, block_rows):
     L = torch.randn(n_a, n_b, generator=torch.Generator().manual_seed(n_a + n_b))

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -48,10 +49,12 @@ from ..adapters import FeatureView
 
 __all__ = ["BLOCKS", "CostWeights", "ExactScales", "Metric", "StackedFeatures", "cost_blocks",
            "edge_costs", "edge_error", "exact_rows", "exact_scales", "float32_error", "float32_error_max",
-           "ieee_products", "listed_costs", "matmul_nt", "stack_features"]
+           "ieee_products", "listed_costs", "matmul_nt", "squared_norms", "stack_features"]
 
 _GATHER_BYTES = 1 << 27
-"""Size of the gather buffer used to compute listed entries (128 MiB)."""
+"""Size of the gather buffer used to compute listed entries off the CPU (128 MiB)."""
+_CHUNK_BYTES = 1 << 20
+"""Float64 working set of one chunk of the CPU's float64 passes (1 MiB: it stays in cache)."""
 _EPS64 = 2.0**-53
 _EPS32 = 2.0**-24
 
@@ -124,14 +127,25 @@ class StackedFeatures:
     const_F: torch.Tensor
     """Per-feature constant of the cost expansion [d_sae] (float64; for ``mse`` ``‖row‖²``
     computed in float64, so that the float64 cost is the squared distance itself)."""
+    norm_sq_F: torch.Tensor | None = None
+    """``fl(‖row‖²)`` in float64 as :func:`squared_norms` computes it [d_sae], when known
+    (:func:`stack_features` fills it; :func:`exact_scales` computes it otherwise). Leave it
+    ``None`` for a matrix built any other way."""
 
 
 def stack_features(view: FeatureView, weights: CostWeights, metric: Metric) -> StackedFeatures:
-    """Stack the weighted blocks of a :class:`FeatureView` into one matrix (float32)."""
+    """Stack the weighted blocks of a :class:`FeatureView` into one matrix (float32). With one
+    block of weight 1 and ``metric="mse"`` the matrix is that block's tensor itself (no copy;
+    nothing in the package writes to a stacked matrix)."""
     blocks = [(getattr(weights, name), tensor) for name, tensor in (
         ("decoder", view.decoder_FO), ("encoder", view.encoder_FD), ("b_enc", view.bias_FB))]
     blocks = [(w, t) for w, t in blocks if w != 0]
     width = sum(t.shape[1] for _, t in blocks)
+    (w0, t0), single = blocks[0], len(blocks) == 1
+    if single and metric == "mse" and w0 == 1.0 and t0.dtype == torch.float32 and t0.is_contiguous():
+        matrix = t0.detach()  # one unweighted block: the view's own tensor (never written to)
+        norm_sq = squared_norms(matrix)
+        return StackedFeatures(matrix, norm_sq, norm_sq)
     matrix = torch.empty((view.d_sae, width), dtype=torch.float32, device=view.decoder_FO.device)
     col = 0
     for w, tensor in blocks:
@@ -143,12 +157,13 @@ def stack_features(view: FeatureView, weights: CostWeights, metric: Metric) -> S
         if w != 1.0:
             out.mul_(math.sqrt(w))
         col += tensor.shape[1]
-    if metric == "mse":  # ‖x‖² in float64 (a float32 norm would be off by ~K·2⁻²⁴ relative)
-        const = _squared_norms(matrix)
+    norm_sq = squared_norms(matrix)  # float64 (a float32 norm is off by ~K·2⁻²⁴ relative)
+    if metric == "mse":
+        const = norm_sq
     else:
         total = sum(getattr(weights, n) for n in BLOCKS)
         const = torch.full((matrix.shape[0],), total / 2.0, dtype=torch.float64, device=matrix.device)
-    return StackedFeatures(matrix, const)
+    return StackedFeatures(matrix, const, norm_sq)
 
 
 def cost_blocks(
@@ -282,10 +297,58 @@ class ExactScales(NamedTuple):
         return 2 * (self.width + 9) * _EPS32
 
 
-def _squared_norms(x: torch.Tensor) -> torch.Tensor:
-    """``‖x_i‖²`` in float64 [n] on ``x``'s device, in chunks of rows."""
-    return torch.cat([x[r:r + 4096].double().square().sum(dim=1) for r in range(0, x.shape[0], 4096)]
-                     ) if x.shape[0] else torch.zeros(0, dtype=torch.float64, device=x.device)
+def _host_view(t: torch.Tensor) -> np.ndarray | None:
+    """``t`` as a numpy array without a copy when it is a float32 CPU tensor, else ``None``."""
+    if t.device.type != "cpu" or t.dtype != torch.float32:
+        return None
+    return t.detach().numpy()
+
+
+def _row_dots(x: np.ndarray) -> np.ndarray:
+    """``Σ_k x[..., k]²`` in float64 (numpy's ``vecdot`` where it exists: faster than einsum)."""
+    vecdot = getattr(np, "vecdot", None)
+    return vecdot(x, x) if vecdot is not None else np.einsum("...k,...k->...", x, x)
+
+
+def _row_ranges(n: int, step: int) -> list[tuple[int, int]]:
+    """``[(r0, r1), ...]`` covering ``range(n)`` in steps of ``step``."""
+    return [(r0, min(n, r0 + step)) for r0 in range(0, n, step)]
+
+
+def _on_threads(work: list[tuple[int, int]], fn: Callable[[int, int], None]) -> None:
+    """Run ``fn(r0, r1)`` over ``work``, split into one contiguous share per torch thread (numpy
+    releases the GIL in the loops used here, so the shares run in parallel)."""
+    threads = max(1, min(torch.get_num_threads(), len(work) // 4))
+    if threads == 1:
+        for r0, r1 in work:
+            fn(r0, r1)
+        return
+    shares = np.array_split(np.arange(len(work)), threads)
+
+    def run(share: np.ndarray) -> None:
+        for i in share.tolist():
+            fn(*work[i])
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(run, shares))
+
+
+def squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """``fl(‖x_i‖²)`` in float64 [n] on ``x``'s device: each float32 entry is widened exactly and
+    squared and summed in float64 (any summation order: relative error ≤ ``(K + 1)·2⁻⁵³``); the
+    same numbers as ``x.double().square().sum(dim=1)``, computed in chunks of about 1 MiB of
+    float64 (they stay in cache)."""
+    n, K = x.shape
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float64, device=x.device)
+    if x.device.type != "cpu":
+        return torch.cat([x[r:r + 4096].double().square().sum(dim=1) for r in range(0, n, 4096)])
+    out = torch.empty(n, dtype=torch.float64)
+    step = max(1, _CHUNK_BYTES // (8 * max(1, K)))
+
+    for r0, r1 in _row_ranges(n, step):
+        torch.sum(x[r0:r1].double().square_(), dim=1, out=out[r0:r1])
+    return out
 
 
 def exact_scales(a: StackedFeatures, b: StackedFeatures) -> ExactScales:
@@ -294,7 +357,8 @@ def exact_scales(a: StackedFeatures, b: StackedFeatures) -> ExactScales:
     up = 1.0 + 2 * (K + 6) * _EPS64  # fl(‖x‖²) ≥ (1 − γ_K)‖x‖², one sqrt rounding
     out = []
     for x in (a, b):
-        sq = _squared_norms(x.matrix_FK).cpu()
+        sq = (x.norm_sq_F if x.norm_sq_F is not None else squared_norms(x.matrix_FK)).to(
+            "cpu", torch.float64)
         const = x.const_F.to("cpu", torch.float64)
         out.append(((const - sq).numpy(), (sq.sqrt() * up).numpy(), const.abs().numpy()))
     (oa, na, ca), (ob, nb, cb) = out
@@ -335,25 +399,36 @@ def float32_error_max(scales: ExactScales, rows: np.ndarray) -> np.ndarray:
 def listed_costs(x: StackedFeatures, y: StackedFeatures, idx_XL: torch.Tensor,
                  dev: torch.device, scales: ExactScales | None = None) -> torch.Tensor:
     """Float64 costs between each row ``i`` of ``x`` and the rows ``idx_XL[i]`` of ``y``
-    ([n_x, L], float64, CPU), from direct differences (module doc). Gathers float32 rows into
-    one preallocated buffer per chunk and widens them chunk by chunk (no float64 copy of the
-    features)."""
+    ([n_x, L], float64, CPU), from direct differences (module doc). On the CPU the differences
+    are taken in float64 straight from the float32 rows, a few rows at a time (about 1 MiB of
+    float64: they stay in cache), on all torch threads; on other devices in chunks there."""
     n_x, L = idx_XL.shape
     K = x.matrix_FK.shape[1]
     out = torch.empty((n_x, L), dtype=torch.float64)
     if n_x == 0 or L == 0:
         return out
     scales = scales or exact_scales(x, y)
-    rows = max(1, _GATHER_BYTES // (12 * K * L))
-    buf = torch.empty((rows * L, K), dtype=torch.float32, device=dev)
-    Y = y.matrix_FK.to(dev)
-    for r0 in range(0, n_x, rows):
-        r1 = min(n_x, r0 + rows)
-        idx = idx_XL[r0:r1].to(dev)
-        gathered = torch.index_select(Y, 0, idx.reshape(-1), out=buf[: (r1 - r0) * L])
-        diff = gathered.view(r1 - r0, L, K).double()
-        diff -= x.matrix_FK[r0:r1].to(dev).double()[:, None, :]
-        out[r0:r1] = diff.square_().sum(dim=2).cpu()
+    xn, yn = _host_view(x.matrix_FK), _host_view(y.matrix_FK)
+    if dev.type == "cpu" and xn is not None and yn is not None:
+        idx = idx_XL.numpy()
+        res = out.numpy()
+
+        def part(r0: int, r1: int) -> None:
+            diff = np.subtract(yn[idx[r0:r1]], xn[r0:r1, None, :], dtype=np.float64)
+            res[r0:r1] = _row_dots(diff)
+
+        _on_threads(_row_ranges(n_x, max(1, _CHUNK_BYTES // (8 * K * L))), part)
+    else:
+        rows = max(1, _GATHER_BYTES // (12 * K * L))
+        buf = torch.empty((rows * L, K), dtype=torch.float32, device=dev)
+        Y = y.matrix_FK.to(dev)
+        for r0 in range(0, n_x, rows):
+            r1 = min(n_x, r0 + rows)
+            idx_t = idx_XL[r0:r1].to(dev)
+            gathered = torch.index_select(Y, 0, idx_t.reshape(-1), out=buf[: (r1 - r0) * L])
+            diff = gathered.view(r1 - r0, L, K).double()
+            diff -= x.matrix_FK[r0:r1].to(dev).double()[:, None, :]
+            out[r0:r1] = diff.square_().sum(dim=2).cpu()
     out += torch.from_numpy(scales.offset_a)[:, None]
     out += torch.from_numpy(scales.offset_b)[idx_XL]
     return out
@@ -362,22 +437,31 @@ def listed_costs(x: StackedFeatures, y: StackedFeatures, idx_XL: torch.Tensor,
 def edge_costs(a: StackedFeatures, b: StackedFeatures, rows: np.ndarray, cols: np.ndarray,
                dev: torch.device, scales: ExactScales | None = None) -> np.ndarray:
     """Float64 costs of individual entries ``(rows[e], cols[e])`` from direct differences
-    (module doc)."""
+    (module doc; on the CPU as in :func:`listed_costs`)."""
     out = np.empty(len(rows), dtype=np.float64)
     if len(rows) == 0:
         return out
     scales = scales or exact_scales(a, b)
     K = a.matrix_FK.shape[1]
-    chunk = max(1, _GATHER_BYTES // (16 * K))
-    buf_a = torch.empty((chunk, K), dtype=torch.float32, device=dev)
-    buf_b = torch.empty((chunk, K), dtype=torch.float32, device=dev)
-    A, B = a.matrix_FK.to(dev), b.matrix_FK.to(dev)
-    r_t, c_t = torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev)
-    for s0 in range(0, len(rows), chunk):
-        r, c = r_t[s0:s0 + chunk], c_t[s0:s0 + chunk]
-        diff = torch.index_select(A, 0, r, out=buf_a[: len(r)]).double()
-        diff -= torch.index_select(B, 0, c, out=buf_b[: len(r)]).double()
-        out[s0:s0 + len(r)] = diff.square_().sum(dim=1).cpu().numpy()
+    an, bn = _host_view(a.matrix_FK), _host_view(b.matrix_FK)
+    if dev.type == "cpu" and an is not None and bn is not None:
+
+        def part(s0: int, s1: int) -> None:
+            diff = np.subtract(an[rows[s0:s1]], bn[cols[s0:s1]], dtype=np.float64)
+            out[s0:s1] = _row_dots(diff)
+
+        _on_threads(_row_ranges(len(rows), max(1, _CHUNK_BYTES // (8 * K))), part)
+    else:
+        chunk = max(1, _GATHER_BYTES // (16 * K))
+        buf_a = torch.empty((chunk, K), dtype=torch.float32, device=dev)
+        buf_b = torch.empty((chunk, K), dtype=torch.float32, device=dev)
+        A, B = a.matrix_FK.to(dev), b.matrix_FK.to(dev)
+        r_t, c_t = torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev)
+        for s0 in range(0, len(rows), chunk):
+            r, c = r_t[s0:s0 + chunk], c_t[s0:s0 + chunk]
+            diff = torch.index_select(A, 0, r, out=buf_a[: len(r)]).double()
+            diff -= torch.index_select(B, 0, c, out=buf_b[: len(r)]).double()
+            out[s0:s0 + len(r)] = diff.square_().sum(dim=1).cpu().numpy()
     out += scales.offset_a[rows]
     out += scales.offset_b[cols]
     return out

@@ -236,15 +236,17 @@ def screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, *, sample: 
     """Pick the screen width that minimises the expected work, from a sample of rows.
 
     For ``sample`` random rows of A, one pass over all of B (in chunks) gives each row's exact
-    best cost and, for every width ``m`` from ``K/10`` to ``K/2``, the floor the screening pass
-    would give it (its ``k``-th smallest bound; all columns are needed: siblings of a feature
-    cluster make column samples misleading). With the solver's duals (``u_i ≈ 0``, ``v_j`` ≈ the
-    cost of column ``j``'s match) a row's pruned edges are proven when its floor exceeds
-    ``max_j v_j``, estimated as 1.05 × the largest best cost in the sample. The share ``f_m`` of
-    rows below it estimates how many rows the certificate would recheck; the width minimising
-    ``m/K + 1.2 f_m`` wins against the exact pass (cost 1). Returns ``K`` for no screening
-    (also for fewer than 4096 features or ``K < 512``). The nested widths share one product:
-    the estimate costs about ``1.5 · sample / n_a`` of an exact pass.
+    best cost; then, for widths ``m`` from ``K/10`` up to ``K/2``, a pass of width ``m`` gives the
+    floor the screening pass would give each sampled row (its ``k``-th smallest bound; all
+    columns are needed: siblings of a feature cluster make column samples misleading). With the
+    solver's duals (``u_i ≈ 0``, ``v_j`` ≈ the cost of column ``j``'s match) a row's pruned edges
+    are proven when its floor exceeds ``max_j v_j``, estimated as 1.05 × the largest best cost in
+    the sample. The share ``f_m`` of rows below it estimates how many rows the certificate would
+    recheck; the width minimising ``m/K + 1.2 f_m`` wins against the exact pass (cost 1). Widths
+    are tried in increasing order and the search stops at the first ``m`` with ``m/K`` at or
+    above the best work found (no wider screen can do better), so usually one or two widths are
+    read. Returns ``K`` for no screening (also for fewer than 4096 features or ``K < 512``). The
+    estimate costs about ``(K + Σ m) · sample / (K · n_a)`` of an exact pass.
     """
     n_a, n_b = a.matrix_FK.shape[0], b.matrix_FK.shape[0]
     K = a.matrix_FK.shape[1]
@@ -254,40 +256,38 @@ def screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, *, sample: 
     rows = torch.randperm(n_a, generator=gen)[:sample]
     order = (coordinate_order(a, b) if order is None else order).cpu()
     widths = sorted({round(K * f) for f in _WIDTHS})
-    sel = order[: widths[-1]]
-
-    def prefix_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` restricted to the screened coordinates, and ``‖x‖² − ‖x_S‖²`` per width."""
-        xs = torch.index_select(x, 1, sel)
-        total = torch.linalg.vector_norm(x, dim=1).square()
-        seg = [torch.linalg.vector_norm(xs[:, p:m], dim=1).square()
-               for p, m in zip([0, *widths[:-1]], widths, strict=True)]
-        rest = total[:, None] - torch.stack(seg, dim=1).cumsum(dim=1)
-        return xs, rest.clamp_(min=0.0).sqrt_()
-
     x = a.matrix_FK[rows].cpu()
-    xs, rest_a = prefix_norms(x)
+    x_sq = torch.linalg.vector_norm(x, dim=1).square()
     ca = a.const_F[rows].cpu().float()
     kk = min(k, n_b)
-    floors = torch.full((len(widths), len(rows), kk), math.inf)
+
+    def consts(c0: int, c1: int) -> torch.Tensor:
+        return ca[:, None] + b.const_F[c0:c1].cpu().float()[None, :]
+
     best = torch.full((len(rows),), math.inf)
     for c0 in range(0, n_b, chunk):
         y = b.matrix_FK[c0:c0 + chunk].cpu()
-        ys, rest_b = prefix_norms(y)
-        const = ca[:, None] + b.const_F[c0:c0 + chunk].cpu().float()[None, :]
         exact = matmul_nt(x, y, torch.empty((len(rows), len(y))))
-        best = torch.minimum(best, (const - 2 * exact).amin(dim=1))
-        dot = torch.zeros((len(rows), len(y)))
-        seg = torch.empty_like(dot)
-        for w, (p, m) in enumerate(zip([0, *widths[:-1]], widths, strict=True)):
-            dot += matmul_nt(xs[:, p:m].contiguous(), ys[:, p:m].contiguous(), seg)
-            low = const - 2 * (dot + torch.outer(rest_a[:, w], rest_b[:, w]))
-            merged = torch.cat([floors[w], low], dim=1)
-            floors[w] = torch.topk(merged, kk, dim=1, largest=False, sorted=False).values
+        best = torch.minimum(best, (consts(c0, c0 + len(y)) - 2 * exact).amin(dim=1))
     need = 1.05 * float(best.max())
     best_m, best_work = K, 1.0
-    for w, m in enumerate(widths):
-        share = float((floors[w].amax(dim=1) < need).double().mean())
+    for m in widths:
+        if m / K >= best_work:
+            break
+        sel = order[:m]
+        xs = torch.index_select(x, 1, sel)
+        rest_a = (x_sq - torch.linalg.vector_norm(xs, dim=1).square()).clamp_(min=0.0).sqrt_()
+        floors = torch.full((len(rows), kk), math.inf)
+        for c0 in range(0, n_b, chunk):
+            y = b.matrix_FK[c0:c0 + chunk].cpu()
+            ys = torch.index_select(y, 1, sel)
+            rest_b = (torch.linalg.vector_norm(y, dim=1).square()
+                      - torch.linalg.vector_norm(ys, dim=1).square()).clamp_(min=0.0).sqrt_()
+            low = matmul_nt(xs, ys, torch.empty((len(rows), len(y))))
+            low.addr_(rest_a, rest_b).mul_(-2.0).add_(consts(c0, c0 + len(y)))
+            merged = torch.cat([floors, low], dim=1)
+            floors = torch.topk(merged, kk, dim=1, largest=False, sorted=False).values
+        share = float((floors.amax(dim=1) < need).double().mean())
         work = m / K + 1.2 * share
         logger.debug("screen width %d: estimated share of rows to recheck %.3f", m, share)
         if work < best_work:
@@ -302,11 +302,21 @@ def block_rows_for(n_b: int) -> int:
     return int(min(4096, max(128, (1 << 27) // (4 * max(1, n_b)))))
 
 
+_ROW_CHUNK = 64
+"""Columns per chunk of :func:`screen_pass`' row selection (at most)."""
+
+
 def screen_pass(screen: Screen, n_a: int, n_b: int, k: int, block_rows: int | None,
                 progress: bool, label: str) -> Candidates:
     """One pass over the row blocks of ``L``: the candidates of each row and column, and the
     floors bounding every other edge of each row and column. The block buffer is reused for the
-    whole pass (fresh allocations of this size cost as much as the selections)."""
+    whole pass (fresh allocations of this size cost as much as the selections).
+
+    Rows select by chunks of ``c`` adjacent columns (:func:`_chunk_width`, ``c ≤ 64``): the
+    ``k`` chunks with the smallest minima hold the row's ``k`` smallest entries (any entry
+    outside them has ``k`` chunk minima at or below it), so only those ``k·c`` entries are read
+    one by one; the floor is the smaller of the largest kept entry and the next chunk's minimum,
+    which is the row's ``k``-th smallest entry, as a full selection gives."""
     kr, kc = min(k, n_b), min(max(4, k // 4), n_a)
     block_rows = block_rows or block_rows_for(n_b)
     dev = screen.a_FS.device
@@ -315,12 +325,25 @@ def screen_pass(screen: Screen, n_a: int, n_b: int, k: int, block_rows: int | No
     row_floor = torch.empty(n_a, dtype=torch.float64)
     low_buf = torch.empty((min(block_rows, n_a), n_b), dtype=torch.float32, device=dev)
     bar = tqdm(total=n_a, desc=f"screen {label}", unit="row", disable=not progress, leave=False)
+    c = _chunk_width(n_b, kr, _ROW_CHUNK)
+    nc = n_b // c
+    within = torch.arange(c, device=dev)
     for r0 in range(0, n_a, block_rows):
         r1 = min(n_a, r0 + block_rows)
         low = screen_block(screen, r0, r1, out=low_buf[: r1 - r0])
-        vals, idx = torch.topk(low, kr, dim=1, largest=False, sorted=False)
+        if c > 1:  # the k chunks of smallest minimum hold the k smallest entries (module doc)
+            bound, chunks = torch.topk(low.view(r1 - r0, nc, c).amin(dim=2), kr + 1, dim=1,
+                                       largest=False, sorted=True)
+            listed = (chunks[:, :kr, None] * c + within).view(r1 - r0, kr * c)
+            vals, pos = torch.topk(torch.gather(low, 1, listed), kr, dim=1, largest=False,
+                                   sorted=False)
+            idx = listed.gather(1, pos)
+            top = torch.minimum(vals.amax(dim=1), bound[:, kr])
+        else:
+            vals, idx = torch.topk(low, kr, dim=1, largest=False, sorted=False)
+            top = vals.amax(dim=1)
         row_idx[r0:r1] = idx.cpu()
-        row_floor[r0:r1] = vals.amax(dim=1).double().cpu()
+        row_floor[r0:r1] = top.double().cpu()
         cols.update(low, r0)
         bar.update(r1 - r0)
     bar.close()
@@ -466,10 +489,10 @@ CHUNK_COLUMNS = 256
 ``n_b``)."""
 
 
-def _chunk_width(n_b: int, k: int) -> int:
-    """The largest power of two ≤ :data:`CHUNK_COLUMNS` dividing ``n_b`` that leaves at least
-    ``2(k + 1)`` chunks (1 when none does: every column its own chunk)."""
-    c = CHUNK_COLUMNS
+def _chunk_width(n_b: int, k: int, cap: int = CHUNK_COLUMNS) -> int:
+    """The largest power of two ≤ ``cap`` dividing ``n_b`` that leaves at least ``2(k + 1)``
+    chunks (1 when none does: every column its own chunk)."""
+    c = cap
     while c > 1 and (n_b % c or n_b // c < 2 * (k + 1)):
         c //= 2
     return c
