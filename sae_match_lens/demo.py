@@ -3,7 +3,23 @@
 Steps: fold and match every adjacent pair (folded and unfolded), match every pair up to distance
 3 directly and compare with the composition, pick a data-free unmatched threshold per pair,
 evaluate every substitution variant and baseline on held-out tokens, trace a few features with
-their top-activating tokens, then write ``report.md``, ``results.json`` and PNG plots.
+their top-activating tokens, then the flow and steering sections, and write ``report.md``,
+``results.json`` and PNG plots.
+
+**Sizes** (:class:`DemoSize`): :data:`DEFAULT` covers every section in about a minute and a half
+on 2 CPU cores (16 held-out sequences, the causal check at two layers, two coefficients per
+steering sweep, 4 generations per setting); :data:`FULL` (``--full``) is the earlier, larger run
+(64 sequences, every layer, four coefficients, 16 generations per setting; about ten minutes);
+:data:`QUICK` (``--quick``) is the tests' smallest run. The report says what was sampled and how
+wide the error bars are.
+
+**Progress**: one display for the whole run (the stage, its progress and the time left); the
+library calls inside run with their own bars off.
+
+**Output folder**: the run is written into a fresh temporary folder beside ``out`` and swapped
+in at the end (:func:`~sae_match_lens.savedir.write_directory`), so a run that fails leaves an
+earlier report exactly as it was. ``out`` must be new, empty, or hold an earlier demo report
+(its ``results.json`` records the format); anything else is refused before any work starts.
 
 The SAEs come from the embedded default suite (offline), or from a SAELens release through
 ``SAE.from_pretrained`` / ``HookedTransformer.from_pretrained`` (:func:`load_release`).
@@ -11,20 +27,24 @@ The SAEs come from the embedded default suite (offline), or from a SAELens relea
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .adapters import fold_scales, hook_name_of, validate_sae
 from .chain import ChainMatch, chain_saes, compare_composed_direct, match_chain
+from .flow_report import FLOW_DEFAULT, FLOW_FULL, FLOW_QUICK, FlowSettings
 from .matching import null_max_cost
 from .metrics import fires
 from .releases import (
@@ -37,12 +57,111 @@ from .releases import (
     load_release_saes,
     parse_layers,
 )
+from .savedir import write_directory
+from .steering_report import STEERING_DEFAULT, STEERING_FULL, STEERING_QUICK, SteeringSettings
 from .verdicts import reading
 
-__all__ = ["HubUnavailableError", "load_release", "parse_layers", "run_demo", "run_pipeline",
+__all__ = ["DEFAULT", "FULL", "QUICK", "REPORT_FORMAT", "DemoSize", "HubUnavailableError",
+           "RunProgress", "load_release", "parse_layers", "run_demo", "run_pipeline",
            "scale_profile"]
 
 logger = logging.getLogger(__name__)
+
+REPORT_FORMAT = "sae-match demo report"
+"""What a demo folder's ``results.json`` records under ``"format"``; only such a folder (or an
+empty one) is replaced by a new run."""
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How much a demo run computes (module docstring)."""
+
+    name: str
+    """``"quick"``, ``"default"`` or ``"full"``."""
+    n_seqs: int
+    """Held-out sequences (128 tokens each) for substitution, links, flows and paths."""
+    n_saes: int | None
+    """Residual SAEs used (the first ones; None: all)."""
+    max_distance: int
+    """Longest distance of the composed-vs-direct comparison."""
+    flow: FlowSettings
+    """The flow section's sampling."""
+    steering: SteeringSettings
+    """The steering section's sampling."""
+
+    def __post_init__(self) -> None:
+        if self.n_seqs < 1 or self.max_distance < 1 or (self.n_saes is not None
+                                                        and self.n_saes < 2):
+            raise ValueError(f"DemoSize needs n_seqs >= 1, max_distance >= 1 and n_saes >= 2 or "
+                             f"None; got {self.n_seqs}, {self.max_distance}, {self.n_saes}.")
+
+
+QUICK = DemoSize("quick", 16, 4, 2, FLOW_QUICK, STEERING_QUICK)
+DEFAULT = DemoSize("default", 16, None, 2, FLOW_DEFAULT, STEERING_DEFAULT)
+FULL = DemoSize("full", 64, None, 3, FLOW_FULL, STEERING_FULL)
+
+STAGE_WEIGHTS: dict[str, float] = {
+    "matching": 5.0, "composed vs direct": 4.0, "substitution": 9.0, "paths and scales": 1.0,
+    "flow": 27.0, "steering": 15.0, "plots and report": 1.5,
+}
+"""Relative cost of each stage (seconds measured at the default size on 2 cores): the overall
+progress and its time left."""
+
+
+class RunProgress:
+    """One progress display for a whole run: the stage, its progress, and the time left.
+
+    The bar counts stage weights (:data:`STAGE_WEIGHTS`, about seconds at the default size), so
+    its time-left estimate is the remaining weight at the rate measured so far.
+
+    Args:
+        weights: ``{stage: relative cost}`` in run order.
+        enabled: show the display (``False``: nothing is printed).
+    """
+
+    def __init__(self, weights: Mapping[str, float], *, enabled: bool = True) -> None:
+        self.weights = dict(weights)
+        self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+        self._base = 0.0
+        self._cpu = 0.0
+        self._stage: str | None = None
+        self._started = 0.0
+        self._bar = tqdm(total=sum(self.weights.values()), disable=not enabled, desc="demo",
+                         bar_format="{desc:<52.52} {percentage:3.0f}%|{bar}| "
+                                    "{elapsed} elapsed, about {remaining} left")
+
+    def _finish(self) -> None:
+        if self._stage is not None:
+            self.seconds[self._stage] = time.perf_counter() - self._started
+            self.cpu_seconds[self._stage] = time.process_time() - self._cpu
+            self._base += self.weights[self._stage]
+            self._bar.n = self._base
+            self._bar.refresh()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[Callable[[str, float], None]]:
+        """Run one stage; yields ``step(label, done)`` to show a sub-step and the share of the
+        stage done before it. Its wall and CPU times are kept in :attr:`seconds` and
+        :attr:`cpu_seconds`."""
+        if name not in self.weights:
+            raise KeyError(f"unknown stage {name!r}; stages are {list(self.weights)}.")
+        self._stage, self._started, self._cpu = name, time.perf_counter(), time.process_time()
+        self._bar.set_description_str(f"demo: {name}", refresh=True)
+
+        def step(label: str, done: float) -> None:
+            self._bar.set_description_str(f"demo: {label}", refresh=False)
+            self._bar.n = self._base + self.weights[name] * min(max(done, 0.0), 1.0)
+            self._bar.refresh()
+
+        yield step
+        self._finish()
+        self._stage = None
+
+    def close(self) -> None:
+        """Close the display."""
+        self._bar.set_description_str("demo: done", refresh=False)
+        self._bar.close()
 
 def load_release(
     release: str,
@@ -127,6 +246,8 @@ def run_demo(
     *,
     family: str = "jumprelu",
     quick: bool = False,
+    full: bool = False,
+    size: DemoSize | None = None,
     progress: bool = True,
     release: str | None = None,
     sae_id_template: str | None = None,
@@ -138,13 +259,22 @@ def run_demo(
 ) -> str:
     """Run the pipeline on the default suite (or a release) and write the report to ``out``.
 
-    Returns a short summary. With ``release`` set, ``layers`` is required. A release in SAELens'
-    registry resolves its SAE ids and its model by itself (``choices``: the ``width``, ``l0``,
-    ``hook``, ``variant`` of :func:`~sae_match_lens.releases.resolve_release` where the release
-    offers several); otherwise ``sae_id_template`` and ``model_name`` say what to load (see
-    :func:`load_release`).
+    Returns a short summary. ``size`` (default :data:`DEFAULT`; ``quick``: :data:`QUICK`,
+    ``full``: :data:`FULL`) says how much is computed. With ``release`` set, ``layers`` is
+    required. A release in SAELens' registry resolves its SAE ids and its model by itself
+    (``choices``: the ``width``, ``l0``, ``hook``, ``variant`` of
+    :func:`~sae_match_lens.releases.resolve_release` where the release offers several);
+    otherwise ``sae_id_template`` and ``model_name`` say what to load (see :func:`load_release`).
+
+    Raises:
+        FileExistsError: ``out`` exists and is neither empty nor an earlier demo report (checked
+            before anything is loaded or computed).
+        ValueError: ``quick`` and ``full`` together, or bad release options.
     """
-    n_seqs = 16 if quick else 64
+    if quick and full:
+        raise ValueError("choose one of quick and full (or pass size=).")
+    size = size or (QUICK if quick else FULL if full else DEFAULT)
+    _check_out(out)
     if release is None:
         from .assets import load_default_suite, load_eval_tokens
 
@@ -152,8 +282,8 @@ def run_demo(
         tokens: torch.Tensor | None = load_eval_tokens()
         steering_tokens = tokens  # all held-out sequences: the steering section labels sources
         source = f"default suite ({family})"
-        if quick:
-            saes = saes[:4]
+        if size.n_saes is not None:
+            saes = saes[:size.n_saes]
         stack = None
         if family == "jumprelu":  # the suite's MLP/attention SAEs are JumpReLU
             from .assets import SuiteFilesMissingError, load_suite_stack
@@ -181,10 +311,31 @@ def run_demo(
         stack = None
         steering_tokens = None  # the steering section's themes are the default suite's corpus
         logger.info("The steering section needs the default suite's labelled corpus; left out.")
-    tokens = _eval_tokens(model, tokens, n_seqs)
+    tokens = _eval_tokens(model, tokens, size.n_seqs)
     return run_pipeline(model, saes, tokens, out, source=source, family=family,
-                        max_distance=2 if quick else 3, progress=progress, stack=stack,
-                        steering_tokens=steering_tokens, quick=quick)
+                        max_distance=size.max_distance, progress=progress, stack=stack,
+                        steering_tokens=steering_tokens, size=size)
+
+
+def _check_out(out: str | Path) -> None:
+    """Refuse an ``out`` that a demo run may not replace, before any work (module docstring)."""
+    import json
+
+    path = Path(out)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir() and not path.is_symlink():
+        if not any(path.iterdir()):
+            return
+        try:
+            found = json.loads((path / "results.json").read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            found = None
+        if found == REPORT_FORMAT:
+            return
+    raise FileExistsError(
+        f"{path} holds something other than a demo report of this version, so the demo will not "
+        "replace it; choose a new or empty folder with --out (or remove that one).")
 
 
 def run_pipeline(
@@ -202,6 +353,7 @@ def run_pipeline(
     flow: bool = True,
     steering_tokens: torch.Tensor | None = None,
     quick: bool = False,
+    size: DemoSize | None = None,
 ) -> str:
     """Fold, match, compose, evaluate and report (see the module docstring).
 
@@ -211,61 +363,114 @@ def run_pipeline(
     residual SAEs. ``flow=False`` leaves the flow section out. ``steering_tokens`` (held-out
     tokens of the default suite's corpus, whose sources the steering section labels) adds the
     steering section (:func:`~sae_match_lens.steering_report.steering_section`); without them it
-    is left out.
+    is left out. ``size`` sets the sections' sampling (default :data:`DEFAULT`, or
+    :data:`QUICK` with ``quick``). The report is written into a temporary folder and swapped in
+    at the end (module docstring); ``progress`` shows one display for the whole run.
+
+    Raises:
+        FileExistsError: ``out`` holds something other than a demo report (before any work).
     """
+    size = size or (QUICK if quick else DEFAULT)
+    _check_out(out)
+    out = Path(out)
+    summary: list[str] = []
+
+    def write(tmp: Path) -> None:
+        summary.append(_pipeline(model, saes, tokens, tmp, out, source=source, family=family,
+                                 max_distance=max_distance, n_paths=n_paths, progress=progress,
+                                 stack=stack, flow=flow, steering_tokens=steering_tokens,
+                                 size=size))
+
+    write_directory(out, write, manifest="results.json", kind=REPORT_FORMAT)
+    logger.info("%s", summary[0])
+    return summary[0]
+
+
+def _pipeline(model: Any, saes: Sequence[Any] | Mapping[int, Any], tokens: torch.Tensor,
+              tmp: Path, out: Path, *, source: str, family: str, max_distance: int, n_paths: int,
+              progress: bool, stack: Mapping[int, Any] | None, flow: bool,
+              steering_tokens: torch.Tensor | None, size: DemoSize) -> str:
+    """The run itself, writing into ``tmp`` (which becomes ``out``)."""
     from . import report
     from .evaluation import evaluate_substitution
 
     t0 = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    layers, saes = chain_saes(saes, what="run_pipeline")
-    by_layer = dict(zip(layers, saes, strict=True))
-    chain = match_chain(by_layer, progress=progress)
-    raw_chain = match_chain(by_layer, fold=False, progress=progress)
-    checks = compare_composed_direct(chain, by_layer, max_distance=max_distance, progress=progress)
-    raw_checks = compare_composed_direct(raw_chain, by_layer, max_distance=max_distance,
-                                         progress=progress)  # fold=False: recorded in raw_chain
-    thresholds = [null_max_cost(saes[i], saes[i + 1]) for i in range(len(saes) - 1)]
-    pairs = list(itertools.pairwise(layers))
-    table = evaluate_substitution(model, by_layer, tokens, pairs=pairs, batch_size=8,
-                                  permutations=dict(zip(pairs, chain.steps, strict=True)),
-                                  progress=progress)
-    paths = _traced_paths(model, saes, chain, tokens, n_paths)
-    results = _results(model, saes, tokens, chain, raw_chain, checks, raw_checks, thresholds, table,
-                       paths, source, family)
-    results["scales"] = scale_profile(model, by_layer, tokens)
-    results["null_rate"] = _null_rate()
-    results["reading"] = reading(results)
-    if flow:
-        results["flow"] = _flow(model, saes, tokens, chain, stack, out, quick, progress)
-    if steering_tokens is not None:
-        from .steering_report import steering_section
+    weights = {k: v for k, v in STAGE_WEIGHTS.items()
+               if (k != "flow" or flow) and (k != "steering" or steering_tokens is not None)}
+    run = RunProgress(weights, enabled=progress)
+    try:
+        layers, saes = chain_saes(saes, what="run_pipeline")
+        by_layer = dict(zip(layers, saes, strict=True))
+        with run.stage("matching") as step:
+            chain = match_chain(by_layer, progress=False)
+            step("matching: unfolded", 0.5)
+            raw_chain = match_chain(by_layer, fold=False, progress=False)
+        with run.stage("composed vs direct") as step:
+            checks = compare_composed_direct(chain, by_layer, max_distance=max_distance,
+                                             progress=False)
+            step("composed vs direct: unfolded", 0.5)
+            raw_checks = compare_composed_direct(raw_chain, by_layer, max_distance=max_distance,
+                                                 progress=False)  # fold=False: in raw_chain
+            thresholds = [null_max_cost(saes[i], saes[i + 1]) for i in range(len(saes) - 1)]
+        pairs = list(itertools.pairwise(layers))
+        with run.stage("substitution"):
+            table = evaluate_substitution(model, by_layer, tokens, pairs=pairs, batch_size=8,
+                                          permutations=dict(zip(pairs, chain.steps, strict=True)),
+                                          progress=False)
+        with run.stage("paths and scales"):
+            paths = _traced_paths(model, saes, chain, tokens, n_paths)
+            results = _results(model, saes, tokens, chain, raw_chain, checks, raw_checks,
+                               thresholds, table, paths, source, family)
+            results["format"] = REPORT_FORMAT
+            results["size"] = _size_record(size, tokens)
+            results["scales"] = scale_profile(model, by_layer, tokens)
+            results["null_rate"] = _null_rate()
+            results["reading"] = reading(results)
+        if flow:
+            with run.stage("flow") as step:
+                results["flow"] = _flow(model, saes, tokens, chain, stack, tmp, size.flow, step,
+                                        table)
+        if steering_tokens is not None:
+            from .steering_report import steering_section
 
-        results["steering"] = steering_section(model, stack or by_layer, steering_tokens,
-                                               model.tokenizer, out, quick=quick,
-                                               progress=progress)
-    results["seconds"] = time.perf_counter() - t0
-    report.write_results(results, out / "results.json")
-    report.plot_substitution(table, out / "substitution.png")
-    report.plot_agreement(results["composition"], out / "agreement_vs_distance.png",
-                          chance=1 / results["setting"]["d_sae"])
-    labels = [f"{a}→{b}" for a, b in pairs]
-    report.plot_costs({labels[i]: chain.steps[i].cost_F.tolist() for i in range(len(chain.steps))},
-                      {labels[i]: t for i, t in enumerate(thresholds)}, out / "match_costs.png",
-                      null_rate=results["null_rate"])
-    report.plot_paths(paths, out / "feature_paths.png",
-                      thresholds={b: t for (_, b), t in zip(pairs, thresholds, strict=True)},
-                      hooks=results["setting"]["hooks"])
-    report.write_report(results, table, out)
-    logger.info("demo finished in %.1f s; report in %s", results["seconds"], out)
+            with run.stage("steering") as step:
+                results["steering"] = steering_section(
+                    model, stack or by_layer, steering_tokens, model.tokenizer, tmp,
+                    settings=size.steering, on_step=step, chain=chain)
+        with run.stage("plots and report"):
+            results["seconds"] = time.perf_counter() - t0
+            results["stage_seconds"] = dict(run.seconds)
+            results["stage_cpu_seconds"] = dict(run.cpu_seconds)
+            report.write_results(results, tmp / "results.json")
+            report.plot_substitution(table, tmp / "substitution.png")
+            report.plot_agreement(results["composition"], tmp / "agreement_vs_distance.png",
+                                  chance=1 / results["setting"]["d_sae"])
+            labels = [f"{a}→{b}" for a, b in pairs]
+            report.plot_costs({labels[i]: chain.steps[i].cost_F.tolist()
+                               for i in range(len(chain.steps))},
+                              {labels[i]: t for i, t in enumerate(thresholds)},
+                              tmp / "match_costs.png", null_rate=results["null_rate"])
+            report.plot_paths(paths, tmp / "feature_paths.png",
+                              thresholds={b: t for (_, b), t in zip(pairs, thresholds,
+                                                                     strict=True)},
+                              hooks=results["setting"]["hooks"])
+            report.write_report(results, table, tmp)
+    finally:
+        run.close()
     return (f"{results['reading'][0]} Report written to {out / 'report.md'} "
-            f"({results['seconds']:.0f} s).")
+            f"({time.perf_counter() - t0:.0f} s).")
+
+
+def _size_record(size: DemoSize, tokens: torch.Tensor) -> dict[str, Any]:
+    """What a run sampled, for the report."""
+    return {"name": size.name, "n_seqs": int(tokens.shape[0]),
+            "n_tokens": int(tokens[:, 1:].numel()), "max_distance": size.max_distance,
+            "flow": dict(size.flow.__dict__), "steering": dict(size.steering.__dict__)}
 
 
 def _flow(model: Any, saes: Sequence[Any], tokens: torch.Tensor, chain: ChainMatch,
-          stack: Mapping[int, Any] | None, out: Path, quick: bool,
-          progress: bool) -> dict[str, Any]:
+          stack: Mapping[int, Any] | None, out: Path, settings: FlowSettings,
+          step: Callable[[str, float], None], substitution: pd.DataFrame) -> dict[str, Any]:
     """The flow section (:func:`~sae_match_lens.flow_report.flow_section`), keyed by model layer."""
     from .flow import LayerSAEs
     from .flow_report import flow_section
@@ -273,9 +478,9 @@ def _flow(model: Any, saes: Sequence[Any], tokens: torch.Tensor, chain: ChainMat
     layers = chain.layers
     if stack is None:
         stack = {layer: LayerSAEs(res=sae) for layer, sae in zip(layers, saes, strict=True)}
-    permutations = {(layers[i], layers[i + 1]): step for i, step in enumerate(chain.steps)}
-    return flow_section(model, stack, tokens, out, permutations=permutations, quick=quick,
-                        progress=progress)
+    permutations = {(layers[i], layers[i + 1]): step_ for i, step_ in enumerate(chain.steps)}
+    return flow_section(model, stack, tokens, out, permutations=permutations, settings=settings,
+                        on_step=step, substitution=substitution)
 
 
 def _null_rate() -> float | None:

@@ -419,8 +419,60 @@ def _scale_section(results: Mapping[str, Any]) -> list[str]:
             _markdown_table(frame), "", scale_verdict(scales), ""]
 
 
+VARIANT_MEANING: dict[str, str] = {
+    "folded": "the method: encode at A, permute with the folded match, decode at B",
+    "raw": "the same, but the activations are moved in raw instead of folded units",
+    "hybrid": "the cheaper half of the matches go through the permutation, the rest are "
+              "decoded by A's own decoder",
+    "error_preserving": "the method plus A's reconstruction error carried across (separates "
+                        "the SAE's error from the matching error)",
+    "identity": "drop the blocks: B's state is A's state",
+    "sae_b_reconstruction": "B's own SAE reconstruction of the true state (not a substitute: the "
+                            "floor of any path through B's SAE)",
+    "sae_a_reconstruction": "A's SAE reconstruction used as the state at B",
+    "random_permutation": "the method with a random permutation (chance)",
+    "unfolded_matching": "the method with a match on raw, unfolded parameters",
+}
+"""One line per substitution variant of the report."""
+
+
+def _summary(results: Mapping[str, Any]) -> list[str]:
+    """The one-minute summary: the verdicts that matter, with their numbers."""
+    reading_ = list(results.get("reading", []))
+    picks = [s for s in reading_[:1]]
+    picks += [s for s in reading_ if s.startswith("The method") and "random permutation" in s]
+    picks += [s for s in reading_ if s.startswith(("Folding changed", "Composed and direct"))]
+    flow = results.get("flow") or {}
+    flow_reading = list(flow.get("reading", []))
+    picks += flow_reading[:1]
+    picks += [s for s in flow_reading if s.startswith(("Predecessor reading", "Deactivating"))]
+    steering = results.get("steering") or {}
+    picks += [s for s in steering.get("reading", []) if "best proxy score" in s]
+    picks += [s for s in steering.get("reading", []) if s.startswith("Semantic check")]
+    lines = ["## Summary", ""] + [f"- {s}" for s in dict.fromkeys(picks)]
+    if steering.get("flow_nodes"):
+        lines.append("- The tiny model's generations are gibberish even without steering; the "
+                     "steering numbers measure which tokens come out, not meaning.")
+    size = results.get("size") or {}
+    if size:
+        flow_size, steer = size.get("flow", {}), size.get("steering", {})
+        lines += ["", f"Size `{size.get('name')}`: {size.get('n_seqs')} held-out sequences "
+                  f"({size.get('n_tokens')} tokens) for substitution, links and flows; "
+                  f"composition up to distance {size.get('max_distance')}"
+                  + (f"; the causal check at {len(flow.get('causal_layers') or [])} target "
+                     f"layers on {flow_size.get('causal_seqs')} sequences"
+                     if flow.get("causal_layers") else "")
+                  + (f"; steering with {len(steer.get('suppress', []))} coefficients per sweep "
+                     f"and {2 * int(steer.get('n_samples', 0))} generations of "
+                     f"{steer.get('max_new_tokens')} tokens per setting" if steer else "")
+                  + ". Each section states its sample and error bars; `sae-match demo --full` "
+                  "runs the larger setting."]
+    return [*lines, ""]
+
+
 def write_report(results: Mapping[str, Any], table: pd.DataFrame | None, out: Path) -> Path:
-    """Write ``report.md``: setting, tables, and the reading of them (``results["reading"]``).
+    """Write ``report.md``: a one-minute summary, then every verdict, then the tables with what
+    each row and column means.
 
     ``table`` is the substitution table; None rebuilds it from ``results["substitution"]``.
     """
@@ -435,6 +487,9 @@ def write_report(results: Mapping[str, Any], table: pd.DataFrame | None, out: Pa
         f"family, {s['n_saes']} SAEs with {s['d_sae']} features at `{s['hooks'][0]}` … `{s['hooks'][-1]}`; "
         f"evaluation on {s['n_tokens']} held-out tokens (BOS excluded).",
         "",
+    ]
+    lines += _summary(results)
+    lines += [
         "## Reading",
         "",
         "Each sentence is computed from the tables below. Two ΔCE values count as "
@@ -458,13 +513,17 @@ def write_report(results: Mapping[str, Any], table: pd.DataFrame | None, out: Pa
         "",
     ]
     lines += _scale_section(results)
+    variants = list(dict.fromkeys(r["variant"] for r in results["substitution_summary"]))
     lines += ["## Substitution: encode at A → permute → decode at B", "",
-              "Mean over adjacent pairs (ΔCE and KL in nats; EV of the state at B):", "",
-              _markdown_table(pd.DataFrame(results["substitution_summary"])), "",
-              "Per pair:", "",
-              _markdown_table(table[["layer_a", "layer_b", "variant", "explained_variance", "delta_ce",
-                                     "kl", "coactivation"]]), ""]
+              "Mean over adjacent pairs (`explained_variance` of the state at B; `delta_ce` and "
+              "`kl` in nats against the unmodified model; `coactivation` as above). Variants:", ""]
+    lines += [f"- `{v}`: {VARIANT_MEANING.get(v, v)}" for v in variants] + [""]
+    lines += [_markdown_table(pd.DataFrame(results["substitution_summary"])), "",
+              "Per pair: `substitution.png` and `results.json`.", ""]
     lines += ["## Composed vs direct matches", "",
+              "`agreement` = share of features whose composed chain of adjacent matches ends at "
+              "the same feature as the direct match over that distance (mean over start layers; "
+              "`agreement_unfolded`: the same with unfolded matching).", "",
               _markdown_table(pd.DataFrame(results["composition_by_distance"])), ""]
     if results.get("flow"):
         from .flow_report import flow_markdown
@@ -476,6 +535,7 @@ def write_report(results: Mapping[str, Any], table: pd.DataFrame | None, out: Pa
         lines += steering_markdown(results["steering"])
     steering_files = [f"`{e['heatmap']}`" for e in (results.get("steering") or {}).values()
                       if isinstance(e, dict) and e.get("heatmap")]
+    stages = results.get("stage_seconds") or {}
     lines += ["## Files", "",
               "- `results.json`: everything above, machine-readable (strict JSON; missing values are null).",
               "- `substitution.png`: EV and ΔCE per layer pair, the method, its variants and baselines.",
@@ -485,9 +545,11 @@ def write_report(results: Mapping[str, Any], table: pd.DataFrame | None, out: Pa
               *(["- `flow_graph.png`, `flow_graph.json`: one traced feature flow (picture and "
                  "node-link JSON)."] if results.get("flow") else []),
               *([f"- {', '.join(steering_files)}: steering sweeps (proxy score per layer and "
-                 "coefficient); `steering_*.jsonl`: their rows, resumable."] if steering_files
+                 "coefficient); `steering_*.jsonl`: their rows."] if steering_files
                 else []),
-              "", f"Run time: {results.get('seconds', math.nan):.0f} s.", ""]
+              "", f"Run time: {results.get('seconds', math.nan):.0f} s"
+              + (" (" + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()) + ")"
+                 if stages else "") + ".", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

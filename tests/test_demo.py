@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -106,3 +107,93 @@ def test_layer_specs_parse(spec, layers):
 def test_bad_layer_specs_are_refused(spec):
     with pytest.raises(ValueError, match="layers"):
         parse_layers(spec)
+
+
+def _tiny_run(out, *, max_distance=2, progress=False):
+    from sae_match_lens.demo import run_pipeline
+    from tests.helpers_tl import layer_saes, tiny_model, tiny_tokens
+
+    return run_pipeline(tiny_model(), layer_saes(), tiny_tokens(n_seq=4), out, flow=False,
+                        max_distance=max_distance, progress=progress)
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_failed_rerun_leaves_the_earlier_report_exactly_as_it_was(tmp_path, monkeypatch):
+    from sae_match_lens import report
+
+    out = tmp_path / "report"
+    _tiny_run(out)
+    before = _snapshot(out)
+    assert json.loads(before["results.json"])["format"] == demo_module.REPORT_FORMAT
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(report, "plot_paths", broken)  # fails after every other file is written
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        _tiny_run(out, max_distance=3)
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temporary left behind
+
+
+def test_a_rerun_with_other_settings_replaces_the_whole_earlier_run(tmp_path):
+    out = tmp_path / "report"
+    _tiny_run(out, max_distance=2)
+    (out / "flow_graph.json").write_text("{}")  # a file of a run with other sections
+    _tiny_run(out, max_distance=3)
+    results = json.loads((out / "results.json").read_text())
+    assert max(r["distance"] for r in results["composition"]) == 3
+    assert not (out / "flow_graph.json").exists()  # nothing of the old run is left to mislead
+
+
+def test_a_folder_that_is_not_a_demo_report_is_refused_before_any_work(tmp_path, monkeypatch,
+                                                                        capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the suite was loaded although --out was refused")
+
+    monkeypatch.setattr("sae_match_lens.assets.load_default_suite", no_work)
+    assert main(["demo", "--quiet", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "--out" in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_the_run_shows_one_progress_display(tmp_path, capsys):
+    _tiny_run(tmp_path / "report", progress=True)
+    err = capsys.readouterr().err
+    bars = [part for part in re.split(r"[\r\n]", err) if "%|" in part]
+    assert bars and all(part.startswith("demo") for part in bars)
+    assert any("demo: substitution" in part for part in bars)
+
+
+def test_run_progress_counts_stages_by_weight_and_times_them():
+    from sae_match_lens.demo import RunProgress
+
+    run = RunProgress({"a": 1.0, "b": 3.0}, enabled=False)
+    with run.stage("a"):
+        pass
+    assert run._bar.n == 1.0
+    with run.stage("b") as step:
+        step("b: half", 0.5)
+        assert run._bar.n == 2.5
+    assert run._bar.n == 4.0 and set(run.seconds) == {"a", "b"}
+    with pytest.raises(KeyError, match="unknown stage"), run.stage("c"):
+        pass
+    run.close()
+
+
+def test_sizes_are_ordered_and_full_is_the_earlier_default():
+    from sae_match_lens.demo import DEFAULT, FULL, QUICK
+
+    assert FULL.n_seqs == 64 and FULL.flow.causal_layers is None and FULL.steering.every_layer
+    assert DEFAULT.n_seqs <= FULL.n_seqs and DEFAULT.flow.causal_layers == 2
+    assert QUICK.n_saes == 4
+    with pytest.raises(ValueError, match="quick and full"):
+        run_demo("unused", quick=True, full=True)

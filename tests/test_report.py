@@ -215,3 +215,29 @@ def test_the_report_and_plots_rebuild_from_strict_results_json(tmp_path):
                       hooks=loaded["setting"]["hooks"])
     for name in ("s.png", "a.png", "c.png", "p.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_the_report_opens_with_a_summary_of_the_verdicts_that_matter(tmp_path):
+    results = make_results({"folded": 0.147, "identity": 0.035, "random_permutation": 4.5})
+    results["reading"] = verdicts.reading(results)
+    table = pd.DataFrame(results["substitution"])
+    results["substitution_summary"] = (table.groupby("variant", sort=False)[
+        ["explained_variance", "delta_ce", "kl", "coactivation"]].mean().reset_index()
+        .to_dict("records"))
+    results["folding_summary"] = results["adjacent"]
+    results["size"] = {"name": "default", "n_seqs": 16, "n_tokens": 2032, "max_distance": 2,
+                       "flow": {}, "steering": {}}
+    md = report.write_report(results, None, tmp_path).read_text()
+    summary = md[md.index("## Summary"):md.index("## Reading")]
+    assert md.index("## Summary") < md.index("## Reading") < md.index("## What folding changed")
+    assert results["reading"][0] in summary  # the headline with its numbers
+    assert "random permutation" in summary
+    assert "Size `default`: 16 held-out sequences (2032 tokens)" in summary
+    for variant in table.variant.unique():  # every row of the substitution table is explained
+        assert f"- `{variant}`:" in md
+    results["steering"] = {"reading": ["Suppression (x): best proxy score over all 4 steered "
+                                       "settings 0.5 (…)", "Semantic check (proxy): 3 of 4"],
+                           "flow_nodes": ["3/res/1"]}
+    summary = "\n".join(report._summary(results))
+    assert "best proxy score over all" in summary and "Semantic check" in summary
+    assert "gibberish even without steering" in summary

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -31,6 +32,8 @@ from sae_match_lens.steering_eval import (
     theme_presence,
 )
 from sae_match_lens.steering_report import (
+    _summary,
+    _verdicts,
     label_sequences,
     steering_markdown,
     steering_section,
@@ -491,3 +494,38 @@ def test_theme_presence_reads_token_ids_after_bos(model, tokens, saes):
         assert frame.n_tokens[i] == tokens.shape[1] - 1
     with pytest.raises(ValueError, match="BOS in column 0"):
         theme_presence(model, saes, theme, tokens[0])
+
+
+def test_the_best_proxy_score_is_the_best_of_every_swept_setting():
+    def row(mode, layer, coefficient, score, rate=0.1):
+        return {"mode": mode, "layer": layer, "coefficient": coefficient, "n_samples": 4,
+                "theme_rate": rate, "behaviour": rate, "ce": 3.0, "coherence": 0.9,
+                "distinct": 0.8, "score": score, "examples": ["x"]}
+
+    frame = pd.DataFrame([row("none", None, None, 0.1, 0.3), row("single", 2, 0.0, 0.2),
+                          row("single", 3, 0.0, 0.7),  # neither seed layer nor last: not paired
+                          row("cumulative", 4, 0.0, 0.3)])
+    table = _summary(frame, "suppress")
+    assert table.setting.tolist()[0] == "unsteered" and table.score.tolist()[1] == 0.7
+    lines = _verdicts(table, "suppress", "S", seed_layer=2, last=4)
+    assert "best proxy score over all 3 steered settings 0.700 (single layer 3" in lines[1]
+    assert "theme rate 0.100 steering layer 2 alone vs 0.100 steering every flow layer up to 4" \
+        in lines[2]
+
+
+def test_the_steering_report_says_how_each_column_is_averaged_and_that_text_is_gibberish():
+    rows = [{"setting": "unsteered", "coefficient": None, "n_samples": 4, "theme_rate": 0.2,
+             "behaviour": 0.9, "ce": 3.0, "coherence": 0.91, "distinct": 0.8, "score": 0.1,
+             "examples": ["a b"]},
+            {"setting": "single layer 2", "coefficient": 0.0, "n_samples": 4, "theme_rate": 0.1,
+             "behaviour": 0.5, "ce": 3.1, "coherence": 0.8, "distinct": 0.8, "score": 0.4,
+             "examples": ["c d"]}]
+    part = {"prompts": ["p"], "summary": rows, "heatmap": "h.png"}
+    section = {"sequence_labels": {"bible": 1, "pydoc": 1, "other": 0}, "seed_layer": 2,
+               "seeds": [], "reading": [], "flow_nodes": ["2/res/5"], "rate_reference": 0.2,
+               "suppress": part, "activate": part,
+               "semantic": {"method": "proxy", "counts": [], "along": []}}
+    text = "\n".join(steering_markdown(section))
+    assert "gibberish, steered or not" in text
+    assert "every column is a mean over its 4 generations" in text
+    assert "standard error of at most 0.25" in text
