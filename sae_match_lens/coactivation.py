@@ -32,7 +32,9 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
@@ -46,6 +48,8 @@ from .metrics import (
     scored_states,
 )
 from .permutation import Permutation, check_direction
+from .solvers.certificate import EdgeSet
+from .solvers.sparse import build_problem, solve_problem
 
 __all__ = [
     "LINK_COLUMNS",
@@ -274,6 +278,95 @@ class _UnionSums:
         self.union_fires = lf if self.union_fires is None else self.union_fires + lf
 
 
+def _firing_csr(fire_TF: torch.Tensor) -> sp.csr_matrix:
+    """A boolean ``[tokens, F]`` firing matrix as a sparse 0/1 matrix (int64)."""
+    t, f = fire_TF.nonzero(as_tuple=True)
+    return sp.csr_matrix((np.ones(len(t), dtype=np.int64), (t.cpu().numpy(), f.cpu().numpy())),
+                         shape=tuple(fire_TF.shape))
+
+
+class _CoFiring:
+    """Firing counts of two SAEs and, when ``pairs``, how often each source and target feature
+    fire at the same token, kept sparse: only pairs that co-fire at least once are stored
+    (``A^T B`` of the sparse firing matrices per batch, merged as batches stream), so memory
+    grows with the co-firing pairs seen, not with ``F_A · F_B``. Counts are exact integers."""
+
+    def __init__(self, n_a: int, n_b: int, pairs: bool) -> None:
+        self.n_a, self.n_b, self.pairs = n_a, n_b, pairs
+        self.n_tokens = 0
+        self.fires_a = torch.zeros(n_a, dtype=torch.int64)
+        self.fires_b = torch.zeros(n_b, dtype=torch.int64)
+        self._both = sp.csr_matrix((n_a, n_b), dtype=np.int64)
+        self._pending: list[sp.csr_matrix] = []
+        self._pending_nnz = 0
+
+    def add(self, fire_a_TF: torch.Tensor, fire_b_TF: torch.Tensor) -> None:
+        """Accumulate boolean firing matrices ``[tokens, F_A]`` and ``[tokens, F_B]``."""
+        self.n_tokens += int(fire_a_TF.shape[0])
+        self.fires_a += fire_a_TF.sum(0).cpu()
+        self.fires_b += fire_b_TF.sum(0).cpu()
+        if not self.pairs:
+            return
+        counts = (_firing_csr(fire_a_TF).T.tocsr() @ _firing_csr(fire_b_TF)).tocsr()
+        self._pending.append(counts)
+        self._pending_nnz += counts.nnz
+        if self._pending_nnz > max(self._both.nnz, 1 << 22):  # merges cost O(stored pairs)
+            self._merge()
+
+    def _merge(self) -> None:
+        if self._pending:
+            parts = [self._both.tocoo(), *(m.tocoo() for m in self._pending)]
+            merged = sp.coo_matrix((np.concatenate([m.data for m in parts]),
+                                    (np.concatenate([m.row for m in parts]),
+                                     np.concatenate([m.col for m in parts]))),
+                                   shape=(self.n_a, self.n_b))
+            self._both = merged.tocsr()  # sums duplicates
+            self._both.sum_duplicates()
+            self._pending, self._pending_nnz = [], 0
+
+    def jaccard(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(rows, cols, jaccard)`` of every co-firing pair (float64, computed as
+        :meth:`CoactivationStats.jaccard` does: the other pairs have Jaccard 0)."""
+        self._merge()
+        both = self._both
+        rows = np.repeat(np.arange(self.n_a), np.diff(both.indptr))
+        cols = both.indices.astype(np.int64)
+        inter = both.data.astype(np.float64)
+        union = (self.fires_a.double().numpy()[rows] + self.fires_b.double().numpy()[cols]) - inter
+        return rows, cols, inter / union
+
+
+def _best_jaccard(n_a: int, rows: np.ndarray, jac: np.ndarray) -> torch.Tensor:
+    """Each source feature's highest Jaccard over all targets (0 where it co-fires with none)."""
+    best = torch.zeros(n_a, dtype=torch.float64)
+    return best.scatter_reduce_(0, torch.from_numpy(rows), torch.from_numpy(jac), "amax")
+
+
+def _one_to_one_jaccard(n_a: int, n_b: int, rows: np.ndarray, cols: np.ndarray,
+                        jac: np.ndarray) -> torch.Tensor:
+    """Each source feature's Jaccard with its partner in a one-to-one assignment maximising the
+    summed Jaccard (0 where it has none). Pairs that never co-fire add 0 to any assignment, so the
+    optimum is a maximum-weight matching on the co-firing pairs: solved exactly by the package's
+    sparse solver on costs ``−jaccard`` (a row left unmatched costs 0)."""
+    out = torch.zeros(n_a, dtype=torch.float64)
+    if len(rows) == 0:
+        return out
+    g = EdgeSet(n_a, n_b)
+    g.add(rows, cols, -jac)
+    prob, extra_l, extra_r = build_problem(g, 0.0)
+    match_right, _ = solve_problem(prob, extra_l, extra_r, n_a, n_b, False)
+    partner = match_right[:n_a]
+    real = partner < n_b
+    keys = np.flatnonzero(real).astype(np.int64) * n_b + partner[real]
+    pos = np.searchsorted(g.keys, keys)
+    found = pos < len(g.keys)
+    found[found] = g.keys[pos[found]] == keys[found]
+    values = np.zeros(len(keys))
+    values[found] = -g.cost[pos[found]]
+    out[torch.from_numpy(np.flatnonzero(real))] = torch.from_numpy(values)
+    return out
+
+
 @dataclass
 class _PairLinks:
     key_a: Hashable
@@ -281,7 +374,7 @@ class _PairLinks:
     sae_a: Any
     sae_b: Any
     methods: list[tuple[str, int, torch.Tensor]]
-    stats: CoactivationStats = field(default_factory=CoactivationStats)
+    stats: CoactivationStats | _CoFiring
     sums: dict[tuple[str, int], _UnionSums] = field(default_factory=dict)
 
 
@@ -366,7 +459,10 @@ def evaluate_links(
                         f"not fit {describe_sae(sae_a)} -> {describe_sae(sae_b)}."
                     )
                 chosen.append((name, k, idx))
-        plans.append(_PairLinks(a, b, sae_a, sae_b, chosen))
+        # "all" needs the dense activation moments; otherwise co-firing is counted sparsely
+        stats = (CoactivationStats() if ceilings == "all" else
+                 _CoFiring(sae_a.cfg.d_sae, sae_b.cfg.d_sae, pairs=ceilings != "none"))
+        plans.append(_PairLinks(a, b, sae_a, sae_b, chosen, stats))
     names = list(dict.fromkeys(hook_name_of(sae_map[k]) for pair in pair_list for k in pair))
     batches, total = token_batches(tokens, batch_size)
     device = getattr(model.cfg, "device", None)
@@ -381,7 +477,7 @@ def evaluate_links(
                     acts[key] = _encode(sae, states[hook_name_of(sae)])
                     fired[key] = fires(acts[key])
             fire_a, fire_b = fired[plan.key_a], fired[plan.key_b]
-            if ceilings == "all":
+            if isinstance(plan.stats, CoactivationStats):
                 plan.stats.add(fire_a, fire_b, acts[plan.key_a], acts[plan.key_b])
             else:
                 plan.stats.add(fire_a, fire_b)
@@ -405,18 +501,33 @@ def _assigned(jac: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _ceilings(plan: _PairLinks, active: torch.Tensor, ceilings: str) -> tuple[float, ...]:
+    """``(best partner, one-to-one, correlation best partner, correlation one-to-one)`` means
+    over the active source features (nan where not asked for)."""
+    stats = plan.stats
+    nan = math.nan
+    if ceilings == "none":
+        return nan, nan, nan, nan
+    if isinstance(stats, _CoFiring):
+        rows, cols, jac = stats.jaccard()
+        ceiling_bp = _mean_over(_best_jaccard(stats.n_a, rows, jac), active)
+        if ceilings == "best_partner":
+            return ceiling_bp, nan, nan, nan
+        return ceiling_bp, _mean_over(_one_to_one_jaccard(stats.n_a, stats.n_b, rows, cols, jac),
+                                      active), nan, nan
+    dense = stats.jaccard()
+    return (_mean_over(dense.max(dim=1).values, active),
+            _mean_over(_assigned(dense, one_to_one(stats).indices), active),
+            _mean_over(_assigned(dense, best_partner(stats, "correlation")), active),
+            _mean_over(_assigned(dense, one_to_one(stats, "correlation").indices), active))
+
+
 def _rows(plan: _PairLinks, min_fires: int, ceilings: str) -> list[dict[str, Any]]:
-    fa, _, _ = plan.stats._checked()
+    if plan.stats.n_tokens == 0:
+        raise ValueError("no tokens were added to these co-activation statistics.")
+    fa = plan.stats.fires_a.double()
     active = fa >= min_fires
-    jac = plan.stats.jaccard()
-    best = jac.max(dim=1).values
-    ceiling_bp = _mean_over(best, active) if ceilings != "none" else math.nan
-    ceiling_oo = ref_bp = ref_oo = math.nan
-    if ceilings in ("both", "all"):
-        ceiling_oo = _mean_over(_assigned(jac, one_to_one(plan.stats).indices), active)
-    if ceilings == "all":
-        ref_bp = _mean_over(_assigned(jac, best_partner(plan.stats, "correlation")), active)
-        ref_oo = _mean_over(_assigned(jac, one_to_one(plan.stats, "correlation").indices), active)
+    ceiling_bp, ceiling_oo, ref_bp, ref_oo = _ceilings(plan, active, ceilings)
     out = []
     for name, k, idx in plan.methods:
         sums = plan.sums[(name, k)]

@@ -97,3 +97,53 @@ def test_evaluate_links_reports_correlation_references_below_the_jaccard_ceiling
     assert plain.iloc[0].jaccard == pytest.approx(row.jaccard)
     with pytest.raises(ValueError, match="ceilings must be"):
         evaluate_links(model, pair_saes, tokens, {}, ceilings="most", progress=False)
+
+
+def _dense_ceilings(model, saes, tokens, pairs, min_fires):
+    """Today's dense reference: the full F_A x F_B co-firing matrix, its row maxima and scipy's
+    dense assignment on it, averaged over the sources firing at least ``min_fires`` times."""
+    out = {}
+    for a, b in pairs:
+        stats = coactivation_stats(model, saes[a], saes[b], tokens, batch_size=4, progress=False)
+        jac = stats.jaccard().numpy()
+        active = stats.fires_a.numpy() >= min_fires
+        r, c = linear_sum_assignment(jac, maximize=True)
+        assigned = np.zeros(jac.shape[0])
+        assigned[r] = jac[r, c]
+        out[(a, b)] = (jac.max(1)[active].mean(), assigned[active].mean())
+    return out
+
+
+def test_sparse_ceilings_equal_the_dense_ones_on_a_tiny_model(model, pair_saes):
+    tokens = tiny_tokens(n_seq=8)
+    lk = links(*pair_saes, k=2, progress=False)
+    table = evaluate_links(model, pair_saes, tokens, {"links": {(0, 1): lk}}, ks=(1, 2),
+                           min_fires=1, batch_size=3, progress=False)
+    bp, oo = _dense_ceilings(model, dict(enumerate(pair_saes)), tokens, [(0, 1)], min_fires=1)[(0, 1)]
+    assert table.ceiling_best_partner.tolist() == pytest.approx([bp] * len(table), rel=1e-12)
+    assert table.ceiling_one_to_one.tolist() == pytest.approx([oo] * len(table), rel=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["jumprelu", "topk"])
+def test_sparse_ceilings_equal_the_dense_ones_on_the_default_suite(family):
+    from sae_match_lens.assets import load_default_suite, load_eval_tokens
+
+    model, saes = load_default_suite(family)
+    tokens = load_eval_tokens()[:8]
+    pairs = [(0, 1), (4, 5)]
+    methods = {"identity": {p: torch.arange(saes[p[0]].cfg.d_sae) for p in pairs}}
+    table = evaluate_links(model, dict(enumerate(saes)), tokens, methods, pairs=pairs,
+                           batch_size=4, progress=False)
+    expected = _dense_ceilings(model, dict(enumerate(saes)), tokens, pairs, min_fires=5)
+    for _, row in table.iterrows():
+        bp, oo = expected[(row.layer_a, row.layer_b)]
+        assert row.ceiling_best_partner == pytest.approx(bp, rel=1e-12)
+        assert row.ceiling_one_to_one == pytest.approx(oo, rel=1e-12)
+    only_bp = evaluate_links(model, dict(enumerate(saes)), tokens, methods, pairs=pairs,
+                             batch_size=4, ceilings="best_partner", progress=False)
+    none = evaluate_links(model, dict(enumerate(saes)), tokens, methods, pairs=pairs,
+                          batch_size=4, ceilings="none", progress=False)
+    np.testing.assert_array_equal(only_bp.ceiling_best_partner, table.ceiling_best_partner)
+    assert only_bp.ceiling_one_to_one.isna().all() and none.ceiling_best_partner.isna().all()
+    np.testing.assert_array_equal(none.jaccard, table.jaccard)
