@@ -25,13 +25,13 @@ from typing import Any, Literal
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .adapters import describe_sae, hook_name_of, validate_sae
 from .coactivation import LinkMethod, link_indices
 from .lens.routes import hook_order
 from .metrics import check_saes_fit_model, check_tokens
 from .permutation import check_direction
+from .progress import progress_bar
 
 __all__ = ["CAUSAL_COLUMNS", "causal_check"]
 
@@ -133,8 +133,8 @@ def causal_check(
     sums = {name: {"n": 0, "deact": 0, "change": 0.0} for name in cands}
     n_sampled = 0
     device = getattr(model.cfg, "device", None)
-    for seq in tqdm(range(tokens.shape[0]), desc="causal check", unit="seq",
-                    disable=not progress):
+    for seq in progress_bar(range(tokens.shape[0]), desc="causal check", unit="seq",
+                            enabled=progress):
         row = tokens[seq:seq + 1].to(device) if device is not None else tokens[seq:seq + 1]
         states: dict[str, torch.Tensor] = {}
 

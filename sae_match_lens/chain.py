@@ -24,12 +24,12 @@ from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .adapters import describe_sae, feature_view, hook_name_of, layers_from_hooks, model_layer_of
 from .matching import MatchResult, MatchResultFileError, match
 from .neuronpedia import feature_url, feature_urls
 from .permutation import Permutation, ProvenanceError
+from .progress import progress_bar
 from .savedir import decode_json, encode_json, read_versioned_manifest, write_directory
 from .solvers.costs import CostWeights, stack_features
 
@@ -468,7 +468,7 @@ def match_chain(
     w = CostWeights.resolve(weights, metric)  # type: ignore[arg-type]
     previous = stack_features(feature_view(ordered[0], fold=fold), w, metric)  # type: ignore[arg-type]
     steps = []
-    pairs = tqdm(range(len(ordered) - 1), desc="matching layers", unit="pair", disable=not progress)
+    pairs = progress_bar(range(len(ordered) - 1), desc="matching layers", unit="pair", enabled=progress)
     for k in pairs:
         current = stack_features(feature_view(ordered[k + 1], fold=fold), w, metric)  # type: ignore[arg-type]
         steps.append(match(ordered[k], ordered[k + 1],  # type: ignore[arg-type]
@@ -560,7 +560,7 @@ def compare_composed_direct(
         logger.warning("compare_composed_direct: no pair of layers %s is two or more steps and at "
                        "most max_distance=%d layers apart.", list(chain.layers), max_distance)
     checks = []
-    for i, j in tqdm(pairs, desc="direct matches", unit="pair", disable=not progress):
+    for i, j in progress_bar(pairs, desc="direct matches", unit="pair", enabled=progress):
         src, dst = chain.layers[i], chain.layers[j]
         direct = match(ordered[i], ordered[j], **{**options, "progress": False})
         composed = chain.compose(src, dst)

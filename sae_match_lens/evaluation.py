@@ -49,7 +49,6 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .adapters import feature_view
 from .coactivation import sae_pairs, token_batches
@@ -79,6 +78,7 @@ from .metrics import (
     vocab_dot,
 )
 from .permutation import Permutation, check_direction
+from .progress import progress_bar
 from .solvers.costs import CostWeights, Metric, stack_features
 
 if TYPE_CHECKING:
@@ -402,8 +402,8 @@ def evaluate_substitution(
     batches, total = token_batches(tokens, batch_size)
     device = model_route.device
     with torch.no_grad():
-        for batch in tqdm(batches, total=total, desc="evaluate substitution", unit="batch",
-                          disable=not progress):
+        for batch in progress_bar(batches, total=total, desc="evaluate substitution", unit="batch",
+                                  enabled=progress):
             check_bos_tokens(batch, bos_id, "evaluate_substitution")
             _process_batch(model_route, batch.to(device) if device is not None else batch, plans,
                            probe)

@@ -48,7 +48,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from .httpclient import (
     BadResponseError,
@@ -57,6 +56,7 @@ from .httpclient import (
     UnavailableError,
     request,
 )
+from .progress import progress_bar
 from .rowlog import RowLog, callable_identity, digest
 
 __all__ = [
@@ -560,7 +560,7 @@ def judge_generations(
     rows: list[dict[str, Any]] = [] if log is None else list(log.rows)
     done = {r["row"] for r in rows}
     todo: Iterable[int] = [i for i in range(len(texts)) if i not in done]
-    for i in tqdm(list(todo), desc="judging generations", unit="text", disable=not progress):
+    for i in progress_bar(list(todo), desc="judging generations", unit="text", enabled=progress):
         try:
             rating = judge.score(prompts[i], texts[i], theme=theme)
         except JudgeError as exc:

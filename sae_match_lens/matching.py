@@ -42,11 +42,11 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from .adapters import describe_sae, feature_view, hook_name_of, sae_identity, validate_sae
 from .nulls import null_surrogates
 from .permutation import Permutation, PermutationFileError, ProvenanceError, check_provenance
+from .progress import progress_bar
 from .savedir import (
     decode_json,
     encode_json,
@@ -587,7 +587,7 @@ def match_features(
     n_top = min(4, n_b)  # each row's cheapest float32 entries: the rivals of its margin
     top_idx = torch.empty((n_a, n_top), dtype=torch.int64)
     dev = torch.device(device) if device is not None else a.matrix_FK.device
-    bar = tqdm(total=n_a, desc=f"cost {label}", unit="row", disable=not progress, leave=False)
+    bar = progress_bar(total=n_a, desc=f"match costs {label}", unit="row", enabled=progress, leave=False)
     with ieee_products(dev):
         for r0, r1, block in cost_blocks(a, b, block_rows=block_rows or 1024, device=device,
                                          out=C):

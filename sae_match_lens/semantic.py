@@ -44,7 +44,6 @@ from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .chain import ChainMatch
 from .flow import FlowGraph
@@ -52,6 +51,7 @@ from .judge import LABELS, Judge, JudgeError
 from .matching import MatchResult
 from .neuronpedia import NeuronpediaUnavailableError, explanations
 from .permutation import Permutation
+from .progress import progress_bar
 from .rowlog import RowLog
 
 __all__ = [
@@ -376,7 +376,7 @@ def _judge_labels(frame: pd.DataFrame, judge: Judge, path: str | os.PathLike[str
         labels = {(r["explanation_a"], r["explanation_b"]): r["label"] for r in log.rows}
     todo = {(a, b) for a, b in zip(frame.explanation_a, frame.explanation_b, strict=True)
             if a and b and (a, b) not in labels}
-    for a, b in tqdm(sorted(todo), desc="judging pairs", unit="pair", disable=not progress):
+    for a, b in progress_bar(sorted(todo), desc="judging pairs", unit="pair", enabled=progress):
         try:
             labels[(a, b)] = judge.compare(a, b)
         except JudgeError as exc:

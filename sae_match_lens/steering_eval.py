@@ -32,7 +32,6 @@ from typing import Any, Literal
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .adapters import folded_activation_factor, hook_name_of
 from .flow import _as_stack
@@ -49,6 +48,7 @@ from .lens.steering import (
     generate_steered,
 )
 from .metrics import record_states
+from .progress import progress_bar
 from .rowlog import RowLog, model_fingerprint, sae_fingerprint
 
 __all__ = ["SWEEP_COLUMNS", "coherence", "plot_sweep", "proxy_scores", "steering_sweep",
@@ -331,8 +331,8 @@ def steering_sweep(
     baseline = log.get({"mode": "none", "layer": None, "schedule": None, "coefficient": None})
     if baseline is not None:
         reference = baseline["ce"]
-    for mode, lay, sched, coef in tqdm(settings, desc="steering sweep", unit="setting",
-                                       disable=not progress):
+    for mode, lay, sched, coef in progress_bar(settings, desc="steering sweep", unit="setting",
+                                               enabled=progress):
         key = {"mode": mode, "layer": lay, "schedule": None if sched is None else sched.label,
                "coefficient": coef}
         if log.done(key):

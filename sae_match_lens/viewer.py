@@ -45,7 +45,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .adapters import hook_name_of, layers_from_hooks
 from .atomicio import write_text
@@ -53,6 +52,7 @@ from .chain import ChainMatch
 from .coactivation import record_states, token_batches
 from .flow import MODULES, FlowGraph, LayerSAEs
 from .metrics import fires, scored_states
+from .progress import progress_bar
 
 __all__ = ["DEFAULT_MAX_NODES", "DEFAULT_MAX_PATHS", "top_activating_tokens", "write_html"]
 
@@ -762,7 +762,7 @@ def top_activating_tokens(
             for h, (_, ks) in by_hook.items()}
     all_tokens, offset = [], 0
     device = getattr(model.cfg, "device", None)
-    for batch in tqdm(batches, total=n_batches, desc="top tokens", unit="batch", disable=not progress):
+    for batch in progress_bar(batches, total=n_batches, desc="top tokens", unit="batch", enabled=progress):
         states = record_states(model, list(by_hook), batch.to(device) if device is not None else batch)
         n_seq, n_pos = batch.shape[0], batch.shape[1] - 1
         for hook, (sae, keys) in by_hook.items():

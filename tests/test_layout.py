@@ -13,7 +13,7 @@ PACKAGE = Path(sae_match_lens.__file__).parent
 
 LADDER = {
     "adapters": 0, "permutation": 0, "savedir": 0, "neuronpedia": 0, "metrics": 0,
-    "atomicio": 0, "httpclient": 0, "nulls": 1,
+    "atomicio": 0, "httpclient": 0, "progress": 0, "nulls": 1,
     "solvers.costs": 1, "solvers.screen": 1, "solvers.certificate": 1, "solvers.sparse": 1,
     "solvers.dense": 1, "solvers.topk": 1,
     "matching": 2, "linking": 2,

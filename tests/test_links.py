@@ -591,9 +591,10 @@ def test_small_problems_take_the_exact_route_and_say_so(caplog):
     assert got.route["links"]["route"] == "exact" and "exact top-2" in caplog.text
 
 
-def test_progress_bar_can_be_turned_off(capsys):
+def test_progress_bar_can_be_turned_off(capsys, monkeypatch):
     sae_a, sae_b = build_sae("jumprelu", seed=1), build_sae("jumprelu", seed=2)
+    monkeypatch.setattr("sae_match_lens.progress.PROGRESS_DELAY", 0.0)  # bars show at once
     links(sae_a, sae_b, method="screened", screen_dims=4, progress=False)
     assert capsys.readouterr().err == ""
     links(sae_a, sae_b, method="screened", screen_dims=4, progress=True)
-    assert "screen" in capsys.readouterr().err
+    assert "screening candidates" in capsys.readouterr().err

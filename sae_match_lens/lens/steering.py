@@ -54,12 +54,12 @@ from typing import Any, Literal, NamedTuple
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from ..adapters import describe_sae, fold_scales, hook_name_of
 from ..chain import FeaturePath
 from ..flow import FlowGraph, LayerSAEs, _as_stack
 from ..metrics import record_states
+from ..progress import progress_bar
 from .hooks import HookFn, _check_sae
 from .routes import _hook_width, resolve_bos_token_id
 
@@ -637,7 +637,7 @@ def generate_steered(
     out: dict[str, list[Any]] = {k: [] for k in Generation._fields}
     device = _device(model)
     devices = [device] if device is not None and str(device).startswith("cuda") else []
-    for k, (i, size) in enumerate(tqdm(jobs, desc="generating", unit="batch", disable=not progress)):
+    for k, (i, size) in enumerate(progress_bar(jobs, desc="generating", unit="batch", enabled=progress)):
         prompt_tokens = model.to_tokens(texts_in[i]).to(device)
         batch = prompt_tokens.expand(size, -1).contiguous()
         n_prompt = batch.shape[1]

@@ -50,8 +50,8 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from .costs import StackedFeatures, ieee_products, matmul_nt
 
 __all__ = [
@@ -324,7 +324,8 @@ def screen_pass(screen: Screen, n_a: int, n_b: int, k: int, block_rows: int | No
     row_idx = torch.empty((n_a, kr), dtype=torch.int64)
     row_floor = torch.empty(n_a, dtype=torch.float64)
     low_buf = torch.empty((min(block_rows, n_a), n_b), dtype=torch.float32, device=dev)
-    bar = tqdm(total=n_a, desc=f"screen {label}", unit="row", disable=not progress, leave=False)
+    bar = progress_bar(total=n_a, desc=f"screening candidates {label}", unit="row",
+                       enabled=progress, leave=False)
     c = _chunk_width(n_b, kr, _ROW_CHUNK)
     nc = n_b // c
     within = torch.arange(c, device=dev)
@@ -537,7 +538,8 @@ def screen_rows(screen: Screen, n_a: int, n_b: int, k: int, *,
     buf = torch.empty((min(rows, max(n_a, 1)), n_b), dtype=torch.float32, device=dev)
     idx = torch.empty((n_a, kr), dtype=torch.int64)
     floor = torch.empty(n_a, dtype=torch.float64)
-    bar = tqdm(total=n_a, desc=f"screen {label}", unit="row", disable=not progress, leave=False)
+    bar = progress_bar(total=n_a, desc=f"screening candidates {label}", unit="row",
+                       enabled=progress, leave=False)
     for r0 in range(0, n_a, rows):
         r1 = min(n_a, r0 + rows)
         low = screen_block(screen, r0, r1, out=buf[: r1 - r0])

@@ -40,8 +40,8 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from .costs import StackedFeatures, matmul_nt
 from .screen import (
     LISTED_PAIR_COST,
@@ -123,7 +123,7 @@ def exact_topk(prob: TopKProblem, k: int, *, block_rows: int, progress: bool = F
     kk = min(k, prob.b.shape[0])
     idx = torch.empty((n_a, kk), dtype=torch.int64)
     val = torch.empty((n_a, kk), dtype=torch.float32)
-    bar = tqdm(total=n_a, desc=f"links {label}", unit="row", disable=not progress, leave=False)
+    bar = progress_bar(total=n_a, desc=f"top-k links {label}", unit="row", enabled=progress, leave=False)
     for r0, r1, block in score_blocks(prob, block_rows):
         v, i = _block_topk(block, kk)
         idx[r0:r1], val[r0:r1] = i.cpu(), v.cpu()
