@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from tqdm.auto import tqdm
 
 from .adapters import describe_sae, hook_name_of, layers_from_hooks, validate_sae
@@ -48,8 +49,6 @@ from .metrics import (
     scored_states,
 )
 from .permutation import Permutation, check_direction
-from .solvers.certificate import EdgeSet
-from .solvers.sparse import build_problem, solve_problem
 
 __all__ = [
     "LINK_COLUMNS",
@@ -346,24 +345,25 @@ def _one_to_one_jaccard(n_a: int, n_b: int, rows: np.ndarray, cols: np.ndarray,
                         jac: np.ndarray) -> torch.Tensor:
     """Each source feature's Jaccard with its partner in a one-to-one assignment maximising the
     summed Jaccard (0 where it has none). Pairs that never co-fire add 0 to any assignment, so the
-    optimum is a maximum-weight matching on the co-firing pairs: solved exactly by the package's
-    sparse solver on costs ``−jaccard`` (a row left unmatched costs 0)."""
+    optimum is a maximum-weight matching on the co-firing pairs. It is solved exactly as a
+    perfect matching on ``n_a + n_b`` nodes a side (scipy's sparse LAPJVsp): co-firing pairs
+    cost ``2 − jaccard``, each source a dummy partner and each target a dummy source at cost 2,
+    and the transposes of the pairs link dummies at cost 2 (every perfect matching has
+    ``n_a + n_b`` edges, so the constant 2 shifts all totals alike and keeps weights nonzero)."""
     out = torch.zeros(n_a, dtype=torch.float64)
     if len(rows) == 0:
         return out
-    g = EdgeSet(n_a, n_b)
-    g.add(rows, cols, -jac)
-    prob, extra_l, extra_r = build_problem(g, 0.0)
-    match_right, _ = solve_problem(prob, extra_l, extra_r, n_a, n_b, False)
-    partner = match_right[:n_a]
-    real = partner < n_b
-    keys = np.flatnonzero(real).astype(np.int64) * n_b + partner[real]
-    pos = np.searchsorted(g.keys, keys)
-    found = pos < len(g.keys)
-    found[found] = g.keys[pos[found]] == keys[found]
-    values = np.zeros(len(keys))
-    values[found] = -g.cost[pos[found]]
-    out[torch.from_numpy(np.flatnonzero(real))] = torch.from_numpy(values)
+    ar_a, ar_b = np.arange(n_a), np.arange(n_b)
+    left = np.concatenate([rows, ar_a, n_a + ar_b, n_a + cols])
+    right = np.concatenate([cols, n_b + ar_a, ar_b, n_b + rows])
+    weight = np.concatenate([2.0 - jac, np.full(n_a + n_b + len(rows), 2.0)])
+    n = n_a + n_b
+    r_idx, c_idx = min_weight_full_bipartite_matching(
+        sp.csr_matrix((weight, (left, right)), shape=(n, n)))
+    partner = np.full(n, -1, dtype=np.int64)
+    partner[r_idx] = c_idx
+    chosen = partner[rows] == cols
+    out[torch.from_numpy(rows[chosen])] = torch.from_numpy(jac[chosen])
     return out
 
 
@@ -412,9 +412,12 @@ def evaluate_links(
         min_fires: source features firing fewer times are left out of the averages.
         batch_size: sequences per forward pass (memory is bounded by it).
         ceilings: which data-based ceilings to compute: ``"best_partner"``, ``"both"`` (also
-            ``one_to_one``, one dense assignment on ``F_A × F_B``) or ``"all"`` (also the two
-            correlation references; they need float64 activation moments, ``F_A × F_B``
-            products per batch).
+            ``one_to_one``) or ``"all"`` (also the two correlation references; they need float64
+            activation moments, dense ``F_A × F_B`` products per batch), or ``"none"``. Without
+            ``"all"`` co-firing is counted sparsely (only pairs that co-fire, merged as batches
+            stream) and ``one_to_one`` is a maximum-weight matching on those pairs, so memory
+            grows with the co-firing pairs seen, not with ``F_A × F_B``; ``"none"`` counts no
+            pairs.
         progress: show a progress bar.
 
     Returns:
