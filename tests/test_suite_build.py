@@ -208,3 +208,31 @@ def test_the_readme_smollm2_snippet_runs_on_a_built_suite(small_suite: dict, tmp
     assert sorted(namespace["saes"]) == [3, 4] and sorted(namespace["mlp_saes"]) == [4]
     assert namespace["model"].cfg.d_model == 576
     assert namespace["saes"][4].cfg.metadata.hook_name == "blocks.4.hook_resid_post"
+
+
+@pytest.mark.slow
+def test_the_manifests_explained_variance_matches_a_direct_computation(small_suite: dict,
+                                                                       monkeypatch) -> None:
+    from safetensors.torch import load_file
+
+    from sae_match_lens.suites import load_suite
+
+    monkeypatch.setenv("SAE_MATCH_LENS_CACHE", small_suite["cache"])
+    root = small_suite["root"]
+    manifest = json.loads((root / "manifest.json").read_text())
+    model, saes = load_suite("smollm2-small", "topk", root=root)
+    shard = load_file(str(root / "eval_tokens.safetensors"))
+    n = manifest["settings"]["metric_seqs"]
+    tokens, massive = shard["tokens"][:n], shard["massive"][:n].bool()
+    scored = ~massive
+    scored[:, 0] = False
+    for layer, sae in saes.items():
+        hook = sae.cfg.metadata.hook_name
+        _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=layer + 1)
+        x = cache[hook][scored].double()
+        with torch.no_grad():
+            x_hat = sae.decode(sae.encode(x.float())).double()
+        ev = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        recorded = manifest["saes"]["families"]["topk"][hook]["metrics"]
+        assert recorded["n_tokens"] == int(scored.sum())
+        assert abs(recorded["explained_variance"] - float(ev)) < 1e-4

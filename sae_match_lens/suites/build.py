@@ -15,8 +15,10 @@
    decoder norms) and an independently trained TopK SAE; MLP- and attention-output hooks get
    a JumpReLU SAE;
 4. **metrics and manifest**: each SAE's held-out explained variance, L0, dead fraction and
-   delta CE when spliced in; the manifest records settings, versions, the model file's and
-   the text's hashes, every file's hash, the metrics and the time of each stage. Its presence
+   delta CE when spliced in, BOS and massive positions left out (not scored, not spliced; the
+   held-out shard stores which positions are massive); the manifest records settings,
+   versions, the model file's and the text's hashes, every file's hash, the metrics and the
+   time of each stage. Its presence
    marks a finished build; :func:`verify_suite` checks a suite against it.
 
 One progress bar covers the whole build: its label names the stage, its ETA is overall.
@@ -299,16 +301,76 @@ def _stage_sae(root: Path, plan: _Plan, family: str, hook: str, progress: _Progr
 
 
 @torch.no_grad()
+def _massive_positions(model: Any, plan: _Plan, tokens: torch.Tensor,
+                       medians: dict[str, float]) -> torch.Tensor:
+    """``[n_seq, n_ctx]`` bool: positions whose residual norm exceeds ``massive_factor`` times
+    the hook's training median at any residual hook (the training rule)."""
+    _, cache = model.run_with_cache(tokens, names_filter=plan.res_hooks,
+                                    stop_at_layer=plan.settings.last_layer + 1, return_type=None)
+    massive = torch.zeros(tokens.shape, dtype=torch.bool)
+    for hook in plan.res_hooks:
+        massive |= cache[hook].norm(dim=-1) > plan.settings.massive_factor * medians[hook]
+    return massive
+
+
+@torch.no_grad()
+def _sae_metrics(model: Any, sae: Any, tokens: torch.Tensor, scored: torch.Tensor,
+                 clean_ce: float) -> dict[str, float]:
+    """EV, L0 and dead fraction over the ``scored`` positions, and the CE with the
+    reconstruction spliced in at those positions only (BOS and massive positions keep their
+    state, as in :mod:`sae_match_lens.metrics` BOS does)."""
+    from ..metrics import next_token_ce
+
+    hook_name = sae.cfg.metadata.hook_name
+    sse = sum_x = sumsq = 0.0
+    n = 0
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    active = 0.0
+    total = count = 0.0
+    for start in range(0, tokens.shape[0], 16):
+        batch, keep = tokens[start : start + 16], scored[start : start + 16]
+
+        def splice(activation: torch.Tensor, *, hook: Any, keep: torch.Tensor = keep) -> torch.Tensor:
+            nonlocal sse, sum_x, sumsq, n, active
+            del hook
+            x = activation[keep].double()
+            acts = sae.encode(activation[keep])
+            x_hat = sae.decode(acts)
+            sse += float((x - x_hat.double()).pow(2).sum())
+            sum_x = sum_x + x.sum(0)
+            sumsq += float(x.pow(2).sum())
+            n += x.shape[0]
+            on = acts > 0
+            fired.logical_or_(on.any(0))
+            active += float(on.sum())
+            out = activation.clone()
+            out[keep] = x_hat.to(activation.dtype)
+            return out
+
+        logits = model.run_with_hooks(batch, return_type="logits", fwd_hooks=[(hook_name, splice)])
+        s_, c_ = next_token_ce(logits, batch)
+        total, count = total + s_, count + c_
+    variance = sumsq - float(torch.as_tensor(sum_x).pow(2).sum()) / n
+    ce = total / count
+    return {"explained_variance": 1 - sse / variance, "l0": active / n,
+            "dead_fraction": float((~fired).double().mean()), "ce_loss": ce,
+            "clean_ce_loss": clean_ce, "delta_ce": ce - clean_ce, "n_tokens": n}
+
+
+@torch.no_grad()
 def _stage_metrics(root: Path, plan: _Plan, model: Any, evals: torch.Tensor,
-                   progress: _Progress) -> dict[str, Any]:
-    """Held-out metrics of every SAE; the decoder-scale control is checked to compute the same
-    function as its Gemma Scope twin (on held-out states) instead of being spliced in again."""
+                   massive: torch.Tensor, progress: _Progress) -> dict[str, Any]:
+    """Held-out metrics of every SAE, BOS and massive positions left out; the decoder-scale
+    control is checked to compute the same function as its Gemma Scope twin (on held-out
+    states) instead of being spliced in again."""
     from sae_lens import SAE
 
-    from ..assets import compute_model_ce, compute_sae_metrics
+    from ..assets import compute_model_ce
 
     s = plan.settings
     tokens = evals[: s.metric_seqs]
+    scored = ~massive[: s.metric_seqs]
+    scored[:, 0] = False
     path = root / WORK / "metrics.json"
     done: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     if done.get("settings_digest") != s.digest():
@@ -316,6 +378,8 @@ def _stage_metrics(root: Path, plan: _Plan, model: Any, evals: torch.Tensor,
     if "clean_ce" not in done:
         progress.stage("metrics: clean CE")
         done["clean_ce"] = compute_model_ce(model, tokens, batch_size=16)
+        done["massive_positions"] = int(massive[: s.metric_seqs, 1:].sum())
+        done["scored_positions"] = int(scored.sum())
         _write_json(path, done)
 
     def load(fam: str, hook: str) -> Any:
@@ -327,13 +391,11 @@ def _stage_metrics(root: Path, plan: _Plan, model: Any, evals: torch.Tensor,
         if key not in done:
             progress.stage(f"metrics: {key}")
             sae = load(fam, hook)
-            m = compute_sae_metrics(model, sae, tokens, batch_size=16,
-                                    clean_ce_loss=done["clean_ce"])
-            extra = {}
+            m = _sae_metrics(model, sae, tokens, scored, done["clean_ce"])
             if getattr(sae, "threshold", None) is not None:
-                extra = {"threshold_median": float(sae.threshold.median()),
-                         "decoder_norm_median": float(sae.W_dec.norm(dim=1).median())}
-            done[key] = {**m.to_dict(), **extra}
+                m.update(threshold_median=float(sae.threshold.median()),
+                         decoder_norm_median=float(sae.W_dec.norm(dim=1).median()))
+            done[key] = m
             _write_json(path, done)
         progress.advance(progress.metric_cost)
     control = [h for h in plan.hooks if f"jumprelu_decoder_scale/{h}" not in done]
@@ -342,7 +404,7 @@ def _stage_metrics(root: Path, plan: _Plan, model: Any, evals: torch.Tensor,
         _, cache = model.run_with_cache(tokens, names_filter=control,
                                         stop_at_layer=s.last_layer + 1, return_type=None)
         for hook in control:
-            x = cache[hook][:, 1:].reshape(-1, cache[hook].shape[-1])
+            x = cache[hook][scored]
             twin, ctrl = load("jumprelu", hook), load("jumprelu_decoder_scale", hook)
             a, b = twin.decode(twin.encode(x)), ctrl.decode(ctrl.encode(x))
             firing = ((twin.encode(x) > 0) != (ctrl.encode(x) > 0)).float().mean().item()
@@ -408,12 +470,15 @@ def build_suite(
     (folder / WORK).mkdir(exist_ok=True)
     plan = _plan(settings)
     state_path = folder / WORK / "state.json"
-    if state_path.is_file() and json.loads(state_path.read_text()).get("digest") != settings.digest():
-        logger.warning("suite build: %s was started with other settings; starting again", folder)
+    if (state_path.is_file()
+            and json.loads(state_path.read_text()).get("data_digest") != settings.data_digest()):
+        logger.warning("suite build: %s holds activations of other settings; starting again",
+                       folder)
         shutil.rmtree(folder / WORK)
         (folder / WORK).mkdir()
         (folder / MANIFEST).unlink(missing_ok=True)
-    _write_json(state_path, {"digest": settings.digest(), "settings": settings.to_dict()})
+    _write_json(state_path, {"data_digest": settings.data_digest(), "digest": settings.digest(),
+                             "settings": settings.to_dict()})
     (folder / MANIFEST).unlink(missing_ok=True)  # present only once everything is verified
     timings: dict[str, float] = {}
     bar = _Progress(plan, progress)
@@ -434,8 +499,10 @@ def build_suite(
             _stage_sae(folder, plan, family, hook, bar)
         timings["saes"] = round(time.time() - t, 1)
         t = time.time()
-        _save_tensors(folder / "eval_tokens.safetensors", {"tokens": evals})
-        metrics = _stage_metrics(folder, plan, model, evals, bar)
+        massive = _massive_positions(model, plan, evals, act_info["median_norm"])
+        _save_tensors(folder / "eval_tokens.safetensors",
+                      {"tokens": evals, "massive": massive.to(torch.uint8)})
+        metrics = _stage_metrics(folder, plan, model, evals, massive, bar)
         timings["metrics"] = round(time.time() - t, 1)
     finally:
         bar.close()
@@ -487,6 +554,11 @@ def _manifest(folder: Path, plan: _Plan, corpus: dict, act_info: dict, metrics: 
         "module_saes": {"hook_names": module_hooks, "families": list(MODULE_FAMILIES)},
         "clean_ce": metrics["clean_ce"],
         "eval_tokens": {"n_seq": s.eval_seqs, "n_ctx": s.n_ctx,
+                        "massive": "uint8 [n_seq, n_ctx]: 1 where the residual norm exceeds "
+                                   f"{s.massive_factor}x the training median at a residual hook; "
+                                   "metrics treat these positions like BOS",
+                        "massive_positions_scored_seqs": metrics.get("massive_positions"),
+                        "scored_positions": metrics.get("scored_positions"),
                         "metric_seqs": s.metric_seqs},
         "timings_s": {**timings, "per_sae_training": train_seconds},
         "files": _file_hashes(folder),
