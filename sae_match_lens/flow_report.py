@@ -79,8 +79,8 @@ class FlowSettings:
                              f"{self.causal_layers}.")
 
 
-FLOW_QUICK = FlowSettings(4, 3, 8, None, True, 64)
-"""The tests' size."""
+FLOW_QUICK = FlowSettings(4, 3, 8, 1, True, 32, 1)
+"""The tests' size: the causal check at the middle layer, the weight ablation on one pair."""
 FLOW_DEFAULT = FlowSettings(4, 3, 8, 2, True, 32, 2)
 """The demo's default: the causal check at two layers, on the first 32 tokens of 4 sequences;
 the weight ablation on two adjacent pairs."""

@@ -86,7 +86,7 @@ class SteeringSettings:
             raise ValueError("SteeringSettings needs at least one coefficient per sweep.")
 
 
-STEERING_QUICK = SteeringSettings(3, 4, 32, (0.0, -2.0), (2.0, 6.0), False, 64, 16)
+STEERING_QUICK = SteeringSettings(3, 4, 16, (0.0, -2.0), (2.0, 6.0), False, 64, 16, 128)
 """The tests' size."""
 STEERING_DEFAULT = SteeringSettings(3, 2, 16, (0.0, -2.0), (2.0, 6.0), False, 64, 16, 128)
 """The demo's default: 128 held-out sequences, 5 settings per sweep, 4 generations of 16 tokens
@@ -202,10 +202,11 @@ def _verdicts(table: pd.DataFrame, goal: str, what: str, seed_layer: int, last: 
                  + (f"; the largest change is {largest:+.3f} ({relative:+.0%})." if better.any()
                     else "; steering did not move the theme the intended way here."))
     best = steered.loc[steered.score.idxmax()]
+    n = int(base.n_samples) if "n_samples" in table.columns and pd.notna(base.n_samples) else 0
     lines.append(f"{what}: best proxy score over all {len(steered)} steered settings "
                  f"{best.score:.3f} ({best.setting}, coefficient {best.coefficient:g}: theme rate "
                  f"{best.theme_rate:.3f}, coherence {best.coherence:.3f}) vs {base.score:.3f} "
-                 "unsteered.")
+                 "unsteered" + (f" (each a mean of {n} generations)." if n else "."))
     single = steered[steered.setting == f"single layer {seed_layer}"]
     cumulative = steered[steered.setting == f"cumulative to layer {last}"]
     for coefficient in sorted(set(single.coefficient) & set(cumulative.coefficient)):
