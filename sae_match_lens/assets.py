@@ -68,7 +68,14 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from .metrics import FiringSums, StateSums, explained_variance, next_token_ce, squared_error_sum
+from .metrics import (
+    FiringSums,
+    StateSums,
+    check_tokens,
+    explained_variance,
+    next_token_ce,
+    squared_error_sum,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -503,6 +510,7 @@ def compute_model_ce(
     """
     device = next(model.parameters()).device
     total, count = 0.0, 0
+    tokens = check_tokens(tokens, model, what="compute_model_ce")
     for batch in _batches(tokens, batch_size, progress, "model CE"):
         batch = batch.to(device)
         s, n = next_token_ce(model(batch, return_type="logits"), batch)
@@ -562,6 +570,7 @@ def compute_sae_metrics(
         return out
 
     total, count = 0.0, 0
+    tokens = check_tokens(tokens, model, what="compute_sae_metrics")
     for batch in _batches(tokens, batch_size, progress, f"SAE metrics {hook_name}"):
         batch = batch.to(device)
         logits = model.run_with_hooks(batch, return_type="logits", fwd_hooks=[(hook_name, splice)])

@@ -201,6 +201,7 @@ def coactivation_stats(model: Any, sae_a: Any, sae_b: Any,
     :meth:`CoactivationStats.correlation`)."""
     for sae in (sae_a, sae_b):
         validate_sae(sae)
+    tokens = check_tokens(tokens, model, what="coactivation_stats")
     names = list(dict.fromkeys([hook_name_of(sae_a), hook_name_of(sae_b)]))
     stats = CoactivationStats()
     batches, total = token_batches(tokens, batch_size)

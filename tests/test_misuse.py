@@ -263,3 +263,19 @@ def test_match_refuses_raw_weight_tensors_with_what_it_takes(suite):
     _, saes, _ = suite
     with pytest.raises(TypeError, match=r"match\(\) takes two SAELens SAEs.*sae_a is a tensor"):
         match(saes[1].W_dec, saes[1].W_dec)
+
+
+@pytest.mark.parametrize("bad", ["float", "list", "too_big", "negative"])
+def test_coactivation_and_suite_metrics_refuse_bad_tokens(bad):
+    from sae_match_lens.assets import compute_model_ce, compute_sae_metrics, load_default_suite
+    from sae_match_lens.coactivation import coactivation_stats
+
+    model, saes = load_default_suite()
+    good = torch.zeros(2, 8, dtype=torch.long)
+    tokens = {"float": good.float(), "list": good.tolist(),
+              "too_big": good + model.cfg.d_vocab, "negative": good - 1}[bad]
+    for call in (lambda: coactivation_stats(model, saes[0], saes[1], tokens, progress=False),
+                 lambda: compute_model_ce(model, tokens),
+                 lambda: compute_sae_metrics(model, saes[0], tokens)):
+        with pytest.raises((TypeError, ValueError), match="token"):
+            call()
