@@ -346,22 +346,20 @@ def _one_to_one_jaccard(n_a: int, n_b: int, rows: np.ndarray, cols: np.ndarray,
                         jac: np.ndarray) -> torch.Tensor:
     """Each source feature's Jaccard with its partner in a one-to-one assignment maximising the
     summed Jaccard (0 where it has none). Pairs that never co-fire add 0 to any assignment, so the
-    optimum is a maximum-weight matching on the co-firing pairs. It is solved exactly as a
-    perfect matching on ``n_a + n_b`` nodes a side (scipy's sparse LAPJVsp): co-firing pairs
-    cost ``2 − jaccard``, each source a dummy partner and each target a dummy source at cost 2,
-    and the transposes of the pairs link dummies at cost 2 (every perfect matching has
-    ``n_a + n_b`` edges, so the constant 2 shifts all totals alike and keeps weights nonzero)."""
+    optimum is a maximum-weight matching on the co-firing pairs. It is solved exactly by scipy's
+    sparse LAPJVsp as a full matching of the sources into the targets plus one private dummy
+    target per source: a co-firing pair costs ``2 − jaccard``, a source's dummy 2 (every full
+    matching has ``n_a`` edges, so the constant shifts all totals alike and keeps every weight
+    nonzero)."""
     out = torch.zeros(n_a, dtype=torch.float64)
     if len(rows) == 0:
         return out
-    ar_a, ar_b = np.arange(n_a), np.arange(n_b)
-    left = np.concatenate([rows, ar_a, n_a + ar_b, n_a + cols])
-    right = np.concatenate([cols, n_b + ar_a, ar_b, n_b + rows])
-    weight = np.concatenate([2.0 - jac, np.full(n_a + n_b + len(rows), 2.0)])
-    n = n_a + n_b
-    r_idx, c_idx = min_weight_full_bipartite_matching(
-        sp.csr_matrix((weight, (left, right)), shape=(n, n)))
-    partner = np.full(n, -1, dtype=np.int64)
+    ar_a = np.arange(n_a)
+    graph = sp.csr_matrix((np.concatenate([2.0 - jac, np.full(n_a, 2.0)]),
+                           (np.concatenate([rows, ar_a]), np.concatenate([cols, n_b + ar_a]))),
+                          shape=(n_a, n_b + n_a))
+    r_idx, c_idx = min_weight_full_bipartite_matching(graph)
+    partner = np.full(n_a, -1, dtype=np.int64)
     partner[r_idx] = c_idx
     chosen = partner[rows] == cols
     out[torch.from_numpy(rows[chosen])] = torch.from_numpy(jac[chosen])
