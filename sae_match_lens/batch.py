@@ -82,8 +82,19 @@ from .plan import (
 )
 from .store import ResultStore
 
-__all__ = ["BatchReport", "JobKind", "PairJob", "SAERef", "batch_match", "job_key",
-           "job_memory_bytes", "load_plan", "plan_from_release", "plan_pairs"]
+__all__ = [
+    "BatchReport",
+    "JobKind",
+    "PairJob",
+    "SAERef",
+    "batch_match",
+    "job_key",
+    "job_memory_bytes",
+    "load_plan",
+    "plan_from_release",
+    "plan_pairs",
+    "shutdown_ray",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -424,32 +435,67 @@ def _run_ray(specs: list[dict[str, Any]], index: list[int], store: ResultStore, 
         raise ImportError(f"backend='ray' needs Ray: {RAY_HINT}.") from exc
     if address is not None:
         _check_reachable(address, timeout)
-    started = not ray.is_initialized()
-    if started:
-        try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
-                     include_dashboard=False if address is None else None)
-        except ConnectionError as exc:
-            raise ConnectionError(f"cannot join the Ray cluster at {address!r}: {exc} No job "
-                                  "was started.") from None
+    _ray_session(ray, address)
+    task = ray.remote(max_retries=max_retries, retry_exceptions=False, num_cpus=num_cpus,
+                      num_gpus=num_gpus)(run_job)
+    refs = {task.remote(spec, str(store.root.resolve()), run, sae_loader): (i, spec)
+            for i, spec in zip(index, specs, strict=True)}
+    waiting = list(refs)
+    while waiting:
+        done, waiting = ray.wait(waiting, num_returns=1)
+        for ref in done:
+            i, spec = refs[ref]
+            try:
+                record = ray.get(ref)
+            except Exception as exc:  # the worker died max_retries + 1 times, or Ray failed
+                record = _driver_error(store, spec, run, exc, max_retries)
+            yield i, record
+
+
+class _RaySession:
+    """The Ray instance this module started or joined, kept for the rest of the process.
+
+    Starting a local instance and warming its workers (each imports torch, SAELens and this
+    package on its first job) costs seconds; a second batch run in the same process reuses
+    both. The instance is shut down when the process exits, or when a run asks for another
+    address. A Ray instance the caller started (``ray.init`` before the first run) is used as
+    it is and never shut down here.
+    """
+
+    address: str | None = None
+    owned: bool = False
+
+
+def _ray_session(ray: Any, address: str | None) -> None:
+    """Start or join Ray for a run at ``address`` (``None``: a local instance), once per process."""
+    import atexit
+
+    if ray.is_initialized():
+        if not _RaySession.owned or _RaySession.address == address:
+            return
+        ray.shutdown()
+        _RaySession.owned = False
     try:
-        task = ray.remote(max_retries=max_retries, retry_exceptions=False, num_cpus=num_cpus,
-                          num_gpus=num_gpus)(run_job)
-        refs = {task.remote(spec, str(store.root.resolve()), run, sae_loader): (i, spec)
-                for i, spec in zip(index, specs, strict=True)}
-        waiting = list(refs)
-        while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1)
-            for ref in done:
-                i, spec = refs[ref]
-                try:
-                    record = ray.get(ref)
-                except Exception as exc:  # the worker died max_retries + 1 times, or Ray failed
-                    record = _driver_error(store, spec, run, exc, max_retries)
-                yield i, record
-    finally:
-        if started:
-            ray.shutdown()
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
+                 include_dashboard=False if address is None else None)
+    except ConnectionError as exc:
+        raise ConnectionError(f"cannot join the Ray cluster at {address!r}: {exc} No job "
+                              "was started.") from None
+    if not _RaySession.owned:
+        atexit.register(shutdown_ray)
+    _RaySession.address, _RaySession.owned = address, True
+
+
+def shutdown_ray() -> None:
+    """Shut down the Ray instance that batch runs started or joined (they keep it, and its warm
+    workers, for the rest of the process); a Ray instance the caller started is left alone."""
+    if not _RaySession.owned:
+        return
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    _RaySession.owned = False
 
 
 def _driver_error(store: ResultStore, spec: Mapping[str, Any], run: str, exc: BaseException,

@@ -356,6 +356,9 @@ def cluster():
                        timeout=120)
         yield f"127.0.0.1:{port}"
     finally:
+        from sae_match_lens.batch import shutdown_ray
+
+        shutdown_ray()  # batch runs keep their Ray connection for the process
         subprocess.run([RAY_CLI, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
         for key, value in saved.items():
@@ -418,3 +421,26 @@ def test_ray_unreachable_address_fails_fast_and_leaves_the_store_empty(stack, tm
                     address=f"127.0.0.1:{_free_port()}", connect_timeout=2, progress=False)
     assert time.perf_counter() - t0 < 10
     assert ResultStore(tmp_path / "store").keys() == []
+
+
+@needs_ray
+@pytest.mark.slow
+def test_a_second_local_ray_run_reuses_the_instance_and_its_warm_workers(stack, tmp_path):
+    import ray
+
+    from sae_match_lens.batch import shutdown_ray
+
+    plan = plan_pairs(stack, 1)
+    shutdown_ray()  # an earlier test's cluster connection, kept for the process
+    assert not ray.is_initialized()
+    try:
+        first = batch_match(plan, tmp_path / "one", backend="ray", progress=False)
+        assert ray.is_initialized(), "the local instance is kept for the next run"
+        second = batch_match(plan, tmp_path / "two", backend="ray", progress=False)
+        pids_first = {r["pid"] for r in first.records}
+        pids_second = {r["pid"] for r in second.records}
+        assert first.n_ok == second.n_ok == len(plan)
+        assert pids_second <= pids_first, "the second run started new workers"
+    finally:
+        shutdown_ray()
+    assert not ray.is_initialized()
