@@ -278,71 +278,79 @@ class _UnionSums:
         self.union_fires = lf if self.union_fires is None else self.union_fires + lf
 
 
+_COUNT_DTYPE = np.int32
+"""Co-firing counts are int32 (8 bytes a stored pair with the int32 column index): exact below
+2³¹ scored tokens, which :meth:`_CoFiring.add` checks."""
+
+
 def _firing_csr(fire_TF: torch.Tensor) -> sp.csr_matrix:
-    """A boolean ``[tokens, F]`` firing matrix as a sparse 0/1 matrix (int64)."""
+    """A boolean ``[tokens, F]`` firing matrix as a sparse 0/1 matrix."""
     t, f = fire_TF.nonzero(as_tuple=True)
-    return sp.csr_matrix((np.ones(len(t), dtype=np.int64), (t.cpu().numpy(), f.cpu().numpy())),
+    return sp.csr_matrix((np.ones(len(t), dtype=_COUNT_DTYPE), (t.cpu().numpy(), f.cpu().numpy())),
                          shape=tuple(fire_TF.shape))
 
 
 class _CoFiring:
     """Firing counts of two SAEs and, when ``pairs``, how often each source and target feature
     fire at the same token, kept sparse: only pairs that co-fire at least once are stored
-    (``A^T B`` of the sparse firing matrices per batch, merged as batches stream), so memory
-    grows with the co-firing pairs seen, not with ``F_A · F_B``. Counts are exact integers."""
+    (``A^T B`` of the sparse firing matrices per batch, merged into one CSR matrix as batches
+    stream), so memory grows with the co-firing pairs seen, not with ``F_A · F_B``. Counts are
+    exact integers."""
 
     def __init__(self, n_a: int, n_b: int, pairs: bool) -> None:
         self.n_a, self.n_b, self.pairs = n_a, n_b, pairs
         self.n_tokens = 0
         self.fires_a = torch.zeros(n_a, dtype=torch.int64)
         self.fires_b = torch.zeros(n_b, dtype=torch.int64)
-        self._both = sp.csr_matrix((n_a, n_b), dtype=np.int64)
-        self._pending: list[sp.csr_matrix] = []
-        self._pending_nnz = 0
+        self._both = sp.csr_matrix((n_a, n_b), dtype=_COUNT_DTYPE)
+        self._pending: sp.csr_matrix | None = None
 
     def add(self, fire_a_TF: torch.Tensor, fire_b_TF: torch.Tensor) -> None:
         """Accumulate boolean firing matrices ``[tokens, F_A]`` and ``[tokens, F_B]``."""
         self.n_tokens += int(fire_a_TF.shape[0])
+        if self.n_tokens >= np.iinfo(_COUNT_DTYPE).max:
+            raise ValueError(f"co-firing counts are exact below 2^31 scored tokens, got "
+                             f"{self.n_tokens}; evaluate links on fewer tokens.")
         self.fires_a += fire_a_TF.sum(0).cpu()
         self.fires_b += fire_b_TF.sum(0).cpu()
         if not self.pairs:
             return
         counts = (_firing_csr(fire_a_TF).T.tocsr() @ _firing_csr(fire_b_TF)).tocsr()
-        self._pending.append(counts)
-        self._pending_nnz += counts.nnz
-        if self._pending_nnz > max(self._both.nnz, 1 << 22):  # merges cost O(stored pairs)
+        self._pending = counts if self._pending is None else self._pending + counts
+        if self._pending.nnz > max(self._both.nnz // 2, 1 << 22):  # a merge costs O(stored)
             self._merge()
 
     def _merge(self) -> None:
-        if self._pending:
-            parts = [self._both.tocoo(), *(m.tocoo() for m in self._pending)]
-            merged = sp.coo_matrix((np.concatenate([m.data for m in parts]),
-                                    (np.concatenate([m.row for m in parts]),
-                                     np.concatenate([m.col for m in parts]))),
-                                   shape=(self.n_a, self.n_b))
-            self._both = merged.tocsr()  # sums duplicates
-            self._both.sum_duplicates()
-            self._pending, self._pending_nnz = [], 0
+        if self._pending is not None:
+            self._both = self._both + self._pending  # CSR + CSR: one linear merge
+            self._pending = None
 
     def jaccard(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(rows, cols, jaccard)`` of every co-firing pair (float64, computed as
-        :meth:`CoactivationStats.jaccard` does: the other pairs have Jaccard 0)."""
+        """``(indptr, cols, jaccard)`` of the co-firing pairs in CSR layout by source (float64,
+        computed as :meth:`CoactivationStats.jaccard` does: every other pair has Jaccard 0)."""
         self._merge()
         both = self._both
-        rows = np.repeat(np.arange(self.n_a), np.diff(both.indptr))
-        cols = both.indices.astype(np.int64)
-        inter = both.data.astype(np.float64)
-        union = (self.fires_a.double().numpy()[rows] + self.fires_b.double().numpy()[cols]) - inter
-        return rows, cols, inter / union
+        both.sum_duplicates()
+        rows = np.repeat(np.arange(self.n_a, dtype=np.int32), np.diff(both.indptr))
+        jac = both.data.astype(np.float64)
+        union = self.fires_a.double().numpy()[rows]
+        del rows
+        union += self.fires_b.double().numpy()[both.indices]
+        union -= jac
+        jac /= union
+        return both.indptr, both.indices, jac
 
 
-def _best_jaccard(n_a: int, rows: np.ndarray, jac: np.ndarray) -> torch.Tensor:
+def _best_jaccard(n_a: int, indptr: np.ndarray, jac: np.ndarray) -> torch.Tensor:
     """Each source feature's highest Jaccard over all targets (0 where it co-fires with none)."""
-    best = torch.zeros(n_a, dtype=torch.float64)
-    return best.scatter_reduce_(0, torch.from_numpy(rows), torch.from_numpy(jac), "amax")
+    best = np.zeros(n_a)
+    has = np.diff(indptr) > 0
+    if len(jac):
+        best[has] = np.maximum.reduceat(jac, indptr[:-1][has])
+    return torch.from_numpy(best)
 
 
-def _one_to_one_jaccard(n_a: int, n_b: int, rows: np.ndarray, cols: np.ndarray,
+def _one_to_one_jaccard(n_a: int, n_b: int, indptr: np.ndarray, cols: np.ndarray,
                         jac: np.ndarray) -> torch.Tensor:
     """Each source feature's Jaccard with its partner in a one-to-one assignment maximising the
     summed Jaccard (0 where it has none). Pairs that never co-fire add 0 to any assignment, so the
@@ -352,16 +360,20 @@ def _one_to_one_jaccard(n_a: int, n_b: int, rows: np.ndarray, cols: np.ndarray,
     matching has ``n_a`` edges, so the constant shifts all totals alike and keeps every weight
     nonzero)."""
     out = torch.zeros(n_a, dtype=torch.float64)
-    if len(rows) == 0:
+    if len(jac) == 0:
         return out
-    ar_a = np.arange(n_a)
-    graph = sp.csr_matrix((np.concatenate([2.0 - jac, np.full(n_a, 2.0)]),
-                           (np.concatenate([rows, ar_a]), np.concatenate([cols, n_b + ar_a]))),
+    ends = indptr[1:]  # each source's dummy goes after its own pairs
+    weight = np.insert(2.0 - jac, ends, 2.0)
+    index = np.insert(cols, ends, (n_b + np.arange(n_a)).astype(cols.dtype))
+    graph = sp.csr_matrix((weight, index, indptr + np.arange(n_a + 1, dtype=indptr.dtype)),
                           shape=(n_a, n_b + n_a))
+    del weight, index
     r_idx, c_idx = min_weight_full_bipartite_matching(graph)
+    del graph
     partner = np.full(n_a, -1, dtype=np.int64)
     partner[r_idx] = c_idx
-    chosen = partner[rows] == cols
+    rows = np.repeat(np.arange(n_a), np.diff(indptr))
+    chosen = np.flatnonzero(partner[rows] == cols)
     out[torch.from_numpy(rows[chosen])] = torch.from_numpy(jac[chosen])
     return out
 
@@ -511,12 +523,12 @@ def _ceilings(plan: _PairLinks, active: torch.Tensor, ceilings: str) -> tuple[fl
     if ceilings == "none":
         return nan, nan, nan, nan
     if isinstance(stats, _CoFiring):
-        rows, cols, jac = stats.jaccard()
-        ceiling_bp = _mean_over(_best_jaccard(stats.n_a, rows, jac), active)
+        indptr, cols, jac = stats.jaccard()
+        ceiling_bp = _mean_over(_best_jaccard(stats.n_a, indptr, jac), active)
         if ceilings == "best_partner":
             return ceiling_bp, nan, nan, nan
-        return ceiling_bp, _mean_over(_one_to_one_jaccard(stats.n_a, stats.n_b, rows, cols, jac),
-                                      active), nan, nan
+        return ceiling_bp, _mean_over(
+            _one_to_one_jaccard(stats.n_a, stats.n_b, indptr, cols, jac), active), nan, nan
     dense = stats.jaccard()
     return (_mean_over(dense.max(dim=1).values, active),
             _mean_over(_assigned(dense, one_to_one(stats).indices), active),
