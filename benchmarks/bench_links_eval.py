@@ -24,6 +24,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 CHILD = r"""
@@ -77,7 +78,9 @@ seconds = time.perf_counter() - t0
 stop.set(); thread.join()
 peak[0] = max(peak[0], rss())
 row = table.iloc[0]
+import sae_match_lens
 print(json.dumps({"seconds": seconds, "before": before, "peak": peak[0],
+                  "module": sae_match_lens.__file__,
                   "ceiling_best_partner": float(row.ceiling_best_partner),
                   "ceiling_one_to_one": float(row.ceiling_one_to_one),
                   "jaccard": float(row.jaccard), "n_tokens": int(row.n_tokens)}))
@@ -89,9 +92,10 @@ def run(tree: Path | None, args: argparse.Namespace, features: int) -> dict | st
     env = dict(os.environ)
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
+    # run outside any checkout: with ``-c`` the working directory comes first on sys.path
     proc = subprocess.run([sys.executable, "-c", CHILD, str(features), str(args.l0),
                            str(args.sequences), str(args.seed)], env=env, capture_output=True,
-                          text=True, check=False)
+                          text=True, check=False, cwd=tempfile.gettempdir())
     if proc.returncode != 0:
         return f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -128,7 +132,7 @@ def main() -> None:
             print(f"{features:>8} {name:<16} {res['seconds']:>8.2f} {res['peak'] / 2**30:>9.2f} "
                   f"{(res['peak'] - res['before']) / 2**30:>6.2f} "
                   f"{res['ceiling_best_partner']:>13.6f} {res['ceiling_one_to_one']:>11.6f} "
-                  f"{res['jaccard']:>8.6f}", flush=True)
+                  f"{res['jaccard']:>8.6f}  ({res['module']})", flush=True)
     print("peak GiB: resident memory of the process during evaluate_links (model, SAEs and "
           "torch included); +GiB: above the memory just before the call.")
 

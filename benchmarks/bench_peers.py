@@ -87,8 +87,9 @@ def timed_match(tree: Path | None, sae_file: Path, out: Path) -> tuple[dict, np.
     env = dict(os.environ)
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
+    # run outside any checkout: with ``-c`` the working directory comes first on sys.path
     proc = subprocess.run([sys.executable, "-c", CHILD, str(sae_file), str(out)], env=env,
-                          capture_output=True, text=True, check=False)
+                          capture_output=True, text=True, check=False, cwd=sae_file.parent)
     if proc.returncode != 0:
         raise RuntimeError(f"match in {tree or REPO} failed:\n{proc.stderr[-3000:]}")
     info = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -194,7 +195,7 @@ def main() -> None:
         for name, tree in [("this checkout", None), *trees]:
             info, cols = timed_match(tree, sae_file, Path(tmp) / "perm.npy")
             note = (f"certified={info['certified']}, gap={info['gap']:.3g}, "
-                    f"planted partners {float((cols == truth).mean()):.3f}")
+                    f"planted partners {float((cols == truth).mean()):.3f}, code {info['module']}")
             rows.append((f"match ({name})", info["seconds"], exact_total(a, b, cols), note))
             print(f"  {rows[-1][0]}: {info['seconds']:.2f}s, {note}", flush=True)
     if not args.no_peer:
