@@ -36,6 +36,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from sae_match_lens.coactivation import evaluate_links
 
 F, l0, n_seq, seed = (int(v) for v in sys.argv[1:5])
+ceilings = sys.argv[5]
 torch.manual_seed(seed)
 cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_ctx=128, d_head=16, n_heads=4,
                               d_vocab=512, act_fn="relu", seed=seed)
@@ -73,7 +74,7 @@ thread = threading.Thread(target=sample, daemon=True)
 thread.start()
 t0 = time.perf_counter()
 table = evaluate_links(model, saes, tokens, {"identity": {(0, 1): torch.arange(F)}},
-                       batch_size=8, progress=False)
+                       batch_size=8, ceilings=ceilings, progress=False)
 seconds = time.perf_counter() - t0
 stop.set(); thread.join()
 peak[0] = max(peak[0], rss())
@@ -94,7 +95,8 @@ def run(tree: Path | None, args: argparse.Namespace, features: int) -> dict | st
         env["PYTHONPATH"] = str(tree)
     # run outside any checkout: with ``-c`` the working directory comes first on sys.path
     proc = subprocess.run([sys.executable, "-c", CHILD, str(features), str(args.l0),
-                           str(args.sequences), str(args.seed)], env=env, capture_output=True,
+                           str(args.sequences), str(args.seed), args.ceilings], env=env,
+                          capture_output=True,
                           text=True, check=False, cwd=tempfile.gettempdir())
     if proc.returncode != 0:
         return f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"
@@ -107,6 +109,7 @@ def main() -> None:
     parser.add_argument("--l0", type=int, default=32, help="features firing per token (about)")
     parser.add_argument("--sequences", type=int, default=64, help="sequences of 128 tokens")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ceilings", default="both", choices=["both", "best_partner", "none"])
     parser.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
                         help="an earlier checkout timed too (repeatable)")
     parser.add_argument("--tree-max-features", type=int, default=16384,
@@ -114,7 +117,8 @@ def main() -> None:
                              "F_A x F_B float64 matrix: 2 GiB at 16k, 32 GiB at 65k)")
     args = parser.parse_args()
     trees = [(name, Path(path)) for name, path in (t.split("=", 1) for t in args.tree)]
-    print(f"{args.sequences} x 128 tokens, about {args.l0} features firing per token; "
+    print(f"{args.sequences} x 128 tokens, about {args.l0} features firing per token, "
+          f"ceilings={args.ceilings!r}; "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"{'features':>8} {'code':<16} {'seconds':>8} {'peak GiB':>9} {'+GiB':>6} "
           f"{'best partner':>13} {'one-to-one':>11} {'jaccard':>8}")
