@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from typing import Any
 import torch
 
 from ..atomicio import atomic_write, write_text
-from .cache import suite_cache_dir
+from .cache import suite_cache_dir, swap_directory
 from .smollm2 import (
     BOS_ID,
     FULL,
@@ -295,9 +294,7 @@ def _stage_sae(root: Path, plan: _Plan, family: str, hook: str, progress: _Progr
         shutil.rmtree(tmp, ignore_errors=True)
         save_sae(outputs[fam], cfg, tmp)
         _write_json(tmp / "build.json", {**record, "family": fam})
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, directory)
+        swap_directory(tmp, directory)
 
 
 @torch.no_grad()

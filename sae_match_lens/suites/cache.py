@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
-__all__ = ["CACHE_ENV", "suite_cache_dir"]
+__all__ = ["CACHE_ENV", "suite_cache_dir", "swap_directory"]
 
 CACHE_ENV = "SAE_MATCH_LENS_CACHE"
 """Environment variable naming the cache root (default ``$XDG_CACHE_HOME/sae_match_lens``)."""
@@ -22,3 +23,18 @@ def suite_cache_dir(name: str = "smollm2") -> Path:
         xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         base = str(Path(xdg) / "sae_match_lens")
     return Path(base) / "suites" / name
+
+
+def swap_directory(new: Path, target: Path) -> None:
+    """Move the complete folder ``new`` to ``target``, replacing what is there.
+
+    The old folder is first renamed aside, so at every moment ``target`` is either the old
+    complete folder or the new one; the old one is deleted last.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = target.with_name(f".{target.name}.old.{os.getpid()}")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from .cache import swap_directory
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -299,8 +301,7 @@ def load_smollm2_model(*, check_logits: bool = True, device: str = "cpu",
         (tmp / "config.json").write_text(json.dumps(fields, default=str), encoding="utf-8")
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         (tmp / "done.json").write_text(json.dumps({"gguf": gguf.name, "logit_diff": diff}))
-        shutil.rmtree(cached, ignore_errors=True)
-        os.replace(tmp, cached)
+        swap_directory(tmp, cached)
     return _with_bos(model).to(device)
 
 
