@@ -97,7 +97,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -114,6 +113,10 @@ import torch
 from safetensors.torch import save_file
 
 from sae_match_lens import assets
+from sae_match_lens.suites.smollm2 import (  # the text both suites read
+    missing_text_packages,
+    split_documents,
+)
 
 BIBLE_SPEC = "Gen1:1-Rev22:21"
 FORTUNE_DIR = Path("/usr/share/games/fortunes")
@@ -222,6 +225,7 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -231,13 +235,7 @@ def sha256(path: Path) -> str:
 
 def ensure_packages(install: bool) -> None:
     """Check the Debian text packages, installing them when asked to."""
-    missing = []
-    if shutil.which("bible") is None:
-        missing.append("bible-kjv")
-    if not FORTUNE_DIR.is_dir():
-        missing.append("fortunes")
-    if not PYDOC_DIR.is_dir():
-        missing.append("python3.11-doc")
+    missing = missing_text_packages()
     if not missing:
         return
     if not install:
@@ -270,17 +268,6 @@ def write_sources(work: Path) -> dict[str, Path]:
         paths[name] = work / f"{name}.txt"
         paths[name].write_text(text, encoding="utf-8")
     return paths
-
-
-def split_documents(name: str, text: str) -> list[str]:
-    """Cut one source into documents (chapters, fortunes, doc files)."""
-    if name == "bible":
-        docs = re.split(r"\n(?=[^\s\d][^\n]* \d+\n\n)", text)
-    elif name == "fortunes":
-        docs = text.split("\n%\n")
-    else:
-        docs = text.split("\n\x00\n")
-    return [d.strip("\n") for d in docs if d.strip()]
 
 
 def split_corpus(sources: dict[str, Path]) -> tuple[list[str], list[str]]:

@@ -3,8 +3,8 @@
 * ``"default"``: the embedded toy suite (6-layer model, d_model 128), shipped in the package
   (:mod:`sae_match_lens.assets`); the demo and the tests use it.
 * ``"smollm2"``: SmolLM2-135M-Instruct with SAEs trained on it, built on demand into the
-  user's cache (``sae-match suite build smollm2``, :func:`build_suite`; about an hour on two
-  CPU cores), never shipped: residual SAEs at layers 10-17 (JumpReLU in Gemma Scope's
+  user's cache (``sae-match suite build smollm2``, :func:`build_suite`; the manifest records
+  how long each stage took), never shipped: residual SAEs at layers 10-17 (JumpReLU in Gemma Scope's
   convention, the same SAEs with the scale in the decoder norms as a control, and TopK), MLP-
   and attention-output JumpReLU SAEs at layers 12-15. ``"smollm2-small"`` is the test build
   (``--small``).

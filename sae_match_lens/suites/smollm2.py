@@ -51,6 +51,7 @@ __all__ = [
     "corpus_documents",
     "find_gguf",
     "load_smollm2_model",
+    "missing_text_packages",
     "pack_documents",
     "split_documents",
 ]
@@ -372,7 +373,8 @@ def _convert(gguf: Path, check_logits: bool) -> tuple[Any, Any, float | None]:
 # ------------------------------------------------------------------------------ text
 
 
-def _missing_text_packages() -> list[str]:
+def missing_text_packages() -> list[str]:
+    """The Debian text packages (of :data:`TEXT_PACKAGES`) that are not installed."""
     missing = []
     if shutil.which("bible") is None:
         missing.append("bible-kjv")
@@ -404,7 +406,7 @@ def corpus_documents() -> tuple[list[str], list[str], dict[str, str]]:
     Raises:
         FileNotFoundError: If a text package is missing (the message names the apt command).
     """
-    missing = _missing_text_packages()
+    missing = missing_text_packages()
     if missing:
         raise FileNotFoundError(
             f"The suite's text comes from Debian packages; missing {missing}. Install them with "
