@@ -319,20 +319,11 @@ def run_demo(
 
 def _check_out(out: str | Path) -> None:
     """Refuse an ``out`` that a demo run may not replace, before any work (module docstring)."""
-    import json
+    from .savedir import is_replaceable
 
     path = Path(out)
-    if not path.exists() and not path.is_symlink():
+    if is_replaceable(path, "results.json", REPORT_FORMAT):
         return
-    if path.is_dir() and not path.is_symlink():
-        if not any(path.iterdir()):
-            return
-        try:
-            found = json.loads((path / "results.json").read_text()).get("format")
-        except (OSError, ValueError, AttributeError):
-            found = None
-        if found == REPORT_FORMAT:
-            return
     raise FileExistsError(
         f"{path} holds something other than a demo report of this version, so the demo will not "
         "replace it; choose a new or empty folder with --out (or remove that one).")

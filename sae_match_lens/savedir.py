@@ -42,7 +42,7 @@ import torch
 
 from .atomicio import fsync_directory, fsync_file, keep_fresh, remove_abandoned, temporary_path
 
-__all__ = ["decode_json", "encode_json", "tensor_checksum", "write_directory"]
+__all__ = ["decode_json", "encode_json", "is_replaceable", "tensor_checksum", "write_directory"]
 
 logger = logging.getLogger(__name__)
 
@@ -147,18 +147,25 @@ def write_directory(path: str | os.PathLike[str], write: Callable[[Path], None],
     return path
 
 
-def _check_replaceable(path: Path, manifest: str, kind: str) -> None:
+def is_replaceable(path: Path, manifest: str, kind: str) -> bool:
+    """Whether ``path`` may be replaced by a new save of ``kind``: it does not exist, is an empty
+    folder, or is a folder whose ``manifest`` JSON records ``"format": kind``."""
     if not path.exists() and not path.is_symlink():
+        return True
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if not any(path.iterdir()):
+        return True
+    try:
+        found = json.loads((path / manifest).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    return found == kind
+
+
+def _check_replaceable(path: Path, manifest: str, kind: str) -> None:
+    if is_replaceable(path, manifest, kind):
         return
-    if path.is_dir() and not path.is_symlink():
-        if not any(path.iterdir()):
-            return
-        try:
-            found = json.loads((path / manifest).read_text()).get("format")
-        except (OSError, ValueError, AttributeError):
-            found = None
-        if found == kind:
-            return
     raise FileExistsError(
         f"{path} exists and is not a saved {kind} (no {manifest} recording it); it is left "
         "untouched. Choose another path or remove it."
