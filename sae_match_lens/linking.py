@@ -78,12 +78,23 @@ from .solvers.costs import CostWeights, ieee_products, stack_features
 from .solvers.screen import block_rows_for
 from .solvers.topk import Method, TopKProblem, exact_topk, score_blocks, solve_topk
 
-__all__ = ["SCORES", "LinkScore", "Links", "Transition", "firing_offset_z", "links"]
+__all__ = ["SCORES", "LinkScore", "LinkSources", "Links", "Transition", "firing_offset_z", "links"]
 
 logger = logging.getLogger(__name__)
 
 LinkScore = Literal["decoder_cosine", "folded_mse", "cosine_sum", "csls", "cosine_density"]
 SCORES: tuple[str, ...] = ("decoder_cosine", "folded_mse", "cosine_sum", "csls", "cosine_density")
+
+
+class LinkSources(NamedTuple):
+    """The source features that link to one target feature (:meth:`Links.sources_of`)."""
+
+    indices: torch.Tensor
+    """int64 ``[n]``: source features, highest score first."""
+    scores: torch.Tensor
+    """float32 ``[n]``: the score of each one's link to the target (higher is better)."""
+    ranks: torch.Tensor
+    """int64 ``[n]``: the rank of that link among the source's k links (0: its best)."""
 
 
 class Links(NamedTuple):
@@ -127,6 +138,42 @@ class Links(NamedTuple):
         are refused with a message saying how to reverse them
         (:func:`~sae_match_lens.permutation.check_direction`)."""
         check_direction(self, sae_a, sae_b, what=what)
+
+    def sources_of(self, target: int, *, rank: int | None = None) -> LinkSources:
+        """Which source features link to target feature ``target``: the reverse lookup of
+        :attr:`indices`, best score first.
+
+        Args:
+            target: a target feature, ``0 <= target < n_target``.
+            rank: only links of this rank (0: top-1 links); ``None`` (default): links of any
+                rank below :attr:`k`.
+
+        Returns:
+            :class:`LinkSources`: the sources, each link's score and rank, sorted by score
+            (highest first; ties by source feature). Empty when nothing links to ``target``.
+
+        Raises:
+            ValueError: ``target`` outside the target SAE, or ``rank`` outside ``0..k-1``.
+
+        Example:
+            >>> lk = links(sae_l3, sae_l4, k=3)
+            >>> lk.sources_of(42).indices  # layer-3 features with layer-4 feature 42 in their top-3
+        """
+        n_target = self.target.get("d_sae")
+        if isinstance(target, bool) or not isinstance(target, int) or target < 0 or (
+                n_target is not None and target >= int(n_target)):
+            raise ValueError(f"target must be a feature of {self.target.get('hook_name')} "
+                             f"(0 <= target < {n_target}), got {target!r}.")
+        if rank is not None and not (isinstance(rank, int) and 0 <= rank < self.k):
+            raise ValueError(f"rank must be None or in 0..{self.k - 1} (these links keep k = "
+                             f"{self.k}), got {rank!r}.")
+        hit = self.indices == target
+        if rank is not None:
+            hit[:, [r for r in range(self.k) if r != rank]] = False
+        source, ranks = torch.nonzero(hit, as_tuple=True)
+        scores = self.scores[source, ranks]
+        order = torch.sort(scores, descending=True, stable=True).indices  # nonzero: by source
+        return LinkSources(source[order], scores[order], ranks[order])
 
     def distinct_targets(self, rank: int = 0) -> int:
         """How many different target features the rank-``rank`` links reach (hubs make it small)."""

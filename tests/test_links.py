@@ -139,6 +139,27 @@ def test_null_rate_cuts_at_the_null_threshold_and_confidence_orders_links():
     assert bool((full.confidence[:, 0] >= full.confidence[:, 1]).all())
 
 
+def test_sources_of_lists_every_source_linking_to_a_target_best_score_first():
+    stack = load_suite_saes("jumprelu")
+    lk = links(stack[2], stack[3], k=3, progress=False)
+    hub = int(torch.mode(lk.top1).values)  # a target many sources link to
+    for rank in (None, 0, 2):
+        got = lk.sources_of(hub, rank=rank)
+        ranks = range(lk.k) if rank is None else [rank]
+        expected = sorted((-float(lk.scores[i, r]), i, r) for i in range(lk.indices.shape[0])
+                          for r in ranks if int(lk.indices[i, r]) == hub)
+        assert len(expected) >= (2 if rank == 0 else 1)
+        assert got.indices.tolist() == [i for _, i, _ in expected]
+        assert got.ranks.tolist() == [r for _, _, r in expected]
+        assert got.scores.tolist() == pytest.approx([-s for s, _, _ in expected])
+    unreached = sorted(set(range(int(stack[3].cfg.d_sae))) - set(lk.indices.flatten().tolist()))
+    assert lk.sources_of(unreached[0]).indices.numel() == 0
+    with pytest.raises(ValueError, match="0 <= target < "):
+        lk.sources_of(int(stack[3].cfg.d_sae))
+    with pytest.raises(ValueError, match="rank must be"):
+        lk.sources_of(hub, rank=3)
+
+
 def test_bad_arguments_are_clear_errors():
     sae_a, sae_b = build_sae("jumprelu", seed=1), build_sae("jumprelu", d_in=8, seed=2)
     with pytest.raises(ValueError, match="unknown link score"):
