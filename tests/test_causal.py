@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_match_lens.causal import causal_check
+from sae_match_lens.causal import best_single_predecessors, causal_check
 from sae_match_lens.linking import links
 from tests.helpers_tl import random_jumprelu_sae, tiny_model, tiny_tokens
 
@@ -66,3 +66,40 @@ def test_bad_inputs_are_clear_errors(setup):
     with pytest.raises(ValueError, match="do not fit"):
         causal_check(model, pred, target, tokens, {"x": torch.zeros(3, dtype=torch.int64)},
                      progress=False)
+
+
+def test_best_single_predecessor_equals_brute_force_and_bounds_top1(setup):
+    model, pred, target, tokens = setup
+    table = best_single_predecessors(model, pred, target, tokens, positions=100,
+                                     max_targets=1000, chunk=7, progress=False)
+    _, cache = model.run_with_cache(tokens)
+    h = cache["blocks.0.hook_resid_post"]
+    with torch.no_grad():
+        f_p, f_t = pred.encode(h), target.encode(h)
+        expected = {}
+        for s in range(tokens.shape[0]):
+            for t in range(1, tokens.shape[1]):
+                active_p = torch.nonzero(f_p[s, t]).flatten().tolist()
+                for f in torch.nonzero(f_t[s, t]).flatten().tolist():
+                    best, best_g = -float("inf"), -1
+                    for g in active_p:  # every active predecessor, one at a time
+                        acts = torch.zeros(1, pred.cfg.d_sae)
+                        acts[0, g] = f_p[s, t, g]
+                        edited = h[s, t] - (pred.decode(acts)
+                                            - pred.decode(torch.zeros_like(acts)))[0]
+                        change = 1 - float(target.encode(edited[None])[0, f]) / float(f_t[s, t, f])
+                        if change > best:
+                            best, best_g = change, g
+                    expected[(s, t, f)] = (best_g, best)
+    got = {(r.seq, r.position, r.target): (r.best_predecessor, r.activation_change)
+           for r in table.itertuples()}
+    assert set(got) == set(expected) and len(got) > 0
+    for key, (g, change) in expected.items():
+        assert got[key][1] == pytest.approx(change, abs=1e-5)
+        if g >= 0:  # the argmax itself may differ only on an exact tie
+            assert got[key][0] == g or got[key][1] == pytest.approx(change, abs=1e-6)
+    # The same sample as causal_check (so the two tables compare target by target).
+    lk = links(target, pred, k=1, progress=False)
+    top1 = causal_check(model, pred, target, tokens, {"top1": lk}, positions=100,
+                        max_targets=1000, progress=False).iloc[0]
+    assert top1.n_sampled == len(table)
