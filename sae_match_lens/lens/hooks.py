@@ -124,12 +124,15 @@ logger = logging.getLogger(__name__)
 
 Method = Literal["permute", "hybrid", "error_preserving", "identity", "sae_a_reconstruction",
                  "sae_b_reconstruction"]
+"""How a substitute computes the state at B from the state at A (the module docstring's **Methods**)."""
 SubstitutionName = Literal["folded", "raw", "hybrid", "error_preserving", "identity",
                            "sae_a_reconstruction", "sae_b_reconstruction"]
 Transfer = Literal["folded", "raw"]
+"""The units in which activations cross from A to B (the module docstring's **Transfer units**)."""
 HookFn = Callable[..., torch.Tensor | None]
 METHODS: tuple[str, ...] = ("permute", "hybrid", "error_preserving", "identity",
                             "sae_a_reconstruction", "sae_b_reconstruction")
+"""Every :data:`Method`, in the order the module docstring describes them."""
 _USES_PERMUTATION = ("permute", "hybrid", "error_preserving")
 SUBSTITUTIONS: tuple[str, ...] = ("folded", "raw", "hybrid", "error_preserving", "identity",
                                   "sae_a_reconstruction", "sae_b_reconstruction")
