@@ -35,7 +35,8 @@ sampled A feature whose decoder and encoder directions are redrawn jointly from 
 direction mean and covariance, its norms, ``b_enc`` and density offset kept), and each one's
 best score against B is recorded; for ``csls`` a null feature joins B's neighbourhood means as
 a real one does. A link's ``confidence`` is the fraction of those best-by-chance scores that it
-beats; with ``null_rate=q`` links whose score does not exceed the ``1 − q`` quantile become -1
+is strictly above (:func:`~sae_match_lens.nulls.chance_confidence`; the same definition as a
+match's, :mod:`~sae_match_lens.nulls` "Confidence"); with ``null_rate=q`` links whose score does not exceed the ``1 − q`` quantile become -1
 ("no partner"). On unrelated SAEs with realistic geometry (moment-matched to a real SAE, or a
 real SAE in a permuted residual basis) every score keeps between q/3 and 3q of the features
 (README, "Calibration"). The null is marginal over features, so it calibrates the kept
@@ -72,7 +73,7 @@ from .adapters import (
     validate_sae,
 )
 from .neuronpedia import feature_urls
-from .nulls import null_surrogates
+from .nulls import chance_confidence, null_surrogates
 from .permutation import check_direction
 from .solvers.costs import CostWeights, ieee_products, stack_features
 from .solvers.screen import block_rows_for
@@ -84,6 +85,7 @@ logger = logging.getLogger(__name__)
 
 LinkScore = Literal["decoder_cosine", "folded_mse", "cosine_sum", "csls", "cosine_density"]
 SCORES: tuple[str, ...] = ("decoder_cosine", "folded_mse", "cosine_sum", "csls", "cosine_density")
+"""Every link score (higher is better), as the module docstring describes them."""
 
 
 class LinkSources(NamedTuple):
@@ -106,7 +108,11 @@ class Links(NamedTuple):
     scores: torch.Tensor
     """float32 ``[n_source, k]``: the score of each link (higher is better; NaN where -1)."""
     confidence: torch.Tensor
-    """float32 ``[n_source, k]``: the fraction of best-by-chance null scores each link beats."""
+    """float32 ``[n_source, k]``: the fraction of best-by-chance null scores each link's score
+    is strictly above (:func:`~sae_match_lens.nulls.chance_confidence`, one definition with
+    :attr:`MatchResult.confidence_F <sae_match_lens.matching.MatchResult.confidence_F>`); a
+    resolution of ``1 / n_null``. Real links usually reach 1.0 (no null feature did as well):
+    it separates links from chance, the score ranks them. Kept for links cut to -1."""
     score: str
     """Which score (:data:`SCORES`)."""
     source: dict[str, Any]
@@ -526,9 +532,7 @@ def links(
         null = _null_best(base, widths=widths, r_b=r_b, csls_k=csls_k, n_null=n_null, seed=seed,
                           block_rows=rows, kth_b=kth_b)
         route["t_null"] = time.perf_counter() - t1
-    null_sorted = torch.sort(null.float()).values
-    confidence = (torch.searchsorted(null_sorted, scores.contiguous(), right=False).float()
-                  / len(null_sorted))
+    confidence = chance_confidence(scores, null.float(), higher_is_better=True).float()
     threshold = None
     if null_rate is not None:
         threshold = float(torch.quantile(null, 1.0 - null_rate))
