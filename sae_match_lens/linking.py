@@ -36,9 +36,10 @@ direction mean and covariance, its norms, ``b_enc`` and density offset kept), an
 best score against B is recorded; for ``csls`` a null feature joins B's neighbourhood means as
 a real one does. A link's ``confidence`` is the fraction of those best-by-chance scores that it
 is strictly above (:func:`~sae_match_lens.nulls.chance_confidence`; the same definition as a
-match's, :mod:`~sae_match_lens.nulls` "Confidence"); with ``null_rate=q`` links whose score does not exceed the ``1 − q`` quantile become -1
-("no partner"). On unrelated SAEs with realistic geometry (moment-matched to a real SAE, or a
-real SAE in a permuted residual basis) every score keeps between q/3 and 3q of the features
+match's, :mod:`~sae_match_lens.nulls` "Confidence"); with ``null_rate=q`` links whose score
+does not exceed the ``1 − q`` quantile become -1 ("no partner"). On unrelated SAEs with
+realistic geometry (moment-matched to a real SAE, or a real SAE in a permuted residual basis)
+every score keeps between q/3 and 3q of the features
 (README, "Calibration"). The null is marginal over features, so it calibrates the kept
 fraction, not each feature's own chance; ``folded_mse`` on SAEs whose folded decoder norms
 spread widely (the default JumpReLU suite) has almost no power, because norms, which the null
@@ -111,8 +112,8 @@ class Links(NamedTuple):
     """float32 ``[n_source, k]``: the fraction of best-by-chance null scores each link's score
     is strictly above (:func:`~sae_match_lens.nulls.chance_confidence`, one definition with
     :attr:`MatchResult.confidence_F <sae_match_lens.matching.MatchResult.confidence_F>`); a
-    resolution of ``1 / n_null``. Real links usually reach 1.0 (no null feature did as well):
-    it separates links from chance, the score ranks them. Kept for links cut to -1."""
+    resolution of ``1 / n_null`` (1.0: no null feature did as well). Kept for links cut to
+    -1."""
     score: str
     """Which score (:data:`SCORES`)."""
     source: dict[str, Any]

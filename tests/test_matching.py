@@ -13,8 +13,10 @@ from scipy.optimize import linear_sum_assignment
 
 from sae_match_lens import Permutation, ProvenanceError, fold
 from sae_match_lens import matching as matching_module
+from sae_match_lens.assets import load_suite_saes
 from sae_match_lens.atomicio import host_id
 from sae_match_lens.matching import match, null_max_cost
+from sae_match_lens.nulls import chance_confidence
 
 
 def _manual_cost(sae_a, sae_b, folded=True, w=(1.0, 1.0, 1.0)):
@@ -238,7 +240,9 @@ def _assert_same_result(loaded, result):
 def test_match_result_save_load_round_trip_keeps_every_field_exactly(tmp_path, max_cost):
     pair = planted_pair(d_sae=96, noise=0.3, seed=4)
     result = match(pair.sae_a, pair.sae_b, progress=False, max_cost=max_cost)
-    assert (result.confidence_F is None) == (max_cost is None)
+    assert result.confidence_F is not None  # computed by default at this size
+    if max_cost is None:  # and a result without one round-trips too
+        result = result._replace(confidence_F=None)
     directory = result.save(tmp_path / "r")
     assert directory == tmp_path / "r"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no temporaries left behind
@@ -382,7 +386,7 @@ def test_to_frame_has_one_row_per_source_feature_with_partner_cost_margin_and_co
     assert frame.hook_a.unique().tolist() == ["blocks.0.hook_resid_post"]
     assert frame.layer_a.unique().tolist() == [0] and frame.layer_b.unique().tolist() == [1]
     assert frame.neuronpedia_url_a.isna().all()  # the tiny SAEs have no Neuronpedia id
-    no_confidence = match(pair.sae_a, pair.sae_b, progress=False).to_frame()
+    no_confidence = result._replace(confidence_F=None).to_frame()
     assert list(no_confidence.columns) == list(frame.columns)
     assert no_confidence.confidence.isna().all()
 
@@ -416,6 +420,26 @@ def test_confidence_is_the_fraction_of_chance_costs_above_each_pair():
                                                                                pair.sae_b)
     ok = result.matched
     assert torch.equal(recomputed.confidence_F[ok], result.confidence_F[ok])
+
+
+def test_match_computes_confidence_by_default_with_the_definition_links_use(monkeypatch):
+    """One meaning of confidence: the share of best-by-chance values a pair does strictly better
+    than, set by match() without being asked where it is cheap, the same function as links'."""
+    stack = load_suite_saes("jumprelu")
+    result = match(stack[2], stack[3], progress=False)
+    assert result.confidence_F is not None and result.confidence is result.confidence_F
+    again = result._replace(confidence_F=None).with_confidence(stack[2], stack[3])
+    assert torch.equal(again.confidence_F, result.confidence_F)
+    assert 0.3 < float(result.confidence_F.mean()) < 0.8  # folded mse: little power (nulls doc)
+    best = torch.tensor([1.0, 2.0, 2.0, 3.0])  # ties count as not beaten, either direction
+    values = torch.tensor([2.0, 0.5, 3.5, math.nan])
+    cost = chance_confidence(values, best, higher_is_better=False)
+    score = chance_confidence(values, best, higher_is_better=True)
+    assert cost[:3].tolist() == [0.25, 1.0, 0.0] and score[:3].tolist() == [0.25, 0.0, 1.0]
+    assert math.isnan(cost[3]) and math.isnan(score[3])
+    assert torch.allclose(matching_module.null_confidence(values, best), cost, equal_nan=True)
+    monkeypatch.setattr(matching_module, "CONFIDENCE_MAX_N", 1000)  # above it: not by default
+    assert match(stack[2], stack[3], progress=False).confidence_F is None
 
 
 def test_planted_partners_beat_chance_and_unrelated_pairs_do_not():
