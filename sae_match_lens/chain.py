@@ -450,7 +450,9 @@ def match_chain(
         saes: a mapping ``{model layer: SAE}`` (its keys, sorted, are the layers; a key that
             contradicts the hook name ``blocks.L.…`` is refused), or a list of SAEs whose hook
             names give their layers (which must increase) — see :func:`chain_saes`.
-        fold, weights, metric: as in :func:`~sae_match_lens.matching.match`.
+        fold: as in :func:`~sae_match_lens.matching.match`.
+        weights: as in :func:`~sae_match_lens.matching.match`.
+        metric: as in :func:`~sae_match_lens.matching.match`.
         progress: show a progress bar over the pairs.
         **match_kwargs: passed on to :func:`~sae_match_lens.matching.match` (``max_cost``,
             ``solver``, ``block_rows``, ``device``, ...).
