@@ -242,8 +242,9 @@ def predecessors(
             come from the residual SAEs' hook names ``blocks.L.…``).
         layer: the model layer of the residual features.
         score: the link score (:data:`~sae_match_lens.linking.SCORES`).
-        high, low: thresholds of the data-free reading (module docstring: the paper's rule),
-            in the score's units; :func:`chance_levels` gives their chance levels.
+        high: the upper threshold of the data-free reading (module docstring: the paper's rule),
+            in the score's units; :func:`chance_levels` gives the chance levels of both thresholds.
+        low: the lower threshold of the data-free reading, in the same units.
         progress: show progress bars.
 
     Returns:
