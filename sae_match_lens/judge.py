@@ -400,7 +400,8 @@ class ChatJudge(Judge):
             (a ``Retry-After`` header is honoured up to ``max_backoff``).
         answer_retries: how often an answer that does not follow the protocol is asked again
             before :class:`JudgeAnswerError`.
-        temperature, max_tokens: sent with each request.
+        temperature: sent with each request.
+        max_tokens: sent with each request.
         sleep: the waiting function (tests pass one that records instead of sleeping).
 
     Raises:
@@ -534,7 +535,8 @@ def judge_generations(
 
     Args:
         judge: any :class:`Judge`.
-        prompts, texts: one prompt and one continuation per generation.
+        prompts: one prompt per generation.
+        texts: one continuation per generation (aligned with ``prompts``).
         theme: the theme of the ratings (default: the judge's).
         path: a :class:`~sae_match_lens.rowlog.RowLog` file; rows are written as they finish,
             and a rerun with the same judge (:meth:`Judge.identity`) and inputs skips the rows
