@@ -560,7 +560,11 @@ def substitution_hooks(
 
     Args:
         model: the TransformerLens model.
-        sae_a, sae_b, permutation, substitution, cost_F: see :func:`block_substitute`.
+        sae_a: see :func:`block_substitute`.
+        sae_b: see :func:`block_substitute`.
+        permutation: see :func:`block_substitute`.
+        substitution: see :func:`block_substitute`.
+        cost_F: see :func:`block_substitute`.
         bos: ``"keep"`` (default): position 0 (BOS) keeps its true state at B; ``"substitute"``:
             it is substituted like every other position.
         bos_token_id: the BOS token id (default: the model tokenizer's ``bos_token_id``; needed
@@ -637,12 +641,18 @@ def run_skipping(
         model: a ``HookedTransformer`` (or ``HookedSAETransformer``).
         tokens: integer token ids ``[batch, pos]``
             (:func:`~sae_match_lens.metrics.check_tokens`).
-        sae_a, sae_b, permutation, substitution, cost_F: see :func:`block_substitute`; both
-            hooks must be ``blocks.L.hook_resid_pre`` / ``blocks.L.hook_resid_post``.
-        return_type, loss_per_token: as in ``HookedTransformer.forward``.
-        bos, bos_token_id: see :func:`substitution_hooks`. With ``bos="keep"`` the true state of
+        sae_a: see :func:`block_substitute`; its hook must be ``blocks.L.hook_resid_pre`` or
+            ``blocks.L.hook_resid_post``.
+        sae_b: see :func:`block_substitute`; its hook, likewise.
+        permutation: see :func:`block_substitute`.
+        substitution: see :func:`block_substitute`.
+        cost_F: see :func:`block_substitute`.
+        return_type: as in ``HookedTransformer.forward``.
+        loss_per_token: as in ``HookedTransformer.forward``.
+        bos: see :func:`substitution_hooks`. With ``bos="keep"`` the true state of
             position 0 at B comes from a one-token run of the model (causal attention: position
             0 attends only to itself), so no skipped block runs on the other positions.
+        bos_token_id: see :func:`substitution_hooks`.
         check_model: as in :func:`substitution_hooks`; an SAE whose model its name does not
             confirm is probed on the first few sequences before the run
             (:func:`~sae_match_lens.metrics.check_saes_fit_model`).
