@@ -495,10 +495,14 @@ def substitute_nnsight(
 
     Args:
         lm: the nnsight model.
-        sae_a, sae_b, permutation, substitution, cost_F: see
-            :func:`~sae_match_lens.lens.hooks.block_substitute`.
-        bos, bos_token_id: see :func:`~sae_match_lens.lens.hooks.substitution_hooks`; every trace's
-            token ids are checked to start with BOS.
+        sae_a: see :func:`~sae_match_lens.lens.hooks.block_substitute`.
+        sae_b: see :func:`~sae_match_lens.lens.hooks.block_substitute`.
+        permutation: see :func:`~sae_match_lens.lens.hooks.block_substitute`.
+        substitution: see :func:`~sae_match_lens.lens.hooks.block_substitute`.
+        cost_F: see :func:`~sae_match_lens.lens.hooks.block_substitute`.
+        bos: see :func:`~sae_match_lens.lens.hooks.substitution_hooks`; every trace's token ids are
+            checked to start with BOS.
+        bos_token_id: see :func:`~sae_match_lens.lens.hooks.substitution_hooks`.
         sae_paths: explicit sites by hook name (see :func:`module_site`).
         check_model: as in :func:`~sae_match_lens.lens.hooks.substitution_hooks`: SAEs whose
             recorded model is not ``lm``'s (``config.name_or_path``) are refused here; where a
