@@ -609,11 +609,16 @@ def generate_steered(
         prompts: one prompt or several (tokenized with BOS prepended).
         interventions: what to steer (none: the clean model).
         n_samples: samples per prompt.
-        max_new_tokens, temperature, top_p, top_k, do_sample: passed to ``generate``.
+        max_new_tokens: passed to ``generate``.
+        temperature: passed to ``generate``.
+        top_p: passed to ``generate``.
+        top_k: passed to ``generate``.
+        do_sample: passed to ``generate``.
         stop_at_eos: stop a sample at the tokenizer's EOS (kept as its last token).
         seed: base seed (see above).
         batch_size: samples per ``generate`` call.
-        bos, bos_token_id: see :func:`steering_hooks`.
+        bos: see :func:`steering_hooks`.
+        bos_token_id: see :func:`steering_hooks`.
         progress: show a progress bar over batches.
 
     Example:
