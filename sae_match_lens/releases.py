@@ -595,7 +595,12 @@ def load_release_stack(
     ``evaluate_substitution(model, stack, ...)``.
 
     Args:
-        release, layers, width, l0, hook, variant: as in :func:`resolve_release`.
+        release: as in :func:`resolve_release`.
+        layers: as in :func:`resolve_release`.
+        width: as in :func:`resolve_release`.
+        l0: as in :func:`resolve_release`.
+        hook: as in :func:`resolve_release`.
+        variant: as in :func:`resolve_release`.
         sae_loader: ``(release, sae_id) -> SAE``; default ``SAE.from_pretrained``.
         progress: show a progress bar.
 
@@ -662,7 +667,8 @@ def load_module_stack(
         mlp_release: the MLP-output release, e.g. ``"gemma-scope-2b-pt-mlp-canonical"``.
         attn_release: the attention-output release, e.g. ``"llama_scope_lxa_8x"``.
         layers: the model layers; default: every layer of the residual release.
-        width, l0: as in :func:`resolve_release`, for all three releases.
+        width: as in :func:`resolve_release`, for all three releases.
+        l0: as in :func:`resolve_release`, for all three releases.
         sae_loader: ``(release, sae_id) -> SAE``; default ``SAE.from_pretrained``.
         progress: show progress bars.
 
