@@ -119,8 +119,10 @@ def semantic_pairs(
             model layer ``start`` drawn at random, seeded, among those whose trace keeps a
             partner up to ``stop``) or a :class:`~sae_match_lens.flow.FlowGraph` (one path: its
             residual chain; consecutive pairs: all its edges).
-        n_paths, start, stop, seed: see ``source`` (chains only; ``start`` and ``stop`` are
-            model layers of the chain, default its first and last).
+        n_paths: see ``source`` (chains only).
+        start: see ``source`` (chains only); a model layer of the chain, default its first.
+        stop: see ``source`` (chains only); a model layer of the chain, default its last.
+        seed: see ``source`` (chains only).
         direct: ``{later model layer: the direct match of layer start to it}`` (chains only);
             adds the ``direct`` pairs (skipped where the direct match has no partner).
 
@@ -322,7 +324,8 @@ def label_pairs(
         top_tokens: ``{node: top-activating entries}`` or a function of the node list (e.g.
             ``functools.partial(top_activating_tokens, model, stack, tokens)``); needed by the
             proxy, and by a judge without explanations. The overlap is reported either way.
-        same_at, maybe_at: the proxy's thresholds on the overlap (module docstring).
+        same_at: the proxy's threshold on the overlap for SAME (module docstring).
+        maybe_at: the proxy's threshold on the overlap for MAYBE (module docstring).
         path: a :class:`~sae_match_lens.rowlog.RowLog` for judged pairs: written as they
             finish, a rerun with the same judge (its
             :meth:`~sae_match_lens.judge.Judge.identity`) skips them, a judge failure keeps
