@@ -112,7 +112,8 @@ def certify_dense(C: torch.Tensor, a: StackedFeatures, b: StackedFeatures,
     Args:
         C: the float32 matrix the solver saw (its real block ``C[:n_a, :n_b]`` is read; with
             ``max_cost`` it must be in the :func:`encode_max_cost` encoding).
-        a, b: the stacked features it was computed from.
+        a: the stacked features it was computed from.
+        b: the stacked features it was computed from.
         match_right: the solver's square (zero-padded) assignment (:func:`square_assignment`).
         v_init: the solver's column prices [n] (lapjv), or ``None`` (scipy: no prices).
         scales: :func:`~sae_match_lens.solvers.costs.exact_scales` of ``a`` and ``b``.
