@@ -273,8 +273,9 @@ def solve_sparse(
     """Exact assignment on top-``k`` candidate edges, with a certificate of global optimality.
 
     Args:
-        a, b: stacked source and target features (:func:`~sae_match_lens.solvers.costs.stack_features`);
+        a: stacked source features (:func:`~sae_match_lens.solvers.costs.stack_features`);
             a chain of SAEs stacks each SAE once and calls this per adjacent pair.
+        b: stacked target features, likewise.
         k: candidates kept per row (columns keep ``max(4, k // 4)``).
         max_cost: pairs costing ≥ this are no better than leaving the row unmatched (dummy
             edges at ``max_cost / 2`` on each side; see the module doc).
