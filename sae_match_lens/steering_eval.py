@@ -183,7 +183,9 @@ def proxy_scores(
     """Judge-free steering scores of each sample (module docstring).
 
     Args:
-        model, stack, theme: as in :func:`theme_presence`.
+        model: as in :func:`theme_presence`.
+        stack: as in :func:`theme_presence`.
+        theme: as in :func:`theme_presence`.
         generation: the steered samples.
         ce_reference: the clean model's mean CE on unsteered generations from the same prompts
             and settings (``coherence(model, baseline).ce.mean()``).
@@ -273,11 +275,14 @@ def steering_sweep(
     Every setting samples with the same seeds, so rows differ only by the steering.
 
     Args:
-        model, stack, source: as in :func:`flow_interventions`.
+        model: as in :func:`flow_interventions`.
+        stack: as in :func:`flow_interventions`.
+        source: as in :func:`flow_interventions`.
         prompts: the prompts (each sampled ``n_samples`` times).
         path: the row log (JSON lines).
         coefficients: ``r`` (rescale) or ``s`` (add) start values.
-        kind, units: as in :func:`flow_interventions`.
+        kind: as in :func:`flow_interventions`.
+        units: as in :func:`flow_interventions`.
         layers: the layers swept (default: every layer of the flow); for ``"cumulative"`` the
             steering covers the span up to that layer.
         modes: ``"single"`` and/or ``"cumulative"``.
@@ -288,8 +293,12 @@ def steering_sweep(
         judge: optional :class:`~sae_match_lens.judge.Judge` rating every sample; its
             behaviour/coherence (0–5, scaled to 0–1) give ``judge_score`` the same way.
         theme: the judge's theme.
-        n_samples, max_new_tokens, temperature, top_p, seed, batch_size: as in
-            :func:`generate_steered`.
+        n_samples: as in :func:`generate_steered`.
+        max_new_tokens: as in :func:`generate_steered`.
+        temperature: as in :func:`generate_steered`.
+        top_p: as in :func:`generate_steered`.
+        seed: as in :func:`generate_steered`.
+        batch_size: as in :func:`generate_steered`.
         progress: show a progress bar over settings.
 
     Returns:
