@@ -434,8 +434,11 @@ def load_flow_graph(
         store: the results store.
         stack: the loaded SAEs, ``{layer: LayerSAEs}`` (or ``{layer: residual SAE}``).
         seed: ``(layer, feature)`` of the residual seed feature.
-        score, cut, module_min, max_layers, progress: as in
-            :func:`~sae_match_lens.flow.flow_graph`.
+        score: as in :func:`~sae_match_lens.flow.flow_graph`.
+        cut: as in :func:`~sae_match_lens.flow.flow_graph`.
+        module_min: as in :func:`~sae_match_lens.flow.flow_graph`.
+        max_layers: as in :func:`~sae_match_lens.flow.flow_graph`.
+        progress: as in :func:`~sae_match_lens.flow.flow_graph`.
         options: use only jobs whose options equal these exactly (to choose between stored
             results that differ in other options).
 
