@@ -682,9 +682,18 @@ def evaluate_substitution_nnsight(
     Args:
         lm: an nnsight model over a Hugging Face causal LM (``TransformersModel``,
             ``LanguageModel``), with its tokenizer (or pass ``bos_token_id``).
-        saes, tokens, pairs, variants, permutations, batch_size, match_options, seed, progress,
-            bos, bos_token_id, check_model: as in
-            :func:`~sae_match_lens.evaluation.evaluate_substitution`.
+        saes: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
+        tokens: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
+        pairs: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
+        variants: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
+        permutations: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
+        batch_size: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
+        match_options: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
+        seed: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
+        progress: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
+        bos: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
+        bos_token_id: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
+        check_model: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
         sae_paths: explicit sites by hook name, for hooks
             :data:`~sae_match_lens.lens.nnsight.MODULE_PATHS` does not map (see
             :func:`~sae_match_lens.lens.nnsight.module_site`).
