@@ -177,7 +177,8 @@ def cost_blocks(
     """Yield ``(row_start, row_stop, C_block)`` with ``C_block`` float32 [rows, n_b] on the CPU.
 
     Args:
-        a, b: stacked source and target features.
+        a: stacked source features.
+        b: stacked target features.
         block_rows: rows per block (memory per block: ``block_rows · n_b · 4`` bytes).
         device: where the matrix product runs (default: ``a``'s device); blocks come back
             to the CPU.
