@@ -1,0 +1,196 @@
+"""The docs site's checks, without mkdocs: what ``mkdocs build --strict`` would refuse, caught by pytest.
+
+``docs/gen_ref_pages.py`` generates the API reference at build time; its checks are plain
+functions on the source tree (``ast``), tested here on the package and on small planted
+packages. The full build runs in CI after the tests (``.ci/run``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+import textwrap
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+def load_docs_module(name: str) -> ModuleType:
+    """Import ``docs/<name>.py`` (docs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"docs_{name}", DOCS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+gen = load_docs_module("gen_ref_pages")
+
+
+def write_package(root: Path, files: dict[str, str]) -> Path:
+    """A planted package under ``root``: ``{"pkg/mod.py": source}``."""
+    for rel, source in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(source), encoding="utf-8")
+    return root
+
+
+def mkdocs_config() -> dict:
+    yaml = pytest.importorskip("yaml")
+    return yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+
+
+def nav_pages(nav: list | dict | str) -> list[str]:
+    """Every page path the nav names, however deeply nested."""
+    if isinstance(nav, str):
+        return [nav]
+    if isinstance(nav, dict):
+        return [p for value in nav.values() for p in nav_pages(value)]
+    return [p for item in nav for p in nav_pages(item)]
+
+
+# --- the package as it stands -------------------------------------------------------------------
+
+
+def test_every_public_name_has_a_docstring():
+    names = gen.exported_names()
+    resolved = gen.check_exports(names)  # raises DocsError naming the undocumented ones
+    assert set(resolved) == set(names)
+
+
+def test_every_public_name_resolves_to_a_module_that_gets_a_page_or_is_named():
+    # The Public API page renders ``::: <module>.<name>``: the module must exist in the tree.
+    names = gen.exported_names()
+    resolved = gen.resolve_exports(names)
+    modules = {m.name for m in gen.all_modules()}
+    assert {d.module for d in resolved.values()} <= modules
+
+
+def test_public_api_page_renders_every_exported_name_with_its_anchor():
+    names = gen.exported_names()
+    page = gen.public_api_markdown(names, gen.resolve_exports(names))
+    for name in names:
+        assert f"[](){{#sae_match_lens.{name}}}" in page
+        assert re.search(rf"^::: sae_match_lens\.[\w.]+\.{re.escape(name)}$", page, re.MULTILINE), name
+
+
+def test_reference_pages_skip_private_modules_and_cover_the_subpackages():
+    documented = {m.name for m in gen.public_modules()}
+    assert "sae_match_lens" in documented
+    assert not any(part.startswith("_") for name in documented for part in name.split("."))
+    packages = {m.name for m in gen.all_modules() if m.is_package and gen.is_documented_module(m)}
+    assert packages <= documented
+
+
+def test_every_page_in_the_nav_exists():
+    config = mkdocs_config()
+    for page in nav_pages(config["nav"]):
+        if page.endswith("/"):  # a generated section (reference/), written by the gen-files script
+            continue
+        assert (DOCS / page).is_file(), f"mkdocs.yml names docs/{page}, which does not exist"
+
+
+def test_build_scripts_named_in_mkdocs_yml_exist():
+    config = mkdocs_config()
+    plugins = {next(iter(p)) if isinstance(p, dict) else p: p for p in config["plugins"]}
+    for script in plugins["gen-files"]["gen-files"]["scripts"]:
+        assert (ROOT / script).is_file(), script
+    handler = plugins["mkdocstrings"]["mkdocstrings"]["handlers"]["python"]["options"]
+    for extension in handler.get("extensions", []):
+        assert (ROOT / extension.split(":")[0]).is_file(), extension
+
+
+def test_hand_written_links_to_the_api_name_public_names():
+    # ``[text][sae_match_lens.NAME]`` resolves to the Public API page's anchor only while NAME
+    # is in __all__; a renamed or dropped name would fail the strict build.
+    names = set(gen.exported_names())
+    for page in DOCS.glob("*.md"):
+        for target in re.findall(r"\]\[sae_match_lens\.([\w.]+)\]", page.read_text(encoding="utf-8")):
+            assert target in names, f"docs/{page.name} links to sae_match_lens.{target}, not in __all__"
+
+
+# --- the checks on planted packages -------------------------------------------------------------
+
+
+def test_check_exports_names_each_undocumented_public_name(tmp_path):
+    root = write_package(tmp_path, {
+        "pkgx/__init__.py": '"""Planted."""\n',
+        "pkgx/core.py": '''
+            """Core."""
+            LIMIT = 3
+            """Documented constant."""
+            BARE = 4
+            Kind = int
+
+            def documented():
+                """Has one."""
+
+            def bare():
+                return 1
+
+            class Bare:
+                x: int = 0
+            ''',
+    })
+    names = ["LIMIT", "BARE", "Kind", "documented", "bare", "Bare"]
+    resolved = gen.resolve_exports(names, root, "pkgx")
+    assert gen.undocumented_exports(resolved) == [
+        "BARE (pkgx.core)", "Bare (pkgx.core)", "Kind (pkgx.core)", "bare (pkgx.core)"]
+    with pytest.raises(gen.DocsError, match=r"4 public name\(s\).*BARE \(pkgx\.core\)"):
+        gen.check_exports(names, root, "pkgx")
+    assert set(gen.check_exports(["LIMIT", "documented"], root, "pkgx")) == {"LIMIT", "documented"}
+
+
+def test_a_name_defined_nowhere_is_an_error(tmp_path):
+    root = write_package(tmp_path, {"pkgx/__init__.py": '"""Planted."""\nfrom os import sep\n'})
+    with pytest.raises(gen.DocsError, match="'sep'.*no module of pkgx defines"):
+        gen.resolve_exports(["sep"], root, "pkgx")
+
+
+@pytest.mark.parametrize("init", [
+    '"""Lazy."""\n_EXPORTS = {"Method": "b"}\n__all__ = list(_EXPORTS)\n',
+    '"""Eager."""\nfrom .b import Method\n__all__ = ["Method"]\n',
+    '"""Two steps."""\nfrom .sub import Method\n__all__ = ["Method"]\n',
+])
+def test_a_name_defined_twice_resolves_through_the_package_reexports_without_importing(tmp_path, init):
+    root = write_package(tmp_path, {
+        "pkgx/__init__.py": init,
+        "pkgx/a.py": '"""A."""\nMethod = int\n',
+        "pkgx/b.py": '"""B."""\nMethod = str\n"""The one exported."""\n',
+        "pkgx/sub/__init__.py": '"""Sub."""\nfrom ..b import Method\n',
+    })
+    resolved = gen.resolve_exports(["Method"], root, "pkgx", import_if_ambiguous=False)
+    assert resolved["Method"].module == "pkgx.b"
+    assert resolved["Method"].has_docstring
+
+
+def test_private_and_deprecated_modules_get_no_page(tmp_path):
+    root = write_package(tmp_path, {
+        "pkgx/__init__.py": '"""Planted."""\n',
+        "pkgx/kept.py": '"""Kept."""\n',
+        "pkgx/_private.py": '"""Private."""\n',
+        "pkgx/old_name.py": '"""Deprecated: import from pkgx.kept instead."""\n',
+        "pkgx/sub/__init__.py": '"""Sub."""\n',
+        "pkgx/sub/leaf.py": '"""Leaf."""\n',
+        "pkgx/_impl/__init__.py": '"""Private package."""\n',
+        "pkgx/_impl/inner.py": '"""Inside a private package."""\n',
+    })
+    modules = gen.public_modules(root, "pkgx")
+    assert [m.name for m in modules] == ["pkgx", "pkgx.kept", "pkgx.sub", "pkgx.sub.leaf"]
+    pages = {m.name: gen.module_page_path(m).as_posix() for m in modules}
+    assert pages == {"pkgx": "pkgx/index.md", "pkgx.kept": "pkgx/kept.md",
+                     "pkgx.sub": "pkgx/sub/index.md", "pkgx.sub.leaf": "pkgx/sub/leaf.md"}
+
+
+def test_example_sections_are_read_as_examples():
+    pytest.importorskip("griffe")
+    ext = load_docs_module("griffe_example_sections")
+    text = 'Do it.\n\n    Example:\n        >>> f()[:2]\n\n    Examples are fine: Example: stays.\n'
+    assert ext.normalise_example_sections(text) == text.replace("    Example:\n", "    Examples:\n")
