@@ -1,6 +1,8 @@
 """An interactive, self-contained offline HTML view of a chain or a flow graph.
 
-:func:`write_html` draws a :class:`~sae_match_lens.chain.ChainMatch` (SAEs across, features as
+:func:`write_html` draws a :class:`~sae_match_lens.chain.ChainMatch` (or one
+:class:`~sae_match_lens.matching.MatchResult` or :class:`~sae_match_lens.permutation.Permutation`,
+drawn as a chain of two SAEs; SAEs across, features as
 nodes, one horizontal path per traced feature, edge width falling with the link's match cost) or
 a :class:`~sae_match_lens.flow.FlowGraph` (model layers across; within a layer the attention,
 MLP and residual nodes sit in sub-lanes in the order the model computes them, attention above
@@ -18,10 +20,12 @@ with no passing link), and a search box highlights a feature id (``12``) or a no
 Size caps (a 6-layer chain of 16k-feature SAEs has 16k paths and 98k nodes): a chain is split
 into its disjoint paths (permutations are one-to-one, so each node has at most one predecessor
 and one successor); they are ranked longest first, then by lowest mean link cost, and the first
-``max_paths`` (:data:`DEFAULT_MAX_PATHS`) are drawn, fewer if they would exceed ``max_nodes``
-(:data:`DEFAULT_MAX_NODES`). A flow graph over ``max_nodes`` keeps the seed and the nodes with
-the best link scores. Either cut is logged (what was kept out of how many). A typical file is
-about 5 MB, almost all of it plotly.js.
+``max_paths`` (:data:`DEFAULT_MAX_PATHS`) are in the page, fewer if they would exceed
+``max_nodes`` (:data:`DEFAULT_MAX_NODES`). Of those, the page first shows the best
+:data:`DEFAULT_SHOWN_PATHS` (a legible picture instead of a wall of a thousand nodes); the
+"paths shown" box and its "all" button show more. A flow graph over ``max_nodes`` keeps the
+seed and the nodes with the best link scores. Either cut is logged (what was kept out of how
+many). A typical file is about 5 MB, almost all of it plotly.js.
 
 Example:
     >>> chain = match_chain(saes)
@@ -51,10 +55,13 @@ from .atomicio import write_text
 from .chain import ChainMatch
 from .coactivation import record_states, token_batches
 from .flow import MODULES, FlowGraph, LayerSAEs
+from .matching import MatchResult
 from .metrics import fires, scored_states
+from .permutation import Permutation
 from .progress import progress_bar
 
-__all__ = ["DEFAULT_MAX_NODES", "DEFAULT_MAX_PATHS", "top_activating_tokens", "write_html"]
+__all__ = ["DEFAULT_MAX_NODES", "DEFAULT_MAX_PATHS", "DEFAULT_SHOWN_PATHS",
+           "top_activating_tokens", "write_html"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +69,9 @@ DEFAULT_MAX_PATHS = 200
 """Paths of a chain drawn by default (longest first, then lowest mean link cost)."""
 DEFAULT_MAX_NODES = 3000
 """Nodes drawn at most by default (plotly draws one SVG element per node)."""
+DEFAULT_SHOWN_PATHS = 25
+"""Paths of a chain the page shows when it opens (the best first; a control shows the rest of
+the ``max_paths`` in the page): 150 nodes for a chain of six SAEs instead of 1,200."""
 
 _COLOURS = {"feature": "#1f77b4", "res": "#1f77b4", "mlp": "#ff7f0e", "attn": "#2ca02c"}
 _MODULE_NAMES = {"res": "residual", "mlp": "MLP", "attn": "attention"}
@@ -128,12 +138,30 @@ def _chain_from_match(chain: ChainMatch) -> _Chain:
                   urls)
 
 
+def _chain_from_result(result: MatchResult | Permutation) -> _Chain:
+    """One match (a result, or a bare permutation: no costs) as a chain of two SAEs."""
+    perm = result.permutation if isinstance(result, MatchResult) else result
+    hooks = [(perm.source or {}).get("hook_name") or "source SAE",
+             (perm.target or {}).get("hook_name") or "target SAE"]
+    layers = [_model_layer(h) for h in hooks]
+    if None in layers or layers[0] == layers[1]:
+        layers = [0, 1]
+    costs: list[torch.Tensor | None] = [None]
+    margins: list[torch.Tensor | None] = [None]
+    if isinstance(result, MatchResult):
+        costs, margins = [result.cost_F.double()], [result.margin_F.double()]
+    return _Chain(hooks, layers, [perm.n_source, perm.n_target], [perm.indices], costs, margins, {})
+
+
 def _chain_from_directory(directory: Path) -> _Chain:
+    if (directory / "result.json").is_file() and not (directory / "chain.json").is_file():
+        return _chain_from_result(MatchResult.load(directory))
     if not (directory / "chain.json").is_file():
         old = " (step_NNN.safetensors files of an older release: match the chain again)" if any(
             directory.glob("step_*.safetensors")) else ""
         raise ValueError(f"{directory} holds no chain.json{old}; give a directory written by "
-                         "ChainMatch.save or a FlowGraph JSON file written by FlowGraph.save_json.")
+                         "ChainMatch.save or MatchResult.save, a permutation .safetensors file "
+                         "or a FlowGraph JSON file written by FlowGraph.save_json.")
     return _chain_from_match(ChainMatch.load(directory))
 
 
@@ -394,10 +422,17 @@ def _figure(view: _View) -> tuple[Any, dict[str, Any]]:
     edges["bin"] = np.rint(_strength(view) * (_WIDTH_BINS - 1)).astype(int)
     fig = go.Figure()
     node_x, node_y = nodes.x.tolist(), nodes.y.tolist()
+    chain = view.kind == "chain"
+    n_paths = int(nodes.path.max()) + 1 if chain and len(nodes) else 0
+    shown_paths = min(DEFAULT_SHOWN_PATHS, n_paths)
+    # the figure as it opens: a chain's first paths only (the page's control shows the rest)
+    opening = (nodes.path < shown_paths).to_numpy() if chain else np.ones(len(nodes), dtype=bool)
     edge_trace = np.zeros(len(edges), dtype=int)
     for (kind, b), group in edges.groupby(["kind", "bin"]):
         x, y = [], []
         for s, d in zip(group.src, group.dst, strict=True):
+            if not opening[s]:
+                continue
             x += [node_x[s], node_x[d], None]
             y += [node_y[s], node_y[d], None]
         edge_trace[group.index] = len(fig.data)
@@ -409,7 +444,7 @@ def _figure(view: _View) -> tuple[Any, dict[str, Any]]:
     node_traces = {}
     groups = ["feature"] if view.kind == "chain" else [m for m in MODULES if (nodes.module == m).any()]
     for group in groups:
-        part = nodes[nodes.module == group]
+        part = nodes[(nodes.module == group).to_numpy() & opening]
         node_traces[group] = len(fig.data)
         fig.add_trace(go.Scatter(
             x=part.x.tolist(), y=part.y.tolist(), mode="markers+text" if labels else "markers",
@@ -424,9 +459,8 @@ def _figure(view: _View) -> tuple[Any, dict[str, Any]]:
     fig.add_trace(go.Scatter(x=[], y=[], mode="markers", hoverinfo="skip", uid="highlight",
                              name="search match", marker={"size": 20, "symbol": "circle-open",
                                                           "color": "#d62728", "line": {"width": 3}}))
-    chain = view.kind == "chain"
     bands = {} if chain else {"attention": 1.0, "residual": 0.0, "MLP": -1.0}
-    n_rows = int(nodes.path.max()) + 1 if chain and len(nodes) else 3
+    n_rows = n_paths if chain and len(nodes) else 3
     fig.update_layout(
         title={"text": html.escape(view.title), "font": {"size": 14}}, hovermode="closest",
         template="plotly_white", height=int(min(1100, max(450, 16 * n_rows + 200))),
@@ -447,7 +481,8 @@ def _figure(view: _View) -> tuple[Any, dict[str, Any]]:
                   "symbol": nodes.symbol.tolist(),
                   "url": [u if isinstance(u, str) else None for u in nodes.url],
                   "info": [list(map(list, i)) for i in nodes["details"]], "tokens": nodes.tokens.tolist(),
-                  "label": [str(f) for f in nodes.feature] if labels else None},
+                  "label": [str(f) for f in nodes.feature] if labels else None,
+                  "path": nodes.path.astype(int).tolist() if chain else None},
         "edges": {"src": edges.src.astype(int).tolist(), "dst": edges.dst.astype(int).tolist(),
                   "value": [None if math.isnan(v) else v for v in value],
                   "trace": edge_trace.tolist()},
@@ -457,6 +492,7 @@ def _figure(view: _View) -> tuple[Any, dict[str, Any]]:
                    "lo": float(known.min()) if len(known) else None,
                    "hi": float(known.max()) if len(known) else None},
         "layers": sorted(int(v) for v in nodes.layer.unique()),
+        "paths": {"total": n_paths, "shown": shown_paths} if chain else None,
     }
     return fig, data
 
@@ -477,6 +513,8 @@ const V = JSON.parse(document.getElementById('sae-match-data').textContent);
 const N = V.nodes, E = V.edges, F = V.filter, $ = (id) => document.getElementById(id);
 const lo = $('sae-match-layer-lo'), hi = $('sae-match-layer-hi'), thr = $('sae-match-threshold');
 const thrBox = $('sae-match-threshold-value'), search = $('sae-match-search');
+const pathsBox = $('sae-match-paths'), P = V.paths;
+if (P) { pathsBox.min = 1; pathsBox.max = Math.max(1, P.total); pathsBox.value = P.shown; }
 let matches = [];
 V.layers.forEach((l, i) => {
   lo.add(new Option(String(l), String(l), i === 0, i === 0));
@@ -500,7 +538,9 @@ function visible() {
                                (F.sense === 'min' ? v >= t : v <= t));
   const strong = new Array(N.x.length).fill(false);
   pass.forEach((p, i) => { if (p) { strong[E.src[i]] = true; strong[E.dst[i]] = true; } });
-  const node = N.layer.map((l, i) => l >= a && l <= b && (degree[i] === 0 || strong[i]));
+  const most = P ? Number(pathsBox.value) || P.total : Infinity;
+  const node = N.layer.map((l, i) => l >= a && l <= b && (degree[i] === 0 || strong[i]) &&
+                                     (!P || N.path[i] < most));
   const edge = pass.map((p, i) => p && node[E.src[i]] && node[E.dst[i]]);
   return {node, edge};
 }
@@ -564,6 +604,8 @@ function find() {
 thr.addEventListener('input', fromSlider);
 thrBox.addEventListener('input', render);
 search.addEventListener('input', find);
+if (P) { pathsBox.addEventListener('input', render);
+         $('sae-match-all').addEventListener('click', () => { pathsBox.value = P.total; render(); }); }
 gd.on('plotly_click', (ev) => { const p = ev.points[0];
   if (Object.values(V.nodeTraces).includes(p.curveNumber)) show(p.customdata); });
 render();
@@ -591,6 +633,11 @@ def _page(fig: Any, data: dict[str, Any], view: _View, title: str) -> str:
     payload = _script_json(data)
     notes = "".join(f'<div class="sae-match-note">{html.escape(n)}</div>' for n in view.notes)
     search_hint = "feature id or 2:15" if view.kind == "chain" else "feature id or 7/res/15"
+    paths = data.get("paths")
+    paths_control = "" if not paths else (
+        f'<label>paths shown <input type="number" id="sae-match-paths" step="1" '
+        f'style="width:5em"> of {paths["total"]} <button type="button" id="sae-match-all">all'
+        f'</button></label>')
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{_CSS}</style></head><body>
@@ -599,6 +646,7 @@ def _page(fig: Any, data: dict[str, Any], view: _View, title: str) -> str:
 <label>{data['filter']['label']} <input type="range" id="sae-match-threshold">
 <input type="number" step="any" id="sae-match-threshold-value" style="width:7em"></label>
 <label>search <input type="search" id="sae-match-search" placeholder="{search_hint}"></label>
+{paths_control}
 <span id="sae-match-search-status"></span><span id="sae-match-count"></span></div>
 {notes}
 <script type="application/json" id="sae-match-data">{payload}</script>
@@ -611,7 +659,7 @@ links, top-activating tokens and Neuronpedia link here.</p></div>
 
 
 def write_html(
-    result: ChainMatch | FlowGraph | str | os.PathLike[str],
+    result: ChainMatch | MatchResult | Permutation | FlowGraph | str | os.PathLike[str],
     path: str | os.PathLike[str],
     *,
     top_tokens: TopTokens | None = None,
@@ -629,9 +677,11 @@ def write_html(
 
     Args:
         result: a :class:`~sae_match_lens.chain.ChainMatch`, a
+            :class:`~sae_match_lens.matching.MatchResult` or
+            :class:`~sae_match_lens.permutation.Permutation` (a chain of two SAEs), a
             :class:`~sae_match_lens.flow.FlowGraph`, a directory written by
-            :meth:`ChainMatch.save` or a JSON file
-            written by :meth:`FlowGraph.save_json`.
+            :meth:`ChainMatch.save` or :meth:`MatchResult.save`, a permutation
+            ``.safetensors`` file, or a JSON file written by :meth:`FlowGraph.save_json`.
         path: the HTML file to write.
         top_tokens: top-activating tokens per node, a mapping ``(layer, feature)`` (chain: the
             SAE's model layer) or ``(layer, module, feature)`` (flow) → list of strings, or a
@@ -643,8 +693,9 @@ def write_html(
             ``neuronpedia_url`` node column or a chain's ``neuronpedia_url_a``/``_b`` edge
             columns are used when present.
         title: the page and figure title (default: what is shown, and how much of it).
-        max_paths: chains: draw at most this many paths (longest first, then lowest mean link
-            cost).
+        max_paths: chains: put at most this many paths in the page (longest first, then lowest
+            mean link cost); the page opens showing the first :data:`DEFAULT_SHOWN_PATHS` of
+            them, and its "paths shown" control shows more or all.
         max_nodes: draw at most this many nodes (chain: whole paths; flow: the seed and the
             best-scored nodes).
         max_cost: chains: links costlier than this are cut (their paths split in two).
@@ -668,13 +719,18 @@ def write_html(
         source = Path(result)
         if source.is_dir():
             result = _chain_from_directory(source)
+        elif source.is_file() and source.suffix.lower() == ".safetensors":
+            result = _chain_from_result(Permutation.load(source))  # `sae-match match` before 0.3
         elif source.is_file():
             result = _load_flow(source)
         else:
             raise ValueError(f"{source} does not exist; give a directory written by ChainMatch.save "
-                             "or a JSON file written by FlowGraph.save_json.")
+                             "or MatchResult.save, a permutation .safetensors file or a JSON file "
+                             "written by FlowGraph.save_json.")
     if isinstance(result, ChainMatch):
         result = _chain_from_match(result)
+    elif isinstance(result, MatchResult | Permutation):
+        result = _chain_from_result(result)
     if isinstance(result, _Chain):
         view = _chain_view(result, max_paths=max_paths, max_nodes=max_nodes, max_cost=max_cost,
                            features=features)
@@ -684,8 +740,8 @@ def write_html(
                              "(up to max_nodes).")
         view = _flow_view(result, max_nodes=max_nodes)
     else:
-        raise TypeError(f"write_html draws a ChainMatch or a FlowGraph (or a saved one's path), "
-                        f"got {type(result).__name__}.")
+        raise TypeError(f"write_html draws a ChainMatch, a MatchResult, a Permutation or a "
+                        f"FlowGraph (or a saved one's path), got {type(result).__name__}.")
     _decorate(view, top_tokens, neuronpedia)
     fig, data = _figure(view)
     text = _page(fig, data, view, title or view.title)

@@ -20,7 +20,8 @@ from helpers_tl import random_jumprelu_sae, tiny_model, tiny_tokens
 from sae_match_lens import ChainMatch, FlowGraph, MatchResult, Permutation, match_chain
 from sae_match_lens.cli import main
 from sae_match_lens.flow import LayerSAEs, flow_graph
-from sae_match_lens.viewer import top_activating_tokens, write_html
+from sae_match_lens.matching import match
+from sae_match_lens.viewer import DEFAULT_SHOWN_PATHS, top_activating_tokens, write_html
 
 D_SAE = 24
 N_LAYERS = 4
@@ -225,7 +226,7 @@ def test_bad_inputs_raise_with_what_was_expected(chain, flow, tmp_path):
         write_html(flow, tmp_path / "a.html", top_tokens={(1, "res", 3): "x"})
     with pytest.raises(ValueError, match="http"):
         write_html(flow, tmp_path / "a.html", neuronpedia="javascript:alert({feature})")
-    with pytest.raises(TypeError, match="ChainMatch or a FlowGraph"):
+    with pytest.raises(TypeError, match="ChainMatch, a MatchResult, a Permutation or a FlowGraph"):
         write_html([1, 2], tmp_path / "a.html")
     with pytest.raises(ValueError, match="does not exist"):
         write_html(tmp_path / "missing", tmp_path / "a.html")
@@ -248,6 +249,39 @@ def test_saved_chain_and_flow_json_are_viewed_from_disk(chain, flow, tmp_path):
 
     assert links(loaded.edges) == links(flow.edges)
     assert loaded.options == flow.options
+
+
+def test_a_chain_page_opens_on_its_best_paths_and_keeps_the_rest_for_its_control(tmp_path):
+    """A six-SAE chain put 200 paths (1,200 nodes) in the page and showed them all at once."""
+    planted = planted_chain(6, d_in=16, d_sae=256, noise=0.05, seed=4)
+    chain = match_chain(planted.saes, progress=False)
+    page = write_html(chain, tmp_path / "chain.html").read_text()
+    data = payload(tmp_path / "chain.html")
+    assert data["paths"] == {"total": 200, "shown": DEFAULT_SHOWN_PATHS}
+    assert len(data["nodes"]["id"]) == 200 * 6  # all of them are in the page, for the control
+    assert sorted(set(data["nodes"]["path"])) == list(range(200))
+    figure = json.loads(re.search(r"Plotly\.newPlot\(\s*\"sae-match-graph\",\s*(\[.*?\]),\s*\{",
+                                  page, re.S).group(1))
+    opening = sum(len(t["x"]) for t in figure if t.get("uid", "").startswith("nodes-"))
+    assert opening == DEFAULT_SHOWN_PATHS * 6 == 150
+    assert 'id="sae-match-paths"' in page and 'id="sae-match-all"' in page
+
+
+def test_a_saved_match_result_and_an_old_permutation_file_are_viewed(planted, tmp_path, capsys):
+    result = match(planted.saes[0], planted.saes[1], progress=False)
+    result.save(tmp_path / "m")
+    write_html(tmp_path / "m", tmp_path / "m.html")
+    data = payload(tmp_path / "m.html")
+    assert data["layers"] == [0, 1] and len(data["edges"]["src"]) == D_SAE
+    assert sorted(data["edges"]["value"]) == pytest.approx(sorted(result.cost_F.tolist()))
+    assert data == payload(write_html(result, tmp_path / "direct.html"))
+    result.permutation.save(tmp_path / "perm.safetensors")  # what `sae-match match` wrote before
+    assert main(["view", str(tmp_path / "perm.safetensors"), "--out", str(tmp_path / "p.html")]) == 0
+    data = payload(tmp_path / "p.html")
+    assert len(data["edges"]["src"]) == D_SAE and set(data["edges"]["value"]) == {None}
+    dst = [data["nodes"]["feature"][d] for d in data["edges"]["dst"]]
+    src = [data["nodes"]["feature"][s] for s in data["edges"]["src"]]
+    assert dst == [int(result.permutation.indices[f]) for f in src]
 
 
 def test_view_command_writes_the_page_and_reports_errors_in_one_line(chain, tmp_path, capsys):
@@ -359,6 +393,19 @@ def test_chain_page_renders_filters_and_searches_in_chromium(browser, chain, tmp
     page.page.fill("#sae-match-search", "99999")
     assert page.points("highlight") == 0
     assert "no node matches" in page.page.inner_text("#sae-match-search-status")
+    page.clean()
+
+
+def test_chain_page_opens_on_its_first_paths_and_shows_all_on_request_in_chromium(browser,
+                                                                                 tmp_path):
+    planted = planted_chain(3, d_in=16, d_sae=64, noise=0.05, seed=4)
+    path = write_html(match_chain(planted.saes, progress=False), tmp_path / "chain.html")
+    page = Page(browser, path)
+    assert page.points() == DEFAULT_SHOWN_PATHS * 3
+    page.page.fill("#sae-match-paths", "10")
+    assert page.points() == 10 * 3
+    page.page.click("#sae-match-all")
+    assert page.points() == 64 * 3
     page.clean()
 
 
