@@ -339,6 +339,25 @@ def module_page_path(module: ModuleDoc) -> Path:
     return Path(*parts, "index.md") if module.is_package else Path(*parts).with_suffix(".md")
 
 
+def module_page_markdown(module: ModuleDoc, package: str = PACKAGE) -> str:
+    """A module's reference page: its docstring and members, rendered by mkdocstrings.
+
+    The top-level package's page shows its docstring only: its public names are the Public API
+    page's, rendered there once.
+
+    Args:
+        module: the module.
+        package: the package's name.
+
+    Returns:
+        The page's Markdown.
+    """
+    if module.name == package:
+        return (f"::: {module.name}\n    options:\n      members: false\n\n"
+                "Every public name: [Public API](../public_api.md).\n")
+    return f"::: {module.name}\n"
+
+
 def public_api_markdown(names: list[str], resolved: dict[str, Definition],
                         package: str = PACKAGE) -> str:
     """The "Public API" page: every exported name, in ``__all__`` order, rendered in full.
@@ -382,7 +401,7 @@ def main() -> None:
         parts = tuple(module.name.split("."))
         nav[parts] = page_path.as_posix()
         with mkdocs_gen_files.open(Path("reference", page_path), "w") as page:
-            page.write(f"::: {module.name}\n")
+            page.write(module_page_markdown(module))
         mkdocs_gen_files.set_edit_path(Path("reference", page_path), module.path.relative_to(ROOT))
     with mkdocs_gen_files.open("reference/SUMMARY.md", "w") as summary:
         summary.writelines(nav.build_literate_nav())

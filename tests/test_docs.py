@@ -7,6 +7,7 @@ packages. The full build runs in CI after the tests (``.ci/run``).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import re
 import sys
@@ -114,6 +115,35 @@ def test_hand_written_links_to_the_api_name_public_names():
     for page in DOCS.glob("*.md"):
         for target in re.findall(r"\]\[sae_match_lens\.([\w.]+)\]", page.read_text(encoding="utf-8")):
             assert target in names, f"docs/{page.name} links to sae_match_lens.{target}, not in __all__"
+
+
+def guide_snippets() -> list[str]:
+    """The ```python blocks of docs/guide.md, in order."""
+    text = (DOCS / "guide.md").read_text(encoding="utf-8")
+    return re.findall(r"^```python\n(.*?)^```$", text, re.MULTILINE | re.DOTALL)
+
+
+@pytest.mark.slow
+def test_the_guide_python_blocks_run_in_order(tmp_path, monkeypatch):
+    # One namespace for the whole page (it is one story); the release loader answers with
+    # default-suite SAEs, as in tests/test_readme.py (no hub here).
+    from sae_lens import SAE
+
+    from sae_match_lens import assets
+
+    _, suite_saes = assets.load_default_suite()
+
+    def sae_from_pretrained(release: str, sae_id: str, *args: object, **kwargs: object) -> object:
+        return copy.deepcopy(suite_saes[int(re.search(r"layer_(\d+)", sae_id).group(1))])
+
+    monkeypatch.setattr(SAE, "from_pretrained", staticmethod(sae_from_pretrained))
+    monkeypatch.chdir(tmp_path)
+    snippets = guide_snippets()
+    assert len(snippets) >= 5
+    namespace: dict[str, object] = {"__name__": "guide"}
+    for i, snippet in enumerate(snippets):
+        exec(compile(snippet, f"docs/guide.md [python block {i + 1}]", "exec"), namespace)
+    assert (tmp_path / "flow.json").is_file() and (tmp_path / "l2_l3").exists()
 
 
 # --- the checks on planted packages -------------------------------------------------------------
