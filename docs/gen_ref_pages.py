@@ -256,19 +256,25 @@ def resolve_exports(names: list[str], root: Path = ROOT, package: str = PACKAGE,
         import_if_ambiguous: import the candidate modules to settle a name defined twice.
 
     Returns:
-        ``{name: Definition}`` for every resolved name.
+        ``{name: Definition}`` for every resolved name (an exported submodule: defined by the
+        package, documented by its module docstring).
 
     Raises:
         DocsError: a name is defined nowhere in the package, or several candidate definitions
             remain.
     """
     definitions: dict[str, list[Definition]] = {}
-    for module in all_modules(root, package):
+    modules = all_modules(root, package)
+    submodules = {m.name: m for m in modules}
+    for module in modules:
         for definition in top_level_definitions(module):
             definitions.setdefault(definition.name, []).append(definition)
     resolved = {}
     for name in names:
         candidates = list({d.module: d for d in definitions.get(name, [])}.values())
+        if not candidates and f"{package}.{name}" in submodules:  # an exported submodule
+            resolved[name] = Definition(package, name, bool(submodules[f"{package}.{name}"].docstring))
+            continue
         if not candidates:
             raise DocsError(f"{package}.__all__ names {name!r}, but no module of {package} defines "
                             f"it at top level; define it, or drop it from __all__.")

@@ -66,7 +66,7 @@ def test_every_public_name_has_a_docstring():
     assert set(resolved) == set(names)
 
 
-def test_every_public_name_resolves_to_a_module_that_gets_a_page_or_is_named():
+def test_every_public_name_resolves_to_a_module_of_the_package():
     # The Public API page renders ``::: <module>.<name>``: the module must exist in the tree.
     names = gen.exported_names()
     resolved = gen.resolve_exports(names)
@@ -176,6 +176,18 @@ def test_check_exports_names_each_undocumented_public_name(tmp_path):
     with pytest.raises(gen.DocsError, match=r"4 public name\(s\).*BARE \(pkgx\.core\)"):
         gen.check_exports(names, root, "pkgx")
     assert set(gen.check_exports(["LIMIT", "documented"], root, "pkgx")) == {"LIMIT", "documented"}
+
+
+def test_an_exported_submodule_is_documented_by_its_module_docstring(tmp_path):
+    root = write_package(tmp_path, {
+        "pkgx/__init__.py": '"""Planted."""\n__all__ = ["tools", "bare"]\n',
+        "pkgx/tools.py": '"""Tools."""\n',
+        "pkgx/bare/__init__.py": "X = 1\n",
+    })
+    resolved = gen.resolve_exports(["tools", "bare"], root, "pkgx")
+    assert resolved["tools"] == gen.Definition("pkgx", "tools", True)
+    assert gen.undocumented_exports(resolved) == ["bare (pkgx)"]
+    assert "::: pkgx.tools" in gen.public_api_markdown(["tools"], resolved, "pkgx")
 
 
 def test_a_name_defined_nowhere_is_an_error(tmp_path):
