@@ -97,8 +97,11 @@ class DemoSize:
 
 
 QUICK = DemoSize("quick", 16, 4, 2, FLOW_QUICK, STEERING_QUICK)
+"""``--quick``: the tests' smallest run (four residual SAEs)."""
 DEFAULT = DemoSize("default", 16, None, 2, FLOW_DEFAULT, STEERING_DEFAULT)
+"""The default run: every section, on a sample (module docstring)."""
 FULL = DemoSize("full", 64, None, 3, FLOW_FULL, STEERING_FULL)
+"""``--full``: the earlier, larger run (module docstring)."""
 
 STAGE_WEIGHTS: dict[str, float] = {
     "matching": 5.0, "composed vs direct": 4.0, "substitution": 9.0, "paths and scales": 1.0,
@@ -122,7 +125,9 @@ class RunProgress:
     def __init__(self, weights: Mapping[str, float], *, enabled: bool = True) -> None:
         self.weights = dict(weights)
         self.seconds: dict[str, float] = {}
+        """``{stage: wall-clock seconds}`` of the stages run so far."""
         self.cpu_seconds: dict[str, float] = {}
+        """``{stage: CPU seconds of this process}`` of the stages run so far."""
         self._base = 0.0
         self._cpu = 0.0
         self._stage: str | None = None
