@@ -83,6 +83,7 @@ logger = logging.getLogger(__name__)
 Units = Literal["raw", "folded"]
 BosMode = Literal["keep", "steer"]
 SCHEDULES: tuple[str, ...] = ("constant", "exponential", "linear")
+"""The kinds of :class:`Schedule`: Feature Flow's steering schedules over layers."""
 
 
 def _features(sae: Any, features: Any, what: str) -> tuple[int, ...]:
