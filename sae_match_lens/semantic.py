@@ -74,8 +74,10 @@ Key = tuple[int, str, int]
 :attr:`ChainMatch.layers <sae_match_lens.chain.ChainMatch.layers>`, ``module`` ``"res"``)."""
 KINDS: tuple[str, ...] = ("consecutive", "composed", "direct")
 PROXY_METHOD = "proxy: top-activating-token overlap (Jaccard of distinct top tokens), no judge"
+"""The method a result records when pairs were labelled without a judge."""
 PAIR_COLUMNS = ("path", "kind", "layer_a", "module_a", "feature_a", "layer_b", "module_b",
                 "feature_b", "distance")
+"""The columns of the pair table, in order."""
 
 Source = Mapping[Key, Any] | Callable[[list[Key]], Mapping[Key, Any]]
 
