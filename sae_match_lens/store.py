@@ -19,9 +19,10 @@ A job's key hashes its kind, both SAEs' fingerprints and its options
 (:func:`sae_match_lens.batch.job_key`), so a job is *finished* when its directory holds an ``ok``
 record; changed inputs or options give a new key and the job is done again. A result directory
 is built in a temporary directory beside its place and renamed in: a killed writer leaves no
-partial result (its temporary is removed by the next writer of that job or by :meth:`clean`;
-a temporary names its writer's host and process, and another host's temporary is removed only
-after a lease expires, so a clean on one node spares the live writers of another).
+partial result (its temporary is removed by the next writer of that job or by
+:meth:`ResultStore.clean`; a temporary names its writer's host and process, and another host's
+temporary is removed only after a lease expires, so a clean on one node spares the live writers
+of another).
 Two attempts of one job that both finish (a retried task whose first worker was only slow)
 leave one directory: the later rename replaces the earlier one whole, and an ``ok`` result is
 never replaced by a later error. The table is derived from the records, never the other way.
