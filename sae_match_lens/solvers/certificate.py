@@ -266,7 +266,8 @@ def check_rows(C_RN: torch.Tensor, rows: np.ndarray, a: StackedFeatures, b: Stac
     An entry is proven when its rigorous lower bound ``C32 − err32`` (``min(·, λ)`` with
     ``max_cost``) minus the widened duals is ≥ 0; the others (not in ``present``, the boolean mask
     of graph edges among these entries) get float64 costs. With ``max_cost`` the rows are in the
-    encoding of :func:`encode_max_cost`: entries at ``λ32`` cost exactly ``λ`` (no recompute).
+    encoding of :func:`~sae_match_lens.solvers.dense.encode_max_cost`: entries at ``λ32`` cost
+    exactly ``λ`` (no recompute).
     Returns the computed edges and, per row, the lowest lower bound of the entries left unproven
     by nothing but their bound (``C32 − err32``; the new floor of the row's pruned edges)."""
     R, n_b = C_RN.shape
