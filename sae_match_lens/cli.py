@@ -4,23 +4,34 @@ Subcommands:
 
 * ``sae-match demo`` — run the whole method end to end on the built-in model and SAEs (or a
   SAELens release with ``--release``) and write a report.
-* ``sae-match match A B --out FILE`` — match two SAEs (saved directories, or
-  ``release:sae_id`` for ``SAE.from_pretrained``) and save the permutation (``--solver``,
-  ``--metric``, ``--weights``, ``--max-cost``, ``--device``, ``--no-fold`` are ``match``'s options).
-* ``sae-match chain RELEASE --layers 10-14 --out DIR`` — match every adjacent pair of a SAELens
-  release's SAEs at those model layers (same matching options); save the chain
-  (:meth:`ChainMatch.save <sae_match_lens.chain.ChainMatch.save>`), an edge table and the
-  release's choices.
-* ``sae-match links RELEASE --layers 10-12 --out FILE.csv`` — top-k links between adjacent
+* ``sae-match match A B --out DIR`` — match two SAEs (saved directories, or
+  ``release:sae_id`` for ``SAE.from_pretrained``) and save the whole result
+  (:meth:`MatchResult.save <sae_match_lens.matching.MatchResult.save>`: permutation, costs,
+  margins, confidences, certificate), which ``sae-match view`` draws; an ``--out`` ending in
+  ``.safetensors`` saves the permutation alone, as earlier releases did (``--solver``,
+  ``--metric``, ``--weights``, ``--max-cost``, ``--device``, ``--no-fold`` are ``match``'s
+  options).
+* ``sae-match chain SOURCE --layers 10-14 --out DIR`` — match every adjacent pair of SAEs at
+  those model layers (same matching options); save the chain
+  (:meth:`ChainMatch.save <sae_match_lens.chain.ChainMatch.save>`), an edge table and where the
+  SAEs came from.
+* ``sae-match links SOURCE --layers 10-12 --out FILE.csv`` — top-k links between adjacent
   layers, with Neuronpedia URLs (CSV or JSON).
-* ``sae-match flow RELEASE --mlp-release R --layer L --feature F --out FILE.json`` — the
+* ``sae-match flow SOURCE [--mlp-release R] --layer L --feature F --out FILE.json`` — the
   Feature Flow graph of one residual feature (node-link JSON, optionally GraphML).
+
+SOURCE is a SAELens release, a local directory whose sub-directories are saved SAEs (each with
+its ``cfg.json``; the model layer and module come from each SAE's hook name: ``hook_resid_*``
+residual, ``hook_mlp_out`` MLP, ``hook_attn_out`` attention), or ``--suite NAME`` for a suite of
+this package (``default``, the embedded one, runs offline; ``--family`` picks its SAEs). Without
+``--layers`` a local directory or a suite gives all its layers.
 * ``sae-match batch PLAN.yaml --store DIR [--ray ADDRESS]`` — run a plan of pair jobs (match /
   links / compare) into a results store, locally or on a Ray cluster (:mod:`sae_match_lens.batch`).
 
 Release commands resolve SAE ids with :mod:`sae_match_lens.releases` (``--width``, ``--l0``,
 ``--hook``, ``--variant`` make the choices a release offers; an open choice is reported with its
-values). They are data-free: no model is loaded. Outputs are written only after the work is done,
+values; ``--hook`` also picks among a local directory's SAEs). They are data-free: no model is
+loaded. Outputs are written only after the work is done,
 each file atomically, so a failed run leaves earlier results as they were.
 
 Only the standard library is imported until a command runs, so ``--help`` answers at once;
@@ -156,15 +167,30 @@ def _load_sae(spec: str) -> Any:
 
 def _cmd_match(args: argparse.Namespace) -> int:
     options = _match_options(args)
-    _check_writable(args.out, directory=False)
+    permutation_only = args.out.lower().endswith(".safetensors")
+    _check_writable(args.out, directory=not permutation_only)
     sae_a, sae_b = _load_sae(args.sae_a), _load_sae(args.sae_b)
     from .matching import match
 
     result = match(sae_a, sae_b, progress=not args.quiet, **options)
-    path = result.permutation.save(args.out)
+    if permutation_only:
+        path = result.permutation.save(args.out)
+        what = "the permutation (give a directory to save costs, margins and the certificate too)"
+    else:
+        path = result.save(args.out)
+        what = "the result (MatchResult.load reads it; sae-match view draws it)"
     print(f"matched {result.permutation.n_matched}/{result.permutation.n_source} features, "
-          f"total cost {result.total_cost:.6g}, certified={result.certified}; saved {path}")
+          f"total cost {result.total_cost:.6g}, certified={result.certified}, "
+          f"{_gap_text(result.gap, result.total_cost)}; saved {what} in {path}")
     return 0
+
+
+def _gap_text(gap: float, total: float) -> str:
+    """``gap`` as what it is: a floating-point upper bound on ``total − optimum``."""
+    if not math.isfinite(gap):
+        return "gap unbounded (not certified)"
+    share = f", {gap / abs(total):.1g} of the total" if total else ""
+    return f"gap ≤ {gap:.2g} (rounding bound on total − optimum{share})"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -227,39 +253,137 @@ def _release_stack(args: argparse.Namespace, layers: list[int]) -> tuple[list[An
     return entries, stack
 
 
-def _cmd_chain(args: argparse.Namespace) -> int:
+def _source_kind(args: argparse.Namespace) -> str:
+    """``"release"``, ``"directory"`` or ``"suite"``: where the SAEs of a command come from."""
+    if (args.release is None) == (args.suite is None):
+        raise CommandError("give a SAELens release or a local SAE directory, or --suite NAME "
+                           "(e.g. --suite default, the embedded suite), but not both.")
+    if args.suite is not None:
+        return "suite"
+    if os.path.isdir(args.release):
+        return "directory"
+    if os.sep in args.release or args.release.startswith("."):
+        raise CommandError(f"{args.release!r}: no such directory; give a directory of saved SAEs, "
+                           "a SAELens release or --suite NAME.")
+    return "release"
+
+
+def _local_module_paths(directory: str, hook: str | None) -> dict[str, dict[int, str]]:
+    """``{module: {layer: SAE directory}}`` of the saved SAEs directly under ``directory``,
+    from each one's ``cfg.json`` hook name (``hook``: keep only hook names ending in it)."""
+    from .adapters import model_layer_of
+
+    found: dict[str, dict[int, str]] = {}
+    for cfg in sorted(Path(directory).glob("*/cfg.json")):
+        try:
+            data = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CommandError(f"cannot read {cfg}: {exc}") from None
+        hook_name = (data.get("metadata") or {}).get("hook_name") or data.get("hook_name") or ""
+        layer = model_layer_of(hook_name)
+        module = next((m for m, part in (("res", "hook_resid"), ("mlp", "hook_mlp_out"),
+                                         ("attn", "hook_attn_out")) if part in hook_name), None)
+        if layer is None or module is None or (hook and not hook_name.endswith(hook)):
+            continue
+        here = found.setdefault(module, {})
+        if layer in here:
+            raise CommandError(f"{directory} has two {module} SAEs at layer {layer} "
+                               f"({here[layer]}, {cfg.parent}); choose one with --hook.")
+        here[layer] = str(cfg.parent)
+    if not found:
+        raise CommandError(f"{directory} holds no saved SAE (a sub-directory with a cfg.json "
+                           "whose hook name reads blocks.L.hook_resid_*, hook_mlp_out or "
+                           "hook_attn_out)" + (f" with a hook ending in {hook!r}" if hook else "")
+                           + ".")
+    return found
+
+
+def _local_layers(args: argparse.Namespace, modules: Sequence[str],
+                  layers: list[int] | None) -> dict[str, dict[int, Any]]:
+    """``{module: {layer: SAE}}`` from ``--suite`` or a local directory, at ``layers`` (all the
+    residual layers there when ``None``); modules other than ``res`` may be missing."""
+    if _source_kind(args) == "suite":
+        from .suites import load_suite_layers
+
+        out: dict[str, dict[int, Any]] = {}
+        for module in modules:
+            try:
+                out[module] = load_suite_layers(args.suite, args.family, module=module)
+            except FileNotFoundError as exc:
+                raise CommandError(str(exc)) from None
+            except ValueError as exc:
+                if module == "res":
+                    raise CommandError(str(exc)) from None
+                continue  # e.g. the TopK family has no module SAEs
+    else:
+        paths = _local_module_paths(args.release, getattr(args, "hook", None))
+        out = {m: dict(paths[m]) for m in modules if m in paths}
+    res = out.get("res", {})
+    if not res:
+        raise CommandError(f"{args.suite or args.release} has no residual SAEs.")
+    chosen = sorted(res) if layers is None else layers
+    missing = [x for x in chosen if x not in res]
+    if missing:
+        raise CommandError(f"{args.suite or args.release} has no residual SAE at layer(s) "
+                           f"{missing}; it has layers {sorted(res)}.")
+    loaded = {}
+    for module, by_layer in out.items():
+        loaded[module] = {x: (_load_sae(sae) if isinstance(sae, str) else sae)
+                          for x, sae in by_layer.items() if x in chosen}
+    return loaded
+
+
+def _command_stack(args: argparse.Namespace, minimum: int = 2) -> tuple[dict[int, Any], str, str]:
+    """``({layer: SAE}, file name, JSON text)``: the residual SAEs a chain or links command
+    reads, and a record of where they came from."""
     from .releases import parse_layers
 
-    layers = parse_layers(args.layers)
+    kind = _source_kind(args)
+    if kind == "release" and args.layers is None:
+        raise CommandError("--layers is required with a release (e.g. --layers 10-14).")
+    layers = parse_layers(args.layers, minimum=minimum) if args.layers is not None else None
+    if kind == "release":
+        assert layers is not None
+        entries, stack = _release_stack(args, layers)
+        record = {"release": args.release, "layers": layers, "choices": _choices(args),
+                  "saes": [e._asdict() for e in entries]}
+        return stack, "release.json", json.dumps(record, indent=1, default=str)
+    stack = _local_layers(args, ["res"], layers)["res"]
+    if len(stack) < minimum:
+        raise CommandError(f"{args.suite or args.release} gives {len(stack)} layer(s); at least "
+                           f"{minimum} are needed.")
+    record = ({"suite": args.suite, "family": args.family} if kind == "suite"
+              else {"directory": os.path.abspath(args.release), "hook": args.hook})
+    record["layers"] = sorted(stack)
+    return stack, "source.json", json.dumps(record, indent=1, default=str)
+
+
+def _cmd_chain(args: argparse.Namespace) -> int:
     options = _match_options(args)
     _check_writable(args.out, directory=True)
-    entries, stack = _release_stack(args, layers)
+    stack, record_name, record = _command_stack(args)
     from .chain import match_chain
 
     chain = match_chain(stack, progress=not args.quiet, **options)
-    release = {"release": args.release, "layers": list(chain.layers), "choices": _choices(args),
-               "saes": [e._asdict() for e in entries]}
     path = chain.save(args.out, extra_files={
         "edges.csv": chain.edges().to_csv(index=False),
-        "release.json": json.dumps(release, indent=1, default=str),
+        record_name: record,
     })
     for (a, b), r in zip(itertools.pairwise(chain.layers), chain.steps, strict=True):
         print(f"layer {a}→{b}: matched {r.permutation.n_matched}/{r.permutation.n_source} "
               f"features, total cost {r.total_cost:.6g}, certified={r.certified}")
-    print(f"saved the chain ({len(chain.steps)} steps, chain.json), edges.csv and release.json "
+    print(f"saved the chain ({len(chain.steps)} steps, chain.json), edges.csv and {record_name} "
           f"in {path}")
     return 0
 
 
 def _cmd_links(args: argparse.Namespace) -> int:
-    from .releases import parse_layers
-
-    layers = parse_layers(args.layers)
     suffix = Path(args.out).suffix.lower()
     if suffix not in (".csv", ".json"):
         raise CommandError(f"--out {args.out!r} must end in .csv or .json.")
     _check_writable(args.out, directory=False)
-    _, stack = _release_stack(args, layers)
+    stack, _, _ = _command_stack(args)
+    layers = sorted(stack)
     import pandas as pd
 
     from .linking import links
@@ -289,21 +413,37 @@ def _cmd_flow(args: argparse.Namespace) -> int:
     if args.graphml is not None:
         _check_writable(args.graphml, directory=False)
     _check_writable(args.out, directory=False)
+    kind = _source_kind(args)
+    if kind != "release" and (args.mlp_release or args.attn_release):
+        raise CommandError("--mlp-release and --attn-release go with a release; a local "
+                           "directory or a suite brings its own MLP and attention SAEs.")
+    local = _local_layers(args, ["res", "mlp", "attn"], None) if kind != "release" else None
     if args.layers is not None:
         layers = parse_layers(args.layers, minimum=1)
         if args.layer not in layers:
             raise CommandError(f"--layers {args.layers} does not contain the seed layer {args.layer}.")
     else:
-        have = {e.layer for e in release_saes(args.release)}
+        have = (set(local["res"]) if local is not None
+                else {e.layer for e in release_saes(args.release)})
         layers = [x for x in range(args.layer - args.span, args.layer + args.span + 1) if x in have]
-    from .releases import HubUnavailableError
+    if local is not None:
+        from .flow import LayerSAEs
 
-    try:
-        stack = load_module_stack(args.release, mlp_release=args.mlp_release,
-                                  attn_release=args.attn_release, layers=layers, width=args.width,
-                                  l0=args.l0, progress=not args.quiet)
-    except HubUnavailableError as exc:
-        raise CommandError(str(exc)) from None
+        missing = [x for x in layers if x not in local["res"]]
+        if missing:
+            raise CommandError(f"{args.suite or args.release} has no residual SAE at layer(s) "
+                               f"{missing}; it has layers {sorted(local['res'])}.")
+        stack = {x: LayerSAEs(res=local["res"][x], mlp=local.get("mlp", {}).get(x),
+                              attn=local.get("attn", {}).get(x)) for x in layers}
+    else:
+        from .releases import HubUnavailableError
+
+        try:
+            stack = load_module_stack(args.release, mlp_release=args.mlp_release,
+                                      attn_release=args.attn_release, layers=layers,
+                                      width=args.width, l0=args.l0, progress=not args.quiet)
+        except HubUnavailableError as exc:
+            raise CommandError(str(exc)) from None
     from .flow import flow_graph
 
     graph = flow_graph(stack, (args.layer, args.feature), score=args.score, cut=args.cut,
@@ -326,14 +466,22 @@ def _cmd_flow(args: argparse.Namespace) -> int:
 def _add_release_options(p: argparse.ArgumentParser, *, stack: bool = True) -> None:
     """The release and its choices; ``stack``: also ``--layers`` (required), ``--hook``,
     ``--variant`` (a flow stack fixes each module's hook)."""
-    p.add_argument("release", help="a SAELens release, e.g. gemma-scope-2b-pt-res-canonical")
+    p.add_argument("release", nargs="?", metavar="SOURCE",
+                   help="a SAELens release (e.g. gemma-scope-2b-pt-res-canonical) or a local "
+                   "directory of saved SAEs (sub-directories with cfg.json)")
+    p.add_argument("--suite", help="instead of SOURCE: a suite of this package (default: the "
+                   "embedded one, offline; smollm2 once built)")
+    p.add_argument("--family", default="jumprelu",
+                   help="--suite: which SAEs (jumprelu, topk; default: %(default)s)")
     if stack:
-        p.add_argument("--layers", required=True, help="model layers, e.g. 10-14 or 3,5,7")
+        p.add_argument("--layers", help="model layers, e.g. 10-14 or 3,5,7 (required with a "
+                       "release; default for a directory or suite: all its layers)")
     p.add_argument("--width", help="width of the SAEs, e.g. 16k (when the release has several)")
     p.add_argument("--l0", help="average L0: a number (the nearest at each layer) or a label "
                    "such as big (when the release has several)")
     if stack:
-        p.add_argument("--hook", help="hook site, e.g. hook_resid_pre (when a layer has several)")
+        p.add_argument("--hook", help="hook site, e.g. hook_resid_pre (when a layer has several, "
+                       "in a release or a directory)")
         p.add_argument("--variant", help="e.g. trainer_0 (when the release has several)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -388,18 +536,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="TransformerLens model name (default: the registry's)")
     demo.set_defaults(func=_cmd_demo)
 
-    m = sub.add_parser("match", help="match two SAEs and save the permutation")
+    m = sub.add_parser("match", help="match two SAEs and save the result")
     m.add_argument("sae_a", help="source SAE: a saved SAE directory or release:sae_id")
     m.add_argument("sae_b", help="target SAE: a saved SAE directory or release:sae_id")
     m.add_argument("--out", required=True,
-                   help="output .safetensors file (a .json sidecar is written beside it)")
+                   help="output directory: the whole result (permutation, costs, margins, "
+                   "confidences, certificate; sae-match view draws it); a name ending in "
+                   ".safetensors saves the permutation alone (with a .json sidecar)")
     _add_match_options(m)
     m.add_argument("--quiet", action="store_true", help="no progress bars")
     m.set_defaults(func=_cmd_match)
 
     v = sub.add_parser("view", help="write an interactive offline HTML view of a chain or flow graph")
-    v.add_argument("results", help="a directory written by ChainMatch.save, or a FlowGraph JSON "
-                   "file written by FlowGraph.save_json")
+    v.add_argument("results", help="a directory written by ChainMatch.save or MatchResult.save "
+                   "(sae-match chain / match), a permutation .safetensors file, or a FlowGraph "
+                   "JSON file written by FlowGraph.save_json")
     v.add_argument("--out", required=True, help="output .html file")
     v.add_argument("--max-paths", type=int, default=200,
                    help="chains: draw at most this many paths, longest first (default: %(default)s)")
@@ -411,19 +562,22 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--title", help="page title")
     v.set_defaults(func=_cmd_view)
 
-    c = sub.add_parser("chain", help="match adjacent layers of a SAELens release and save the chain",
-                       description="Match every adjacent pair of a release's SAEs at the given model "
-                       "layers (data-free; SAEs come from SAE.from_pretrained or the local cache). "
-                       "DIR gets the saved chain (chain.json and one step_AAA_BBB directory per "
-                       "pair of model layers; ChainMatch.load reads it), edges.csv (model layers, "
-                       "features, costs, Neuronpedia URLs) and release.json.")
+    c = sub.add_parser("chain", help="match adjacent layers of a release, a directory or a "
+                       "suite and save the chain",
+                       description="Match every adjacent pair of SAEs at the given model layers "
+                       "(data-free; SAEs come from a release via SAE.from_pretrained or the local "
+                       "cache, from a local directory of saved SAEs, or from --suite). DIR gets "
+                       "the saved chain (chain.json and one step_AAA_BBB directory per pair of "
+                       "model layers; ChainMatch.load reads it), edges.csv (model layers, "
+                       "features, costs, Neuronpedia URLs) and release.json (or source.json for "
+                       "a directory or suite).")
     _add_release_options(c)
     c.add_argument("--out", required=True, help="output directory")
     _add_match_options(c)
     c.set_defaults(func=_cmd_chain)
 
     scores = ["decoder_cosine", "folded_mse", "cosine_sum", "csls", "cosine_density"]
-    lk = sub.add_parser("links", help="top-k links between adjacent layers of a release (CSV/JSON)",
+    lk = sub.add_parser("links", help="top-k links between adjacent layers (CSV/JSON)",
                         description="For each feature at each layer, its k best partners at the next "
                         "layer, with score, null-model confidence and Neuronpedia URLs.")
     _add_release_options(lk)

@@ -439,42 +439,92 @@ class FlowGraph:
         nx.write_graphml(graph, path)
         return path
 
-    def plot(self, path: str | Path, *, title: str | None = None) -> Path:
-        """A layered picture: layers left to right, modules as lanes, edge width = score."""
+    def figure(self, *, title: str | None = None) -> Any:
+        """The layered picture :meth:`plot` saves, as a matplotlib ``Figure``.
+
+        Model layers run left to right; in each layer the attention, MLP and residual nodes sit
+        in the order the model computes them, attention above and MLP below the residual band
+        (as in the HTML view, :mod:`~sae_match_lens.viewer`). Each edge is an arrow from source
+        to target, its width growing with the link score (the legend's "score" entries give the
+        scale: the score itself when every score lies in [0, 1], else scaled between the
+        smallest and the largest); the seed is a large red-edged star.
+        """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
 
-        lane = {"attn": 0.0, "res": 1.0, "mlp": 2.0}
-        pos = {}
-        for module, group in self.nodes.groupby("module"):
-            for row in group.sort_values(["layer", "feature"]).itertuples():
-                same = group[group.layer == row.layer]
-                offset = (list(same.feature).index(row.feature) - (len(same) - 1) / 2) * 0.18
-                pos[row.node] = (row.layer, lane[module] + offset)
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * self.nodes.layer.nunique() + 2), 4))
+        lane = {"attn": (-0.34, 1.0), "mlp": (-0.17, -1.0), "res": (0.0, 0.0)}  # (dx, band)
+        names = {"res": "residual", "mlp": "MLP", "attn": "attention"}
         colours = {"res": "tab:blue", "mlp": "tab:orange", "attn": "tab:green"}
+        seed = self.options.get("seed")
+        pos = {}
+        for (layer, module), group in self.nodes.groupby(["layer", "module"]):
+            dx, band = lane[module]
+            features = sorted(group.feature)
+            for row in group.itertuples():
+                j = features.index(row.feature)
+                pos[row.node] = (layer + dx, band + (j - (len(features) - 1) / 2) * 0.25)
+        scores = [float(v) for v in self.edges.score]
+        lo, hi = (min(scores), max(scores)) if scores else (0.0, 1.0)
+        unit = lo >= 0 and hi <= 1
+
+        def strength(value: float) -> float:  # in [0, 1]
+            if unit:
+                return value
+            return (value - lo) / (hi - lo) if hi > lo else 0.5
+
+        def width(value: float) -> float:
+            return 0.6 + 4.0 * strength(value)
+
+        fig, ax = plt.subplots(figsize=(max(6, 1.3 * self.nodes.layer.nunique() + 3), 4.5))
         for row in self.edges.itertuples(index=False):
-            (x0, y0), (x1, y1) = pos[row.source], pos[row.target]
-            ax.plot([x0, x1], [y0, y1], color=colours[row.kind], alpha=0.7,
-                    linewidth=0.5 + 4 * max(0.0, float(row.score)))
-        for module, group in self.nodes.groupby("module"):
+            ax.annotate("", xy=pos[row.target], xytext=pos[row.source], zorder=2,
+                        arrowprops={"arrowstyle": "-|>", "color": colours[row.kind],
+                                    "alpha": 0.7, "lw": width(float(row.score)),
+                                    "shrinkA": 6, "shrinkB": 6, "mutation_scale": 12})
+        for module in MODULES:
+            group = self.nodes[self.nodes.module == module]
+            if not len(group):
+                continue
             xs, ys = zip(*(pos[n] for n in group.node), strict=True)
-            ax.scatter(xs, ys, s=60, color=colours[module], zorder=3, label=module)
+            ax.scatter(xs, ys, s=60, color=colours[module], zorder=3, label=names[module])
+            below = module != "attn"  # clear of the arrows that come down from attention
             for node, x, y in zip(group.node, xs, ys, strict=True):
                 ax.annotate(node.split("/")[-1], (x, y), textcoords="offset points",
-                            xytext=(0, 6), ha="center", fontsize=7)
-        ax.set_yticks([lane["attn"], lane["res"], lane["mlp"]], ["attention", "residual", "MLP"])
+                            xytext=(0, -13 if below else 7), ha="center", fontsize=7)
+        if seed in pos:
+            ax.scatter(*pos[seed], s=320, marker="*", color=colours["res"], edgecolors="tab:red",
+                       linewidths=1.5, zorder=4, label=f"seed {seed}")
+        handles, labels = ax.get_legend_handles_labels()
+        values = ([0.25, 0.5, 0.75, 1.0] if unit else
+                  [lo + (hi - lo) * q for q in (0.0, 1 / 3, 2 / 3, 1.0)])
+        for value in values:
+            handles.append(Line2D([], [], color="grey", lw=width(value)))
+            labels.append(f"score {value:.2g}")
+        ax.set_yticks([1.0, 0.0, -1.0], ["attention", "residual", "MLP"])
+        ax.set_ylim(-1.7, 1.7)
         layers = sorted(self.nodes.layer.unique())
         ax.set_xticks(layers, [str(v) for v in layers])
-        ax.set_xlabel("model layer")
-        ax.set_title(title or f"feature flow from {self.options.get('seed')} "
+        if layers:
+            ax.set_xlim(min(layers) - 0.7, max(layers) + 0.5)
+        ax.set_xlabel("model layer (arrows: source → target)")
+        ax.set_title(title or f"feature flow from {seed} "
                      f"(edge width = {self.options.get('score')} score; labels = feature ids)",
                      fontsize=9)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, title="node module",
-                  title_fontsize=7)  # outside the axes: never over a node label
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7,
+                  title="nodes, edge width", title_fontsize=7)  # outside the axes
         fig.tight_layout()
+        return fig
+
+    def plot(self, path: str | Path, *, title: str | None = None) -> Path:
+        """Save :meth:`figure` as a PNG (layers left to right, attention above and MLP below the
+        residual band, arrows source → target, width = score with its scale in the legend, the
+        seed starred)."""
+        import matplotlib.pyplot as plt
+
+        fig = self.figure(title=title)
         path = Path(path)
         fig.savefig(path, dpi=120)
         plt.close(fig)

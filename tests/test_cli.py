@@ -53,6 +53,56 @@ def test_match_command_saves_a_loadable_permutation(tmp_path, capsys):
     assert Permutation.load(out, source=pair.sae_a, target=pair.sae_b) == pair.truth
 
 
+def test_match_command_saves_the_whole_result_which_view_draws(tmp_path, capsys):
+    from sae_match_lens import MatchResult
+
+    pair = planted_pair(d_sae=64, noise=0.1, seed=2)
+    pair.sae_a.save_model(tmp_path / "a")
+    pair.sae_b.save_model(tmp_path / "b")
+    out = tmp_path / "result"
+    assert main(["match", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "matched 64/64 features" in printed and "gap ≤" in printed and "rounding" in printed
+    result = MatchResult.load(out, source=pair.sae_a, target=pair.sae_b)
+    assert result.permutation == pair.truth and result.certified
+    assert result.cost_F.shape == result.margin_F.shape == result.confidence_F.shape == (64,)
+    assert main(["view", str(out), "--out", str(tmp_path / "view.html")]) == 0
+    assert (tmp_path / "view.html").stat().st_size > 0
+
+
+def test_chain_links_and_flow_read_the_default_suite_and_a_local_directory(tmp_path, capsys):
+    import pandas as pd
+
+    from sae_match_lens import ChainMatch, FlowGraph
+    from sae_match_lens.assets import default_suite_path
+
+    local = str(default_suite_path() / "saes" / "jumprelu")  # residual, MLP and attention SAEs
+    assert main(["chain", "--suite", "default", "--layers", "2-4", "--out",
+                 str(tmp_path / "chain"), "--quiet"]) == 0
+    chain = ChainMatch.load(tmp_path / "chain")
+    assert chain.layers == (2, 3, 4)
+    assert chain.hook_names == ("blocks.2.hook_resid_post", "blocks.3.hook_resid_post",
+                                "blocks.4.hook_resid_post")
+    assert json.loads((tmp_path / "chain" / "source.json").read_text())["suite"] == "default"
+    assert main(["links", local, "--layers", "0-1", "--k", "2", "--out",
+                 str(tmp_path / "links.csv"), "--quiet"]) == 0
+    table = pd.read_csv(tmp_path / "links.csv")
+    assert set(table.hook_a) == {"blocks.0.hook_resid_post"} and len(table) == 2 * 1024
+    assert main(["flow", local, "--layer", "2", "--feature", "17", "--span", "1", "--out",
+                 str(tmp_path / "flow.json"), "--quiet"]) == 0
+    graph = FlowGraph.load_json(tmp_path / "flow.json")
+    assert set(graph.nodes.layer) == {1, 2, 3} and set(graph.nodes.module) == {"res", "mlp", "attn"}
+    capsys.readouterr()
+    assert main(["chain", "some-release", "--suite", "default", "--out",
+                 str(tmp_path / "c2")]) == 1
+    assert "not both" in capsys.readouterr().err
+    assert main(["links", str(tmp_path), "--out", str(tmp_path / "l.csv")]) == 1
+    assert "holds no saved SAE" in capsys.readouterr().err
+    assert main(["chain", "--suite", "default", "--layers", "4-7", "--out",
+                 str(tmp_path / "c3")]) == 1
+    assert "no residual SAE at layer(s) [6, 7]" in capsys.readouterr().err
+
+
 def test_importing_the_cli_does_not_import_torch_or_saelens():
     assert heavy_modules_after("import sae_match_lens.cli") == []
 

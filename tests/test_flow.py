@@ -121,6 +121,41 @@ def test_flow_graph_follows_the_planted_chain_both_ways(chain, tmp_path):
     assert len(cut.nodes) == 1 and cut.edges.empty
 
 
+def test_the_flow_figure_marks_the_seed_points_edges_and_keeps_the_html_lanes():
+    """The PNG had no seed marker, no edge direction, no width scale, and MLP above the
+    residual band where the HTML view puts it below."""
+    import matplotlib.pyplot as plt
+
+    from sae_match_lens.assets import load_suite_stack
+
+    stack = load_suite_stack()
+    graph = flow_graph({x: stack[x] for x in (1, 2, 3)}, (2, 17))
+    assert set(graph.nodes.module) == {"res", "mlp", "attn"}
+    fig = graph.figure()
+    try:
+        ax = fig.axes[0]
+        y = {}
+        for collection in ax.collections:  # node scatters, one per module, then the seed
+            y[collection.get_label()] = collection.get_offsets()[:, 1]
+        assert min(y["attention"]) > max(y["residual"]) and min(y["residual"]) > max(y["MLP"])
+        seed = [label for label in y if label.startswith("seed")]
+        assert seed == [f"seed {graph.options['seed']}"]
+        assert list(y[seed[0]]) == [0.0]  # on the residual band
+        arrows = [t for t in ax.texts if getattr(t, "arrow_patch", None) is not None]
+        assert len(arrows) == len(graph.edges)
+        assert {a.arrow_patch.get_arrowstyle().__class__.__name__ for a in arrows} == {"CurveFilledB"}
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert {"score 0.25", "score 0.5", "score 0.75", "score 1"} <= set(legend)
+        widths = {t.get_text(): h.get_linewidth()
+                  for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles,
+                                  strict=True) if t.get_text().startswith("score")}
+        assert widths["score 0.25"] < widths["score 0.5"] < widths["score 1"]
+        for edge, arrow in zip(graph.edges.itertuples(), arrows, strict=True):
+            assert arrow.arrow_patch.get_linewidth() == pytest.approx(0.6 + 4 * edge.score)
+    finally:
+        plt.close(fig)
+
+
 def test_module_predecessors_join_the_graph_above_module_min():
     res = [random_jumprelu_sae(f"blocks.{i}.hook_resid_post", seed=i) for i in range(2)]
     mlp = random_jumprelu_sae("blocks.1.hook_mlp_out", seed=1)  # a copy of res[1]: cosine 1
