@@ -231,8 +231,41 @@ def test_private_and_deprecated_modules_get_no_page(tmp_path):
                      "pkgx.sub": "pkgx/sub/index.md", "pkgx.sub.leaf": "pkgx/sub/leaf.md"}
 
 
-def test_example_sections_are_read_as_examples():
+def napoleon() -> ModuleType:
     pytest.importorskip("griffe")
-    ext = load_docs_module("griffe_example_sections")
+    return load_docs_module("griffe_napoleon")
+
+
+def test_example_sections_are_read_as_examples():
+    ext = napoleon()
     text = 'Do it.\n\n    Example:\n        >>> f()[:2]\n\n    Examples are fine: Example: stays.\n'
     assert ext.normalise_example_sections(text) == text.replace("    Example:\n", "    Examples:\n")
+
+
+def test_sphinx_roles_become_cross_references_resolved_in_the_docstring_scope():
+    ext = napoleon()
+    import griffe
+
+    scope = {"match": "sae_match_lens.matching.match", "MatchResult": "sae_match_lens.matching.MatchResult",
+             "HookedTransformer": "transformer_lens.HookedTransformer", "torch": "torch",
+             "_helper": "sae_match_lens.matching._helper"}
+
+    def resolve(name: str) -> str:
+        if name not in scope:
+            raise griffe.NameResolutionError(name)
+        return scope[name]
+
+    cases = {
+        ":func:`~sae_match_lens.flow.flow_graph`": "[`flow_graph`][sae_match_lens.flow.flow_graph]",
+        ":func:`match`": "[`match`][sae_match_lens.matching.match]",
+        ":meth:`MatchResult.save`": "[`MatchResult.save`][sae_match_lens.matching.MatchResult.save]",
+        ":attr:`conf <MatchResult.confidence_F>`":
+            "[`conf`][sae_match_lens.matching.MatchResult.confidence_F]",
+        ":class:`HookedTransformer`": "`HookedTransformer`",  # another library's: code
+        ":class:`torch.Tensor`": "`torch.Tensor`",
+        ":class:`numpy.ndarray`": "`numpy.ndarray`",          # not in scope, dotted: a library's
+        ":func:`_helper`": "`_helper`",                      # private: no page
+        ":func:`no_such_name`": "[`no_such_name`][no_such_name]",  # stays a link: the build fails
+    }
+    for role, markdown in cases.items():
+        assert ext.rewrite_docstring(f"See {role}.", resolve) == f"See {markdown}.", role
