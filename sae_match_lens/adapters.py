@@ -84,6 +84,7 @@ __all__ = [
     "hook_name_of",
     "identity_mismatch",
     "layers_from_hooks",
+    "leading_coordinates",
     "model_layer_of",
     "rescale",
     "sae_identity",
@@ -511,7 +512,8 @@ def unfold(sae: SAE, scales_F: torch.Tensor | None = None) -> SAE:
     return _record_fold_scales(rescale(sae, 1.0 / torch.as_tensor(scales_F).to(torch.float64)), None)
 
 
-def feature_view(sae: SAE, *, fold: bool = True, dtype: torch.dtype = torch.float32) -> FeatureView:
+def feature_view(sae: SAE, *, fold: bool = True, dtype: torch.dtype = torch.float32,
+                 encoder: bool = True) -> FeatureView:
     """Per-feature tensors of ``sae``, folded (default) or raw, without copying the SAE.
 
     Args:
@@ -519,6 +521,10 @@ def feature_view(sae: SAE, *, fold: bool = True, dtype: torch.dtype = torch.floa
         fold: apply the architecture's fold scale rule (:func:`fold_scales`).
         dtype: dtype of the returned tensors; the scaling is done in this dtype (one rounding
             per entry), so the view costs one copy of the encoder and decoder.
+        encoder: ``False`` leaves the encoder out (``encoder_FD`` is then an empty
+            ``[d_sae, 0]`` tensor): for costs that give it no weight, it saves the transposed
+            copy of ``W_enc`` (:func:`~sae_match_lens.solvers.costs.stack_features` refuses such
+            a view for a cost that weighs the encoder).
 
     Returns:
         A :class:`FeatureView` whose tensors live on the SAE's device.
@@ -527,15 +533,24 @@ def feature_view(sae: SAE, *, fold: bool = True, dtype: torch.dtype = torch.floa
     biases = torch.stack([getattr(sae, n).detach() for n in spec.bias_names], dim=1).to(dtype)
     theta = _threshold_F(sae, spec)
     theta = None if theta is None else theta.to(dtype)
-    enc = sae.W_enc.detach().T.to(dtype, copy=True, memory_format=torch.contiguous_format)
-    dec = sae.W_dec.detach().to(dtype, copy=True)
+    w_enc, w_dec = sae.W_enc.detach(), sae.W_dec.detach()
+    if not encoder:
+        enc = torch.empty((sae.cfg.d_sae, 0), dtype=dtype, device=w_enc.device)
     if fold:
         s = _fold_scales(sae, spec)
         s_dt, inv = s.to(dtype), (1.0 / s).to(dtype)
-        enc.mul_(inv[:, None])
-        dec.mul_(s_dt[:, None])
+        # the scaled tensors are the copies (the same roundings as a copy scaled in place)
+        if encoder:
+            enc = torch.empty((sae.cfg.d_sae, w_enc.shape[0]), dtype=dtype, device=w_enc.device)
+            torch.mul(w_enc.T.to(dtype), inv[:, None], out=enc)
+        dec = torch.empty(w_dec.shape, dtype=dtype, device=w_dec.device)
+        torch.mul(w_dec.to(dtype), s_dt[:, None], out=dec)
         biases.mul_(inv[:, None])
         theta = None if theta is None else theta * inv
+    else:
+        if encoder:
+            enc = w_enc.T.to(dtype, copy=True, memory_format=torch.contiguous_format)
+        dec = w_dec.to(dtype, copy=True)
     return FeatureView(
         encoder_FD=enc.contiguous(),
         decoder_FO=dec.contiguous(),
@@ -549,6 +564,35 @@ def feature_view(sae: SAE, *, fold: bool = True, dtype: torch.dtype = torch.floa
 
 def _sampled_rows(d_sae: int) -> torch.Tensor:
     return torch.arange(0, d_sae, max(1, d_sae // 256))
+
+
+def leading_coordinates(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` columns of ``torch.argsort(x, dim=1, descending=True, stable=True)``
+    (ties: the lower index first) without sorting whole rows.
+
+    ``torch.topk`` gives each row's ``n``-th largest value ``t``; a row with exactly ``n``
+    entries ``≥ t`` (and no NaN) has those as its leading entries, ordered here by value, then
+    index. Any other row (ties at ``t``, NaN) is sorted in full.
+
+    Args:
+        x: a 2-D tensor.
+        n: how many leading columns (at most ``x.shape[1]``).
+
+    Returns:
+        Indices [rows, n] (int64).
+    """
+    if n >= x.shape[1] or x.shape[0] == 0:
+        return torch.argsort(x, dim=1, descending=True, stable=True)[:, :n]
+    above = x >= torch.topk(x, n, dim=1).values[:, -1:]
+    simple = (above.sum(dim=1) == n) & ~torch.isnan(x).any(dim=1)
+    out = torch.empty((x.shape[0], n), dtype=torch.int64, device=x.device)
+    if bool(simple.any()):
+        idx = torch.nonzero(above[simple])[:, 1].view(-1, n)  # ascending index within each row
+        by_value = torch.argsort(x[simple].gather(1, idx), dim=1, descending=True, stable=True)
+        out[simple] = idx.gather(1, by_value)
+    if not bool(simple.all()):
+        out[~simple] = torch.argsort(x[~simple], dim=1, descending=True, stable=True)[:, :n]
+    return out
 
 
 def direction_signature(sae: SAE) -> str:
@@ -565,7 +609,7 @@ def direction_signature(sae: SAE) -> str:
     digest = hashlib.sha256()
     for vectors in (sae.W_dec.detach()[rows], sae.W_enc.detach()[:, rows].T):
         v = vectors.to(torch.float64).cpu()
-        order = torch.argsort(v.abs(), dim=1, descending=True, stable=True)[:, :3]
+        order = leading_coordinates(v.abs(), 3)
         signs = torch.gather(torch.sign(v), 1, order)
         digest.update(order.numpy().astype("int64").tobytes())
         digest.update(signs.numpy().astype("int8").tobytes())

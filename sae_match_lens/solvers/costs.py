@@ -140,6 +140,11 @@ def stack_features(view: FeatureView, weights: CostWeights, metric: Metric) -> S
     blocks = [(getattr(weights, name), tensor) for name, tensor in (
         ("decoder", view.decoder_FO), ("encoder", view.encoder_FD), ("b_enc", view.bias_FB))]
     blocks = [(w, t) for w, t in blocks if w != 0]
+    if any(t.shape[1] == 0 for _, t in blocks):
+        raise ValueError(
+            f"feature view of {view.hook_name} has an empty block that the cost weighs "
+            f"({weights}); build the view with feature_view(sae, encoder=True) (the default)."
+        )
     width = sum(t.shape[1] for _, t in blocks)
     (w0, t0), single = blocks[0], len(blocks) == 1
     if single and metric == "mse" and w0 == 1.0 and t0.dtype == torch.float32 and t0.is_contiguous():
