@@ -108,6 +108,16 @@ def test_build_scripts_named_in_mkdocs_yml_exist():
         assert (ROOT / extension.split(":")[0]).is_file(), extension
 
 
+def test_the_module_tree_reaches_the_sidebar():
+    # Material's navigation.indexes beside the section-index plugin drops every section page
+    # (the whole module tree) from the sidebar; the reference needs exactly one of them.
+    config = mkdocs_config()
+    plugins = {next(iter(p)) if isinstance(p, dict) else p for p in config["plugins"]}
+    features = config["theme"].get("features", [])
+    assert "literate-nav" in plugins
+    assert ("section-index" in plugins) != ("navigation.indexes" in features)
+
+
 def test_hand_written_links_to_the_api_name_public_names():
     # ``[text][sae_match_lens.NAME]`` resolves to the Public API page's anchor only while NAME
     # is in __all__; a renamed or dropped name would fail the strict build.
