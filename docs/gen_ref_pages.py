@@ -383,12 +383,13 @@ def public_api_markdown(names: list[str], resolved: dict[str, Definition],
         "# Public API",
         "",
         f"Every name in `{package}.__all__`, in that order: `from {package} import <name>`. "
-        "Each entry shows where the name is defined; the module pages of the reference hold "
-        "everything else.",
+        "Each heading shows the module that defines the name; the module pages of the "
+        "reference hold everything else.",
         "",
     ]
     for name in names:
-        lines += [f"[](){{#{package}.{name}}}", f"::: {resolved[name].module}.{name}", ""]
+        lines += [f"[](){{#{package}.{name}}}", f"::: {resolved[name].module}.{name}",
+                  "    options:", "      show_root_full_path: true", f"      toc_label: {name}", ""]
     return "\n".join(lines)
 
 

@@ -108,6 +108,18 @@ def test_build_scripts_named_in_mkdocs_yml_exist():
         assert (ROOT / extension.split(":")[0]).is_file(), extension
 
 
+def bash_blocks(path: Path) -> list[str]:
+    return re.findall(r"^```bash\n(.*?)^```$", path.read_text(encoding="utf-8"), re.MULTILINE | re.DOTALL)
+
+
+def test_the_home_page_has_the_readme_set_up_commands_verbatim():
+    readme = bash_blocks(ROOT / "README.md")
+    demo = next(b for b in readme if "sae-match demo --out" in b)
+    tests = next(b for b in readme if "python -m pytest" in b)
+    index = bash_blocks(DOCS / "index.md")
+    assert demo in index and tests in index
+
+
 def test_the_module_tree_reaches_the_sidebar():
     # Material's navigation.indexes beside the section-index plugin drops every section page
     # (the whole module tree) from the sidebar; the reference needs exactly one of them.
