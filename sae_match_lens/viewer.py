@@ -94,6 +94,8 @@ class _Chain(NamedTuple):
     costs: list[torch.Tensor | None]
     margins: list[torch.Tensor | None]
     urls: dict[Key, str]
+    confidences: list[torch.Tensor | None] | None = None
+    """Each step's :attr:`MatchResult.confidence_F` (``None`` where it has none)."""
 
 
 class _View(NamedTuple):
@@ -135,7 +137,7 @@ def _chain_from_match(chain: ChainMatch) -> _Chain:
     return _Chain(list(chain.hook_names), list(chain.layers), widths,
                   [s.permutation.indices for s in chain.steps],
                   [s.cost_F.double() for s in chain.steps], [s.margin_F.double() for s in chain.steps],
-                  urls)
+                  urls, [s.confidence_F for s in chain.steps])
 
 
 def _chain_from_result(result: MatchResult | Permutation) -> _Chain:
@@ -148,9 +150,12 @@ def _chain_from_result(result: MatchResult | Permutation) -> _Chain:
         layers = [0, 1]
     costs: list[torch.Tensor | None] = [None]
     margins: list[torch.Tensor | None] = [None]
+    confidences: list[torch.Tensor | None] = [None]
     if isinstance(result, MatchResult):
         costs, margins = [result.cost_F.double()], [result.margin_F.double()]
-    return _Chain(hooks, layers, [perm.n_source, perm.n_target], [perm.indices], costs, margins, {})
+        confidences = [result.confidence_F]
+    return _Chain(hooks, layers, [perm.n_source, perm.n_target], [perm.indices], costs, margins, {},
+                  confidences)
 
 
 def _chain_from_directory(directory: Path) -> _Chain:
@@ -242,8 +247,10 @@ def _chain_view(data: _Chain, *, max_paths: int, max_nodes: int, max_cost: float
             cost = float(data.costs[step][feature]) if data.costs[step] is not None else math.nan
             margin = (float(data.margins[step][feature]) if data.margins[step] is not None
                       else math.nan)
+            known = data.confidences[step] if data.confidences is not None else None
+            confidence = float(known[feature]) if known is not None else math.nan
             edges.append({"src": len(rows) - 1, "dst": len(rows), "value": cost, "cost": cost,
-                          "margin": margin, "kind": "feature"})
+                          "margin": margin, "confidence": confidence, "kind": "feature"})
             rows.append({"layer": step + 1, "feature": to, "path": rank})
             path_rows.append(len(rows) - 1)
             feature = to
@@ -261,7 +268,8 @@ def _chain_view(data: _Chain, *, max_paths: int, max_nodes: int, max_cost: float
     nodes["y"] = -nodes.path.astype(float)
     nodes["symbol"] = "circle"
     nodes["url"] = [data.urls.get(k) for k in nodes.key]
-    edge_frame = pd.DataFrame(edges, columns=["src", "dst", "value", "cost", "margin", "kind"])
+    edge_frame = pd.DataFrame(edges, columns=["src", "dst", "value", "cost", "margin",
+                                              "confidence", "kind"])
     info = []
     for row in nodes.itertuples():
         lines = [("layer", f"{row.layer} ({row.hook})"),
@@ -270,7 +278,8 @@ def _chain_view(data: _Chain, *, max_paths: int, max_nodes: int, max_cost: float
         info.append(lines)
     feature_of = nodes.feature.tolist()
     for edge in edge_frame.itertuples():
-        text = f"cost {_fmt(edge.cost)}, margin {_fmt(edge.margin)}"
+        text = (f"cost {_fmt(edge.cost)}, margin {_fmt(edge.margin)}, confidence "
+                f"{_fmt(edge.confidence)}")
         info[edge.src].append(("link out", f"to feature {feature_of[edge.dst]}: {text}"))
         info[edge.dst].append(("link in", f"from feature {feature_of[edge.src]}: {text}"))
     nodes["details"] = info

@@ -275,6 +275,10 @@ def test_a_saved_match_result_and_an_old_permutation_file_are_viewed(planted, tm
     assert data["layers"] == [0, 1] and len(data["edges"]["src"]) == D_SAE
     assert sorted(data["edges"]["value"]) == pytest.approx(sorted(result.cost_F.tolist()))
     assert data == payload(write_html(result, tmp_path / "direct.html"))
+    src = data["edges"]["src"][0]  # each link's hover names its confidence (match computes it)
+    feature = data["nodes"]["feature"][src]
+    out = [v for k, v in data["nodes"]["info"][src] if k == "link out"]
+    assert out and out[0].endswith(f"confidence {float(result.confidence_F[feature]):.4g}")
     result.permutation.save(tmp_path / "perm.safetensors")  # what `sae-match match` wrote before
     assert main(["view", str(tmp_path / "perm.safetensors"), "--out", str(tmp_path / "p.html")]) == 0
     data = payload(tmp_path / "p.html")
