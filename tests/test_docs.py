@@ -291,3 +291,22 @@ def test_sphinx_roles_become_cross_references_resolved_in_the_docstring_scope():
     }
     for role, markdown in cases.items():
         assert ext.rewrite_docstring(f"See {role}.", resolve) == f"See {markdown}.", role
+
+
+def test_roles_follow_reexports_to_the_definition_in_a_loaded_package(tmp_path):
+    ext = napoleon()
+    import griffe
+
+    write_package(tmp_path, {
+        "pkgx/__init__.py": '"""Planted."""\n',
+        "pkgx/flow/__init__.py": '"""Flow."""\n',
+        "pkgx/flow/links.py": '"""Links."""\n\n\ndef links():\n    """Link."""\n',
+        "pkgx/linking.py": '"""Deprecated: moved to pkgx.flow.links."""\nfrom .flow.links import links\n',
+        "pkgx/user.py": '"""Uses :func:`~pkgx.linking.links`, :func:`links` and :func:`missing`."""\n'
+                        "from .linking import links\n",
+    })
+    loader_extensions = griffe.load_extensions(ext.Napoleon(package="pkgx"))
+    pkg = griffe.load("pkgx", search_paths=[str(tmp_path)], extensions=loader_extensions)
+    assert pkg["user"].docstring.value == (
+        "Uses [`links`][pkgx.flow.links.links], [`links`][pkgx.flow.links.links] and "
+        "[`missing`][missing].")
