@@ -301,8 +301,9 @@ class ChainMatch:
         """All links of the chain as a graph edge table (one row per matched source feature).
 
         Columns: ``layer_a``/``layer_b`` (model layers), ``hook_a``/``hook_b``,
-        ``feature_a``/``feature_b``, ``cost``, ``margin``, ``neuronpedia_id_a/_b`` and
-        ``neuronpedia_url_a/_b`` (None where an SAE has no id).
+        ``feature_a``/``feature_b``, ``cost``, ``margin``, ``confidence`` (the step's
+        :attr:`~sae_match_lens.matching.MatchResult.confidence_F`; NaN where it has none),
+        ``neuronpedia_id_a/_b`` and ``neuronpedia_url_a/_b`` (None where an SAE has no id).
 
         Example:
             >>> chain.edges().query("layer_a == 10").sort_values("margin").head()
@@ -319,6 +320,8 @@ class ChainMatch:
                 "feature_a": feature_a, "feature_b": feature_b,
                 "cost": result.cost_F[ok].numpy(),
                 "margin": result.margin_F[ok].numpy(),
+                "confidence": (result.confidence_F[ok].numpy() if result.confidence_F is not None
+                               else float("nan")),
                 "neuronpedia_id_a": ids[k], "neuronpedia_id_b": ids[k + 1],
                 "neuronpedia_url_a": feature_urls(ids[k], feature_a),
                 "neuronpedia_url_b": feature_urls(ids[k + 1], feature_b),

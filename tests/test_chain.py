@@ -66,6 +66,7 @@ def test_edge_table_lists_every_link(chain_and_truth):
     assert set(edges.columns) >= {"layer_a", "layer_b", "feature_a", "feature_b", "cost", "margin"}
     row = edges[(edges.layer_a == 1) & (edges.feature_a == 9)].iloc[0]
     assert row.feature_b == int(chain.steps[1].permutation.indices[9])
+    assert row.confidence == float(chain.steps[1].confidence_F[9])  # match computes it by default
 
 
 def test_a_chain_at_layers_3_to_5_speaks_in_model_layers(late_chain):
