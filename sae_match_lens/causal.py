@@ -227,6 +227,9 @@ def causal_check(
     return pd.DataFrame(out, columns=list(CAUSAL_COLUMNS))
 
 
+_CHUNK = 64
+"""Predecessor removals per forward pass in :func:`best_single_predecessors`."""
+
 EXHAUSTIVE_COLUMNS: tuple[str, ...] = ("seq", "position", "target", "best_predecessor",
                                        "activation_change", "deactivated",
                                        "n_active_predecessors")
@@ -243,7 +246,7 @@ def best_single_predecessors(
     positions: int = 5,
     max_targets: int = 25,
     seed: int = 0,
-    chunk: int = 64,
+    links: Mapping[str, LinkMethod] | None = None,
     progress: bool = True,
     check_model: bool = True,
 ) -> pd.DataFrame:
@@ -251,7 +254,7 @@ def best_single_predecessors(
     predecessor whose removal changes it most.
 
     At every sampled position each active predecessor feature is removed on its own (one forward
-    pass each, batched by ``chunk``) and every target feature is re-read, so a target's best
+    pass each, batched) and every target feature is re-read, so a target's best
     single predecessor is found by trying them all, with no link score involved. The targets are
     those :func:`causal_check` samples with the same ``positions``, ``max_targets`` and ``seed``
     (``mode="all"``), so the two tables compare target by target. Its success rate and mean
@@ -268,14 +271,19 @@ def best_single_predecessors(
         positions: random non-BOS positions sampled per sequence.
         max_targets: active target features sampled per position.
         seed: seed of the sampling.
-        chunk: predecessor removals per forward pass (memory is bounded by it).
+        links: optional ``{name: links}`` as :func:`causal_check`'s ``methods`` (each target
+            feature's predecessor candidates); for each, the table gains ``<name>_change``, the
+            activation change from removing that method's top-1 candidate alone (NaN where it is
+            not active at the token), so a link method and the bound compare on the same
+            targets.
         progress: show a progress bar.
         check_model: refuse SAEs that do not belong to ``model`` (as in :func:`causal_check`).
 
     Returns:
-        One row per sampled target with :data:`EXHAUSTIVE_COLUMNS`: ``best_predecessor`` is -1
-        (and ``activation_change`` NaN) where no predecessor feature is active at that token;
-        the success rate is ``frame.deactivated[frame.best_predecessor >= 0].mean()``.
+        One row per sampled target with :data:`EXHAUSTIVE_COLUMNS` (and a ``<name>_change``
+        column per entry of ``links``): ``best_predecessor`` is -1 (and ``activation_change``
+        NaN) where no predecessor feature is active at that token; the success rate is
+        ``frame.deactivated[frame.best_predecessor >= 0].mean()``.
 
     Raises:
         TypeError, ValueError: bad tokens, or SAEs that do not fit each other or the model.
@@ -288,8 +296,17 @@ def best_single_predecessors(
     if not hook_order(hook_p, n_layers) < hook_order(hook_t, n_layers):
         raise ValueError(f"the predecessor {describe_sae(predecessor_sae)} must read before the "
                          f"target {describe_sae(target_sae)}.")
-    if chunk < 1:
-        raise ValueError(f"chunk must be a positive number of removals per pass, got {chunk}.")
+    top1 = {}
+    for name, method in (links or {}).items():
+        check_direction(method, target_sae, predecessor_sae,
+                        what=f"best_single_predecessors links {name!r} (each target feature's "
+                             "predecessors)")
+        idx = link_indices(method)
+        if idx.shape[0] != target_sae.cfg.d_sae or bool((idx >= predecessor_sae.cfg.d_sae).any()):
+            raise ValueError(f"links {name!r}: predecessor links of shape {tuple(idx.shape)} do "
+                             f"not fit target {describe_sae(target_sae)} -> predecessor "
+                             f"{describe_sae(predecessor_sae)} (expected [{target_sae.cfg.d_sae}, k]).")
+        top1[name] = idx[:, 0] if idx.dim() == 2 else idx
     if check_model:
         check_saes_fit_model(model, [predecessor_sae, target_sae], tokens,
                              what="best_single_predecessors")
@@ -302,10 +319,11 @@ def best_single_predecessors(
         if preds.numel() == 0:
             rows += [{"seq": seq, "position": t, "target": int(f), "best_predecessor": -1,
                       "activation_change": math.nan, "deactivated": False,
-                      "n_active_predecessors": 0} for f in active.tolist()]
+                      "n_active_predecessors": 0} | {f"{name}_change": math.nan for name in top1}
+                     for f in active.tolist()]
             continue
         changes = []
-        for part in preds.split(chunk):
+        for part in preds.split(_CHUNK):
             acts = torch.zeros((part.numel(), predecessor_sae.cfg.d_sae), dtype=f_p.dtype,
                                device=f_p.device)
             acts[torch.arange(part.numel()), part] = f_p[t, part]
@@ -314,10 +332,15 @@ def best_single_predecessors(
             changes.append(1 - z_new[:, active.to(z_new.device)].double().cpu() / old)
         change = torch.cat(changes)  # [n_pred, n_targets]
         best_change, best = change.max(dim=0)
+        slot = {int(g): i for i, g in enumerate(preds.tolist())}
         for i, f in enumerate(active.tolist()):
-            rows.append({"seq": seq, "position": t, "target": int(f),
-                         "best_predecessor": int(preds[best[i]]),
-                         "activation_change": float(best_change[i]),
-                         "deactivated": bool(best_change[i] >= 1.0),
-                         "n_active_predecessors": int(preds.numel())})
-    return pd.DataFrame(rows, columns=list(EXHAUSTIVE_COLUMNS))
+            row_out = {"seq": seq, "position": t, "target": int(f),
+                       "best_predecessor": int(preds[best[i]]),
+                       "activation_change": float(best_change[i]),
+                       "deactivated": bool(best_change[i] >= 1.0),
+                       "n_active_predecessors": int(preds.numel())}
+            for name, idx in top1.items():
+                j = slot.get(int(idx[f]))
+                row_out[f"{name}_change"] = math.nan if j is None else float(change[j, i])
+            rows.append(row_out)
+    return pd.DataFrame(rows, columns=[*EXHAUSTIVE_COLUMNS, *(f"{n}_change" for n in top1)])

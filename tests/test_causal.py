@@ -70,8 +70,9 @@ def test_bad_inputs_are_clear_errors(setup):
 
 def test_best_single_predecessor_equals_brute_force_and_bounds_top1(setup):
     model, pred, target, tokens = setup
+    lk = links(target, pred, k=1, progress=False)
     table = best_single_predecessors(model, pred, target, tokens, positions=100,
-                                     max_targets=1000, chunk=7, progress=False)
+                                     max_targets=1000, links={"top1": lk}, progress=False)
     _, cache = model.run_with_cache(tokens)
     h = cache["blocks.0.hook_resid_post"]
     with torch.no_grad():
@@ -81,7 +82,7 @@ def test_best_single_predecessor_equals_brute_force_and_bounds_top1(setup):
             for t in range(1, tokens.shape[1]):
                 active_p = torch.nonzero(f_p[s, t]).flatten().tolist()
                 for f in torch.nonzero(f_t[s, t]).flatten().tolist():
-                    best, best_g = -float("inf"), -1
+                    best, best_g, by_top1 = -float("inf"), -1, float("nan")
                     for g in active_p:  # every active predecessor, one at a time
                         acts = torch.zeros(1, pred.cfg.d_sae)
                         acts[0, g] = f_p[s, t, g]
@@ -90,16 +91,18 @@ def test_best_single_predecessor_equals_brute_force_and_bounds_top1(setup):
                         change = 1 - float(target.encode(edited[None])[0, f]) / float(f_t[s, t, f])
                         if change > best:
                             best, best_g = change, g
-                    expected[(s, t, f)] = (best_g, best)
-    got = {(r.seq, r.position, r.target): (r.best_predecessor, r.activation_change)
-           for r in table.itertuples()}
+                        if g == int(lk.top1[f]):
+                            by_top1 = change
+                    expected[(s, t, f)] = (best_g, best, by_top1)
+    got = {(r.seq, r.position, r.target): (r.best_predecessor, r.activation_change,
+                                           r.top1_change) for r in table.itertuples()}
     assert set(got) == set(expected) and len(got) > 0
-    for key, (g, change) in expected.items():
+    for key, (g, change, by_top1) in expected.items():
         assert got[key][1] == pytest.approx(change, abs=1e-5)
+        assert got[key][2] == pytest.approx(by_top1, abs=1e-5, nan_ok=True)
         if g >= 0:  # the argmax itself may differ only on an exact tie
             assert got[key][0] == g or got[key][1] == pytest.approx(change, abs=1e-6)
     # The same sample as causal_check (so the two tables compare target by target).
-    lk = links(target, pred, k=1, progress=False)
     top1 = causal_check(model, pred, target, tokens, {"top1": lk}, positions=100,
                         max_targets=1000, progress=False).iloc[0]
     assert top1.n_sampled == len(table)
