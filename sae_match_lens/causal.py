@@ -49,14 +49,31 @@ def _contribution(sae: Any, feature_acts: torch.Tensor) -> torch.Tensor:
     return sae.decode(feature_acts) - sae.decode(zero)
 
 
-def _run(model: Any, tokens: torch.Tensor, hooks: list[tuple[str, Any]], target_hook: str) -> None:
+def _start_block(model: Any, hook: str) -> int | None:
+    """The block whose input a re-run may start from to reach ``hook`` (a ``HookedTransformer``
+    hook inside ``blocks.B``), or None where the whole model must run."""
+    from transformer_lens import HookedTransformer
+
+    if not isinstance(model, HookedTransformer) or not hook.startswith("blocks.") \
+            or getattr(model.cfg, "positional_embedding_type", None) == "shortformer":
+        return None
+    return int(hook.split(".")[1])
+
+
+def _run(model: Any, tokens: torch.Tensor, hooks: list[tuple[str, Any]], target_hook: str,
+         start: tuple[int, torch.Tensor] | None = None) -> None:
+    """Run the model up to ``target_hook``'s block; with ``start = (B, resid_pre_B)`` from
+    block ``B``'s recorded input instead of from the tokens (the same numbers, fewer blocks)."""
     from transformer_lens import HookedTransformer
 
     kwargs: dict[str, Any] = {"return_type": None}
     if isinstance(model, HookedTransformer) and target_hook.startswith("blocks."):
         kwargs = {"stop_at_layer": int(target_hook.split(".")[1]) + 1}
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        model(tokens, **kwargs)
+        if start is None:
+            model(tokens, **kwargs)
+        else:
+            model(start[1], start_at_layer=start[0], tokens=tokens, **kwargs)
 
 
 def _sampled_targets(model: Any, predecessor_sae: Any, target_sae: Any, tokens: torch.Tensor,
@@ -65,10 +82,12 @@ def _sampled_targets(model: Any, predecessor_sae: Any, target_sae: Any, tokens: 
                                          torch.Tensor]]:
     """The paper's target sample: per sequence ``positions`` random non-BOS positions, per
     position at most ``max_targets`` active target features. Yields ``(seq, row, t, f_p, f_t,
-    active)``: the sequence's index and its tokens ``[1, pos]``, the position, both SAEs'
+    active)``: the sequence's index, its tokens ``[1, pos]`` with the recorded input of the block
+    a re-run may start from (:func:`_start_block`; None: from the tokens), the position, both SAEs'
     activations ``[pos, F]`` on the clean run, and the sampled target features. ``gen`` is
     shared with the caller's own draws, in order, so one seed gives one sample."""
     hook_p, hook_t = hook_name_of(predecessor_sae), hook_name_of(target_sae)
+    block = _start_block(model, hook_p)
     device = getattr(model.cfg, "device", None)
     for seq in progress_bar(range(tokens.shape[0]), desc="causal check", unit="seq",
                             enabled=progress):
@@ -80,7 +99,11 @@ def _sampled_targets(model: Any, predecessor_sae: Any, target_sae: Any, tokens: 
                 store[name] = x.detach()
             return fn
 
-        _run(model, row, [(hook_p, record("p")), (hook_t, record("t"))], hook_t)
+        hooks = [(hook_p, record("p")), (hook_t, record("t"))]
+        if block is not None:
+            hooks.append((f"blocks.{block}.hook_resid_pre", record("start")))
+        _run(model, row, hooks, hook_t)
+        start = None if block is None else (block, states["start"])
         f_p = predecessor_sae.encode(states["p"].to(predecessor_sae.W_enc.device,
                                                     predecessor_sae.W_enc.dtype))[0]
         f_t = target_sae.encode(states["t"].to(target_sae.W_enc.device, target_sae.W_enc.dtype))[0]
@@ -89,11 +112,11 @@ def _sampled_targets(model: Any, predecessor_sae: Any, target_sae: Any, tokens: 
             active = torch.nonzero(f_t[t] != 0).flatten()
             if active.numel() == 0:
                 continue
-            yield seq, row, t, f_p, f_t, active[torch.randperm(active.numel(), generator=gen)
-                                           [:max_targets]]
+            yield seq, (row, start), t, f_p, f_t, active[
+                torch.randperm(active.numel(), generator=gen)[:max_targets]]
 
 
-def _read_after_edit(model: Any, row: torch.Tensor, t: int, delta: torch.Tensor,
+def _read_after_edit(model: Any, row: tuple[torch.Tensor, Any], t: int, delta: torch.Tensor,
                      predecessor_sae: Any, target_sae: Any) -> torch.Tensor:
     """The target SAE's activations at position ``t`` (``[n_edit, F_T]``) after subtracting
     each row of ``delta`` (``[n_edit, d]``, one forward each, batched) at the predecessor's hook
@@ -109,7 +132,10 @@ def _read_after_edit(model: Any, row: torch.Tensor, t: int, delta: torch.Tensor,
     def read(x: torch.Tensor, *, hook: Any) -> None:
         seen["t"] = x[:, t].detach()
 
-    _run(model, row.expand(delta.shape[0], -1), [(hook_p, edit), (hook_t, read)], hook_t)
+    tokens, start = row
+    n = delta.shape[0]
+    _run(model, tokens.expand(n, -1), [(hook_p, edit), (hook_t, read)], hook_t,
+         None if start is None else (start[0], start[1].expand(n, -1, -1)))
     return target_sae.encode(seen["t"].to(target_sae.W_enc.device, target_sae.W_enc.dtype))
 
 

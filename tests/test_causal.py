@@ -106,3 +106,33 @@ def test_best_single_predecessor_equals_brute_force_and_bounds_top1(setup):
     top1 = causal_check(model, pred, target, tokens, {"top1": lk}, positions=100,
                         max_targets=1000, progress=False).iloc[0]
     assert top1.n_sampled == len(table)
+
+
+def test_rerun_from_the_recorded_block_input_equals_a_full_run(setup, monkeypatch):
+    """Re-runs start at the predecessor's block from its recorded input; the numbers are those
+    of re-running the whole model from the tokens."""
+    import sae_match_lens.causal as causal
+
+    model, _, _, tokens = setup
+    pred = random_jumprelu_sae("blocks.1.hook_mlp_out", seed=3)
+    target = random_jumprelu_sae(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", seed=4)
+    lk = links(target, pred, k=3, progress=False)
+
+    def both() -> tuple:
+        return (causal_check(model, pred, target, tokens, {"top3": lk}, progress=False,
+                             check_model=False),
+                best_single_predecessors(model, pred, target, tokens, links={"top3": lk},
+                                         progress=False, check_model=False))
+
+    assert causal._start_block(model, "blocks.1.hook_mlp_out") == 1
+    fast = both()
+    monkeypatch.setattr(causal, "_start_block", lambda model, hook: None)
+    full = both()
+    assert fast[0].n_targets.iloc[0] > 0 and len(fast[1]) > 0
+    for a, b in zip(fast, full, strict=True):
+        for col in a.columns:
+            if a[col].dtype.kind == "f":
+                assert a[col].to_numpy() == pytest.approx(b[col].to_numpy(), abs=1e-5,
+                                                          nan_ok=True), col
+            else:
+                assert (a[col] == b[col]).all(), col
