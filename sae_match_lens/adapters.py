@@ -84,7 +84,6 @@ __all__ = [
     "hook_name_of",
     "identity_mismatch",
     "layers_from_hooks",
-    "leading_coordinates",
     "model_layer_of",
     "rescale",
     "sae_identity",
@@ -566,7 +565,7 @@ def _sampled_rows(d_sae: int) -> torch.Tensor:
     return torch.arange(0, d_sae, max(1, d_sae // 256))
 
 
-def leading_coordinates(x: torch.Tensor, n: int) -> torch.Tensor:
+def _leading_coordinates(x: torch.Tensor, n: int) -> torch.Tensor:
     """The first ``n`` columns of ``torch.argsort(x, dim=1, descending=True, stable=True)``
     (ties: the lower index first) without sorting whole rows.
 
@@ -609,7 +608,7 @@ def direction_signature(sae: SAE) -> str:
     digest = hashlib.sha256()
     for vectors in (sae.W_dec.detach()[rows], sae.W_enc.detach()[:, rows].T):
         v = vectors.to(torch.float64).cpu()
-        order = leading_coordinates(v.abs(), 3)
+        order = _leading_coordinates(v.abs(), 3)
         signs = torch.gather(torch.sign(v), 1, order)
         digest.update(order.numpy().astype("int64").tobytes())
         digest.update(signs.numpy().astype("int8").tobytes())

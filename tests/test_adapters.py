@@ -164,6 +164,58 @@ def test_feature_view_matches_the_folded_sae():
     assert view.bias_names == ("b_gate", "b_mag") and view.folded
 
 
+@pytest.mark.parametrize("architecture", ALL_ARCHITECTURES)
+@pytest.mark.parametrize("folded", [True, False])
+def test_feature_view_without_encoder_has_the_same_decoder_and_an_empty_encoder(architecture,
+                                                                                 folded):
+    sae = build_sae(architecture)
+    full, lean = feature_view(sae, fold=folded), feature_view(sae, fold=folded, encoder=False)
+    s = fold_scales(sae) if folded else torch.ones(sae.cfg.d_sae)
+    # one rounding per entry: the float32 entry times the float32 scale (as the view documents)
+    assert torch.equal(full.encoder_FD, sae.W_enc.detach().T * (1.0 / s).float()[:, None])
+    assert torch.equal(full.decoder_FO, sae.W_dec.detach() * s.float()[:, None])
+    torch.testing.assert_close(full.decoder_FO, (fold(sae) if folded else sae).W_dec.detach())
+    assert torch.equal(lean.decoder_FO, full.decoder_FO)
+    assert torch.equal(lean.bias_FB, full.bias_FB)
+    assert lean.encoder_FD.shape == (sae.cfg.d_sae, 0) and lean.d_sae == sae.cfg.d_sae
+    assert full.encoder_FD.is_contiguous() and full.decoder_FO.is_contiguous()
+
+
+def test_a_cost_weighing_the_encoder_refuses_a_view_without_it():
+    from sae_match_lens.solvers.costs import CostWeights, stack_features
+
+    lean = feature_view(build_sae("jumprelu"), encoder=False)
+    stacked = stack_features(lean, CostWeights(1.0, 0.0, 0.0), "mse")
+    torch.testing.assert_close(stacked.matrix_FK, lean.decoder_FO)
+    with pytest.raises(ValueError, match="encoder=True"):
+        stack_features(lean, CostWeights(1.0, 1.0, 0.0), "mse")
+
+
+def test_direction_signature_keeps_argsorts_order_of_tied_coordinates():
+    """The signature takes each sampled vector's 3 largest-magnitude coordinates; with ties
+    (here: many equal magnitudes, and a tie at the third place) it must keep the order of a
+    stable descending argsort (lower index first), as signatures saved before did."""
+    import hashlib
+
+    from sae_match_lens.adapters import _sampled_rows, direction_signature
+
+    sae = build_sae("jumprelu", d_in=16, d_sae=48)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.randint(-3, 4, sae.W_dec.shape, generator=gen).float())
+        sae.W_enc.copy_(torch.randint(-2, 3, sae.W_enc.shape, generator=gen).float())
+        sae.W_dec[5] = torch.tensor([2.0, -2.0] * 8)  # every coordinate tied
+    digest = hashlib.sha256()
+    rows = _sampled_rows(sae.cfg.d_sae)
+    for vectors in (sae.W_dec.detach()[rows], sae.W_enc.detach()[:, rows].T):
+        v = vectors.to(torch.float64)
+        order = torch.argsort(v.abs(), dim=1, descending=True, stable=True)[:, :3]
+        digest.update(order.numpy().astype("int64").tobytes())
+        digest.update(torch.gather(torch.sign(v), 1, order).numpy().astype("int8").tobytes())
+    digest.update(b"jumprelu")
+    assert direction_signature(sae) == digest.hexdigest()[:16]
+
+
 def test_identity_is_stable_and_tells_different_saes_apart():
     a, b = build_sae("jumprelu", seed=0), build_sae("jumprelu", seed=1)
     assert sae_identity(a) == sae_identity(copy.deepcopy(a))

@@ -104,3 +104,58 @@ def test_auto_width_screens_large_structured_pairs_and_not_small_ones():
     small = stacked(A[:1000])
     assert screen_dims_auto(small, small, 16) == K
     assert math.isfinite(m)
+
+
+@pytest.mark.parametrize(("n_rows", "block"), [(333, 64), (333, 100), (333, 333), (64, 16),
+                                               (500, 48)])
+@pytest.mark.parametrize("order", ["ties", "decreasing", "increasing"])
+def test_column_lists_read_by_row_groups_keep_the_exact_cheapest_entries(n_rows, block, order):
+    """Blocks of several 16-row groups (and leftover rows), with group minima tied across
+    groups ("ties"), every later block beating every list ("decreasing") or none doing so
+    ("increasing"): the lists are always the exact 4 smallest entries of each column."""
+    gen = torch.Generator().manual_seed(n_rows + block)
+    L = torch.randint(0, 4, (n_rows, 50), generator=gen).float()
+    if order == "decreasing":
+        L = L - 10 * torch.arange(float(n_rows))[:, None]
+    elif order == "increasing":
+        L = L + 10 * torch.arange(float(n_rows))[:, None]
+    lists = _ColumnLists(50, 4, torch.device("cpu"))
+    for r0 in range(0, n_rows, block):
+        lists.update(L[r0:r0 + block], r0)
+    best = np.sort(L.numpy(), axis=0)[:4].T
+    np.testing.assert_array_equal(lists.val.numpy(), best)
+    np.testing.assert_array_equal(np.take_along_axis(L.numpy().T, lists.idx.numpy(), 1), best)
+    assert all(len(set(r)) == 4 for r in lists.idx.numpy().tolist())
+
+
+@pytest.mark.parametrize("dims", [10, 40])
+def test_screening_bound_with_the_stacked_float64_norms_stays_below_the_cost(dims):
+    """make_screen takes ‖x‖² from StackedFeatures.norm_sq_F when it is known; the bound must
+    stay below the exact cost, also for identical features (cost 0) of large norm."""
+    from sae_match_lens.solvers.costs import squared_norms
+
+    gen = torch.Generator().manual_seed(dims)
+    scales = torch.logspace(-1, 2, 200)[:, None]
+    x = (torch.randn(200, 40, generator=gen) * scales).contiguous()
+    y = torch.cat([x[:100], (torch.randn(100, 40, generator=gen) * scales[:100])]).contiguous()
+    a, b = (StackedFeatures(t, squared_norms(t), squared_norms(t)) for t in (x, y))
+    screen = make_screen(a, b, dims, "float32", torch.device("cpu"))
+    low = screen_block(screen, 0, 200).double().numpy()
+    assert (low <= exact_costs(a, b)).all()
+    assert (np.diag(low)[:100] <= 0).all()
+
+
+def test_auto_width_hands_back_the_screen_it_chose():
+    gen = torch.Generator().manual_seed(6)
+    n, K = 4096, 600
+    A = torch.randn(n, K, generator=gen)
+    B = A[torch.randperm(n, generator=gen)] + 0.3 * torch.randn(n, K, generator=gen)
+    a, b = stacked(A), stacked(B)
+    screens: dict = {}
+    m = screen_dims_auto(a, b, 16, screens=screens)
+    assert round(K / 10) <= m < K and m == screen_dims_auto(a, b, 16)
+    if m in screens:
+        built = make_screen(a, b, m, "float32", torch.device("cpu"))
+        for got, want in zip(screens[m], built, strict=True):
+            if isinstance(want, torch.Tensor):
+                assert torch.equal(got, want)

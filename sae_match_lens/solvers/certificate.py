@@ -271,19 +271,24 @@ def check_rows(C_RN: torch.Tensor, rows: np.ndarray, a: StackedFeatures, b: Stac
     Returns the computed edges and, per row, the lowest lower bound of the entries left unproven
     by nothing but their bound (``C32 − err32``; the new floor of the row's pruned edges)."""
     R, n_b = C_RN.shape
-    C = C_RN.numpy().astype(np.float64)
-    err = float32_error(scales, rows)
+    # the big elementwise passes in torch (all threads; each op rounds once, as numpy's would)
+    C = C_RN.to(torch.float64)
+    err = torch.from_numpy(float32_error(scales, rows))
     sure = np.zeros_like(present)
     if max_cost is not None:
         lam32 = np.float32(max_cost)
         sure = C_RN.numpy() == lam32
         band = C_RN.numpy() == np.nextafter(lam32, np.float32(np.inf))
-        C[band] = float(lam32)
-    low32 = C - err
+        C[torch.from_numpy(band)] = float(lam32)
+    low32_t = C.sub_(err)
     if max_cost is not None:
-        np.minimum(low32, float(max_cost), out=low32)
-    slack = low32 - (u[rows] + pad_a[rows])[:, None] - (v + pad_b)[None, :]
-    suspect = (slack < 0) & ~present & ~sure
+        low32_t.clamp_(max=float(max_cost))
+    slack = torch.sub(low32_t, torch.from_numpy(u[rows] + pad_a[rows])[:, None], out=err)
+    slack -= torch.from_numpy(v + pad_b)[None, :]
+    suspect_t = slack < 0
+    suspect_t &= ~torch.from_numpy(present | sure)
+    suspect = suspect_t.numpy()
+    low32 = low32_t.numpy()
     rr, cc = np.nonzero(suspect)
     cost = edge_costs(a, b, rows[rr], cc, dev, scales)
     if max_cost is not None:
@@ -298,10 +303,10 @@ def check_rows(C_RN: torch.Tensor, rows: np.ndarray, a: StackedFeatures, b: Stac
     red, low, known = reduced(cost, e, u[er], v[cc])
     worst = np.zeros(len(u))
     np.minimum.at(worst, er, low)
-    low32[present | suspect] = np.inf
+    low32_t.masked_fill_(suspect_t | torch.from_numpy(present), math.inf)
     if max_cost is not None:
         low32[sure] = float(max_cost)
-    floor = low32.min(axis=1) if n_b else np.full(R, np.inf)
+    floor = low32_t.amin(dim=1).numpy() if n_b else np.full(R, np.inf)
     return EdgeCheck(er, cc, cost, red, known, worst), floor
 
 

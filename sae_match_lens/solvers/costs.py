@@ -383,14 +383,15 @@ def float32_error(scales: ExactScales, rows: np.ndarray) -> np.ndarray:
     """Bound on ``|C32_ij − C_ij|`` for float32 rows ``rows`` against all columns
     ([len(rows), n_b], float64; module doc)."""
     na, nb = scales.norm_a[rows], scales.norm_b
-    err = np.multiply.outer(na, nb)
+    # torch's elementwise ops run on all threads; each op rounds once, as numpy's would
+    err = torch.outer(torch.from_numpy(na), torch.from_numpy(nb))
     err *= 2.0
-    err += scales.const_a[rows][:, None]
-    err += scales.const_b[None, :]
+    err += torch.from_numpy(scales.const_a[rows])[:, None]
+    err += torch.from_numpy(scales.const_b)[None, :]
     err *= scales.g32
-    err += (scales.g64 * (na * na + np.abs(scales.offset_a[rows])))[:, None]
-    err += (scales.g64 * (nb * nb + np.abs(scales.offset_b)))[None, :]
-    return err
+    err += torch.from_numpy(scales.g64 * (na * na + np.abs(scales.offset_a[rows])))[:, None]
+    err += torch.from_numpy(scales.g64 * (nb * nb + np.abs(scales.offset_b)))[None, :]
+    return err.numpy()
 
 
 def float32_error_max(scales: ExactScales, rows: np.ndarray) -> np.ndarray:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -145,15 +146,18 @@ def make_screen(a: StackedFeatures, b: StackedFeatures, m: int, precision: Preci
     # float32 norms of w coordinates are within a relative (w + 2)·2⁻²⁴ of the exact ones
     up_full, down_part = 1.0 + (K + 2) * _EPS32, 1.0 - (len(keep) + 2) * _EPS32
     up_rest = 1.0 + 2 * (K + 2) * _EPS32  # float32 norms times this are upper bounds
+    up64 = 1.0 + 2 * (K + 6) * 2.0**-53
     up_part = 1.0 + 2 * (len(keep) + 3) * _EPS32
 
     width = len(keep) + int(has_rest)
     fused = precision == "float32"
     pad = 3 if fused else 0  # the fused product's constant columns, filled below
 
-    def side(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def side(x: torch.Tensor, norm_sq: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``[x_S, ‖x_R‖↑]`` on ``dev`` (and ``pad`` columns left to fill) and upper bounds of
-        its row norms, in chunks of rows."""
+        its row norms, in chunks of rows. ``norm_sq``: ``fl(‖x‖²)`` in float64 when known
+        (:attr:`StackedFeatures.norm_sq_F`, relative error ≤ ``(K + 1)·2⁻⁵³``; times
+        ``1 + 2(K + 6)·2⁻⁵³`` it is an upper bound), else float32 norms are taken here."""
         out = torch.empty((x.shape[0], width + pad), dtype=torch.float32, device=dev)
         norms = torch.empty(x.shape[0], dtype=torch.float32, device=dev)
         keep_dev = keep.to(dev)
@@ -171,6 +175,8 @@ def make_screen(a: StackedFeatures, b: StackedFeatures, m: int, precision: Preci
                 # error bound, the difference in float64, the result rounded up
                 if select is not None:
                     full_sq = x.norm_sq_upper(r0, r1).to(dev)
+                elif norm_sq is not None:
+                    full_sq = norm_sq[r0:r1].to(dev, torch.float64) * up64
                 else:
                     full_sq = (torch.linalg.vector_norm(chunk, dim=1).double()
                                * up_full).square_()
@@ -180,8 +186,8 @@ def make_screen(a: StackedFeatures, b: StackedFeatures, m: int, precision: Preci
             norms[r0:r1] = torch.linalg.vector_norm(dst, dim=1) * up_part
         return out, norms
 
-    fa, na = side(a.matrix_FK)
-    fb, nb = side(b.matrix_FK)
+    fa, na = side(a.matrix_FK, a.norm_sq_F)
+    fb, nb = side(b.matrix_FK, b.norm_sq_F)
     ca, cb = a.const_F.to(dev, torch.float32), b.const_F.to(dev, torch.float32)
     if fused:
         # One product gives L directly: [x_S, r, c_a(1−γ), 1, ν_a] · [−2y_S, −2r, 1, c_b(1−γ),
@@ -232,13 +238,17 @@ _WIDTHS = (1 / 10, 1 / 8, 1 / 7, 1 / 6, 1 / 5.5, 1 / 5, 1 / 4.5, 1 / 4, 1 / 3.5,
 
 def screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, *, sample: int = 128,
                      seed: int = 0, order: torch.Tensor | None = None,
-                     chunk: int = 4096) -> int:
+                     chunk: int = 4096, screens: dict[int, Screen] | None = None,
+                     device: torch.device | None = None) -> int:
     """Pick the screen width that minimises the expected work, from a sample of rows.
 
-    For ``sample`` random rows of A, one pass over all of B (in chunks) gives each row's exact
-    best cost; then, for widths ``m`` from ``K/10`` up to ``K/2``, a pass of width ``m`` gives the
-    floor the screening pass would give each sampled row (its ``k``-th smallest bound; all
-    columns are needed: siblings of a feature cluster make column samples misleading). With the
+    For ``sample`` random rows of A and widths ``m`` from ``K/10`` up to ``K/2``, a pass of width
+    ``m`` gives the floor the screening pass would give each sampled row (its ``k``-th smallest
+    bound; all columns are needed: siblings of a feature cluster make column samples
+    misleading). The first width's pass is the screen itself (:func:`make_screen`), and each
+    sampled row's best cost is taken as the smallest cost of its ``k`` smallest bounds there
+    (the best partner is almost always among them; where not, the estimate is too high, which
+    can only favour wider screens). With the
     solver's duals (``u_i ≈ 0``, ``v_j`` ≈ the cost of column ``j``'s match) a row's pruned edges
     are proven when its floor exceeds ``max_j v_j``, estimated as 1.05 × the largest best cost in
     the sample. The share ``f_m`` of rows below it estimates how many rows the certificate would
@@ -246,7 +256,11 @@ def screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, *, sample: 
     are tried in increasing order and the search stops at the first ``m`` with ``m/K`` at or
     above the best work found (no wider screen can do better), so usually one or two widths are
     read. Returns ``K`` for no screening (also for fewer than 4096 features or ``K < 512``). The
-    estimate costs about ``(K + Σ m) · sample / (K · n_a)`` of an exact pass.
+    estimate costs a screen of width ``K/10`` (:func:`make_screen`) and about
+    ``Σ m · sample / (K · n_a)`` of an exact pass for the other widths read.
+
+    ``screens``: a dict to receive that first screen (on ``device``), keyed by its width; the
+    caller reuses it when the first width wins instead of building it again.
     """
     n_a, n_b = a.matrix_FK.shape[0], b.matrix_FK.shape[0]
     K = a.matrix_FK.shape[1]
@@ -264,29 +278,31 @@ def screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, *, sample: 
     def consts(c0: int, c1: int) -> torch.Tensor:
         return ca[:, None] + b.const_F[c0:c1].cpu().float()[None, :]
 
-    best = torch.full((len(rows),), math.inf)
-    for c0 in range(0, n_b, chunk):
-        y = b.matrix_FK[c0:c0 + chunk].cpu()
-        exact = matmul_nt(x, y, torch.empty((len(rows), len(y))))
-        best = torch.minimum(best, (consts(c0, c0 + len(y)) - 2 * exact).amin(dim=1))
+    # the first width's screen: its sampled rows' bounds give their floors, and the exact costs
+    # of their kk smallest bounds their best costs (the best partner is almost always among
+    # them; where not, the estimate is higher, which can only favour wider screens)
+    first = make_screen(a, b, widths[0], "float32", device or a.matrix_FK.device, order=order)
+    r = rows.to(first.a_FS.device)
+    part = first._replace(a_FS=first.a_FS[r], norm_a=first.norm_a[r], err_a=first.err_a[r],
+                          const_a=first.const_a[r])
+    first_floors, cols = torch.topk(screen_block(part, 0, len(rows)), kk, dim=1, largest=False,
+                                    sorted=False)
+    first_floors, cols = first_floors.cpu(), cols.cpu()
+    y = b.matrix_FK[cols.reshape(-1).to(b.matrix_FK.device)].cpu().view(len(rows), kk, -1)
+    dots = torch.bmm(y, x[:, :, None]).squeeze(2)
+    best = (ca[:, None] + b.const_F.cpu().float()[cols] - 2 * dots).amin(dim=1)
     need = 1.05 * float(best.max())
+    if screens is not None:
+        screens[widths[0]] = first
+    del first, part
     best_m, best_work = K, 1.0
     for m in widths:
         if m / K >= best_work:
             break
-        sel = order[:m]
-        xs = torch.index_select(x, 1, sel)
-        rest_a = (x_sq - torch.linalg.vector_norm(xs, dim=1).square()).clamp_(min=0.0).sqrt_()
-        floors = torch.full((len(rows), kk), math.inf)
-        for c0 in range(0, n_b, chunk):
-            y = b.matrix_FK[c0:c0 + chunk].cpu()
-            ys = torch.index_select(y, 1, sel)
-            rest_b = (torch.linalg.vector_norm(y, dim=1).square()
-                      - torch.linalg.vector_norm(ys, dim=1).square()).clamp_(min=0.0).sqrt_()
-            low = matmul_nt(xs, ys, torch.empty((len(rows), len(y))))
-            low.addr_(rest_a, rest_b).mul_(-2.0).add_(consts(c0, c0 + len(y)))
-            merged = torch.cat([floors, low], dim=1)
-            floors = torch.topk(merged, kk, dim=1, largest=False, sorted=False).values
+        if m == widths[0]:
+            floors = first_floors
+        else:
+            floors = _sample_floors(a, b, x, x_sq, consts, order[:m], kk, chunk)
         share = float((floors.amax(dim=1) < need).double().mean())
         work = m / K + 1.2 * share
         logger.debug("screen width %d: estimated share of rows to recheck %.3f", m, share)
@@ -295,6 +311,26 @@ def screen_dims_auto(a: StackedFeatures, b: StackedFeatures, k: int, *, sample: 
     logger.info("screen width %d of %d (estimated work %.2f of an exact pass)", best_m, K,
                 best_work)
     return best_m
+
+
+def _sample_floors(a: StackedFeatures, b: StackedFeatures, x: torch.Tensor, x_sq: torch.Tensor,
+                   consts: Callable[[int, int], torch.Tensor], sel: torch.Tensor, kk: int,
+                   chunk: int) -> torch.Tensor:
+    """The ``kk`` smallest unrounded width-``len(sel)`` bounds of the sampled rows ``x``."""
+    n_b = b.matrix_FK.shape[0]
+    xs = torch.index_select(x, 1, sel)
+    rest_a = (x_sq - torch.linalg.vector_norm(xs, dim=1).square()).clamp_(min=0.0).sqrt_()
+    floors = torch.full((len(x), kk), math.inf)
+    for c0 in range(0, n_b, chunk):
+        y = b.matrix_FK[c0:c0 + chunk].cpu()
+        ys = torch.index_select(y, 1, sel)
+        rest_b = (torch.linalg.vector_norm(y, dim=1).square()
+                  - torch.linalg.vector_norm(ys, dim=1).square()).clamp_(min=0.0).sqrt_()
+        low = matmul_nt(xs, ys, torch.empty((len(x), len(y))))
+        low.addr_(rest_a, rest_b).mul_(-2.0).add_(consts(c0, c0 + len(y)))
+        merged = torch.cat([floors, low], dim=1)
+        floors = torch.topk(merged, kk, dim=1, largest=False, sorted=False).values
+    return floors
 
 
 def block_rows_for(n_b: int) -> int:
@@ -355,50 +391,59 @@ def screen_pass(screen: Screen, n_a: int, n_b: int, k: int, block_rows: int | No
     return Candidates(row_idx, cols.idx.cpu(), row_floor.numpy(), col_floor.numpy())
 
 
+_COL_GROUP = 16
+"""Rows per group of :class:`_ColumnLists`' selection."""
+
+
 class _ColumnLists:
     """The ``kc`` cheapest entries of every column seen so far (values ascending).
 
-    Only entries below their column's current ``kc``-th value can enter its list. After the
-    first blocks few do, so a block is filtered by one comparison and only the survivors are
-    merged; a block with many survivors (the first one) is selected by sorting its transpose.
-    Every entry left out is ≥ its column's final ``kc``-th value (thresholds only decrease), so
-    that value bounds the column's pruned edges."""
+    A block is read by groups of ``g = 16`` adjacent rows: one pass takes each group's minimum
+    per column. In each column, the ``kc`` groups of smallest minimum hold the block's ``kc``
+    smallest entries (an entry outside them is ≥ its own group's minimum, hence ≥ the ``kc``
+    chosen minima, each of which is an entry of a chosen group), so the first block reads only
+    those ``kc·g`` entries per column one by one. Later blocks compare the group minima with
+    each column's current ``kc``-th value: only groups whose minimum is below it can hold an
+    entry that enters the list, and few do. The list is thus the exact ``kc`` smallest entries
+    seen, and its last value bounds every entry left out."""
 
     def __init__(self, n_b: int, kc: int, dev: torch.device) -> None:
         self.kc = kc
         self.val = torch.full((n_b, kc), math.inf, device=dev)
         self.idx = torch.zeros((n_b, kc), dtype=torch.int64, device=dev)
-        self._mask: torch.Tensor | None = None
+        self._cols = torch.arange(n_b, device=dev)
 
     def update(self, low: torch.Tensor, r0: int) -> None:
         """Merge the block ``low`` (rows ``r0 : r0 + len(low)``, all columns)."""
+        main = low.shape[0] // _COL_GROUP * _COL_GROUP
+        if main:
+            self._update(low[:main], r0, _COL_GROUP)
+        if main < low.shape[0]:  # the last rows of a block whose length is not a multiple of g
+            self._update(low[main:], r0 + main, 1)
+
+    def _update(self, low: torch.Tensor, r0: int, g: int) -> None:
         n_rows, n_b = low.shape
+        groups = n_rows // g
         dev = low.device
-        if self._mask is None or self._mask.shape[0] < n_rows:
-            self._mask = torch.empty(low.shape, dtype=torch.bool, device=dev)
-        thr = self.val[:, -1].contiguous()
-        compare = torch.lt
-        if n_rows >= self.kc and bool(torch.isinf(thr).any()):
-            # kc disjoint row groups each hold an entry ≤ their minimum, so the largest group
-            # minimum bounds the block's kc-th value from above: a valid first threshold
-            groups = low[: n_rows // self.kc * self.kc].view(self.kc, -1, n_b)
-            thr = torch.minimum(thr, groups.amin(dim=1).amax(dim=0))
-            compare = torch.le  # keeps at least kc entries of every column
-        mask = compare(low, thr[None, :], out=self._mask[:n_rows])
-        survivors = int(torch.count_nonzero(mask))
-        if survivors == 0:
+        mins = low.view(groups, g, n_b).amin(dim=1) if g > 1 else low
+        within = torch.arange(g, device=dev)
+        if bool(torch.isinf(self.val[:, -1]).any()):  # lists not yet full: the kc best groups
+            take = min(self.kc, groups)
+            best = torch.topk(mins.T.contiguous(), take, dim=1, largest=False,
+                              sorted=False).indices
+            rows = (best[:, :, None] * g + within).view(n_b, take * g)
+            vals = low.reshape(-1)[rows * n_b + self._cols[:, None]]
+            self._merge(self._cols, vals, rows + r0)
             return
-        if survivors > 4 * self.kc * n_b:
-            vals, rows = torch.topk(low.T.contiguous(), min(self.kc, n_rows), dim=1,
-                                    largest=False, sorted=False)
-            self._merge(torch.arange(n_b, device=dev), vals, rows + r0)
+        thr = self.val[:, -1]
+        grp, cc = torch.nonzero(mins < thr[None, :], as_tuple=True)
+        if len(cc) == 0:
             return
-        if dev.type == "cpu":  # numpy's flatnonzero is several times faster here
-            flat = torch.from_numpy(np.flatnonzero(mask.numpy()))
-        else:
-            flat = torch.nonzero(mask.view(-1)).squeeze(1)
-        rr, cc = flat // n_b, flat % n_b
-        vv = low.view(-1)[flat]
+        rr = (grp[:, None] * g + within).reshape(-1)  # every row of each surviving group
+        cc = cc.repeat_interleave(g)
+        vv = low[rr, cc]
+        keep = vv < thr[cc]
+        rr, cc, vv = rr[keep], cc[keep], vv[keep]
         by_val = torch.argsort(vv)
         order = by_val[torch.argsort(cc[by_val], stable=True)]  # by column, then by value
         rr, cc, vv = rr[order], cc[order], vv[order]

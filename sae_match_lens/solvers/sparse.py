@@ -73,6 +73,7 @@ from .costs import (
 from .screen import (
     LOW_PRECISION,
     Precision,
+    Screen,
     block_rows_for,
     coordinate_order,
     make_screen,
@@ -329,15 +330,20 @@ def _solve(a: StackedFeatures, b: StackedFeatures, *, k: int, max_cost: float | 
     stats: dict[str, Any] = {}
     t0 = time.perf_counter()
     order = coordinate_order(a, b)
+    screens: dict[int, Screen] = {}  # the probe's screens: the chosen one is not built again
     if screen_dims == "auto":
-        m = screen_dims_auto(a, b, k, order=order) if precision == "float32" else K
+        m = (screen_dims_auto(a, b, k, order=order, screens=screens, device=dev)
+             if precision == "float32" else K)
     elif screen_dims is None:
         m = K
     else:
         m = min(int(screen_dims), K)
     stats["screen_dims"] = m
     stats["t_width"] = time.perf_counter() - t0
-    screen = make_screen(a, b, m, precision, dev, order=order)
+    screen = screens.pop(m, None)
+    screens.clear()  # a screen of another width is freed before this one is built
+    if screen is None:
+        screen = make_screen(a, b, m, precision, dev, order=order)
     row_idx, col_idx, row_floor, col_floor = screen_pass(screen, n_a, n_b, k, block_rows,
                                                           progress, label)
     del screen
