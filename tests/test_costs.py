@@ -117,3 +117,15 @@ def test_stacked_norms_are_the_float64_squared_norms_and_zero_the_offsets():
         scales = exact_scales(s, s)
         assert (scales.offset_a == 0).all() and (scales.offset_b == 0).all()
     torch.testing.assert_close(stack_features(view, CostWeights(1.0, 0.0, 0.0), "mse").matrix_FK, dec)
+
+
+def test_listed_costs_on_several_threads_match_direct_float64_differences():
+    """Enough rows for several threads and a last chunk shorter than the others."""
+    gen = torch.Generator().manual_seed(4)
+    a = stacked(torch.randn(1601, 2304, generator=gen))
+    b = stacked(torch.randn(500, 2304, generator=gen) * 1.5)
+    idx = torch.randint(0, 500, (1601, 16), generator=gen)
+    listed = listed_costs(a, b, idx, torch.device("cpu")).numpy()
+    rows = np.r_[0:5, 800:805, 1590:1601]
+    diff = b.matrix_FK.double()[idx[rows]] - a.matrix_FK.double()[rows][:, None, :]
+    np.testing.assert_allclose(listed[rows], (diff ** 2).sum(-1).numpy(), rtol=1e-13)

@@ -420,11 +420,22 @@ def listed_costs(x: StackedFeatures, y: StackedFeatures, idx_XL: torch.Tensor,
         idx = idx_XL.numpy()
         res = out.numpy()
 
-        def part(r0: int, r1: int) -> None:
-            diff = np.subtract(yn[idx[r0:r1]], xn[r0:r1, None, :], dtype=np.float64)
-            res[r0:r1] = _row_dots(diff)
+        step = max(1, _CHUNK_BYTES // (8 * K * L))
 
-        _on_threads(_row_ranges(n_x, max(1, _CHUNK_BYTES // (8 * K * L))), part)
+        def part(p0: int, p1: int) -> None:
+            # float64 buffers filled by casting copies, then one subtraction in place: faster
+            # than a mixed-dtype subtraction (measured: 0.69 vs 0.82 CPU-s for 16384 × 16 × 2304)
+            diff = np.empty((step, L, K))
+            x64 = np.empty((step, 1, K))
+            for r0 in range(p0, p1, step):
+                r1 = min(p1, r0 + step)
+                d, xr = diff[: r1 - r0], x64[: r1 - r0]
+                np.copyto(d, yn[idx[r0:r1]])
+                np.copyto(xr[:, 0], xn[r0:r1])
+                np.subtract(d, xr, out=d)
+                res[r0:r1] = _row_dots(d)
+
+        _on_threads(_row_ranges(n_x, 64 * step), part)
     else:
         rows = max(1, _GATHER_BYTES // (12 * K * L))
         buf = torch.empty((rows * L, K), dtype=torch.float32, device=dev)
