@@ -352,8 +352,10 @@ def squared_norms(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.float64)
     step = max(1, _CHUNK_BYTES // (8 * max(1, K)))
 
-    for r0, r1 in _row_ranges(n, step):
+    def part(r0: int, r1: int) -> None:
         torch.sum(x[r0:r1].double().square_(), dim=1, out=out[r0:r1])
+
+    _on_threads(_row_ranges(n, step), part)
     return out
 
 
