@@ -236,3 +236,30 @@ def test_trained_saes_with_uncertain_matches_certify_the_dense_optimum(family):
     assert result.certified and result.gap <= 1e-5 * reference.total_cost
     assert result.total_cost == pytest.approx(reference.total_cost, rel=1e-6)
     assert torch.equal(result.permutation.indices, reference.permutation.indices)
+
+
+@pytest.mark.slow
+def test_auto_width_route_certifies_the_dense_optimum_with_near_ties():
+    """The auto-width probe's screen, reused by the screening pass, grouped column lists over
+    blocks with leftover rows (200 = 12 groups of 16 + 8), clusters of 8 siblings and exact
+    ties (duplicated rows of A and columns of B): the certified total must be the optimum of
+    the float64 costs (brute force: scipy on the full matrix of direct differences)."""
+    gen = torch.Generator().manual_seed(11)
+    n, K = 4096, 512
+    A = torch.randn(n // 8, K, generator=gen).repeat_interleave(8, dim=0)
+    A += 0.3 * torch.randn(n, K, generator=gen)
+    A[1::101] = A[0:-1:101][: len(A[1::101])]  # exact duplicate rows
+    B = A[torch.randperm(n, generator=gen)] + 0.3 * torch.randn(n, K, generator=gen)
+    B[1::97] = B[0:-1:97][: len(B[1::97])]  # exact duplicate columns
+    a, b = stacked(A), stacked(B)
+    sol = solve_sparse(a, b, block_rows=200, progress=False)
+    assert sol.stats["screen_dims"] < K  # the screened route, not the exact pass
+    assert sol.certified
+    A64, B64 = A.double(), B.double()
+    C = np.empty((n, n))
+    for r0 in range(0, n, 16):  # float64 direct differences: the costs the certificate speaks of
+        C[r0:r0 + 16] = ((A64[r0:r0 + 16, None, :] - B64[None]) ** 2).sum(-1).numpy()
+    rows, cols = linear_sum_assignment(C)
+    best = math.fsum(C[rows, cols].tolist())
+    total = math.fsum(sol.cost.tolist())
+    assert best - 1e-9 * best <= total <= best + sol.gap + 1e-9 * best
