@@ -334,7 +334,7 @@ def _sample_floors(a: StackedFeatures, b: StackedFeatures, x: torch.Tensor, x_sq
 
 
 def block_rows_for(n_b: int) -> int:
-    """Rows per screening block: a float32 block buffer of about 128 MiB (and its boolean mask)."""
+    """Rows per screening block: a float32 block buffer of about 128 MiB."""
     return int(min(4096, max(128, (1 << 27) // (4 * max(1, n_b)))))
 
 
