@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scale import synthetic_pair
 
 from sae_match_lens.adapters import feature_view
-from sae_match_lens.linking import firing_offset_z, links
+from sae_match_lens.flow.linking import firing_offset_z, links
 from sae_match_lens.matching import match
 
 SCORES_TIMED = ("folded_mse", "cosine_density")

@@ -45,7 +45,7 @@ def _claim(claims: list[dict], paper: str, claim: str, paper_number: str, ours: 
 
 def _mean_jaccard(model: Any, saes: dict[int, Any], tokens: torch.Tensor,
                   methods: dict[str, dict[tuple[int, int], Any]]) -> pd.DataFrame:
-    from sae_match_lens.coactivation import evaluate_links
+    from sae_match_lens.flow.coactivation import evaluate_links
 
     return evaluate_links(model, saes, tokens, methods, ks=(1,), ceilings="best_partner",
                           progress=False)
@@ -147,10 +147,10 @@ def feature_flow_claims(model: Any, suite: dict[str, dict[int, Any]], modules: d
                         max_targets: int) -> None:
     """Table 1's deactivation protocol and the transition EV."""
     from sae_match_lens import match
-    from sae_match_lens.causal import causal_check
-    from sae_match_lens.coactivation import best_partner, coactivation_stats
+    from sae_match_lens.flow.causal import causal_check
+    from sae_match_lens.flow.coactivation import best_partner, coactivation_stats
     from sae_match_lens.evaluation import evaluate_substitution
-    from sae_match_lens.linking import links
+    from sae_match_lens.flow.linking import links
 
     gemma = suite["jumprelu"]
     layers = sorted(gemma)
@@ -211,7 +211,7 @@ def feature_flow_claims(model: Any, suite: dict[str, dict[int, Any]], modules: d
 def link_quality(model: Any, suite: dict[str, dict[int, Any]], modules: dict[str, dict],
                  tokens: torch.Tensor, details: dict[str, pd.DataFrame]) -> None:
     """Top-1 link quality of every score against the data-based best partner, per kind of pair."""
-    from sae_match_lens.linking import links
+    from sae_match_lens.flow.linking import links
 
     frames = []
     for family in ("jumprelu", "topk"):
@@ -247,7 +247,7 @@ def default_score_claims(details: dict[str, pd.DataFrame], claims: list[dict]) -
     """
     import inspect
 
-    from sae_match_lens.linking import links
+    from sae_match_lens.flow.linking import links
 
     lq = details["link_quality"]
     layers = sorted(lq["layer"].unique())

@@ -6,7 +6,8 @@ Public names are re-exported lazily (PEP 562): ``import sae_match_lens`` is chea
 submodule (with torch, SAELens and TransformerLens behind it) is imported on first access, so
 ``sae-match --help`` answers without loading them. To export a new name, add one line to
 ``_EXPORTS``: ``"name": "submodule"``. Submodules are also reachable as attributes
-(``sae_match_lens.evaluation``).
+(``sae_match_lens.evaluation``). Modules moved in 0.3 stay importable under their old paths
+with a ``DeprecationWarning`` (:mod:`sae_match_lens.compat`).
 """
 
 import importlib
@@ -17,6 +18,10 @@ from typing import Any
 # few cores, spinning threads slow torch several-fold whenever another process uses a core.
 # Only a default; an explicit OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .compat import install_moved_module_finder
+
+install_moved_module_finder()
 
 _EXPORTS: dict[str, str] = {
     "ARCHITECTURES": "adapters",
@@ -68,25 +73,25 @@ _EXPORTS: dict[str, str] = {
     "folded_activation_factor": "adapters",
     "null_costs": "matching",
     "Map": "lens.hooks",
-    "SCORES": "linking",
-    "Links": "linking",
-    "Transition": "linking",
-    "links": "linking",
-    "CoactivationStats": "coactivation",
-    "coactivation_stats": "coactivation",
-    "best_partner": "coactivation",
-    "one_to_one": "coactivation",
-    "evaluate_links": "coactivation",
-    "LayerSAEs": "flow",
-    "FlowGraph": "flow",
-    "ORIGIN_GROUPS": "flow",
-    "predecessors": "flow",
-    "origin_groups": "flow",
-    "flow_graph": "flow",
-    "persistence": "flow",
-    "causal_check": "causal",
-    "write_html": "viewer",
-    "top_activating_tokens": "viewer",
+    "SCORES": "flow.linking",
+    "Links": "flow.linking",
+    "Transition": "flow.linking",
+    "links": "flow.linking",
+    "CoactivationStats": "flow.coactivation",
+    "coactivation_stats": "flow.coactivation",
+    "best_partner": "flow.coactivation",
+    "one_to_one": "flow.coactivation",
+    "evaluate_links": "flow.coactivation",
+    "LayerSAEs": "flow.graph",
+    "FlowGraph": "flow.graph",
+    "ORIGIN_GROUPS": "flow.graph",
+    "predecessors": "flow.graph",
+    "origin_groups": "flow.graph",
+    "flow_graph": "flow.graph",
+    "persistence": "flow.graph",
+    "causal_check": "flow.causal",
+    "write_html": "report.viewer",
+    "top_activating_tokens": "report.viewer",
     "MatchResultFileError": "matching",
     "load_match_result": "matching",
     "ReleaseSAE": "releases",
@@ -114,22 +119,22 @@ _EXPORTS: dict[str, str] = {
     "steering_hooks": "lens.steering",
     "flow_interventions": "lens.steering",
     "generate_steered": "lens.steering",
-    "proxy_scores": "steering_eval",
-    "steering_sweep": "steering_eval",
-    "Judge": "judge",
-    "ChatJudge": "judge",
-    "ScriptedJudge": "judge",
-    "semantic_evaluation": "semantic",
-    "SAERef": "plan",
-    "PairJob": "plan",
-    "BatchReport": "batch",
-    "batch_match": "batch",
-    "plan_pairs": "plan",
-    "plan_from_release": "plan",
-    "load_plan": "plan",
-    "plan_flow": "plan",
-    "ResultStore": "store",
-    "StoreError": "store",
+    "proxy_scores": "judging.steering_scores",
+    "steering_sweep": "judging.steering_scores",
+    "Judge": "judging.judge",
+    "ChatJudge": "judging.judge",
+    "ScriptedJudge": "judging.judge",
+    "semantic_evaluation": "judging.semantic",
+    "SAERef": "batch.plan",
+    "PairJob": "batch.plan",
+    "BatchReport": "batch.runs",
+    "batch_match": "batch.runs",
+    "plan_pairs": "batch.plan",
+    "plan_from_release": "batch.plan",
+    "load_plan": "batch.plan",
+    "plan_flow": "batch.plan",
+    "ResultStore": "batch.store",
+    "StoreError": "batch.store",
 }
 """Each public name → the submodule that defines it."""
 

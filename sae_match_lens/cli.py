@@ -16,7 +16,7 @@ Subcommands:
 * ``sae-match flow RELEASE --mlp-release R --layer L --feature F --out FILE.json`` — the
   Feature Flow graph of one residual feature (node-link JSON, optionally GraphML).
 * ``sae-match batch PLAN.yaml --store DIR [--ray ADDRESS]`` — run a plan of pair jobs (match /
-  links / compare) into a results store, locally or on a Ray cluster (:mod:`sae_match_lens.batch`).
+  links / compare) into a results store, locally or on a Ray cluster (:mod:`sae_match_lens.batch.runs`).
 
 Release commands resolve SAE ids with :mod:`sae_match_lens.releases` (``--width``, ``--l0``,
 ``--hook``, ``--variant`` make the choices a release offers; an open choice is reported with its
@@ -175,7 +175,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         verb = "applies" if len(release_only) == 1 else "apply"
         raise CommandError(f"{', '.join(release_only)} only {verb} with --release.")
     _check_writable(args.out, directory=True)
-    from .demo import HubUnavailableError, parse_layers, run_demo
+    from .report.demo import HubUnavailableError, parse_layers, run_demo
 
     try:
         layers = parse_layers(args.layers) if args.layers else None
@@ -191,7 +191,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_view(args: argparse.Namespace) -> int:
     _check_writable(args.out, directory=False)
-    from .viewer import write_html
+    from .report.viewer import write_html
 
     path = write_html(args.results, args.out, max_paths=args.max_paths, max_nodes=args.max_nodes,
                       neuronpedia=args.neuronpedia, title=args.title)
@@ -262,7 +262,7 @@ def _cmd_links(args: argparse.Namespace) -> int:
     _, stack = _release_stack(args, layers)
     import pandas as pd
 
-    from .linking import links
+    from .flow.linking import links
 
     frames = []
     for a, b in itertools.pairwise(layers):
@@ -304,7 +304,7 @@ def _cmd_flow(args: argparse.Namespace) -> int:
                                   l0=args.l0, progress=not args.quiet)
     except HubUnavailableError as exc:
         raise CommandError(str(exc)) from None
-    from .flow import flow_graph
+    from .flow.graph import flow_graph
 
     graph = flow_graph(stack, (args.layer, args.feature), score=args.score, cut=args.cut,
                        module_min=args.module_min, progress=not args.quiet)
@@ -456,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--graphml", help="also write the graph as GraphML to this file")
     f.set_defaults(func=_cmd_flow)
 
-    from . import batch_cli  # standard library only: --help stays torch-free
+    from .batch import cli as batch_cli  # standard library only: --help stays torch-free
 
     batch_cli.add_parser(sub)
     from .suites import cli as suite_cli  # standard library only at import

@@ -51,7 +51,8 @@ import pandas as pd
 import torch
 
 from .adapters import feature_view
-from .coactivation import sae_pairs, token_batches
+from .flow.coactivation import sae_pairs, token_batches
+from .flow.linking import SCORES, Transition, links
 from .lens.hooks import BlockSubstitute, Substitution, block_substitute
 from .lens.routes import (
     BOS_POLICIES,
@@ -62,7 +63,6 @@ from .lens.routes import (
     skip_boundaries,
     validate_route,
 )
-from .linking import SCORES, Transition, links
 from .matching import MatchResult, match
 from .metrics import (
     StateSums,
@@ -146,10 +146,10 @@ class Variant:
     permutation: PermutationSource = "matched"
     """``"matched"``: ``match(sae_a, sae_b)`` (or the permutation passed in); ``"unfolded"``:
     ``match(..., fold=False)``; ``"random"``: a seeded random one-to-one map; ``"links"``: a
-    many-to-one transition from :func:`~sae_match_lens.linking.links` (``link_score``,
+    many-to-one transition from :func:`~sae_match_lens.flow.linking.links` (``link_score``,
     ``link_k``): B's folded activation j is the sum of A's folded activations linked to j."""
     link_score: str = "decoder_cosine"
-    """``"links"`` only: the link score (:data:`~sae_match_lens.linking.SCORES`)."""
+    """``"links"`` only: the link score (:data:`~sae_match_lens.flow.linking.SCORES`)."""
     link_k: int = 1
     """``"links"`` only: links per source feature (binarised top-k transition)."""
 

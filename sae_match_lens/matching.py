@@ -142,7 +142,7 @@ class MatchResult(NamedTuple):
         ``neuronpedia_id_a/_b`` and ``neuronpedia_url_a/_b`` (None where an SAE has no
         Neuronpedia id, and for ``feature_b = -1``). The names are those of
         :meth:`ChainMatch.edges <sae_match_lens.chain.ChainMatch.edges>` and
-        :meth:`Links.to_frame <sae_match_lens.linking.Links.to_frame>`.
+        :meth:`Links.to_frame <sae_match_lens.flow.linking.Links.to_frame>`.
 
         Example:
             >>> frame = match(sae_layer_3, sae_layer_4, max_cost="auto").to_frame()

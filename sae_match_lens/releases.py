@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 from tqdm.auto import tqdm
 
 from .adapters import hook_name_of
-from .flow import LayerSAEs
+from .flow.graph import LayerSAEs
 
 __all__ = [
     "HubUnavailableError",
@@ -85,7 +85,7 @@ the MLP output and the attention output (all in the residual basis); ``attn_z`` 
 concatenated attention-head outputs before ``W_O``; ``transcoder`` reads an MLP's input."""
 
 FLOW_SITES: dict[str, str] = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
-"""The site each module of a Feature Flow stack (:class:`~sae_match_lens.flow.LayerSAEs`) reads."""
+"""The site each module of a Feature Flow stack (:class:`~sae_match_lens.flow.graph.LayerSAEs`) reads."""
 
 CHOICES: tuple[str, ...] = ("hook", "width", "variant", "l0")
 """The choices that can tell SAEs of one release and layer apart, in the order they are made."""

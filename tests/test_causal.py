@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_match_lens.causal import causal_check
-from sae_match_lens.linking import links
+from sae_match_lens.flow.causal import causal_check
+from sae_match_lens.flow.linking import links
 from tests.helpers_tl import random_jumprelu_sae, tiny_model, tiny_tokens
 
 

@@ -10,7 +10,7 @@ import networkx as nx
 import pytest
 import torch
 
-from sae_match_lens.flow import (
+from sae_match_lens.flow.graph import (
     ORIGIN_GROUPS,
     LayerSAEs,
     _reading,
@@ -22,7 +22,7 @@ from sae_match_lens.flow import (
     persistence,
     predecessors,
 )
-from sae_match_lens.linking import links
+from sae_match_lens.flow.linking import links
 from tests.helpers import planted_chain
 from tests.helpers_tl import random_jumprelu_sae, tiny_model, tiny_tokens
 

@@ -18,7 +18,7 @@ from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_direc
 from transformer_lens.utils import get_act_name
 
 from sae_match_lens import releases
-from sae_match_lens.flow import flow_graph
+from sae_match_lens.flow.graph import flow_graph
 from sae_match_lens.neuronpedia import feature_url
 from sae_match_lens.releases import (
     HubUnavailableError,

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from sae_match_lens.chain import match_chain
-from sae_match_lens.flow import flow_graph
-from sae_match_lens.judge import JudgeError, ScriptedJudge
+from sae_match_lens.flow.graph import flow_graph
+from sae_match_lens.judging.judge import JudgeError, ScriptedJudge
 from sae_match_lens.lens.steering import (
     AddDirection,
     FlowNode,
@@ -24,14 +24,14 @@ from sae_match_lens.lens.steering import (
     steer,
     steering_hooks,
 )
-from sae_match_lens.steering_eval import (
+from sae_match_lens.judging.steering_scores import (
     coherence,
     plot_sweep,
     proxy_scores,
     steering_sweep,
     theme_presence,
 )
-from sae_match_lens.steering_report import (
+from sae_match_lens.report.steering_section import (
     _summary,
     _verdicts,
     label_sequences,

@@ -12,11 +12,11 @@ import pytest
 import torch
 from helpers import build_sae, planted_chain
 
-from sae_match_lens.batch import batch_match
-from sae_match_lens.flow import FlowGraph, LayerSAEs, flow_graph
-from sae_match_lens.linking import links
-from sae_match_lens.plan import PairJob, SAERef, plan_flow
-from sae_match_lens.store import ResultStore, load_flow_graph
+from sae_match_lens.batch.runs import batch_match
+from sae_match_lens.flow.graph import FlowGraph, LayerSAEs, flow_graph
+from sae_match_lens.flow.linking import links
+from sae_match_lens.batch.plan import PairJob, SAERef, plan_flow
+from sae_match_lens.batch.store import ResultStore, load_flow_graph
 
 N_LAYERS = 3
 MODULE_WIDTHS = {"mlp": 32, "attn": 40}
@@ -106,13 +106,13 @@ def test_store_flow_graph_equals_the_direct_one_and_computes_nothing(store, stac
                                                                      monkeypatch):
     direct = flow_graph(stack, seed)
     assert (direct.edges.kind == "res").any()
-    monkeypatch.setattr("sae_match_lens.flow.links", _no_links)
+    monkeypatch.setattr("sae_match_lens.flow.graph.links", _no_links)
     _assert_same_graph(store.flow_graph(stack, seed), direct)
     _assert_same_graph(load_flow_graph(store, stack, seed), direct)
 
 
 def test_store_flow_graphs_have_module_edges(store, stack, monkeypatch):
-    monkeypatch.setattr("sae_match_lens.flow.links", _no_links)
+    monkeypatch.setattr("sae_match_lens.flow.graph.links", _no_links)
     kinds = set().union(*(store.flow_graph(stack, seed, cut=0.0).edges.kind for seed in SEEDS))
     assert kinds == {"res", "mlp", "attn"}
 
@@ -128,7 +128,7 @@ def test_stored_links_of_another_score_are_not_used(refs, stack, tmp_path, monke
 
     seed = (1, 10)
     direct = flow_graph(stack, seed)
-    monkeypatch.setattr("sae_match_lens.flow.links", counted)
+    monkeypatch.setattr("sae_match_lens.flow.graph.links", counted)
     _assert_same_graph(other.flow_graph(stack, seed), direct)  # every link recomputed
     assert len(calls) == len(set(calls)) >= 3
     calls.clear()
@@ -169,7 +169,7 @@ def test_two_stored_results_for_one_key_are_refused_unless_options_choose(refs, 
     with pytest.raises(ValueError, match=r"2 finished k=1 decoder_cosine links results for flow "
                                          r"key \(0, 1, 'res'\).*n_null"):
         two.flow_graph(stack, (0, 3))
-    monkeypatch.setattr("sae_match_lens.flow.links", _no_links)
+    monkeypatch.setattr("sae_match_lens.flow.graph.links", _no_links)
     chosen = two.flow_graph({0: stack[0].res, 1: stack[1].res}, (0, 3),
                             options={"k": 1, "score": "decoder_cosine", "n_null": 256})
     assert list(chosen.edges.kind) == ["res"]

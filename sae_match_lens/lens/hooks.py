@@ -84,7 +84,7 @@ from ..adapters import (
     hook_name_of,
     validate_sae,
 )
-from ..linking import Links, Transition
+from ..flow.linking import Links, Transition
 from ..matching import MatchResult
 from ..metrics import check_reconstruction, check_saes_fit_model, check_tokens, unverified_saes
 from ..permutation import Permutation
@@ -315,7 +315,7 @@ def _check_sae(sae: Any, role: str) -> str:
 
 Map = Permutation | MatchResult | Links | Transition
 """What carries activations from A to B: a permutation (or the ``MatchResult`` holding one), or a
-many-to-one :class:`~sae_match_lens.linking.Transition` (``Links`` are used as their binarised
+many-to-one :class:`~sae_match_lens.flow.linking.Transition` (``Links`` are used as their binarised
 transition over all kept links)."""
 
 

@@ -25,7 +25,7 @@ after an error), and it works on ``HookedTransformer`` and ``TransformerBridge``
 ``hook.name``). A hook whose output is not finite raises, naming the SAE and the coefficient.
 
 **Flows.** :func:`flow_interventions` steers the nodes of a
-:class:`~sae_match_lens.flow.FlowGraph`, a :class:`~sae_match_lens.chain.FeaturePath` or a list
+:class:`~sae_match_lens.flow.graph.FlowGraph`, a :class:`~sae_match_lens.chain.FeaturePath` or a list
 of ``(layer, module, feature)``: ``"single"`` (the nodes at one layer) or ``"cumulative"`` (every
 layer of the span, or of the span up to a layer), with a :class:`Schedule` of the coefficient
 over layers: constant ``s``, exponential ``s·e^{αl}`` (``l`` the model layer), linear from ``s``
@@ -33,7 +33,7 @@ at the span's first layer to ``s*`` at its last.
 
 **Generation.** :func:`generate_steered` samples with TransformerLens' ``generate`` (seeded,
 batched) and returns the texts with per-token ids and log-probabilities. Scoring them (judge-free
-proxies, sweeps, a judge) is one level up, in :mod:`sae_match_lens.steering_eval`.
+proxies, sweeps, a judge) is one level up, in :mod:`sae_match_lens.judging.steering_scores`.
 
 Example:
     >>> graph = flow_graph(saes, seed=(3, 117))
@@ -57,7 +57,7 @@ import torch
 
 from ..adapters import describe_sae, fold_scales, hook_name_of
 from ..chain import FeaturePath
-from ..flow import FlowGraph, LayerSAEs, _as_stack
+from ..flow.graph import FlowGraph, LayerSAEs, _as_stack
 from ..metrics import record_states
 from ..progress import progress_bar
 from .hooks import HookFn, _check_sae
@@ -477,7 +477,7 @@ def flow_interventions(
 
     Args:
         stack: ``{layer: LayerSAEs or residual SAE}`` (or a list indexed by layer).
-        source: a :class:`~sae_match_lens.flow.FlowGraph`, a
+        source: a :class:`~sae_match_lens.flow.graph.FlowGraph`, a
             :class:`~sae_match_lens.chain.FeaturePath` or a node list (:func:`flow_nodes`).
         mode: ``"single"``: the nodes at ``layer`` only; ``"cumulative"``: the nodes at every
             layer of the span (``layer=None``) or of the span up to ``layer``.

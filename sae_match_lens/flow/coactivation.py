@@ -39,16 +39,16 @@ import torch
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from tqdm.auto import tqdm
 
-from .adapters import describe_sae, hook_name_of, layers_from_hooks, validate_sae
-from .linking import Links
-from .matching import MatchResult
-from .metrics import (
+from ..adapters import describe_sae, hook_name_of, layers_from_hooks, validate_sae
+from ..matching import MatchResult
+from ..metrics import (
     check_tokens,
     fires,
     record_states,  # re-exported (its home is metrics)
     scored_states,
 )
-from .permutation import Permutation, check_direction
+from ..permutation import Permutation, check_direction
+from .linking import Links
 
 __all__ = [
     "LINK_COLUMNS",
@@ -412,7 +412,7 @@ def evaluate_links(
         tokens: ``[n_seq, pos]`` token ids with BOS at position 0 (split into ``batch_size``
             sequences), or an iterable of ``[batch, pos]`` batches
             (:func:`~sae_match_lens.metrics.check_tokens`).
-        methods: ``{name: {(a, b): links}}`` where links are :class:`~sae_match_lens.linking.Links`,
+        methods: ``{name: {(a, b): links}}`` where links are :class:`~sae_match_lens.flow.linking.Links`,
             a :class:`~sae_match_lens.permutation.Permutation`/``MatchResult``, or an index tensor.
             Those that record their SAEs must run from ``saes[a]`` to ``saes[b]``
             (:func:`~sae_match_lens.permutation.check_direction`: reversed links are refused

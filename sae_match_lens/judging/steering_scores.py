@@ -17,7 +17,7 @@ coherence and (1 − behaviour) × coherence, both in [0, 1], with
 
 :func:`steering_sweep` runs layers × coefficients × schedules of
 :func:`~sae_match_lens.lens.steering.flow_interventions` into a resumable row log, optionally
-rated by a :class:`~sae_match_lens.judge.Judge`; :func:`plot_sweep` draws it.
+rated by a :class:`~sae_match_lens.judging.judge.Judge`; :func:`plot_sweep` draws it.
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
-from .adapters import folded_activation_factor, hook_name_of
-from .flow import _as_stack
-from .judge import Judge
-from .lens.steering import (
+from ..adapters import folded_activation_factor, hook_name_of
+from ..flow.graph import _as_stack
+from ..lens.steering import (
     Generation,
     Intervention,
     NodeSource,
@@ -47,8 +46,9 @@ from .lens.steering import (
     flow_nodes,
     generate_steered,
 )
-from .metrics import record_states
-from .progress import progress_bar
+from ..metrics import record_states
+from ..progress import progress_bar
+from .judge import Judge
 from .rowlog import RowLog, model_fingerprint, sae_fingerprint
 
 __all__ = ["SWEEP_COLUMNS", "coherence", "plot_sweep", "proxy_scores", "steering_sweep",
@@ -265,7 +265,7 @@ def steering_sweep(
     """Steer a flow over modes × layers × schedules × coefficients and score every setting.
 
     The first row is the unsteered baseline (``mode="none"``), whose mean CE is the coherence
-    reference. Each row is written to ``path`` (a :class:`~sae_match_lens.rowlog.RowLog`) as
+    reference. Each row is written to ``path`` (a :class:`~sae_match_lens.judging.rowlog.RowLog`) as
     soon as it is finished; a rerun with the same settings, model, SAEs (their fingerprints)
     and judge skips the rows already there, so an interrupted sweep resumes and loses nothing,
     and adding coefficients or layers extends it; a rerun with anything else that determines
@@ -285,7 +285,7 @@ def steering_sweep(
         goal: which product is ``score``: ``"suppress"`` ((1 − behaviour) × coherence, default
             for rescale) or ``"activate"`` (behaviour × coherence, default for add).
         rate_reference: see :func:`proxy_scores` (the theme's firing rate on on-theme text).
-        judge: optional :class:`~sae_match_lens.judge.Judge` rating every sample; its
+        judge: optional :class:`~sae_match_lens.judging.judge.Judge` rating every sample; its
             behaviour/coherence (0–5, scaled to 0–1) give ``judge_score`` the same way.
         theme: the judge's theme.
         n_samples, max_new_tokens, temperature, top_p, seed, batch_size: as in

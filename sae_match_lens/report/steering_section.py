@@ -11,15 +11,15 @@ neither. Theme seeds are the residual features at the middle layer that fire on 
 ``min_rate`` of the theme's tokens and whose firing is at least ``selectivity`` theme-specific
 (``rate_theme / (rate_theme + rate_rest) ≥ 0.9``), the most
 frequent first (:func:`theme_seeds`; no feature id is chosen by hand). The theme's flow is the
-union of the seeds' flow graphs (:func:`~sae_match_lens.flow.flow_graph`).
+union of the seeds' flow graphs (:func:`~sae_match_lens.flow.graph.flow_graph`).
 
-**Experiments** (:func:`~sae_match_lens.steering_eval.steering_sweep`, row logs under ``out``):
+**Experiments** (:func:`~sae_match_lens.judging.steering_scores.steering_sweep`, row logs under ``out``):
 suppression (rescale the flow's features by ``r``, biblical prompts cut from held-out
 biblical sequences) and activation (add the flow's folded decoder rows with coefficient ``s``,
 prompts cut from Python-documentation sequences), each single-layer vs cumulative, scored with
 the judge-free proxies of :mod:`~sae_match_lens.lens.steering` (behaviour normalised by the flow's
 firing rate on held-out biblical text). The semantic table labels matched residual features by
-top-activating-token overlap (:mod:`~sae_match_lens.semantic`), not by a language-model judge.
+top-activating-token overlap (:mod:`~sae_match_lens.judging.semantic`), not by a language-model judge.
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .adapters import hook_name_of
-from .chain import ChainMatch, match_chain
-from .flow import LayerSAEs, flow_graph
-from .lens.steering import FlowNode, flow_nodes
-from .metrics import fires, record_states
-from .semantic import semantic_evaluation
-from .steering_eval import plot_sweep, steering_sweep, theme_presence
+from ..adapters import hook_name_of
+from ..chain import ChainMatch, match_chain
+from ..flow.graph import LayerSAEs, flow_graph
+from ..judging.semantic import semantic_evaluation
+from ..judging.steering_scores import plot_sweep, steering_sweep, theme_presence
+from ..lens.steering import FlowNode, flow_nodes
+from ..metrics import fires, record_states
 from .viewer import top_activating_tokens
 
 __all__ = ["STEERING_DEFAULT", "STEERING_FULL", "STEERING_QUICK", "SteeringSettings",

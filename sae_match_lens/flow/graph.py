@@ -5,7 +5,7 @@ Following Feature Flow (Laptev, Balagansky, Aksenov, Gavrilov 2025, arXiv 2502.0
 (``blocks.L.hook_mlp_out``) and an attention-output SAE ``A(L)`` (``blocks.L.hook_attn_out``).
 A residual feature ``f`` at layer ``L`` has one top-1 predecessor in each of ``R(L−1)``,
 ``M(L)`` and ``A(L)``, with scores ``s(R), s(M), s(A)`` (:func:`predecessors`; the score is a
-:mod:`~sae_match_lens.linking` score, decoder cosine by default as in the paper).
+:mod:`~sae_match_lens.flow.linking` score, decoder cosine by default as in the paper).
 
 **Data-free reading** (:func:`predecessors`' ``reading`` column), the paper's rule ("high s(R),
 low s(M), s(A): carried over; high s(R) and high s(M) or s(A): processed by that module; low
@@ -39,8 +39,8 @@ over the residual stack by chained adjacent top-1 links, cut where ``s(R) < cut`
 MLP/attention predecessors of every residual node kept when their score is ``≥ module_min``
 (0.15); :class:`FlowGraph` has a ``networkx.DiGraph`` view, node-link JSON and GraphML export and
 a layered plot. :func:`persistence` counts for every feature how many layers its chain survives.
-Links computed by a batch run (:func:`~sae_match_lens.plan.plan_flow`) are read back through
-``flow_graph(..., links_by_key=...)`` or :meth:`~sae_match_lens.store.ResultStore.flow_graph`.
+Links computed by a batch run (:func:`~sae_match_lens.batch.plan.plan_flow`) are read back through
+``flow_graph(..., links_by_key=...)`` or :meth:`~sae_match_lens.batch.store.ResultStore.flow_graph`.
 """
 
 from __future__ import annotations
@@ -57,11 +57,11 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
-from .adapters import describe_sae, hook_name_of, layers_from_hooks
+from ..adapters import describe_sae, hook_name_of, layers_from_hooks
+from ..metrics import check_tokens, fires, record_states, scored_states
+from ..neuronpedia import feature_url, neuronpedia_id
+from ..permutation import check_direction
 from .linking import Links, LinkScore, links
-from .metrics import check_tokens, fires, record_states, scored_states
-from .neuronpedia import feature_url, neuronpedia_id
-from .permutation import check_direction
 
 __all__ = [
     "MODULES",
@@ -241,7 +241,7 @@ def predecessors(
         stack: ``{layer: LayerSAEs}`` (or ``{layer: residual SAE}``, or a list whose layers
             come from the residual SAEs' hook names ``blocks.L.…``).
         layer: the model layer of the residual features.
-        score: the link score (:data:`~sae_match_lens.linking.SCORES`).
+        score: the link score (:data:`~sae_match_lens.flow.linking.SCORES`).
         high, low: thresholds of the data-free reading (module docstring: the paper's rule),
             in the score's units; :func:`chance_levels` gives their chance levels.
         progress: show progress bars.
@@ -506,7 +506,7 @@ def flow_graph(
         max_layers: follow at most this many layers in each direction.
         progress: show progress bars.
         links_by_key: top-1 links already computed (e.g. by a batch run,
-            :meth:`~sae_match_lens.store.ResultStore.flow_graph`), by :data:`FlowKey`; they are
+            :meth:`~sae_match_lens.batch.store.ResultStore.flow_graph`), by :data:`FlowKey`; they are
             used instead of computing them, and keys not in it are computed as without it. The
             stack is still needed (hooks, widths, Neuronpedia ids). Each link set used is checked
             first: ``k ≥ 1``, scored by ``score``, one row per source feature, targets within
@@ -522,7 +522,7 @@ def flow_graph(
         ValueError: the seed feature is out of range, or a link set of ``links_by_key`` does not
             fit its key (the message names the key; ``ProvenanceError`` for other SAEs' or
             reversed links).
-        TypeError: a value of ``links_by_key`` is not a :class:`~sae_match_lens.linking.Links`.
+        TypeError: a value of ``links_by_key`` is not a :class:`~sae_match_lens.flow.linking.Links`.
 
     Example:
         >>> graph = flow_graph({0: LayerSAEs(res0, mlp=mlp0), 1: LayerSAEs(res1)}, (1, 42))

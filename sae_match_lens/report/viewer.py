@@ -2,7 +2,7 @@
 
 :func:`write_html` draws a :class:`~sae_match_lens.chain.ChainMatch` (SAEs across, features as
 nodes, one horizontal path per traced feature, edge width falling with the link's match cost) or
-a :class:`~sae_match_lens.flow.FlowGraph` (model layers across; within a layer the attention,
+a :class:`~sae_match_lens.flow.graph.FlowGraph` (model layers across; within a layer the attention,
 MLP and residual nodes sit in sub-lanes in the order the model computes them, attention above
 and MLP below the residual band; edge width growing with the link score). The figure is plotly;
 its JavaScript is inlined (no CDN, no MathJax), so the file opens without any network request.
@@ -46,13 +46,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .adapters import hook_name_of, layers_from_hooks
-from .atomicio import write_text
-from .chain import ChainMatch
-from .coactivation import record_states, token_batches
-from .flow import MODULES, FlowGraph, LayerSAEs
-from .metrics import fires, scored_states
-from .progress import progress_bar
+from ..adapters import hook_name_of, layers_from_hooks
+from ..atomicio import write_text
+from ..chain import ChainMatch
+from ..flow.coactivation import record_states, token_batches
+from ..flow.graph import MODULES, FlowGraph, LayerSAEs
+from ..metrics import fires, scored_states
+from ..progress import progress_bar
 
 __all__ = ["DEFAULT_MAX_NODES", "DEFAULT_MAX_PATHS", "top_activating_tokens", "write_html"]
 
@@ -629,7 +629,7 @@ def write_html(
 
     Args:
         result: a :class:`~sae_match_lens.chain.ChainMatch`, a
-            :class:`~sae_match_lens.flow.FlowGraph`, a directory written by
+            :class:`~sae_match_lens.flow.graph.FlowGraph`, a directory written by
             :meth:`ChainMatch.save` or a JSON file
             written by :meth:`FlowGraph.save_json`.
         path: the HTML file to write.

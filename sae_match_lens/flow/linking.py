@@ -63,7 +63,7 @@ from typing import Any, Literal, NamedTuple
 import pandas as pd
 import torch
 
-from .adapters import (
+from ..adapters import (
     _threshold_F,
     describe_sae,
     feature_view,
@@ -71,12 +71,12 @@ from .adapters import (
     sae_identity,
     validate_sae,
 )
-from .neuronpedia import feature_urls
-from .nulls import null_surrogates
-from .permutation import check_direction
-from .solvers.costs import CostWeights, ieee_products, stack_features
-from .solvers.screen import block_rows_for
-from .solvers.topk import Method, TopKProblem, exact_topk, score_blocks, solve_topk
+from ..neuronpedia import feature_urls
+from ..nulls import null_surrogates
+from ..permutation import check_direction
+from ..solvers.costs import CostWeights, ieee_products, stack_features
+from ..solvers.screen import block_rows_for
+from ..solvers.topk import Method, TopKProblem, exact_topk, score_blocks, solve_topk
 
 __all__ = ["SCORES", "LinkScore", "Links", "Transition", "firing_offset_z", "links"]
 
