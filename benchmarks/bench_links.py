@@ -24,8 +24,8 @@ import pandas as pd
 
 from sae_match_lens.assets import load_default_suite, load_eval_tokens
 from sae_match_lens.flow.graph import LayerSAEs
-from sae_match_lens.report.flow_section import link_quality, link_verdicts, weight_ablation
 from sae_match_lens.matching import match
+from sae_match_lens.report.flow_section import link_quality, link_verdicts, weight_ablation
 
 
 def main() -> None:

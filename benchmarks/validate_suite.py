@@ -147,9 +147,9 @@ def feature_flow_claims(model: Any, suite: dict[str, dict[int, Any]], modules: d
                         max_targets: int) -> None:
     """Table 1's deactivation protocol and the transition EV."""
     from sae_match_lens import match
+    from sae_match_lens.evaluation import evaluate_substitution
     from sae_match_lens.flow.causal import causal_check
     from sae_match_lens.flow.coactivation import best_partner, coactivation_stats
-    from sae_match_lens.evaluation import evaluate_substitution
     from sae_match_lens.flow.linking import links
 
     gemma = suite["jumprelu"]

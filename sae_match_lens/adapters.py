@@ -228,7 +228,13 @@ def _spec_of(sae: Any) -> ArchitectureSpec:
     return spec
 
 
-def _threshold_F(sae: SAE, spec: ArchitectureSpec) -> torch.Tensor | None:
+def feature_thresholds(sae: SAE, spec: ArchitectureSpec) -> torch.Tensor | None:
+    """The per-feature threshold θ ``[d_sae]`` of a thresholded SAE (a scalar θ expanded),
+    ``None`` for architectures without one.
+
+    Raises:
+        ValueError: If the threshold is neither a scalar nor ``[d_sae]``.
+    """
     if not spec.has_threshold:
         return None
     theta = sae.threshold.detach()
@@ -322,7 +328,7 @@ def _fold_scales(sae: SAE, spec: ArchitectureSpec) -> torch.Tensor:
     d_sae = sae.cfg.d_sae
     device = sae.W_dec.device
     if spec.scale_rule == "threshold":
-        theta = _threshold_F(sae, spec)
+        theta = feature_thresholds(sae, spec)
         assert theta is not None  # has_threshold guarantees it
         bad = int((theta <= 0).sum())
         if bad:
@@ -454,7 +460,7 @@ def rescale(sae: SAE, scales_F: torch.Tensor) -> SAE:
         for name in spec.bias_names:
             getattr(new, name).data = _scaled(getattr(sae, name), 1.0 / s)
         if spec.has_threshold:
-            theta = _threshold_F(sae, spec)
+            theta = feature_thresholds(sae, spec)
             assert theta is not None
             new.threshold = torch.nn.Parameter(
                 _scaled(theta.contiguous(), 1.0 / s), requires_grad=sae.threshold.requires_grad
@@ -525,7 +531,7 @@ def feature_view(sae: SAE, *, fold: bool = True, dtype: torch.dtype = torch.floa
     """
     spec = validate_sae(sae)
     biases = torch.stack([getattr(sae, n).detach() for n in spec.bias_names], dim=1).to(dtype)
-    theta = _threshold_F(sae, spec)
+    theta = feature_thresholds(sae, spec)
     theta = None if theta is None else theta.to(dtype)
     enc = sae.W_enc.detach().T.to(dtype, copy=True, memory_format=torch.contiguous_format)
     dec = sae.W_dec.detach().to(dtype, copy=True)

@@ -51,7 +51,7 @@ import pandas as pd
 import torch
 
 from .adapters import feature_view
-from .flow.coactivation import sae_pairs, token_batches
+from .flow.coactivation import sae_pairs
 from .flow.linking import SCORES, Transition, links
 from .lens.hooks import BlockSubstitute, Substitution, block_substitute
 from .lens.routes import (
@@ -72,8 +72,10 @@ from .metrics import (
     explained_variance,
     fires,
     kl_sum,
+    scored_activations,
     scored_states,
     squared_error_sum,
+    token_batches,
     unverified_saes,
     vocab_dot,
 )
@@ -600,9 +602,9 @@ def _update_pair(plan: _PairPlan, f_A: torch.Tensor | None, h_B: torch.Tensor) -
         return
     sae_b = plan.sae_b
     fire_a = fires(scored_states(f_A))  # non-zero: AbsTopK activations can be negative
-    fire_b = fires(sae_b.encode(scored_states(h_B).to(sae_b.W_enc.device, sae_b.W_enc.dtype)))
+    fire_b = fires(scored_activations(sae_b, h_B))
     fire_a = fire_a.reshape(-1, fire_a.shape[-1])
-    fire_b = fire_b.reshape(-1, fire_b.shape[-1]).to(fire_a.device)
+    fire_b = fire_b.to(fire_a.device)
     count_a = fire_a.sum(0).cpu()
     for source, top1 in plan.perms.items():
         index = top1.clamp(min=0).to(fire_b.device).expand(fire_b.shape[0], -1)

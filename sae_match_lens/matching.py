@@ -358,7 +358,8 @@ def _umask() -> int:
     return mask
 
 
-def _available_bytes() -> int:
+def available_bytes() -> int:
+    """Memory available to this process in bytes (``MemAvailable`` of ``/proc/meminfo``)."""
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -544,7 +545,7 @@ def match_features(
         raise ValueError(f"solver must be 'auto', 'lapjv', 'scipy' or 'sparse', got {solver!r}.")
     n_a, n_b = a.matrix_FK.shape[0], b.matrix_FK.shape[0]
     n = max(n_a, n_b)
-    free = _available_bytes()
+    free = available_bytes()
     if solver == "auto":
         dense_fits = n * n * 4 <= 0.5 * free and n <= LAPJV_MAX_N
         # With max_cost the sparse route is also the faster one: its dummy partners carry the

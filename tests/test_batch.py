@@ -24,9 +24,9 @@ from helpers import build_sae
 
 from sae_match_lens.batch import cli as batch_cli
 from sae_match_lens.batch.runs import PairJob, SAERef, _validate, batch_match, load_plan, plan_pairs
+from sae_match_lens.batch.store import STORE_VERSION, ResultStore, StoreError, load_links
 from sae_match_lens.flow.linking import links
 from sae_match_lens.matching import MatchResult, match
-from sae_match_lens.batch.store import STORE_VERSION, ResultStore, StoreError, load_links
 
 WIDTHS = {0: 64, 1: 96, 2: 128, 3: 96, 4: 160}
 
@@ -161,7 +161,7 @@ def test_a_failing_job_is_recorded_and_the_others_finish(stack, tmp_path):
 
 
 def test_memory_guard_records_a_job_that_does_not_fit(stack, tmp_path, monkeypatch):
-    monkeypatch.setattr("sae_match_lens.matching._available_bytes", lambda: 1000)
+    monkeypatch.setattr("sae_match_lens.matching.available_bytes", lambda: 1000)
     report = batch_match(plan_pairs(stack, 1)[:1], tmp_path / "store", progress=False)
     assert report.n_error == 1 and report.failed[0]["error"].startswith("MemoryError")
     assert "available" in report.failed[0]["error"]

@@ -3,9 +3,9 @@ import re
 
 import pytest
 
-from sae_match_lens.report import demo as demo_module
 from sae_match_lens.assets import load_suite_model, load_suite_saes
 from sae_match_lens.cli import main
+from sae_match_lens.report import demo as demo_module
 from sae_match_lens.report.demo import HubUnavailableError, load_release, parse_layers, run_demo
 
 REPORT_FILES = ["report.md", "results.json", "substitution.png", "agreement_vs_distance.png",
@@ -83,14 +83,14 @@ def test_a_registry_release_resolves_its_ids_and_model_without_a_template(tmp_pa
 
 
 def test_unreachable_hub_is_one_clear_sentence(monkeypatch):
-    monkeypatch.setattr(demo_module, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(demo_module, "hub_reachable", lambda *a, **k: False)
     with pytest.raises(HubUnavailableError, match="hub is unreachable"):
         load_release("gemma-scope-2b-pt-res-canonical", "layer_{layer}/width_16k/canonical",
                      "gemma-2-2b", [10, 11], progress=False)
 
 
 def test_cli_reports_an_unreachable_hub_without_a_traceback(monkeypatch, capsys):
-    monkeypatch.setattr(demo_module, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(demo_module, "hub_reachable", lambda *a, **k: False)
     code = main(["demo", "--release", "gemma-scope-2b-pt-res-canonical", "--sae-id-template",
                  "layer_{layer}/width_16k/canonical", "--model", "gemma-2-2b", "--layers", "10-11",
                  "--quiet"])

@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 
 from sae_match_lens.flow.graph import LayerSAEs
+from sae_match_lens.matching import match
+from sae_match_lens.report.document import _markdown_table
 from sae_match_lens.report.flow_section import (
     DATA_REFERENCE,
     causal_layers,
@@ -19,8 +21,6 @@ from sae_match_lens.report.flow_section import (
     weight_ablation,
     wilson_interval,
 )
-from sae_match_lens.matching import match
-from sae_match_lens.report.document import _markdown_table
 from tests.helpers_tl import random_jumprelu_sae, tiny_model, tiny_tokens
 
 

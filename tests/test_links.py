@@ -226,8 +226,8 @@ def test_evaluate_links_scores_unions_and_exposes_hubs(model, pair_saes):
 
 
 def test_a_transition_from_one_to_one_links_substitutes_like_the_permutation(model):
-    from sae_match_lens.lens.hooks import block_substitute
     from sae_match_lens.flow.linking import Transition
+    from sae_match_lens.lens.hooks import block_substitute
 
     sae_a = random_jumprelu_sae("blocks.0.hook_resid_post", seed=1)
     sae_b = random_jumprelu_sae("blocks.2.hook_resid_post", seed=2)
@@ -248,8 +248,8 @@ def test_a_transition_from_one_to_one_links_substitutes_like_the_permutation(mod
 
 def test_a_many_to_one_transition_sums_the_folded_activations_linked_to_a_target():
     from sae_match_lens.adapters import fold
-    from sae_match_lens.lens.hooks import block_substitute
     from sae_match_lens.flow.linking import Transition
+    from sae_match_lens.lens.hooks import block_substitute
     from sae_match_lens.permutation import ProvenanceError
 
     sae_a = random_jumprelu_sae("blocks.0.hook_resid_post", seed=1)

@@ -203,7 +203,7 @@ def test_nan_weights_and_bad_thresholds_are_refused():
 
 
 def test_memory_guard_refuses_before_allocating(monkeypatch):
-    monkeypatch.setattr(matching_module, "_available_bytes", lambda: 1024)
+    monkeypatch.setattr(matching_module, "available_bytes", lambda: 1024)
     with pytest.raises(MemoryError, match=r"needs about .* GiB, but only .* GiB is available"):
         match(build_sae("jumprelu"), build_sae("jumprelu", seed=1), progress=False)
 

@@ -13,12 +13,12 @@ import torch
 from transformer_lens import HookedTransformer
 
 from sae_match_lens import assets
+from sae_match_lens.evaluation import evaluate_substitution
 from sae_match_lens.flow.causal import causal_check
 from sae_match_lens.flow.coactivation import evaluate_links
-from sae_match_lens.evaluation import evaluate_substitution
 from sae_match_lens.flow.graph import flow_graph, origin_groups
-from sae_match_lens.lens.hooks import block_substitute, run_skipping, substitute
 from sae_match_lens.flow.linking import Transition, links
+from sae_match_lens.lens.hooks import block_substitute, run_skipping, substitute
 from sae_match_lens.matching import match
 from sae_match_lens.metrics import (
     check_reconstruction,

@@ -10,11 +10,6 @@ import torch
 from sae_match_lens.chain import match_chain
 from sae_match_lens.flow.graph import flow_graph
 from sae_match_lens.judging.judge import JudgeError, ScriptedJudge
-from sae_match_lens.neuronpedia import (
-    Explanation,
-    FeatureExplanations,
-    NeuronpediaUnavailableError,
-)
 from sae_match_lens.judging.semantic import (
     PAIR_COLUMNS,
     PROXY_METHOD,
@@ -24,6 +19,11 @@ from sae_match_lens.judging.semantic import (
     semantic_evaluation,
     semantic_pairs,
     token_overlap,
+)
+from sae_match_lens.neuronpedia import (
+    Explanation,
+    FeatureExplanations,
+    NeuronpediaUnavailableError,
 )
 from tests.helpers import planted_chain
 

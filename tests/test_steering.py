@@ -13,6 +13,13 @@ import torch
 from sae_match_lens.chain import match_chain
 from sae_match_lens.flow.graph import flow_graph
 from sae_match_lens.judging.judge import JudgeError, ScriptedJudge
+from sae_match_lens.judging.steering_scores import (
+    coherence,
+    plot_sweep,
+    proxy_scores,
+    steering_sweep,
+    theme_presence,
+)
 from sae_match_lens.lens.steering import (
     AddDirection,
     FlowNode,
@@ -23,13 +30,6 @@ from sae_match_lens.lens.steering import (
     generate_steered,
     steer,
     steering_hooks,
-)
-from sae_match_lens.judging.steering_scores import (
-    coherence,
-    plot_sweep,
-    proxy_scores,
-    steering_sweep,
-    theme_presence,
 )
 from sae_match_lens.report.steering_section import (
     _summary,

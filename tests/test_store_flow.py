@@ -12,11 +12,11 @@ import pytest
 import torch
 from helpers import build_sae, planted_chain
 
+from sae_match_lens.batch.plan import PairJob, SAERef, plan_flow
 from sae_match_lens.batch.runs import batch_match
+from sae_match_lens.batch.store import ResultStore, load_flow_graph
 from sae_match_lens.flow.graph import FlowGraph, LayerSAEs, flow_graph
 from sae_match_lens.flow.linking import links
-from sae_match_lens.batch.plan import PairJob, SAERef, plan_flow
-from sae_match_lens.batch.store import ResultStore, load_flow_graph
 
 N_LAYERS = 3
 MODULE_WIDTHS = {"mlp": 32, "attn": 40}

@@ -90,10 +90,10 @@ class SAERef:
             if not list(p.glob("*.safetensors")):
                 raise ValueError(f"SAE {self.path!r} has no .safetensors weights file.")
             return
-        from ..releases import _lookup
+        from ..releases import lookup_release
 
         try:
-            entry = _lookup(str(self.release))
+            entry = lookup_release(str(self.release))
         except KeyError as exc:
             raise ValueError(f"SAE {self}: {exc.args[0]}") from None
         if self.sae_id not in entry.saes_map:
@@ -113,9 +113,9 @@ class SAERef:
                     for chunk in iter(lambda: fh.read(1 << 22), b""):
                         h.update(chunk)
             return h.hexdigest()
-        from ..releases import _lookup
+        from ..releases import lookup_release
 
-        entry = _lookup(str(self.release))
+        entry = lookup_release(str(self.release))
         h.update(json.dumps([self.release, self.sae_id, entry.repo_id,
                              entry.saes_map.get(self.sae_id)]).encode())
         return h.hexdigest()

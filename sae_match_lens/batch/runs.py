@@ -197,11 +197,11 @@ def run_job(spec: Mapping[str, Any], store_root: str, run: str,
         sae_b = SAERef(**spec["target"]).load(sae_loader)
         t_load = time.time()
         record["seconds_load"] = t_load - t0
-        from ..matching import _available_bytes
+        from ..matching import available_bytes
 
         need = job_memory_bytes(spec["kind"], options, int(sae_a.cfg.d_sae), int(sae_b.cfg.d_sae),
                                 int(sae_a.cfg.d_in), getattr(sae_a.cfg, "d_out", None))
-        free = _available_bytes()
+        free = available_bytes()
         record["memory_estimate"] = need
         if need > 0.9 * free:
             raise MemoryError(f"needs about {need / 2**30:.2f} GiB but {record['host']} has "

@@ -449,7 +449,7 @@ def load_flow_graph(
         >>> stack = {L: LayerSAEs(**{m: r.load() for m, r in refs[L].items()}) for L in refs}
         >>> load_flow_graph(ResultStore("results/flow"), stack, (1, 42)).nodes
     """
-    from ..flow.graph import _as_stack, flow_graph
+    from ..flow.graph import as_stack, flow_graph
     from ..flow.linking import links
 
     defaults = {name: p.default for name, p in inspect.signature(links).parameters.items()}
@@ -459,7 +459,7 @@ def load_flow_graph(
             raise ValueError(f"options={dict(options)} say k={wanted['k']}, score="
                              f"{wanted['score']!r}; a flow graph by score={score!r} reads k=1 "
                              f"links by {score!r}.")
-    layers = _as_stack(stack)
+    layers = as_stack(stack)
     found: dict[FlowKey, list[dict[str, Any]]] = {}
     for record in store.records():
         opts = record.get("options") or {}

@@ -58,7 +58,7 @@ import pandas as pd
 import torch
 
 from ..adapters import describe_sae, hook_name_of, layers_from_hooks
-from ..metrics import check_tokens, fires, record_states, scored_states
+from ..metrics import check_tokens, fires, record_states, scored_activations
 from ..neuronpedia import feature_url, neuronpedia_id
 from ..permutation import check_direction
 from .linking import Links, LinkScore, links
@@ -115,7 +115,9 @@ layer, module)`` links residual SAE ``layer`` to its ``"mlp"``/``"attn"`` SAE (s
 residual SAE, so rows are residual features)."""
 
 
-def _as_stack(stack: Stack | Sequence[Any]) -> dict[int, LayerSAEs]:
+def as_stack(stack: Stack | Sequence[Any]) -> dict[int, LayerSAEs]:
+    """Any accepted stack shape as ``{model layer: LayerSAEs}`` (a list is keyed by each residual
+    SAE's hook; a mapping's values may be SAEs or :class:`LayerSAEs`)."""
     if isinstance(stack, Mapping):
         items = list(stack.items())
     else:  # a list: each entry's model layer from its (residual) SAE's hook name
@@ -200,7 +202,7 @@ def chance_levels(stack: Stack | Sequence[Any], layer: int, *,
         ``threshold``, ``chance_best_cosine``, ``chance_share_above``, ``rotated_best_cosine``,
         ``rotated_share_above``.
     """
-    layers = _as_stack(stack)
+    layers = as_stack(stack)
     if layer not in layers:
         raise KeyError(f"layer {layer} has no SAEs; layers are {list(layers)}.")
     here = layers[layer]
@@ -251,7 +253,7 @@ def predecessors(
         ``s_mlp``, ``pred_attn``/``s_attn`` (-1 and NaN where the module has no SAE) and
         ``reading``.
     """
-    layers = _as_stack(stack)
+    layers = as_stack(stack)
     if layer not in layers:
         raise KeyError(f"layer {layer} has no SAEs; layers are {list(layers)}.")
     here = layers[layer]
@@ -303,7 +305,7 @@ def origin_groups(
     Returns:
         One row per layer: ``layer``, ``n_active`` and one share column per group (summing to 1).
     """
-    stack_map = _as_stack(stack)
+    stack_map = as_stack(stack)
     tokens = check_tokens(tokens, model, what="origin_groups")
     chosen = [layer for layer in (layers if layers is not None else list(stack_map))]
     preds = {layer: predecessors(stack_map, layer, score=score) for layer in chosen}
@@ -314,17 +316,15 @@ def origin_groups(
             if sae is not None and hook_name_of(sae) not in names:
                 names.append(hook_name_of(sae))
     counts = {layer: torch.zeros(len(ORIGIN_GROUPS), dtype=torch.float64) for layer in chosen}
-    device = getattr(model.cfg, "device", None)
     for batch in tokens.split(batch_size):
-        states = record_states(model, names, batch.to(device) if device is not None else batch)
+        states = record_states(model, names, batch)
         fired: dict[str, torch.Tensor] = {}
 
         def fire(sae: Any, states: dict[str, torch.Tensor] = states,
                  fired: dict[str, torch.Tensor] = fired) -> torch.Tensor:
             name = hook_name_of(sae)
             if name not in fired:
-                h = scored_states(states[name]).to(sae.W_enc.device, sae.W_enc.dtype)
-                fired[name] = fires(sae.encode(h)).reshape(-1, sae.cfg.d_sae).cpu()
+                fired[name] = fires(scored_activations(sae, states[name])).cpu()
             return fired[name]
 
         for layer in chosen:
@@ -530,7 +530,7 @@ def flow_graph(
         >>> known = {(0, 1, "res"): links(res0, res1, k=1, score="decoder_cosine")}
         >>> flow_graph({0: res0, 1: res1}, (0, 7), links_by_key=known)  # computes no links
     """
-    layers = _as_stack(stack)
+    layers = as_stack(stack)
     layer0, feature0 = seed
     if layer0 not in layers:
         raise KeyError(f"seed layer {layer0} has no SAEs; layers are {list(layers)}.")
@@ -652,7 +652,7 @@ def persistence(
         One row per (start layer, feature): ``layer``, ``feature``, ``survives``; a histogram per
         start layer is ``frame.groupby("layer").survives.value_counts()``.
     """
-    layers = _as_stack(stack)
+    layers = as_stack(stack)
     order = list(layers)
     steps = []
     for here, there in itertools.pairwise(order):

@@ -64,8 +64,8 @@ import pandas as pd
 import torch
 
 from ..adapters import (
-    _threshold_F,
     describe_sae,
+    feature_thresholds,
     feature_view,
     hook_name_of,
     sae_identity,
@@ -259,7 +259,7 @@ def firing_offset_z(sae: Any) -> torch.Tensor:
         # e·x + b = e·(x − b_dec) + (b + e·b_dec): the bias the encoder has around b_dec
         b_dec = sae.b_dec.detach().to(torch.float32)
         bias = bias + (b_dec @ sae.W_enc.detach().to(torch.float32)).to(torch.float64)
-    theta = _threshold_F(sae, spec)
+    theta = feature_thresholds(sae, spec)
     theta = torch.zeros_like(bias) if theta is None else theta.to(bias)
     norms = torch.linalg.vector_norm(sae.W_enc.detach(), dim=0, dtype=torch.float32).to(bias)
     offset = (theta - bias) / norms.clamp_min(torch.finfo(torch.float64).tiny)

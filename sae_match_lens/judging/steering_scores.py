@@ -34,19 +34,18 @@ import pandas as pd
 import torch
 
 from ..adapters import folded_activation_factor, hook_name_of
-from ..flow.graph import _as_stack
+from ..flow.graph import as_stack
 from ..lens.steering import (
     Generation,
     Intervention,
     NodeSource,
     Schedule,
     Units,
-    _device,
     flow_interventions,
     flow_nodes,
     generate_steered,
 )
-from ..metrics import record_states
+from ..metrics import model_device, record_states
 from ..progress import progress_bar
 from .judge import Judge
 from .rowlog import RowLog, model_fingerprint, sae_fingerprint
@@ -112,7 +111,7 @@ def theme_presence(
     Returns:
         One row per text: ``presence``, ``theme_rate``, ``n_tokens``.
     """
-    layers = _as_stack(stack)
+    layers = as_stack(stack)
     nodes = flow_nodes(theme, layers)
     per_sae: dict[str, tuple[Any, torch.Tensor]] = {}
     for node in nodes:
@@ -122,9 +121,8 @@ def theme_presence(
         per_sae[name] = (sae, torch.cat([feats, torch.tensor([node.feature])]))
     seqs, starts = _read(model, texts)
     rows: list[dict[str, Any]] = [{} for _ in seqs]
-    device = _device(model)
     for members, batch in _by_length(seqs, batch_size):
-        states = record_states(model, list(per_sae), batch.to(device) if device else batch)
+        states = record_states(model, list(per_sae), batch)
         total = torch.zeros(len(members), batch.shape[1], dtype=torch.float64)
         fired = torch.zeros(len(members), batch.shape[1], dtype=torch.float64)
         for name, (sae, feats) in per_sae.items():
@@ -156,7 +154,7 @@ def coherence(model: Any, texts: Texts, *, batch_size: int = 16
     """
     seqs, starts = _read(model, texts)
     rows: list[dict[str, Any]] = [{} for _ in seqs]
-    device = _device(model)
+    device = model_device(model)
     for members, batch in _by_length(seqs, batch_size):
         logp = torch.log_softmax(model(batch.to(device) if device else batch,
                                        return_type="logits").float(), dim=-1).cpu()
@@ -299,7 +297,7 @@ def steering_sweep(
         >>> frame = steering_sweep(model, stack, graph, "And the LORD said", path="sweep.jsonl",
         ...                        coefficients=[0, -1, -4], kind="rescale")
     """
-    layer_map = _as_stack(stack)
+    layer_map = as_stack(stack)
     nodes = flow_nodes(source, layer_map)
     goal = goal or ("suppress" if kind == "rescale" else "activate")
     if goal not in ("suppress", "activate"):

@@ -73,7 +73,9 @@ def hook_order(name: str, n_layers: int) -> tuple[int, int]:
     return layer, 2
 
 
-def _hook_width(model: Any, name: str) -> int | None:
+def hook_width(model: Any, name: str) -> int | None:
+    """The width of the activations at hook ``name`` of a TransformerLens model, or ``None``
+    where the hook's width is not known from the config."""
     cfg = model.cfg
     rest = name.split(".", 2)[-1] if name.startswith("blocks.") else name
     if rest in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
@@ -97,7 +99,7 @@ def validate_route(model: Any, sub: BlockSubstitute) -> None:
                 f"{type(model).__name__} (it has {len(hook_dict)} hook points, e.g. "
                 f"'blocks.0.hook_resid_post').{hint}"
             )
-        width = _hook_width(model, name)
+        width = hook_width(model, name)
         if width is not None and sae.cfg.d_in != width:
             raise ValueError(
                 f"{describe_sae(sae)}: d_in={sae.cfg.d_in} but the model's activation at "

@@ -57,11 +57,11 @@ import torch
 
 from ..adapters import describe_sae, fold_scales, hook_name_of
 from ..chain import FeaturePath
-from ..flow.graph import FlowGraph, LayerSAEs, _as_stack
-from ..metrics import record_states
+from ..flow.graph import FlowGraph, LayerSAEs, as_stack
+from ..metrics import model_device, record_states
 from ..progress import progress_bar
-from .hooks import HookFn, _check_sae
-from .routes import _hook_width, resolve_bos_token_id
+from .hooks import HookFn, check_substitute_sae
+from .routes import hook_width, resolve_bos_token_id
 
 __all__ = [
     "SCHEDULES",
@@ -130,7 +130,7 @@ class RescaleFeatures:
     """Only where this feature of the same SAE fires (``None``: every position)."""
 
     def __post_init__(self) -> None:
-        _check_sae(self.sae, "steered SAE")
+        check_substitute_sae(self.sae, "steered SAE")
         object.__setattr__(self, "features", _features(self.sae, self.features, "RescaleFeatures"))
         object.__setattr__(self, "factor", _finite(self.factor, "the rescale factor r", self.sae))
         if self.where is not None:
@@ -164,7 +164,7 @@ class AddDirection:
     """Only where this feature of the same SAE fires (``None``: every position)."""
 
     def __post_init__(self) -> None:
-        _check_sae(self.sae, "steered SAE")
+        check_substitute_sae(self.sae, "steered SAE")
         object.__setattr__(self, "features", _features(self.sae, self.features, "AddDirection"))
         object.__setattr__(self, "coefficient", _finite(self.coefficient, "the coefficient s",
                                                         self.sae))
@@ -213,7 +213,7 @@ def _check_on_model(model: Any, item: Intervention) -> None:
             f"{describe_sae(item.sae)}: hook '{name}' is not a hook point of this "
             f"{type(model).__name__}, so this SAE does not belong to the model."
             + (f" Did you mean {close}?" if close else ""))
-    width = _hook_width(model, name)
+    width = hook_width(model, name)
     if width is not None and int(item.sae.cfg.d_in) != width:
         raise ValueError(f"{describe_sae(item.sae)}: d_in={item.sae.cfg.d_in} but the model's "
                          f"activation at '{name}' has width {width}.")
@@ -222,8 +222,7 @@ def _check_on_model(model: Any, item: Intervention) -> None:
 def _bos_states(model: Any, names: Sequence[str], bos_token_id: int | None
                 ) -> dict[str, torch.Tensor]:
     bos = resolve_bos_token_id(model, bos_token_id)
-    device = getattr(model.cfg, "device", None)
-    one = torch.tensor([[bos]], device=device)
+    one = torch.tensor([[bos]], device=model_device(model))
     states = record_states(model, sorted(set(names)), one)
     return {name: h[0, 0].detach().clone() for name, h in states.items()}
 
@@ -410,7 +409,7 @@ def flow_nodes(source: NodeSource, stack: Mapping[int, Any] | Sequence[Any]) -> 
         ValueError: a feature id outside its SAE, or a graph node whose hook differs from the
             stack's SAE.
     """
-    layers = _as_stack(stack)
+    layers = as_stack(stack)
     raw: list[tuple[int, str, int]] = []
     if isinstance(source, FlowGraph):
         for row in source.nodes.itertuples(index=False):
@@ -499,7 +498,7 @@ def flow_interventions(
         ...                          coefficient=6.0)
     """
     nodes = flow_nodes(source, stack)
-    layers = _as_stack(stack)
+    layers = as_stack(stack)
     sched = Schedule(schedule) if isinstance(schedule, str) else schedule
     if not isinstance(sched, Schedule):
         raise TypeError(f"schedule must be a Schedule or one of {list(SCHEDULES)}, got {schedule!r}.")
@@ -574,10 +573,6 @@ class Generation(NamedTuple):
         return pd.DataFrame(rows, columns=["sample", "step", "position", "token", "logprob"])
 
 
-def _device(model: Any) -> Any:
-    return getattr(model.cfg, "device", None)
-
-
 def generate_steered(
     model: Any,
     prompts: str | Sequence[str],
@@ -635,7 +630,7 @@ def generate_steered(
     jobs = [(i, min(batch_size, n_samples - start)) for i in range(len(texts_in))
             for start in range(0, n_samples, batch_size)]
     out: dict[str, list[Any]] = {k: [] for k in Generation._fields}
-    device = _device(model)
+    device = model_device(model)
     devices = [device] if device is not None and str(device).startswith("cuda") else []
     for k, (i, size) in enumerate(progress_bar(jobs, desc="generating", unit="batch", enabled=progress)):
         prompt_tokens = model.to_tokens(texts_in[i]).to(device)

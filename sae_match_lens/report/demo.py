@@ -50,10 +50,10 @@ from ..releases import (
     HubUnavailableError,
     ModelLoader,
     SAELoader,
-    _default_model_loader,
-    _hub_reachable,
-    _loading,
+    default_model_loader,
+    hub_reachable,
     load_release_saes,
+    loading_from_hub,
     parse_layers,
 )
 from ..savedir import write_directory
@@ -196,12 +196,12 @@ def load_release(
     """
     if "{layer}" not in sae_id_template:
         raise ValueError(f"sae_id_template must contain '{{layer}}', got {sae_id_template!r}.")
-    offline = sae_loader is None and model_loader is None and not _hub_reachable()
+    offline = sae_loader is None and model_loader is None and not hub_reachable()
     try:
         saes = load_release_saes(release, [sae_id_template.format(layer=layer) for layer in layers],
                                  sae_loader=sae_loader, progress=progress, offline=offline)
-        with _loading(model_name, offline):
-            model = (model_loader or _default_model_loader)(model_name)
+        with loading_from_hub(model_name, offline):
+            model = (model_loader or default_model_loader)(model_name)
     except HubUnavailableError as exc:
         raise HubUnavailableError(
             f"Cannot load {release} / {model_name}: the Hugging Face hub is unreachable from this "
@@ -217,17 +217,17 @@ def _load_registry_release(release: str, layers: Sequence[int], choices: dict[st
                            ) -> tuple[Any, list[Any], str]:
     """A registry release's SAEs at ``layers`` (ids resolved first, so a bad choice fails before
     anything loads) and its model (the registry's, unless ``model_name`` is given)."""
-    from ..releases import _lookup, load_release_model, load_release_stack, resolve_release
+    from ..releases import load_release_model, load_release_stack, lookup_release, resolve_release
 
     resolve_release(release, layers=layers, **choices)
     stack = load_release_stack(release, layers=layers, sae_loader=sae_loader, progress=progress,
                                **choices)
     if model_name is None:
-        model_name = _lookup(release).model
+        model_name = lookup_release(release).model
         model = load_release_model(release, model_loader=model_loader)
     else:
-        with _loading(model_name, model_loader is None and not _hub_reachable()):
-            model = (model_loader or _default_model_loader)(model_name)
+        with loading_from_hub(model_name, model_loader is None and not hub_reachable()):
+            model = (model_loader or default_model_loader)(model_name)
     return model, [stack[layer] for layer in sorted(stack)], str(model_name)
 
 

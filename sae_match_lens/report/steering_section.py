@@ -113,10 +113,9 @@ def label_sequences(tokens: torch.Tensor, tokenizer: Any) -> list[str]:
 @torch.no_grad()
 def _firing_rates(model: Any, sae: Any, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
     name = hook_name_of(sae)
-    device = getattr(model.cfg, "device", None)
     out = []
     for batch in tokens.split(batch_size):
-        h = record_states(model, [name], batch.to(device) if device is not None else batch)[name]
+        h = record_states(model, [name], batch)[name]
         acts = sae.encode(h[:, 1:].to(sae.W_enc.device, sae.W_enc.dtype))
         out.append(fires(acts).double().mean(1).cpu())  # per sequence, BOS excluded
     return torch.cat(out)  # [n_seq, d_sae]

@@ -49,9 +49,8 @@ import torch
 from ..adapters import hook_name_of, layers_from_hooks
 from ..atomicio import write_text
 from ..chain import ChainMatch
-from ..flow.coactivation import record_states, token_batches
 from ..flow.graph import MODULES, FlowGraph, LayerSAEs
-from ..metrics import fires, scored_states
+from ..metrics import fires, record_states, scored_activations, token_batches
 from ..progress import progress_bar
 
 __all__ = ["DEFAULT_MAX_NODES", "DEFAULT_MAX_PATHS", "top_activating_tokens", "write_html"]
@@ -761,14 +760,13 @@ def top_activating_tokens(
     best = {h: (torch.full((len(ks), 0), -math.inf), torch.zeros((len(ks), 0), dtype=torch.int64))
             for h, (_, ks) in by_hook.items()}
     all_tokens, offset = [], 0
-    device = getattr(model.cfg, "device", None)
     for batch in progress_bar(batches, total=n_batches, desc="top tokens", unit="batch", enabled=progress):
-        states = record_states(model, list(by_hook), batch.to(device) if device is not None else batch)
+        states = record_states(model, list(by_hook), batch)
         n_seq, n_pos = batch.shape[0], batch.shape[1] - 1
         for hook, (sae, keys) in by_hook.items():
-            h = scored_states(states[hook]).to(sae.W_enc.device, sae.W_enc.dtype)
             cols = torch.tensor([int(key[-1]) for key in keys])
-            acts = sae.encode(h).reshape(-1, sae.cfg.d_sae)[:, cols.to(h.device)].T.float().cpu()
+            acts = scored_activations(sae, states[hook])
+            acts = acts[:, cols.to(acts.device)].T.float().cpu()
             acts = torch.where(fires(acts), acts, torch.tensor(-math.inf))
             where = offset * n_pos + torch.arange(n_seq * n_pos)  # flat (sequence, position)
             values = torch.cat([best[hook][0], acts], dim=1)
