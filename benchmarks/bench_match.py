@@ -33,7 +33,7 @@ import time
 import torch
 from sae_lens import JumpReLUSAE
 
-from sae_match_lens import feature_view
+from sae_match_lens.adapters import feature_view
 from sae_match_lens.matching import match
 from sae_match_lens.solvers.costs import CostWeights, cost_blocks, stack_features
 from sae_match_lens.synthetic import planted_chain

@@ -5,7 +5,9 @@ module that moved stays importable under its old path until 0.4: the first impor
 path warns once, naming the new one, and yields the very same module object (so
 ``sae_match_lens.linking is sae_match_lens.flow.linking``). Three old modules became packages
 (``flow``, ``batch``, ``report``); the names they defined are forwarded from the package to the
-module that now holds them (:func:`forward_names`), again with one warning per name.
+module that now holds them (:func:`forward_names`), again with one warning per name. Names that
+0.2 exported from :mod:`sae_match_lens` and 0.3 keeps in their submodule warn the same way
+(:func:`warn_unexported`).
 
 Nothing here imports torch: it runs when :mod:`sae_match_lens` is imported.
 """
@@ -16,13 +18,15 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any
 
-__all__ = ["MOVED_MODULES", "forward_names", "install_moved_module_finder", "warn_moved"]
+__all__ = ["MOVED_MODULES", "forward_names", "install_moved_module_finder", "warn_moved",
+           "warn_unexported"]
 
 PACKAGE = "sae_match_lens"
 REMOVED_IN = "0.4"
@@ -49,18 +53,34 @@ and ``report`` are packages now; their names are forwarded to ``flow.graph``, ``
 ``report.document``."""
 
 
+_OWN_FILES = frozenset({__file__, os.path.join(os.path.dirname(__file__), "__init__.py")})
+
+
 def _caller_stacklevel() -> int:
-    """The stack level of the first frame outside this module and the import machinery."""
+    """The stack level of the first frame outside this module, the package's ``__init__`` and
+    the import machinery: the user's line that named the old path."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and (frame.f_code.co_filename == __file__
+    while frame is not None and (frame.f_code.co_filename in _OWN_FILES
                                  or frame.f_code.co_filename.startswith("<frozen importlib")):
-        frame, level = frame.f_back, level + 1
+        # ``warnings`` itself skips the import machinery's frames without counting them
+        if not frame.f_code.co_filename.startswith("<frozen importlib"):
+            level += 1
+        frame = frame.f_back
     return level
 
 
 def warn_moved(old: str, new: str) -> None:
     """One ``DeprecationWarning``: ``old`` is now ``new``, and the old path goes in 0.4."""
     warnings.warn(f"{old} moved to {new} in 0.3; import it from there ({old} goes in {REMOVED_IN}).",
+                  DeprecationWarning, stacklevel=_caller_stacklevel())
+
+
+def warn_unexported(old: str, home: str) -> None:
+    """One ``DeprecationWarning``: ``old`` (a top-level name of 0.2) is no longer exported by
+    :mod:`sae_match_lens`; it lives in ``home``."""
+    name = old.rpartition(".")[2]
+    warnings.warn(f"{old} is no longer exported at the top level in 0.3; import it from its "
+                  f"module: from {home} import {name} (the old name goes in {REMOVED_IN}).",
                   DeprecationWarning, stacklevel=_caller_stacklevel())
 
 

@@ -118,3 +118,15 @@ def test_the_package_faces_hold_no_code():
         body = ast.parse(path.read_text(encoding="utf-8")).body
         kinds = [type(node).__name__ for node in body]
         assert kinds in (["Expr"], ["Expr", "ImportFrom", "Assign"]), f"{path}: {kinds}"
+
+
+def test_no_private_name_is_imported_across_modules():
+    """A helper that several modules share has a public name in one module."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (
+                    node.level > 0 or (node.module or "").startswith("sae_match_lens")):
+                found += [f"{path.relative_to(PACKAGE)}: {alias.name}" for alias in node.names
+                          if alias.name.startswith("_")]
+    assert not found, found

@@ -11,10 +11,11 @@ import torch
 from helpers import build_sae, planted_pair
 from scipy.optimize import linear_sum_assignment
 
-from sae_match_lens import Permutation, ProvenanceError, fold
+from sae_match_lens import Permutation, fold
 from sae_match_lens import matching as matching_module
 from sae_match_lens.atomicio import host_id
 from sae_match_lens.matching import match, null_max_cost
+from sae_match_lens.permutation import ProvenanceError
 
 
 def _manual_cost(sae_a, sae_b, folded=True, w=(1.0, 1.0, 1.0)):
