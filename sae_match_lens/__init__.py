@@ -51,6 +51,7 @@ _EXPORTS: dict[str, str] = {
     "flow_graph": "flow.graph",
     "FlowGraph": "flow.graph",
     "predecessors": "flow.graph",
+    "persistence": "flow.graph",
     "origin_groups": "flow.graph",
     # substitute blocks, steer features
     "substitute": "lens.hooks",
@@ -113,7 +114,6 @@ _UNEXPORTED: dict[str, str] = {
     "best_partner": "flow.coactivation",
     "one_to_one": "flow.coactivation",
     "ORIGIN_GROUPS": "flow.graph",
-    "persistence": "flow.graph",
     "SCORES": "flow.linking",
     "Transition": "flow.linking",
     "Judge": "judging.judge",

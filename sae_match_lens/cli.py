@@ -158,9 +158,10 @@ def _cmd_match(args: argparse.Namespace) -> int:
     options = _match_options(args)
     _check_writable(args.out, directory=False)
     sae_a, sae_b = _load_sae(args.sae_a), _load_sae(args.sae_b)
-    from .matching import match
+    from .matching import MatchOptions, match
+    from .options import gather_options
 
-    result = match(sae_a, sae_b, progress=not args.quiet, **options)
+    result = match(sae_a, sae_b, progress=not args.quiet, **gather_options(MatchOptions, options))
     path = result.permutation.save(args.out)
     print(f"matched {result.permutation.n_matched}/{result.permutation.n_source} features, "
           f"total cost {result.total_cost:.6g}, certified={result.certified}; saved {path}")
@@ -422,14 +423,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_match_options(c)
     c.set_defaults(func=_cmd_chain)
 
-    scores = ["decoder_cosine", "folded_mse", "cosine_sum", "csls", "cosine_density"]
+    from .vocabulary import DEFAULT_LINK_SCORE, SCORES  # standard library only
+
+    scores = list(SCORES)
     lk = sub.add_parser("links", help="top-k links between adjacent layers of a release (CSV/JSON)",
                         description="For each feature at each layer, its k best partners at the next "
                         "layer, with score, null-model confidence and Neuronpedia URLs.")
     _add_release_options(lk)
     lk.add_argument("--out", required=True, help="output file, .csv or .json")
     lk.add_argument("--k", type=int, default=1, help="partners per feature (default: %(default)s)")
-    lk.add_argument("--score", default="cosine_density", choices=scores,
+    lk.add_argument("--score", default=DEFAULT_LINK_SCORE, choices=scores,
                     help="link score (default: %(default)s)")
     lk.add_argument("--null-rate", type=float, default=None,
                     help="drop links the null model would give a random feature at this rate")
@@ -447,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--layers", help="layers to load, e.g. 8-16 (default: --span around --layer)")
     f.add_argument("--span", type=int, default=3,
                    help="without --layers, load this many layers on each side (default: %(default)s)")
-    f.add_argument("--score", default="decoder_cosine", choices=scores,
-                   help="link score (default: %(default)s, the paper's)")
+    f.add_argument("--score", default=DEFAULT_LINK_SCORE, choices=scores,
+                   help="link score (default: %(default)s)")
     f.add_argument("--cut", type=float, default=0.5, help="residual links below this end the flow")
     f.add_argument("--module-min", type=float, default=0.15,
                    help="MLP/attention predecessors below this are dropped")

@@ -52,7 +52,7 @@ import torch
 
 from .adapters import feature_view
 from .flow.coactivation import sae_pairs
-from .flow.linking import SCORES, Transition, links
+from .flow.linking import DEFAULT_LINK_SCORE, SCORES, Transition, links
 from .lens.hooks import BlockSubstitute, Substitution, block_substitute
 from .lens.routes import (
     BOS_POLICIES,
@@ -63,7 +63,7 @@ from .lens.routes import (
     skip_boundaries,
     validate_route,
 )
-from .matching import MatchResult, match
+from .matching import MatchOptions, MatchResult, match
 from .metrics import (
     StateSums,
     check_reconstruction,
@@ -79,6 +79,7 @@ from .metrics import (
     unverified_saes,
     vocab_dot,
 )
+from .options import gather_options
 from .permutation import Permutation, check_direction
 from .progress import progress_bar
 from .solvers.costs import CostWeights, Metric, stack_features
@@ -150,7 +151,7 @@ class Variant:
     ``match(..., fold=False)``; ``"random"``: a seeded random one-to-one map; ``"links"``: a
     many-to-one transition from :func:`~sae_match_lens.flow.linking.links` (``link_score``,
     ``link_k``): B's folded activation j is the sum of A's folded activations linked to j."""
-    link_score: str = "decoder_cosine"
+    link_score: str = DEFAULT_LINK_SCORE
     """``"links"`` only: the link score (:data:`~sae_match_lens.flow.linking.SCORES`)."""
     link_k: int = 1
     """``"links"`` only: links per source feature (binarised top-k transition)."""
@@ -295,8 +296,8 @@ def _permutations(
         if source == "matched" and given is not None:
             result = given
         elif source in ("matched", "unfolded"):
-            result = match(sae_a, sae_b, **{**match_options, "fold": source == "matched",
-                                            "progress": progress})
+            result = match(sae_a, sae_b, **gather_options(
+                MatchOptions, {**match_options, "fold": source == "matched", "progress": progress}))
         else:
             result = _random_permutation(sae_a.cfg.d_sae, sae_b.cfg.d_sae, seed)
         if isinstance(result, MatchResult):

@@ -14,7 +14,9 @@ import sae_match_lens
 PACKAGE = Path(sae_match_lens.__file__).parent
 
 LADDER = {
-    # foundations: SAEs as feature tensors, permutations, files, HTTP, metrics
+    # foundations: the vocabulary and options helpers, SAEs as feature tensors, permutations,
+    # files, HTTP, metrics
+    "vocabulary": 0, "options": 0,
     "adapters": 0, "permutation": 0, "savedir": 0, "neuronpedia": 0, "metrics": 0,
     "atomicio": 0, "httpclient": 0, "progress": 0,
     # exact assignment and top-k machinery; the null model; planted test stacks

@@ -529,3 +529,15 @@ def test_the_steering_report_says_how_each_column_is_averaged_and_that_text_is_g
     assert "gibberish, steered or not" in text
     assert "every column is a mean over its 4 generations" in text
     assert "standard error of at most 0.25" in text
+
+
+def test_generate_steered_with_flat_sampling_keywords_warns_and_draws_the_same_texts(model, sae_1):
+    from sae_match_lens.lens.steering import SamplingOptions
+
+    ivs = [RescaleFeatures(sae_1, [0, 1], factor=0.0)]
+    options = SamplingOptions(max_new_tokens=4, seed=3, batch_size=2, temperature=0.8)
+    new = generate_steered(model, "t1 t2", ivs, n_samples=3, options=options, progress=False)
+    with pytest.warns(DeprecationWarning, match=r"seed= → options\.seed"):
+        old = generate_steered(model, "t1 t2", ivs, n_samples=3, max_new_tokens=4, seed=3,
+                               batch_size=2, temperature=0.8, progress=False)
+    assert new.texts == old.texts and new.seeds == old.seeds

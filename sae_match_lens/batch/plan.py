@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..vocabulary import DEFAULT_LINK_SCORE
+
 __all__ = ["FLOW_MODULES", "HOOK_OPTIONS", "KINDS", "JobKind", "PairJob", "SAERef", "job_key",
            "load_plan", "plan_flow", "plan_from_release", "plan_pairs"]
 
@@ -176,12 +178,21 @@ class PairJob:
 
 
 def _valid_options(kind: str) -> tuple[str, ...]:
+    """The options a job of ``kind`` may carry: its function's keyword arguments, the fields of
+    its options dataclass as flat names (the names of 0.2 among them), and the hook options."""
+    from ..options import flat_names
+
     if kind == "links":
-        from ..flow.linking import links as fn
+        from ..flow.linking import LinkOptions, links
+
+        fn, options_cls = links, LinkOptions
     else:
-        from ..matching import match as fn
+        from ..matching import MatchOptions, match
+
+        fn, options_cls = match, MatchOptions
     params = inspect.signature(fn).parameters
-    return tuple(p for p in params if p not in _NOT_OPTIONS) + HOOK_OPTIONS
+    return (tuple(p for p in params if p not in _NOT_OPTIONS and p != "options")
+            + tuple(flat_names(options_cls)) + HOOK_OPTIONS)
 
 
 def job_key(job: PairJob, source_fingerprint: str, target_fingerprint: str) -> str:
@@ -257,7 +268,7 @@ def plan_pairs(
 def plan_flow(
     stack: Mapping[int, Any],
     *,
-    score: str = "decoder_cosine",
+    score: str = DEFAULT_LINK_SCORE,
     modules: Sequence[str] = FLOW_MODULES,
 ) -> list[PairJob]:
     """The ``links`` jobs (``k=1``, ``score``) that :func:`~sae_match_lens.flow.graph.flow_graph`

@@ -208,17 +208,21 @@ def run_job(spec: Mapping[str, Any], store_root: str, run: str,
                               f"{free / 2**30:.2f} GiB available; run it on a larger worker or "
                               "use solver='sparse' with a smaller block_rows.")
         if spec["kind"] == "links":
-            from ..flow.linking import links
+            from ..flow.linking import LinkOptions, links
+            from ..options import gather_options
             from .store import save_links
 
-            lk = links(sae_a, sae_b, device=device, progress=False, **options)
+            lk = links(sae_a, sae_b, device=device, progress=False,
+                       **gather_options(LinkOptions, options))
 
             def write(tmp: Path) -> None:
                 save_links(lk, tmp / "links")
         else:
-            from ..matching import match
+            from ..matching import MatchOptions, match
+            from ..options import gather_options
 
-            result = match(sae_a, sae_b, device=device, progress=False, **options)
+            result = match(sae_a, sae_b, device=device, progress=False,
+                           **gather_options(MatchOptions, options))
             record.update(certified=bool(result.certified), gap=float(result.gap),
                           total_cost=float(result.total_cost),
                           n_matched=int(result.permutation.n_matched), solver=result.solver)

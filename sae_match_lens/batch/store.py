@@ -52,7 +52,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..atomicio import LEASE_SECONDS, TEMP_SUFFIX, atomic_write, is_abandoned, write_text
-from ..flow.linking import Links
+from ..flow.linking import DEFAULT_LINK_SCORE, Links
 from ..matching import MatchResult
 from ..savedir import decode_json, encode_json, tensor_checksum, write_directory
 
@@ -302,7 +302,7 @@ class ResultStore:
         return load_chain(self, kind=kind, module=module, options=options)
 
     def flow_graph(self, stack: Mapping[int, Any], seed: tuple[int, int], *,
-                   score: str = "decoder_cosine", cut: float = 0.5, module_min: float = 0.15,
+                   score: str = DEFAULT_LINK_SCORE, cut: float = 0.5, module_min: float = 0.15,
                    max_layers: int | None = None, options: Mapping[str, Any] | None = None,
                    progress: bool = False) -> FlowGraph:
         """The :class:`~sae_match_lens.flow.graph.FlowGraph` of ``seed`` from the stored top-1 links
@@ -407,7 +407,7 @@ def load_flow_graph(
     stack: Mapping[int, Any],
     seed: tuple[int, int],
     *,
-    score: str = "decoder_cosine",
+    score: str = DEFAULT_LINK_SCORE,
     cut: float = 0.5,
     module_min: float = 0.15,
     max_layers: int | None = None,

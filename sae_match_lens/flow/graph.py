@@ -5,7 +5,9 @@ Following Feature Flow (Laptev, Balagansky, Aksenov, Gavrilov 2025, arXiv 2502.0
 (``blocks.L.hook_mlp_out``) and an attention-output SAE ``A(L)`` (``blocks.L.hook_attn_out``).
 A residual feature ``f`` at layer ``L`` has one top-1 predecessor in each of ``R(L−1)``,
 ``M(L)`` and ``A(L)``, with scores ``s(R), s(M), s(A)`` (:func:`predecessors`; the score is a
-:mod:`~sae_match_lens.flow.linking` score, decoder cosine by default as in the paper).
+:mod:`~sae_match_lens.flow.linking` score; by default
+:data:`~sae_match_lens.vocabulary.DEFAULT_LINK_SCORE`, as for every function that links; the
+paper's reading below uses decoder cosine, ``score="decoder_cosine"``).
 
 **Data-free reading** (:func:`predecessors`' ``reading`` column), the paper's rule ("high s(R),
 low s(M), s(A): carried over; high s(R) and high s(M) or s(A): processed by that module; low
@@ -61,7 +63,7 @@ from ..adapters import describe_sae, hook_name_of, layers_from_hooks
 from ..metrics import check_tokens, fires, record_states, scored_activations
 from ..neuronpedia import feature_url, neuronpedia_id
 from ..permutation import check_direction
-from .linking import Links, LinkScore, links
+from .linking import DEFAULT_LINK_SCORE, Links, LinkScore, links
 
 __all__ = [
     "MODULES",
@@ -232,7 +234,7 @@ def predecessors(
     stack: Stack | Sequence[Any],
     layer: int,
     *,
-    score: LinkScore = "decoder_cosine",
+    score: LinkScore = DEFAULT_LINK_SCORE,
     high: float = 0.5,
     low: float = 0.15,
     progress: bool = False,
@@ -284,7 +286,7 @@ def origin_groups(
     tokens: torch.Tensor,
     *,
     layers: Sequence[int] | None = None,
-    score: LinkScore = "decoder_cosine",
+    score: LinkScore = DEFAULT_LINK_SCORE,
     batch_size: int = 8,
 ) -> pd.DataFrame:
     """Share of each origin group (activation-based, :data:`ORIGIN_GROUPS`) per layer.
@@ -484,7 +486,7 @@ def flow_graph(
     stack: Stack | Sequence[Any],
     seed: tuple[int, int],
     *,
-    score: LinkScore = "decoder_cosine",
+    score: LinkScore = DEFAULT_LINK_SCORE,
     cut: float = 0.5,
     module_min: float = 0.15,
     max_layers: int | None = None,
@@ -641,7 +643,7 @@ def _checked_links(lk: Any, key: FlowKey, source: Any, target: Any, score: str) 
 def persistence(
     stack: Stack | Sequence[Any],
     *,
-    score: LinkScore = "decoder_cosine",
+    score: LinkScore = DEFAULT_LINK_SCORE,
     cut: float = 0.5,
     progress: bool = False,
 ) -> pd.DataFrame:

@@ -39,6 +39,7 @@ from ..lens.steering import (
     Generation,
     Intervention,
     NodeSource,
+    SamplingOptions,
     Schedule,
     Units,
     flow_interventions,
@@ -318,9 +319,9 @@ def steering_sweep(
               "model": model_fingerprint(model),
               "saes": {hook_name_of(s): sae_fingerprint(s) for s in _node_saes(nodes, layer_map)}}
     log = RowLog(path, key=("mode", "layer", "schedule", "coefficient"), header=header)
-    gen_kwargs = {"n_samples": n_samples, "max_new_tokens": max_new_tokens,
-                  "temperature": temperature, "top_p": top_p, "seed": seed,
-                  "batch_size": batch_size, "progress": False}
+    gen_kwargs = {"n_samples": n_samples, "progress": False,
+                  "options": SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature,
+                                             top_p=top_p, seed=seed, batch_size=batch_size)}
     settings: list[tuple[str, int | None, Schedule | None, float | None]] = [
         ("none", None, None, None)]
     settings += [(m, lay, s, float(c)) for m, lay, s, c in

@@ -50,7 +50,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import pandas as pd
 import torch
@@ -59,6 +59,7 @@ from ..adapters import describe_sae, fold_scales, hook_name_of
 from ..chain import FeaturePath
 from ..flow.graph import FlowGraph, LayerSAEs, as_stack
 from ..metrics import model_device, record_states
+from ..options import accepts_flat_options
 from ..progress import progress_bar
 from .hooks import HookFn, check_substitute_sae
 from .routes import hook_width, resolve_bos_token_id
@@ -70,6 +71,7 @@ __all__ = [
     "Generation",
     "Intervention",
     "RescaleFeatures",
+    "SamplingOptions",
     "Schedule",
     "flow_interventions",
     "flow_nodes",
@@ -573,23 +575,44 @@ class Generation(NamedTuple):
         return pd.DataFrame(rows, columns=["sample", "step", "position", "token", "logprob"])
 
 
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How :func:`generate_steered` samples (TransformerLens' ``generate``): the sampler's
+    settings, the seeds and the batch size. The same options give the same texts."""
+
+    max_new_tokens: int = 36
+    """Tokens sampled after each prompt at most."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float | None = None
+    """Nucleus sampling: the smallest set of tokens whose probability reaches ``top_p``."""
+    top_k: int | None = None
+    """Sample among the ``top_k`` most likely tokens only."""
+    do_sample: bool = True
+    """``False``: greedy decoding."""
+    stop_at_eos: bool = False
+    """Stop a sample at the tokenizer's EOS (kept as its last token)."""
+    seed: int = 0
+    """Base seed: batch ``k`` (counted over all prompts) is drawn with ``torch`` seeded to
+    ``seed + k`` inside a forked RNG."""
+    batch_size: int = 8
+    """Samples per ``generate`` call."""
+
+    RENAMED_IN_0_3: ClassVar[Mapping[str, str]] = {}
+    """Flat keywords of 0.2 whose field has another name (none)."""
+
+
+@accepts_flat_options(SamplingOptions)
 def generate_steered(
     model: Any,
     prompts: str | Sequence[str],
     interventions: Intervention | Sequence[Intervention] = (),
     *,
     n_samples: int = 1,
-    max_new_tokens: int = 36,
-    temperature: float = 1.0,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    do_sample: bool = True,
-    stop_at_eos: bool = False,
-    seed: int = 0,
-    batch_size: int = 8,
     bos: BosMode = "keep",
     bos_token_id: int | None = None,
     progress: bool = True,
+    options: SamplingOptions | None = None,
 ) -> Generation:
     """Sample continuations of ``prompts`` with the model steered by ``interventions``.
 
@@ -604,17 +627,25 @@ def generate_steered(
         prompts: one prompt or several (tokenized with BOS prepended).
         interventions: what to steer (none: the clean model).
         n_samples: samples per prompt.
-        max_new_tokens, temperature, top_p, top_k, do_sample: passed to ``generate``.
-        stop_at_eos: stop a sample at the tokenizer's EOS (kept as its last token).
-        seed: base seed (see above).
-        batch_size: samples per ``generate`` call.
         bos, bos_token_id: see :func:`steering_hooks`.
         progress: show a progress bar over batches.
+        options: how to sample (:class:`SamplingOptions`; default: its defaults). The flat
+            keywords of 0.2 (``max_new_tokens=``, ``temperature=``, ``top_p=``, ``top_k=``,
+            ``do_sample=``, ``stop_at_eos=``, ``seed=``, ``batch_size=``) still work until 0.4,
+            with a ``DeprecationWarning``.
 
     Example:
-        >>> gen = generate_steered(model, "I think ", ivs, n_samples=8, top_p=0.7, temperature=1.27)
+        >>> gen = generate_steered(model, "I think ", ivs, n_samples=8,
+        ...                        options=SamplingOptions(top_p=0.7, temperature=1.27))
         >>> gen.frame()[["text", "mean_logprob"]]
     """
+    opts = options if options is not None else SamplingOptions()
+    if not isinstance(opts, SamplingOptions):
+        raise TypeError(f"options must be a SamplingOptions, got {type(opts).__name__}.")
+    max_new_tokens, temperature, top_p, top_k = (opts.max_new_tokens, opts.temperature, opts.top_p,
+                                                 opts.top_k)
+    do_sample, stop_at_eos, seed, batch_size = (opts.do_sample, opts.stop_at_eos, opts.seed,
+                                                opts.batch_size)
     texts_in = [prompts] if isinstance(prompts, str) else list(prompts)
     if not texts_in or not all(isinstance(p, str) for p in texts_in):
         raise TypeError("prompts must be a string or a non-empty list of strings.")

@@ -43,6 +43,10 @@ ABLATION: dict[str, dict[str, float]] = {
 """Parameter blocks of the matching cost in SAE Match's weight ablation."""
 HIGH, LOW = 0.5, 0.15
 """The decoder-cosine thresholds of the predecessor reading and the flow graph (the paper's)."""
+PAPER_SCORE = "decoder_cosine"
+"""The link score of the paper's flow graph, persistence and predecessor reading, which the
+report reproduces with :data:`HIGH` and :data:`LOW` (the package's default link score is
+another: :data:`~sae_match_lens.vocabulary.DEFAULT_LINK_SCORE`)."""
 
 
 @dataclass(frozen=True)
@@ -418,9 +422,9 @@ def flow_section(model: Any, stack: Mapping[int, LayerSAEs], tokens: torch.Tenso
     step("flow: transitions", 0.3)
     transitions = _transition_table(model, stack, tokens, permutations, progress, substitution)
     step("flow: graph and persistence", 0.48)
-    survival = persistence(stack)
+    survival = persistence(stack, score=PAPER_SCORE)
     seed = _pick_seed(stack, survival, _fire_counts(model, stack, tokens, 8))
-    graph = flow_graph(stack, seed)
+    graph = flow_graph(stack, seed, score=PAPER_SCORE)
     graph.plot(out / "flow_graph.png", title=f"Flow of residual feature {seed[1]} from layer "
                f"{seed[0]} (decoder cosine, cut {HIGH}, modules ≥ {LOW})")
     graph.save_json(out / "flow_graph.json")
@@ -452,8 +456,9 @@ def flow_section(model: Any, stack: Mapping[int, LayerSAEs], tokens: torch.Tenso
     if has_modules:
         step("flow: predecessors and origin groups", 0.55)
         later = [layer for layer in stack if layer - 1 in stack]
-        groups = origin_groups(model, stack, tokens, layers=later)
-        readings = pd.concat([predecessors(stack, layer, high=HIGH, low=LOW) for layer in later])
+        groups = origin_groups(model, stack, tokens, layers=later, score=PAPER_SCORE)
+        readings = pd.concat([predecessors(stack, layer, high=HIGH, low=LOW, score=PAPER_SCORE)
+                              for layer in later])
         shares = (readings.groupby("layer").reading.value_counts(normalize=True)
                   .rename("share").reset_index())
         chance = pd.concat([chance_levels(stack, layer, thresholds=(HIGH, LOW))

@@ -43,6 +43,7 @@ from ..judging.semantic import semantic_evaluation
 from ..judging.steering_scores import plot_sweep, steering_sweep, theme_presence
 from ..lens.steering import FlowNode, flow_nodes
 from ..metrics import fires, record_states
+from .flow_section import PAPER_SCORE
 from .viewer import top_activating_tokens
 
 __all__ = ["STEERING_DEFAULT", "STEERING_FULL", "STEERING_QUICK", "SteeringSettings",
@@ -275,7 +276,7 @@ def steering_section(model: Any, saes: Mapping[int, Any] | Sequence[Any], tokens
         return result
     nodes: list[FlowNode] = []
     for feature in seeds.feature:
-        graph = flow_graph(stack, (seed_layer, int(feature)))
+        graph = flow_graph(stack, (seed_layer, int(feature)), score=PAPER_SCORE)
         nodes += [n for n in flow_nodes(graph, stack) if n not in nodes]
     nodes = sorted(nodes)
     layers = sorted({n.layer for n in nodes})
