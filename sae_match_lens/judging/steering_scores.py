@@ -47,6 +47,7 @@ from ..lens.steering import (
     generate_steered,
 )
 from ..metrics import model_device, record_states
+from ..options import accepts_flat_options
 from ..progress import progress_bar
 from .judge import Judge
 from .rowlog import RowLog, model_fingerprint, sae_fingerprint
@@ -236,6 +237,7 @@ def _node_saes(nodes: Sequence[Any], layer_map: Mapping[int, Any]) -> list[Any]:
     return [saes[name] for name in sorted(saes)]
 
 
+@accepts_flat_options(SamplingOptions)
 def steering_sweep(
     model: Any,
     stack: Mapping[int, Any] | Sequence[Any],
@@ -254,12 +256,8 @@ def steering_sweep(
     judge: Judge | None = None,
     theme: str | None = None,
     n_samples: int = 4,
-    max_new_tokens: int = 36,
-    temperature: float = 1.0,
-    top_p: float | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
     progress: bool = True,
+    options: SamplingOptions | None = None,
 ) -> pd.DataFrame:
     """Steer a flow over modes × layers × schedules × coefficients and score every setting.
 
@@ -287,9 +285,12 @@ def steering_sweep(
         judge: optional :class:`~sae_match_lens.judging.judge.Judge` rating every sample; its
             behaviour/coherence (0–5, scaled to 0–1) give ``judge_score`` the same way.
         theme: the judge's theme.
-        n_samples, max_new_tokens, temperature, top_p, seed, batch_size: as in
-            :func:`generate_steered`.
+        n_samples: samples per prompt and setting.
         progress: show a progress bar over settings.
+        options: how :func:`~sae_match_lens.lens.steering.generate_steered` samples
+            (:class:`~sae_match_lens.lens.steering.SamplingOptions`; the flat keywords of 0.2,
+            ``max_new_tokens=``, ``temperature=``, ``top_p=``, ``seed=``, ``batch_size=``, still
+            work until 0.4 with a ``DeprecationWarning``).
 
     Returns:
         One row per setting with :data:`SWEEP_COLUMNS`.
@@ -298,6 +299,9 @@ def steering_sweep(
         >>> frame = steering_sweep(model, stack, graph, "And the LORD said", path="sweep.jsonl",
         ...                        coefficients=[0, -1, -4], kind="rescale")
     """
+    sampling = options if options is not None else SamplingOptions()
+    if not isinstance(sampling, SamplingOptions):
+        raise TypeError(f"options must be a SamplingOptions, got {type(sampling).__name__}.")
     layer_map = as_stack(stack)
     nodes = flow_nodes(source, layer_map)
     goal = goal or ("suppress" if kind == "rescale" else "activate")
@@ -312,16 +316,20 @@ def steering_sweep(
     header = {"what": "steering_sweep", "kind": kind, "units": units, "goal": goal,
               "nodes": ["/".join(map(str, n)) for n in nodes],
               "hooks": sorted({hook_name_of(layer_map[n.layer].get(n.module)) for n in nodes}),
-              "prompts": prompt_list, "n_samples": n_samples, "max_new_tokens": max_new_tokens,
-              "temperature": temperature, "top_p": top_p, "seed": seed, "batch_size": batch_size,
+              "prompts": prompt_list, "n_samples": n_samples,
+              "max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
+              "top_p": sampling.top_p, "seed": sampling.seed, "batch_size": sampling.batch_size,
               "judge": None if judge is None else judge.identity(), "theme": theme,
               "rate_reference": _rate_reference(rate_reference),
               "model": model_fingerprint(model),
               "saes": {hook_name_of(s): sae_fingerprint(s) for s in _node_saes(nodes, layer_map)}}
+    # the sampler settings 0.2 could not set are recorded only when they differ from the default,
+    # so that a row log written by 0.2 resumes
+    default = SamplingOptions()
+    header.update({name: getattr(sampling, name) for name in ("top_k", "do_sample", "stop_at_eos")
+                   if getattr(sampling, name) != getattr(default, name)})
     log = RowLog(path, key=("mode", "layer", "schedule", "coefficient"), header=header)
-    gen_kwargs = {"n_samples": n_samples, "progress": False,
-                  "options": SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature,
-                                             top_p=top_p, seed=seed, batch_size=batch_size)}
+    gen_kwargs = {"n_samples": n_samples, "progress": False, "options": sampling}
     settings: list[tuple[str, int | None, Schedule | None, float | None]] = [
         ("none", None, None, None)]
     settings += [(m, lay, s, float(c)) for m, lay, s, c in

@@ -41,7 +41,7 @@ from ..chain import ChainMatch, match_chain
 from ..flow.graph import LayerSAEs, flow_graph
 from ..judging.semantic import semantic_evaluation
 from ..judging.steering_scores import plot_sweep, steering_sweep, theme_presence
-from ..lens.steering import FlowNode, flow_nodes
+from ..lens.steering import FlowNode, SamplingOptions, flow_nodes
 from ..metrics import fires, record_states
 from .flow_section import PAPER_SCORE
 from .viewer import top_activating_tokens
@@ -285,9 +285,10 @@ def steering_section(model: Any, saes: Mapping[int, Any] | Sequence[Any], tokens
     bible = tokens[[i for i, label in enumerate(labels) if label == "bible"]]
     rate_ref = float(theme_presence(model, stack, nodes, bible).theme_rate.mean())
     result["rate_reference"] = rate_ref
-    sweep_settings = {"n_samples": chosen.n_samples, "max_new_tokens": chosen.max_new_tokens,
-                      "temperature": 1.0, "top_p": 0.9, "seed": 0, "batch_size": 8,
-                      "progress": progress, "rate_reference": rate_ref}
+    sweep_settings = {"n_samples": chosen.n_samples, "progress": progress,
+                      "rate_reference": rate_ref,
+                      "options": SamplingOptions(max_new_tokens=chosen.max_new_tokens,
+                                                 temperature=1.0, top_p=0.9, seed=0, batch_size=8)}
     # (modes, layers) of each call into the same row log: the compared pair only, or everything
     sweeps = ([(("single", "cumulative"), layers)] if chosen.every_layer else
               [(("single",), [seed_layer]), (("cumulative",), [last])])
