@@ -82,6 +82,7 @@ __all__ = [
     "fold_scales",
     "folded_activation_factor",
     "hook_name_of",
+    "hook_order",
     "identity_mismatch",
     "layers_from_hooks",
     "model_layer_of",
@@ -140,6 +141,30 @@ def hook_name_of(sae: Any) -> str:
 
 
 _BLOCK_HOOK = re.compile(r"blocks\.(\d+)\.")
+
+
+_BLOCK_PARTS = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_IN_BLOCK_RANK = (("hook_resid_pre", 0), ("ln1.", 1), ("attn.", 1), ("hook_attn", 1),
+                  ("hook_q_input", 1), ("hook_k_input", 1), ("hook_v_input", 1),
+                  ("hook_resid_mid", 2), ("ln2.", 3), ("mlp.", 3), ("hook_mlp", 3),
+                  ("hook_resid_post", 4))
+
+
+def hook_order(name: str, n_layers: int) -> tuple[int, int]:
+    """Where a hook sits in the forward pass: ``(layer, rank within the block)``.
+
+    ``blocks.L.hook_resid_pre`` < ``...attn...`` < ``hook_resid_mid`` < ``...mlp...`` <
+    ``blocks.L.hook_resid_post``; embedding hooks come before block 0, everything else outside
+    the blocks (``ln_final``, ``unembed``) after the last block.
+    """
+    m = _BLOCK_PARTS.match(name)
+    if m is None:
+        return (-1, 0) if "embed" in name and "unembed" not in name else (n_layers, 0)
+    layer, rest = int(m.group(1)), m.group(2)
+    for prefix, rank in _IN_BLOCK_RANK:
+        if rest.startswith(prefix):
+            return layer, rank
+    return layer, 2
 
 
 def model_layer_of(sae_or_hook: Any) -> int | None:

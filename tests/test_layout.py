@@ -132,3 +132,18 @@ def test_no_private_name_is_imported_across_modules():
                 found += [f"{path.relative_to(PACKAGE)}: {alias.name}" for alias in node.names
                           if alias.name.startswith("_")]
     assert not found, found
+
+
+def test_no_two_folders_import_each_other():
+    """The folders (and the top level) read downhill too: where modules of one folder import
+    another folder, none of the other's modules imports the first."""
+    graph = _imports()
+
+    def folder(module: str) -> str:
+        return module.split(".")[0] if "." in module else ""
+
+    arrows = {(folder(m), folder(d)) for m, deps in graph.items() if m not in FACES | OUTSIDE
+              for d in deps if d not in FACES | OUTSIDE and folder(m) != folder(d)}
+    both = sorted({tuple(sorted(pair)) for pair in arrows if pair[::-1] in arrows
+                   and "" not in pair})
+    assert not both, f"folders that import each other: {both}"

@@ -26,8 +26,7 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
-from ..adapters import describe_sae, hook_name_of, validate_sae
-from ..lens.routes import hook_order
+from ..adapters import describe_sae, hook_name_of, hook_order, validate_sae
 from ..metrics import check_saes_fit_model, check_tokens
 from ..permutation import check_direction
 from ..progress import progress_bar
