@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-__all__ = ["accepts_flat_options", "flat_names", "gather_options"]
+__all__ = ["accepts_flat_options", "flat_names", "gather_options", "renamed_keywords"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -88,6 +88,35 @@ def accepts_flat_options(options_cls: type) -> Callable[[F], F]:
                               f"options={options_cls.__name__}(...) instead ({fields}).",
                               DeprecationWarning, stacklevel=2)
                 kwargs = gather_options(options_cls, kwargs, keep=own)
+            return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def renamed_keywords(**renamed: str) -> Callable[[F], F]:
+    """Decorate a function whose keyword arguments 0.3 renamed (``old="new"``) so that it still
+    accepts the old names until 0.4, with one ``DeprecationWarning`` per call naming the new.
+
+    Returns:
+        The decorator.
+
+    Raises:
+        TypeError: (from the decorated function) when a call gives both the old and the new name.
+    """
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for old, new in renamed.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{fn.__qualname__}() got both {old}= and {new}= ({new}= "
+                                        f"replaces {old}= since 0.3).")
+                    warnings.warn(f"{fn.__qualname__}({old}=) is {new}= since 0.3 ({old}= goes in "
+                                  f"0.4).", DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
             return fn(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]

@@ -3,7 +3,8 @@
 * *score*: a link similarity, higher is better (:data:`SCORES`; ``folded_mse`` is the negated
   folded matching cost, so that it too is higher-is-better);
 * *cost*: a matching cost, lower is better (:func:`~sae_match_lens.matching.match`'s ``metric``);
-* *route*: how a solver runs, never what it answers (:data:`ROUTES`);
+* *route*: how a computation runs, never what it answers: a solver's (:data:`ROUTES`) or the
+  model's (TransformerLens hooks or nnsight, :mod:`sae_match_lens.lens.routes`);
 * *variant*: what a substitution computes (:class:`~sae_match_lens.evaluation.Variant`);
 * *module*: which output an SAE reads (:data:`MODULES`);
 * *feature key*: a feature's name, ``"L/module/F"`` (e.g. ``"3/res/17"``;

@@ -46,8 +46,6 @@ LEGACY: dict[str, str] = {
     "savedir.is_replaceable:kind": "the same",
     "lens.steering.Schedule:kind": "a schedule's shape (constant, exponential, linear)",
     "lens.steering.Schedule.__init__:kind": "the same",
-    "lens.steering.flow_interventions:kind": "an intervention's kind (rescale, add)",
-    "judging.steering_scores.steering_sweep:kind": "the same",
 }
 
 

@@ -541,3 +541,14 @@ def test_generate_steered_with_flat_sampling_keywords_warns_and_draws_the_same_t
         old = generate_steered(model, "t1 t2", ivs, n_samples=3, max_new_tokens=4, seed=3,
                                batch_size=2, temperature=0.8, progress=False)
     assert new.texts == old.texts and new.seeds == old.seeds
+
+
+def test_flow_interventions_take_the_old_kind_keyword_with_a_warning(saes):
+    nodes = [FlowNode(1, "res", 3), FlowNode(2, "res", 5)]
+    new = flow_interventions(saes, nodes, mode="cumulative", intervention="add", coefficient=2.0)
+    with pytest.warns(DeprecationWarning, match=r"kind=\) is intervention="):
+        old = flow_interventions(saes, nodes, mode="cumulative", kind="add", coefficient=2.0)
+    assert [type(iv) for iv in old] == [type(iv) for iv in new] == [AddDirection, AddDirection]
+    assert [iv.hook_name for iv in old] == [iv.hook_name for iv in new]
+    with pytest.raises(TypeError, match="both kind= and intervention="):
+        flow_interventions(saes, nodes, kind="add", intervention="add")

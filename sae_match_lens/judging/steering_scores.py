@@ -47,7 +47,7 @@ from ..lens.steering import (
     generate_steered,
 )
 from ..metrics import model_device, record_states
-from ..options import accepts_flat_options
+from ..options import accepts_flat_options, renamed_keywords
 from ..progress import progress_bar
 from .judge import Judge
 from .rowlog import RowLog, model_fingerprint, sae_fingerprint
@@ -237,6 +237,7 @@ def _node_saes(nodes: Sequence[Any], layer_map: Mapping[int, Any]) -> list[Any]:
     return [saes[name] for name in sorted(saes)]
 
 
+@renamed_keywords(kind="intervention")
 @accepts_flat_options(SamplingOptions)
 def steering_sweep(
     model: Any,
@@ -246,7 +247,7 @@ def steering_sweep(
     *,
     path: str | os.PathLike[str],
     coefficients: Sequence[float],
-    kind: Literal["rescale", "add"] = "rescale",
+    intervention: Literal["rescale", "add"] = "rescale",
     layers: Sequence[int] | None = None,
     modes: Sequence[str] = ("single", "cumulative"),
     schedules: Sequence[Schedule | str] = ("constant",),
@@ -274,7 +275,7 @@ def steering_sweep(
         prompts: the prompts (each sampled ``n_samples`` times).
         path: the row log (JSON lines).
         coefficients: ``r`` (rescale) or ``s`` (add) start values.
-        kind, units: as in :func:`flow_interventions`.
+        intervention, units: as in :func:`flow_interventions` (0.2: ``kind=``).
         layers: the layers swept (default: every layer of the flow); for ``"cumulative"`` the
             steering covers the span up to that layer.
         modes: ``"single"`` and/or ``"cumulative"``.
@@ -297,14 +298,14 @@ def steering_sweep(
 
     Example:
         >>> frame = steering_sweep(model, stack, graph, "And the LORD said", path="sweep.jsonl",
-        ...                        coefficients=[0, -1, -4], kind="rescale")
+        ...                        coefficients=[0, -1, -4], intervention="rescale")
     """
     sampling = options if options is not None else SamplingOptions()
     if not isinstance(sampling, SamplingOptions):
         raise TypeError(f"options must be a SamplingOptions, got {type(sampling).__name__}.")
     layer_map = as_stack(stack)
     nodes = flow_nodes(source, layer_map)
-    goal = goal or ("suppress" if kind == "rescale" else "activate")
+    goal = goal or ("suppress" if intervention == "rescale" else "activate")
     if goal not in ("suppress", "activate"):
         raise ValueError(f"goal must be 'suppress' or 'activate', got {goal!r}.")
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -313,7 +314,8 @@ def steering_sweep(
     for value in coefficients:
         if not math.isfinite(float(value)):
             raise ValueError(f"coefficient {value} is not finite.")
-    header = {"what": "steering_sweep", "kind": kind, "units": units, "goal": goal,
+    # "kind": the key 0.2 wrote, so that its row logs resume
+    header = {"what": "steering_sweep", "kind": intervention, "units": units, "goal": goal,
               "nodes": ["/".join(map(str, n)) for n in nodes],
               "hooks": sorted({hook_name_of(layer_map[n.layer].get(n.module)) for n in nodes}),
               "prompts": prompt_list, "n_samples": n_samples,
@@ -350,7 +352,7 @@ def steering_sweep(
             assert sched is not None and coef is not None
             if mode == "single" and not any(n.layer == lay for n in nodes):
                 continue  # the flow has no node at this layer
-            ivs = flow_interventions(layer_map, nodes, mode=mode, layer=lay, kind=kind,  # type: ignore[arg-type]
+            ivs = flow_interventions(layer_map, nodes, mode=mode, layer=lay, intervention=intervention,  # type: ignore[arg-type]
                                      coefficient=coef, schedule=sched, units=units)
         gen = generate_steered(model, prompt_list, ivs, **gen_kwargs)  # type: ignore[arg-type]
         if reference is None:

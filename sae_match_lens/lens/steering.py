@@ -59,7 +59,7 @@ from ..adapters import describe_sae, fold_scales, hook_name_of
 from ..chain import FeaturePath
 from ..flow.graph import FlowGraph, LayerSAEs, as_stack
 from ..metrics import model_device, record_states
-from ..options import accepts_flat_options
+from ..options import accepts_flat_options, renamed_keywords
 from ..progress import progress_bar
 from .hooks import HookFn, check_substitute_sae
 from .routes import hook_width, resolve_bos_token_id
@@ -462,13 +462,14 @@ def flow_nodes(source: NodeSource, stack: Mapping[int, Any] | Sequence[Any]) -> 
     return sorted(nodes)
 
 
+@renamed_keywords(kind="intervention")
 def flow_interventions(
     stack: Mapping[int, Any] | Sequence[Any],
     source: NodeSource,
     *,
     mode: Literal["single", "cumulative"] = "cumulative",
     layer: int | None = None,
-    kind: Literal["rescale", "add"] = "rescale",
+    intervention: Literal["rescale", "add"] = "rescale",
     coefficient: float = 0.0,
     schedule: Schedule | str = "constant",
     units: Units = "folded",
@@ -483,7 +484,7 @@ def flow_interventions(
         mode: ``"single"``: the nodes at ``layer`` only; ``"cumulative"``: the nodes at every
             layer of the span (``layer=None``) or of the span up to ``layer``.
         layer: see ``mode`` (required for ``"single"``).
-        kind: ``"rescale"`` (:class:`RescaleFeatures`, coefficient = ``r``) or ``"add"``
+        intervention: ``"rescale"`` (:class:`RescaleFeatures`, coefficient = ``r``) or ``"add"``
             (:class:`AddDirection`, coefficient = ``s``).
         coefficient: the schedule's start value.
         schedule: a :class:`Schedule` or its kind; layers are placed within the span of all the
@@ -496,7 +497,7 @@ def flow_interventions(
         One intervention per SAE (rescale: all its selected features together) or per node (add).
 
     Example:
-        >>> ivs = flow_interventions(stack, graph, mode="single", layer=3, kind="add",
+        >>> ivs = flow_interventions(stack, graph, mode="single", layer=3, intervention="add",
         ...                          coefficient=6.0)
     """
     nodes = flow_nodes(source, stack)
@@ -504,8 +505,8 @@ def flow_interventions(
     sched = Schedule(schedule) if isinstance(schedule, str) else schedule
     if not isinstance(sched, Schedule):
         raise TypeError(f"schedule must be a Schedule or one of {list(SCHEDULES)}, got {schedule!r}.")
-    if kind not in ("rescale", "add"):
-        raise ValueError(f"kind must be 'rescale' or 'add', got {kind!r}.")
+    if intervention not in ("rescale", "add"):
+        raise ValueError(f"intervention must be 'rescale' or 'add', got {intervention!r}.")
     span = (min(n.layer for n in nodes), max(n.layer for n in nodes))
     if mode == "single":
         if layer is None:
@@ -528,7 +529,7 @@ def flow_interventions(
     out: list[Intervention] = []
     for (lay, module), features in groups.items():
         sae = layers[lay].get(module)
-        if kind == "rescale":
+        if intervention == "rescale":
             out.append(RescaleFeatures(sae, tuple(features), values[lay], where=where))
         else:
             out.extend(AddDirection(sae, f, values[lay], units=units, where=where)

@@ -304,7 +304,7 @@ def steering_section(model: Any, saes: Mapping[int, Any] | Sequence[Any], tokens
         for modes, sweep_layers in sweeps:
             frame = steering_sweep(model, stack, nodes, prompts,
                                    path=out / f"steering_{goal}.jsonl",
-                                   coefficients=spec["coefficients"], kind=spec["kind"],
+                                   coefficients=spec["coefficients"], intervention=spec["kind"],
                                    goal=goal, modes=modes, layers=sweep_layers, **sweep_settings)
         plot_sweep(frame, out / f"steering_{goal}.png", value="score",
                    title=f"{goal} the biblical flow: proxy score per layer and coefficient")
