@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.6, help="noise norm of B's vectors")
     parser.add_argument("--sample", type=int, default=256, help="rows checked in float64")
     parser.add_argument("--full", dest="full", action="store_true", default=None,
-                        help="also compare with links(options=LinkOptions(route='exact')) (default: n <= 16384)")
+                        help="also compare with the exact route of links (default: n <= 16384)")
     parser.add_argument("--no-full", dest="full", action="store_false")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
