@@ -108,7 +108,7 @@ def test_reversed_transitions_and_stored_flow_links_are_refused(suite):
     stored = {(1, 2, "res"): links(stack[2].res, stack[1].res, k=1, score="decoder_cosine",
                                    progress=False)}
     with pytest.raises(ProvenanceError, match=r"links_by_key\[\(1, 2, 'res'\)\].*other way"):
-        flow_graph(stack, (1, 0), links_by_key=stored)
+        flow_graph(stack, (1, 0), links_by_key=stored, score="decoder_cosine")
 
 
 def test_a_map_for_other_saes_names_both_hooks_and_hand_made_maps_are_not_checked(suite):
