@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from helpers import build_sae
 
-from sae_match_lens.batch import BatchReport, batch_match, plan_pairs
+from sae_match_lens.batch.runs import BatchReport, batch_match, plan_pairs
 
 
 def timeline(report: BatchReport, t0: float) -> str:
@@ -72,7 +72,7 @@ def main() -> None:
     print(f"\nserial loop: {t_serial:.1f}s ({serial.n_ok} ok, {serial.n_error} failed)")
     print(timeline(serial, t0))
 
-    from sae_match_lens.batch import shutdown_ray
+    from sae_match_lens.batch.runs import shutdown_ray
 
     # batch_match starts the local instance itself (all of this machine's CPUs)
     times = {}

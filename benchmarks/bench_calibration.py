@@ -28,7 +28,7 @@ import torch
 
 from sae_match_lens import links, match
 from sae_match_lens.assets import load_suite_saes
-from sae_match_lens.linking import SCORES
+from sae_match_lens.flow.linking import SCORES
 from sae_match_lens.nulls import (
     isotropic_sae,
     moment_matched_sae,

@@ -5,7 +5,7 @@ For every adjacent pair of the shipped SAE stack (JumpReLU by default), on held-
 distinct targets, the fraction of the data-based best-partner ceiling, the ceilings themselves and
 the correlation-based references, then the mean over pairs, SAE Match's weight ablation on this
 metric and the computed verdicts (the same code as the demo's flow section,
-:mod:`sae_match_lens.flow_report`). Methods: Feature Flow's decoder cosine, SAE Match's folded
+:mod:`sae_match_lens.report.flow_section`). Methods: Feature Flow's decoder cosine, SAE Match's folded
 cost as a per-pair score, decoder+encoder cosine, its CSLS (hubness-corrected) version,
 decoder+encoder cosine with the firing-density gap (the default), and the SAE Match permutation.
 
@@ -23,9 +23,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pandas as pd
 
 from sae_match_lens.assets import load_default_suite, load_eval_tokens
-from sae_match_lens.flow import LayerSAEs
-from sae_match_lens.flow_report import link_quality, link_verdicts, weight_ablation
+from sae_match_lens.flow.graph import LayerSAEs
 from sae_match_lens.matching import match
+from sae_match_lens.report.flow_section import link_quality, link_verdicts, weight_ablation
 
 
 def main() -> None:

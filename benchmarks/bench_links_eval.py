@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 from transformer_lens import HookedTransformer, HookedTransformerConfig
-from sae_match_lens.coactivation import evaluate_links
+from sae_match_lens.flow.coactivation import evaluate_links
 
 F, l0, n_seq, seed = (int(v) for v in sys.argv[1:5])
 ceilings = sys.argv[5]

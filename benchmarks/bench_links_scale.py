@@ -3,13 +3,13 @@
 Synthetic, structured SAE pairs from :func:`bench_scale.synthetic_pair` (clusters of sibling
 features, encoder vectors noisy copies of the decoder rows, B = A permuted plus noise) are
 loaded into JumpReLU SAEs with every threshold 1 (so the folded parameters are the generated
-ones). For each size the script times one ``match(..., solver="sparse")`` and then
+ones). For each size the script times one sparse ``match`` (``MatchOptions(solver="sparse")``) and then
 ``links(k=1)`` and ``links(k=5)`` for ``folded_mse`` and ``cosine_density`` (the best cosine
 score, the default) on the same pair in the same process, and prints each time as a ratio to the
 match, with the route (rows certified by the screen, rows recomputed exactly). Agreement: on a
 sample of rows, every score of the row is recomputed in float64 from the parameters and the
 returned links' true scores are compared with the true top-k; with ``--full`` (default at
-n ≤ 16384) the whole top-k is also compared with ``links(method="exact")`` (every pair).
+n ≤ 16384) the whole top-k is also compared with ``links(options=LinkOptions(route="exact"))`` (every pair).
 
 Targets (issue 10): at n = 16384 each ``links`` call ≤ 1.5× the sparse match; at n = 65536 each
 ≤ 3 minutes (2 cores).
@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scale import synthetic_pair
 
 from sae_match_lens.adapters import feature_view
-from sae_match_lens.linking import firing_offset_z, links
-from sae_match_lens.matching import match
+from sae_match_lens.flow.linking import LinkOptions, firing_offset_z, links
+from sae_match_lens.matching import MatchOptions, match
 
 SCORES_TIMED = ("folded_mse", "cosine_density")
 KS = (1, 5)
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.6, help="noise norm of B's vectors")
     parser.add_argument("--sample", type=int, default=256, help="rows checked in float64")
     parser.add_argument("--full", dest="full", action="store_true", default=None,
-                        help="also compare with links(method='exact') (default: n <= 16384)")
+                        help="also compare with the exact route of links (default: n <= 16384)")
     parser.add_argument("--no-full", dest="full", action="store_false")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -122,7 +122,7 @@ def main() -> None:
         print(f"\nn={n} d={args.d}: data {time.perf_counter() - t:.1f}s, "
               f"load {os.getloadavg()[0]:.2f}")
         t = time.perf_counter()
-        res = match(sae_a, sae_b, solver="sparse", progress=False)
+        res = match(sae_a, sae_b, options=MatchOptions(solver="sparse"), progress=False)
         t_match = time.perf_counter() - t
         print(f"  sparse match: {t_match:.1f}s (certified={res.certified}), "
               f"load {os.getloadavg()[0]:.2f}")
@@ -156,7 +156,8 @@ def main() -> None:
                       f"difference {worst:.2g}); load {os.getloadavg()[0]:.2f}")
                 if full:
                     t = time.perf_counter()
-                    ex = links(sae_a, sae_b, k=k, score=score, method="exact", progress=False)
+                    ex = links(sae_a, sae_b, k=k, score=score, options=LinkOptions(route="exact"),
+                               progress=False)
                     t_exact = time.perf_counter() - t
                     same_rows = float((ex.indices == lk.indices).all(dim=1).double().mean())
                     gap = float((ex.scores - lk.scores).abs().max())

@@ -33,8 +33,8 @@ import time
 import torch
 from sae_lens import JumpReLUSAE
 
-from sae_match_lens import feature_view
-from sae_match_lens.matching import match
+from sae_match_lens.adapters import feature_view
+from sae_match_lens.matching import MatchOptions, match
 from sae_match_lens.solvers.costs import CostWeights, cost_blocks, stack_features
 from sae_match_lens.synthetic import planted_chain
 
@@ -115,7 +115,7 @@ def main() -> None:
             base = rss_bytes()
             with PeakMemory() as mem:
                 t0 = time.perf_counter()
-                result = match(sae_a, sae_b, solver=args.solver, progress=False)
+                result = match(sae_a, sae_b, options=MatchOptions(solver=args.solver), progress=False)
                 seconds = time.perf_counter() - t0
             recall = float((result.permutation.indices == perm).float().mean())
             line = (f"{n:>6} {d:>5} | {seconds:>8.2f} {mem.peak / 1e9:>8.2f} "

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from sae_match_lens.adapters import feature_view
-from sae_match_lens.matching import _available_bytes
+from sae_match_lens.matching import available_bytes
 from sae_match_lens.solvers.costs import CostWeights, StackedFeatures, edge_costs, stack_features
 from sae_match_lens.synthetic import planted_chain
 
@@ -207,7 +207,7 @@ def main() -> None:
         rows.append(("peer", seconds, exact_total(a, b, cols), note))
         print(f"  peer: {seconds:.2f}s", flush=True)
     dense_need = 3 * args.n * args.n * 8
-    if not args.no_dense and dense_need < 0.7 * _available_bytes():
+    if not args.no_dense and dense_need < 0.7 * available_bytes():
         gc.collect()
         t = time.perf_counter()
         cols = naive_dense(a, b)

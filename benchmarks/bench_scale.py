@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from sae_match_lens.matching import _available_bytes, match_features
+from sae_match_lens.matching import available_bytes, match_features
 from sae_match_lens.solvers.costs import StackedFeatures
 
 
@@ -130,7 +130,7 @@ def main() -> None:
     screen = None if args.screen_dims == "none" else (
         "auto" if args.screen_dims == "auto" else int(args.screen_dims))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.2f}, available {_available_bytes() / 2**30:.1f} GiB")
+          f"load average {os.getloadavg()[0]:.2f}, available {available_bytes() / 2**30:.1f} GiB")
     for n in sizes:
         t = time.perf_counter()
         a, b, perm = synthetic_pair(n, args.d, args.cluster, args.noise, args.seed)
@@ -148,7 +148,7 @@ def main() -> None:
               f"certified={res.certified}, gap={res.gap:.3g}, total={res.total_cost:.6f}, "
               f"planted partners recovered {recovered:.3f}, load {os.getloadavg()[0]:.2f}")
         dense_need = 3 * n * n * 4 + 2 * n * n * 8
-        if args.no_dense or dense_need > 0.8 * _available_bytes():
+        if args.no_dense or dense_need > 0.8 * available_bytes():
             print(f"  dense: skipped (needs about {dense_need / 2**30:.0f} GiB)")
             continue
         t = time.perf_counter()

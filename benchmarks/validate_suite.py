@@ -45,7 +45,7 @@ def _claim(claims: list[dict], paper: str, claim: str, paper_number: str, ours: 
 
 def _mean_jaccard(model: Any, saes: dict[int, Any], tokens: torch.Tensor,
                   methods: dict[str, dict[tuple[int, int], Any]]) -> pd.DataFrame:
-    from sae_match_lens.coactivation import evaluate_links
+    from sae_match_lens.flow.coactivation import evaluate_links
 
     return evaluate_links(model, saes, tokens, methods, ks=(1,), ceilings="best_partner",
                           progress=False)
@@ -123,7 +123,7 @@ def sae_match_claims(model: Any, suite: dict[str, dict[int, Any]], tokens: torch
                "qualitative", ", ".join(f"d={d}: {v:.3f}" for d, v in by_d.items()),
                "reproduced" if falling else "not reproduced")
     # Persistence: how many layers a feature's chain of top-1 links survives (cut 0.5).
-    from sae_match_lens.flow import LayerSAEs, persistence
+    from sae_match_lens.flow.graph import LayerSAEs, persistence
 
     span = persistence({layer: LayerSAEs(res=gemma[layer]) for layer in layers},
                        score="decoder_cosine", cut=0.5)
@@ -166,10 +166,10 @@ def feature_flow_claims(model: Any, suite: dict[str, dict[int, Any]], modules: d
                         max_targets: int) -> None:
     """Table 1's deactivation protocol and the transition EV."""
     from sae_match_lens import match
-    from sae_match_lens.causal import causal_check
-    from sae_match_lens.coactivation import best_partner, coactivation_stats
     from sae_match_lens.evaluation import evaluate_substitution
-    from sae_match_lens.linking import links
+    from sae_match_lens.flow.causal import causal_check
+    from sae_match_lens.flow.coactivation import best_partner, coactivation_stats
+    from sae_match_lens.flow.linking import links
 
     gemma = suite["jumprelu"]
     layers = sorted(gemma)
@@ -211,7 +211,7 @@ def feature_flow_claims(model: Any, suite: dict[str, dict[int, Any]], modules: d
            "0.74 / 65% vs 0.75 / 65%", f"Pearson {prs.activation_change:.2f} / "
            f"{prs.success_rate:.0%}", "reproduced"
            if abs(prs.success_rate - top1.success_rate) < 0.1 else "not reproduced")
-    from sae_match_lens.causal import best_single_predecessors
+    from sae_match_lens.flow.causal import best_single_predecessors
 
     best = best_single_predecessors(model, pred, target, tokens, max_targets=max_targets,
                                     links={"cosine": back5}, progress=False)
@@ -251,7 +251,7 @@ def origin_claims(model: Any, suite: dict[str, dict[int, Any]], modules: dict[st
                   tokens: torch.Tensor, claims: list[dict], details: dict[str, pd.DataFrame]
                   ) -> None:
     """Feature Flow's activation-based origin groups, at the layers with every module's SAE."""
-    from sae_match_lens.flow import LayerSAEs, origin_groups
+    from sae_match_lens.flow.graph import LayerSAEs, origin_groups
 
     res = suite["jumprelu"]
     layers = [layer for layer in sorted(res) if layer - 1 in res
@@ -274,7 +274,7 @@ def origin_claims(model: Any, suite: dict[str, dict[int, Any]], modules: dict[st
            f"{shares['From nowhere'].min():.0%}-{shares['From nowhere'].max():.0%}; groups "
            f"with attention {attn.min():.0%}-{attn.max():.0%}",
            "reproduced" if nowhere == len(groups) else "not reproduced")
-    from sae_match_lens.flow import chance_levels
+    from sae_match_lens.flow.graph import chance_levels
 
     chance = pd.concat([chance_levels(stack, layer) for layer in layers], ignore_index=True)
     details["flow_chance_levels"] = chance
@@ -323,7 +323,7 @@ def _pair_methods(sae_a: Any, sae_b: Any, reader_first: bool, permutation: bool
                   ) -> dict[str, Any]:
     """Every data-free top-1 reading of one pair, by name."""
     from sae_match_lens import match
-    from sae_match_lens.linking import links
+    from sae_match_lens.flow.linking import links
 
     out: dict[str, Any] = {score: links(sae_a, sae_b, score=score, progress=False)
                            for score in SCORES}
@@ -378,7 +378,7 @@ def default_score_claims(details: dict[str, pd.DataFrame], claims: list[dict],
     """
     import inspect
 
-    from sae_match_lens.linking import links
+    from sae_match_lens.flow.linking import links
 
     lq = details["link_quality"]
     real = lq["suite"] != "default"

@@ -82,6 +82,7 @@ __all__ = [
     "fold_scales",
     "folded_activation_factor",
     "hook_name_of",
+    "hook_order",
     "identity_mismatch",
     "layers_from_hooks",
     "model_layer_of",
@@ -140,6 +141,30 @@ def hook_name_of(sae: Any) -> str:
 
 
 _BLOCK_HOOK = re.compile(r"blocks\.(\d+)\.")
+
+
+_BLOCK_PARTS = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_IN_BLOCK_RANK = (("hook_resid_pre", 0), ("ln1.", 1), ("attn.", 1), ("hook_attn", 1),
+                  ("hook_q_input", 1), ("hook_k_input", 1), ("hook_v_input", 1),
+                  ("hook_resid_mid", 2), ("ln2.", 3), ("mlp.", 3), ("hook_mlp", 3),
+                  ("hook_resid_post", 4))
+
+
+def hook_order(name: str, n_layers: int) -> tuple[int, int]:
+    """Where a hook sits in the forward pass: ``(layer, rank within the block)``.
+
+    ``blocks.L.hook_resid_pre`` < ``...attn...`` < ``hook_resid_mid`` < ``...mlp...`` <
+    ``blocks.L.hook_resid_post``; embedding hooks come before block 0, everything else outside
+    the blocks (``ln_final``, ``unembed``) after the last block.
+    """
+    m = _BLOCK_PARTS.match(name)
+    if m is None:
+        return (-1, 0) if "embed" in name and "unembed" not in name else (n_layers, 0)
+    layer, rest = int(m.group(1)), m.group(2)
+    for prefix, rank in _IN_BLOCK_RANK:
+        if rest.startswith(prefix):
+            return layer, rank
+    return layer, 2
 
 
 def model_layer_of(sae_or_hook: Any) -> int | None:
@@ -228,7 +253,13 @@ def _spec_of(sae: Any) -> ArchitectureSpec:
     return spec
 
 
-def _threshold_F(sae: SAE, spec: ArchitectureSpec) -> torch.Tensor | None:
+def feature_thresholds(sae: SAE, spec: ArchitectureSpec) -> torch.Tensor | None:
+    """The per-feature threshold θ ``[d_sae]`` of a thresholded SAE (a scalar θ expanded),
+    ``None`` for architectures without one.
+
+    Raises:
+        ValueError: If the threshold is neither a scalar nor ``[d_sae]``.
+    """
     if not spec.has_threshold:
         return None
     theta = sae.threshold.detach()
@@ -322,7 +353,7 @@ def _fold_scales(sae: SAE, spec: ArchitectureSpec) -> torch.Tensor:
     d_sae = sae.cfg.d_sae
     device = sae.W_dec.device
     if spec.scale_rule == "threshold":
-        theta = _threshold_F(sae, spec)
+        theta = feature_thresholds(sae, spec)
         assert theta is not None  # has_threshold guarantees it
         bad = int((theta <= 0).sum())
         if bad:
@@ -454,7 +485,7 @@ def rescale(sae: SAE, scales_F: torch.Tensor) -> SAE:
         for name in spec.bias_names:
             getattr(new, name).data = _scaled(getattr(sae, name), 1.0 / s)
         if spec.has_threshold:
-            theta = _threshold_F(sae, spec)
+            theta = feature_thresholds(sae, spec)
             assert theta is not None
             new.threshold = torch.nn.Parameter(
                 _scaled(theta.contiguous(), 1.0 / s), requires_grad=sae.threshold.requires_grad
@@ -530,7 +561,7 @@ def feature_view(sae: SAE, *, fold: bool = True, dtype: torch.dtype = torch.floa
     """
     spec = validate_sae(sae)
     biases = torch.stack([getattr(sae, n).detach() for n in spec.bias_names], dim=1).to(dtype)
-    theta = _threshold_F(sae, spec)
+    theta = feature_thresholds(sae, spec)
     theta = None if theta is None else theta.to(dtype)
     w_enc, w_dec = sae.W_enc.detach(), sae.W_dec.detach()
     if not encoder:

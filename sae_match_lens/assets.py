@@ -18,7 +18,7 @@ Contents:
 * per layer, two more JumpReLU SAEs reading the block's module outputs:
   ``blocks.{l}.hook_mlp_out`` (module ``"mlp"``) and ``blocks.{l}.hook_attn_out``
   (module ``"attn"``). With the residual SAE of the same layer they form the
-  stack that :mod:`sae_match_lens.flow` reads (:func:`load_suite_stack`). The
+  stack that :mod:`sae_match_lens.flow.graph` reads (:func:`load_suite_stack`). The
   build script's ``--stage modules`` trains them on the shipped model with the
   residual JumpReLU recipe; the manifest records them under ``"module_saes"``.
   They live beside the residual ones, ``saes/jumprelu/<hook name>/``;
@@ -382,7 +382,7 @@ def load_suite_stack(
     modules: tuple[str, ...] = ("mlp", "attn"),
     device: str = "cpu",
 ) -> dict[int, Any]:
-    """Every layer's SAEs as the stack :mod:`sae_match_lens.flow` reads.
+    """Every layer's SAEs as the stack :mod:`sae_match_lens.flow.graph` reads.
 
     Args:
         family: The family of the residual SAEs (and of the module SAEs, which
@@ -393,7 +393,7 @@ def load_suite_stack(
         device: Torch device.
 
     Returns:
-        ``{layer: LayerSAEs(res=..., mlp=..., attn=...)}`` (:class:`~sae_match_lens.flow.LayerSAEs`),
+        ``{layer: LayerSAEs(res=..., mlp=..., attn=...)}`` (:class:`~sae_match_lens.flow.graph.LayerSAEs`),
         where ``res`` reads ``blocks.{layer}.hook_resid_post``, ``mlp``
         ``blocks.{layer}.hook_mlp_out`` and ``attn`` ``blocks.{layer}.hook_attn_out``.
 
@@ -402,11 +402,11 @@ def load_suite_stack(
         SuiteFilesMissingError: If the suite lacks the files or the module SAEs.
 
     Example:
-        >>> from sae_match_lens.flow import predecessors
+        >>> from sae_match_lens.flow.graph import predecessors
         >>> stack = load_suite_stack()
         >>> table = predecessors(stack, layer=3)  # R(2), M(3), A(3) -> R(3)
     """
-    from .flow import LayerSAEs  # flow sits above assets in the import ladder
+    from .flow.graph import LayerSAEs  # flow sits above assets in the import ladder
 
     if len(set(modules)) != len(modules) or not set(modules) <= {"mlp", "attn"}:
         raise ValueError(

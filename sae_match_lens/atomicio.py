@@ -17,7 +17,7 @@ A reader therefore sees the old file or the new one, never a mix.
 
 **Whose temporary is it?** A temporary's name holds its writer's host (:func:`host_id`) and
 process id. A temporary left by a killed writer is removed by the next write of the same target
-(and by :meth:`~sae_match_lens.store.ResultStore.clean` for a results store), but only once it is
+(and by :meth:`~sae_match_lens.batch.store.ResultStore.clean` for a results store), but only once it is
 known to be abandoned (:func:`is_abandoned`):
 
 * written on *this* host: abandoned when its process no longer runs;

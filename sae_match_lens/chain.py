@@ -26,8 +26,9 @@ import pandas as pd
 import torch
 
 from .adapters import describe_sae, feature_view, hook_name_of, layers_from_hooks, model_layer_of
-from .matching import MatchResult, MatchResultFileError, match
+from .matching import MatchOptions, MatchResult, MatchResultFileError, match
 from .neuronpedia import feature_url, feature_urls
+from .options import gather_options
 from .permutation import Permutation, ProvenanceError
 from .progress import progress_bar
 from .savedir import decode_json, encode_json, read_versioned_manifest, write_directory
@@ -478,7 +479,8 @@ def match_chain(
         current = stack_features(feature_view(ordered[k + 1], fold=fold), w, metric)  # type: ignore[arg-type]
         steps.append(match(ordered[k], ordered[k + 1],  # type: ignore[arg-type]
                            fold=fold, weights=w, metric=metric,  # type: ignore[arg-type]
-                           progress=False, features=(previous, current), **match_kwargs))
+                           progress=False, features=(previous, current),
+                           **gather_options(MatchOptions, match_kwargs)))
         previous = current
     return ChainMatch(tuple(steps), tuple(hook_name_of(s) for s in ordered), tuple(layers),
                       _recorded_options(fold, w, metric, match_kwargs))
@@ -567,7 +569,8 @@ def compare_composed_direct(
     checks = []
     for i, j in progress_bar(pairs, desc="direct matches", unit="pair", enabled=progress):
         src, dst = chain.layers[i], chain.layers[j]
-        direct = match(ordered[i], ordered[j], **{**options, "progress": False})
+        direct = match(ordered[i], ordered[j],
+                       **gather_options(MatchOptions, {**options, "progress": False}))
         composed = chain.compose(src, dst)
         checks.append(CompositionCheck(src, dst, dst - src, composed.agreement(direct.permutation),
                                        composed, direct))

@@ -26,7 +26,7 @@ residual, ``hook_mlp_out`` MLP, ``hook_attn_out`` attention), or ``--suite NAME`
 this package (``default``, the embedded one, runs offline; ``--family`` picks its SAEs). Without
 ``--layers`` a local directory or a suite gives all its layers.
 * ``sae-match batch PLAN.yaml --store DIR [--ray ADDRESS]`` — run a plan of pair jobs (match /
-  links / compare) into a results store, locally or on a Ray cluster (:mod:`sae_match_lens.batch`).
+  links / compare) into a results store, locally or on a Ray cluster (:mod:`sae_match_lens.batch.runs`).
 
 Release commands resolve SAE ids with :mod:`sae_match_lens.releases` (``--width``, ``--l0``,
 ``--hook``, ``--variant`` make the choices a release offers; an open choice is reported with its
@@ -170,9 +170,10 @@ def _cmd_match(args: argparse.Namespace) -> int:
     permutation_only = args.out.lower().endswith(".safetensors")
     _check_writable(args.out, directory=not permutation_only)
     sae_a, sae_b = _load_sae(args.sae_a), _load_sae(args.sae_b)
-    from .matching import match
+    from .matching import MatchOptions, match
+    from .options import gather_options
 
-    result = match(sae_a, sae_b, progress=not args.quiet, **options)
+    result = match(sae_a, sae_b, progress=not args.quiet, **gather_options(MatchOptions, options))
     if permutation_only:
         path = result.permutation.save(args.out)
         what = "the permutation (give a directory to save costs, margins and the certificate too)"
@@ -201,7 +202,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         verb = "applies" if len(release_only) == 1 else "apply"
         raise CommandError(f"{', '.join(release_only)} only {verb} with --release.")
     _check_writable(args.out, directory=True)
-    from .demo import HubUnavailableError, parse_layers, run_demo
+    from .report.demo import HubUnavailableError, parse_layers, run_demo
 
     try:
         layers = parse_layers(args.layers) if args.layers else None
@@ -217,7 +218,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_view(args: argparse.Namespace) -> int:
     _check_writable(args.out, directory=False)
-    from .viewer import write_html
+    from .report.viewer import write_html
 
     path = write_html(args.results, args.out, max_paths=args.max_paths, max_nodes=args.max_nodes,
                       neuronpedia=args.neuronpedia, title=args.title)
@@ -386,7 +387,7 @@ def _cmd_links(args: argparse.Namespace) -> int:
     layers = sorted(stack)
     import pandas as pd
 
-    from .linking import links
+    from .flow.linking import links
 
     frames = []
     for a, b in itertools.pairwise(layers):
@@ -427,7 +428,7 @@ def _cmd_flow(args: argparse.Namespace) -> int:
                 else {e.layer for e in release_saes(args.release)})
         layers = [x for x in range(args.layer - args.span, args.layer + args.span + 1) if x in have]
     if local is not None:
-        from .flow import LayerSAEs
+        from .flow.graph import LayerSAEs
 
         missing = [x for x in layers if x not in local["res"]]
         if missing:
@@ -444,7 +445,7 @@ def _cmd_flow(args: argparse.Namespace) -> int:
                                       width=args.width, l0=args.l0, progress=not args.quiet)
         except HubUnavailableError as exc:
             raise CommandError(str(exc)) from None
-    from .flow import flow_graph
+    from .flow.graph import flow_graph
 
     graph = flow_graph(stack, (args.layer, args.feature), score=args.score, cut=args.cut,
                        module_min=args.module_min, progress=not args.quiet)
@@ -576,14 +577,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_match_options(c)
     c.set_defaults(func=_cmd_chain)
 
-    scores = ["decoder_cosine", "folded_mse", "cosine_sum", "csls", "cosine_density"]
+    from .vocabulary import DEFAULT_LINK_SCORE, SCORES  # standard library only
+
+    scores = list(SCORES)
     lk = sub.add_parser("links", help="top-k links between adjacent layers (CSV/JSON)",
                         description="For each feature at each layer, its k best partners at the next "
                         "layer, with score, null-model confidence and Neuronpedia URLs.")
     _add_release_options(lk)
     lk.add_argument("--out", required=True, help="output file, .csv or .json")
     lk.add_argument("--k", type=int, default=1, help="partners per feature (default: %(default)s)")
-    lk.add_argument("--score", default="cosine_density", choices=scores,
+    lk.add_argument("--score", default=DEFAULT_LINK_SCORE, choices=scores,
                     help="link score (default: %(default)s)")
     lk.add_argument("--null-rate", type=float, default=None,
                     help="drop links the null model would give a random feature at this rate")
@@ -601,8 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--layers", help="layers to load, e.g. 8-16 (default: --span around --layer)")
     f.add_argument("--span", type=int, default=3,
                    help="without --layers, load this many layers on each side (default: %(default)s)")
-    f.add_argument("--score", default="decoder_cosine", choices=scores,
-                   help="link score (default: %(default)s, the paper's)")
+    f.add_argument("--score", default=DEFAULT_LINK_SCORE, choices=scores,
+                   help="link score (default: %(default)s)")
     f.add_argument("--cut", type=float, default=0.5, help="residual links below this end the flow")
     f.add_argument("--module-min", type=float, default=0.15,
                    help="MLP/attention predecessors below this are dropped")
@@ -610,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--graphml", help="also write the graph as GraphML to this file")
     f.set_defaults(func=_cmd_flow)
 
-    from . import batch_cli  # standard library only: --help stays torch-free
+    from .batch import cli as batch_cli  # standard library only: --help stays torch-free
 
     batch_cli.add_parser(sub)
     from .suites import cli as suite_cli  # standard library only at import

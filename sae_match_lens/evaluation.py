@@ -51,7 +51,8 @@ import pandas as pd
 import torch
 
 from .adapters import feature_view
-from .coactivation import sae_pairs, token_batches
+from .flow.coactivation import sae_pairs
+from .flow.linking import DEFAULT_LINK_SCORE, SCORES, Transition, links
 from .lens.hooks import BlockSubstitute, Substitution, block_substitute
 from .lens.routes import (
     BOS_POLICIES,
@@ -62,8 +63,7 @@ from .lens.routes import (
     skip_boundaries,
     validate_route,
 )
-from .linking import SCORES, Transition, links
-from .matching import MatchResult, match
+from .matching import MatchOptions, MatchResult, match
 from .metrics import (
     StateSums,
     check_reconstruction,
@@ -72,11 +72,14 @@ from .metrics import (
     explained_variance,
     fires,
     kl_sum,
+    scored_activations,
     scored_states,
     squared_error_sum,
+    token_batches,
     unverified_saes,
     vocab_dot,
 )
+from .options import gather_options
 from .permutation import Permutation, check_direction
 from .progress import progress_bar
 from .solvers.costs import CostWeights, Metric, stack_features
@@ -146,10 +149,10 @@ class Variant:
     permutation: PermutationSource = "matched"
     """``"matched"``: ``match(sae_a, sae_b)`` (or the permutation passed in); ``"unfolded"``:
     ``match(..., fold=False)``; ``"random"``: a seeded random one-to-one map; ``"links"``: a
-    many-to-one transition from :func:`~sae_match_lens.linking.links` (``link_score``,
+    many-to-one transition from :func:`~sae_match_lens.flow.linking.links` (``link_score``,
     ``link_k``): B's folded activation j is the sum of A's folded activations linked to j."""
-    link_score: str = "decoder_cosine"
-    """``"links"`` only: the link score (:data:`~sae_match_lens.linking.SCORES`)."""
+    link_score: str = DEFAULT_LINK_SCORE
+    """``"links"`` only: the link score (:data:`~sae_match_lens.flow.linking.SCORES`)."""
     link_k: int = 1
     """``"links"`` only: links per source feature (binarised top-k transition)."""
 
@@ -293,8 +296,8 @@ def _permutations(
         if source == "matched" and given is not None:
             result = given
         elif source in ("matched", "unfolded"):
-            result = match(sae_a, sae_b, **{**match_options, "fold": source == "matched",
-                                            "progress": progress})
+            result = match(sae_a, sae_b, **gather_options(
+                MatchOptions, {**match_options, "fold": source == "matched", "progress": progress}))
         else:
             result = _random_permutation(sae_a.cfg.d_sae, sae_b.cfg.d_sae, seed)
         if isinstance(result, MatchResult):
@@ -600,9 +603,9 @@ def _update_pair(plan: _PairPlan, f_A: torch.Tensor | None, h_B: torch.Tensor) -
         return
     sae_b = plan.sae_b
     fire_a = fires(scored_states(f_A))  # non-zero: AbsTopK activations can be negative
-    fire_b = fires(sae_b.encode(scored_states(h_B).to(sae_b.W_enc.device, sae_b.W_enc.dtype)))
+    fire_b = fires(scored_activations(sae_b, h_B))
     fire_a = fire_a.reshape(-1, fire_a.shape[-1])
-    fire_b = fire_b.reshape(-1, fire_b.shape[-1]).to(fire_a.device)
+    fire_b = fire_b.to(fire_a.device)
     count_a = fire_a.sum(0).cpu()
     for source, top1 in plan.perms.items():
         index = top1.clamp(min=0).to(fire_b.device).expand(fire_b.shape[0], -1)

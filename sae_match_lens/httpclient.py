@@ -1,6 +1,6 @@
 """One small HTTP client (standard library only) for the package's two network clients.
 
-:class:`~sae_match_lens.judge.ChatJudge` (POSTs to a chat-completions endpoint, with an API key)
+:class:`~sae_match_lens.judging.judge.ChatJudge` (POSTs to a chat-completions endpoint, with an API key)
 and :func:`~sae_match_lens.neuronpedia.explanations` (GETs from Neuronpedia) both call
 :func:`request`, so they share one behaviour:
 

@@ -35,8 +35,9 @@ import os
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -45,6 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from .adapters import describe_sae, feature_view, hook_name_of, sae_identity, validate_sae
 from .nulls import chance_confidence, null_surrogates
+from .options import accepts_flat_options
 from .permutation import Permutation, PermutationFileError, ProvenanceError, check_provenance
 from .progress import progress_bar
 from .savedir import (
@@ -68,7 +70,7 @@ from .solvers.dense import DenseCertificate, certify_dense, encode_max_cost, squ
 from .solvers.screen import block_rows_for
 from .solvers.sparse import Precision, solve_sparse, sparse_bytes
 
-__all__ = ["CONFIDENCE_MAX_N", "LAPJV_MAX_N", "MATCH_RESULT_VERSION", "MatchResult",
+__all__ = ["CONFIDENCE_MAX_N", "LAPJV_MAX_N", "MATCH_RESULT_VERSION", "MatchOptions", "MatchResult",
            "MatchResultFileError", "Solver", "load_match_result", "match", "match_features",
            "null_confidence", "null_costs", "null_max_cost"]
 
@@ -87,6 +89,43 @@ SPARSE_FROM_N = 8192
 dense matrix pass, which dominates the time (about 2× faster at n = 16384, same optimum)."""
 LAPJV_MAX_N = 46341
 """Largest square size passed to lapjv (lapjv 1.3.29 overflows an int32 index at n ≥ 46342)."""
+
+
+@dataclass(frozen=True)
+class MatchOptions:
+    """Tuning knobs of :func:`match`: which exact solver runs and how it spends time and memory.
+
+    Every route returns an optimal assignment (the sparse one certifies it or reports its gap),
+    so these change speed, memory and the certificate, not the problem. The problem's own
+    arguments (``fold``, ``weights``, ``metric``, ``max_cost``, ``null_rate``) stay in
+    :func:`match`'s signature.
+    """
+
+    solver: Solver = "auto"
+    """``"auto"``, ``"lapjv"``, ``"scipy"`` or ``"sparse"`` (all exact; sparse is certified or
+    reports its gap). ``"auto"`` takes lapjv when the dense matrix fits comfortably in memory,
+    otherwise sparse."""
+    block_rows: int | None = None
+    """Rows of the cost matrix computed at a time (``None``: 1024 on the dense route, about
+    128 MiB per block on the sparse route)."""
+    candidates: int = 16
+    """Sparse solver: candidate partners kept per source feature (target features keep
+    ``max(4, candidates // 4)``); repairs add what is missing. (0.2: ``k=``.)"""
+    certify: bool = True
+    """Sparse solver: prove optimality, repairing if needed; ``False``: one pass."""
+    max_rounds: int = 16
+    """Repair rounds at most (both routes: each round re-solves with the pairs the float64 check
+    found). When they run out, ``certified`` is False and ``gap`` bounds the distance to the
+    optimum."""
+    screen_dims: int | Literal["auto"] | None = "auto"
+    """Sparse solver: width of the cheap screening bound (``None``: exact screen; ``"auto"``:
+    estimated from a sample of rows)."""
+    precision: Precision = "float32"
+    """Sparse solver: arithmetic of the screen (``"bfloat16"``/``"float16"`` pay off on GPUs; on
+    AVX2 CPUs they are slower than float32)."""
+
+    RENAMED_IN_0_3: ClassVar[Mapping[str, str]] = {"k": "candidates"}
+    """Flat keywords of 0.2 whose field has another name (old → field)."""
 
 
 class MatchResult(NamedTuple):
@@ -162,7 +201,7 @@ class MatchResult(NamedTuple):
         ``neuronpedia_id_a/_b`` and ``neuronpedia_url_a/_b`` (None where an SAE has no
         Neuronpedia id, and for ``feature_b = -1``). The names are those of
         :meth:`ChainMatch.edges <sae_match_lens.chain.ChainMatch.edges>` and
-        :meth:`Links.to_frame <sae_match_lens.linking.Links.to_frame>`.
+        :meth:`Links.to_frame <sae_match_lens.flow.linking.Links.to_frame>`.
 
         Example:
             >>> frame = match(sae_layer_3, sae_layer_4, max_cost="auto").to_frame()
@@ -376,7 +415,8 @@ def _umask() -> int:
     return mask
 
 
-def _available_bytes() -> int:
+def available_bytes() -> int:
+    """Memory available to this process in bytes (``MemAvailable`` of ``/proc/meminfo``)."""
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -430,6 +470,7 @@ def _check_families(sae_a: Any, sae_b: Any, fold: bool, metric: str) -> None:
             describe_sae(sae_b), rules[1][0], rules[1][1])
 
 
+@accepts_flat_options(MatchOptions)
 def match(
     sae_a: Any,
     sae_b: Any,
@@ -439,16 +480,10 @@ def match(
     metric: Metric = "mse",
     max_cost: float | Literal["auto"] | None = None,
     null_rate: float = 0.01,
-    solver: Solver = "auto",
-    block_rows: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
     features: tuple[StackedFeatures, StackedFeatures] | None = None,
-    k: int = 16,
-    certify: bool = True,
-    max_rounds: int = 16,
-    screen_dims: int | Literal["auto"] | None = "auto",
-    precision: Precision = "float32",
+    options: MatchOptions | None = None,
 ) -> MatchResult:
     """Match SAE A's features to SAE B's without data (SAE Match).
 
@@ -467,27 +502,15 @@ def match(
             full one-to-one assignment as in the paper.
         null_rate: ``max_cost="auto"`` only: the false-match rate the threshold is calibrated
             for (default 1%).
-        solver: ``"auto"``, ``"lapjv"``, ``"scipy"`` or ``"sparse"`` (all exact; sparse is
-            certified or reports its gap). ``"auto"`` takes lapjv when the dense matrix fits
-            comfortably in memory, otherwise sparse.
-        block_rows: rows of the cost matrix computed at a time (``None``: 1024 on the dense
-            route, about 128 MiB per block on the sparse route).
         device: where cost blocks are computed (default: SAE A's device), e.g. ``"cuda"``.
         progress: show a progress bar.
         features: ``stack_features`` of both SAEs computed with these same ``fold``,
             ``weights`` and ``metric`` (as :func:`~sae_match_lens.chain.match_chain` does, to
             fold each SAE of a stack once); computed here when omitted.
-        k: sparse solver: candidate partners kept per source feature (target features keep
-            ``max(4, k // 4)``); repairs add what is missing.
-        certify: sparse solver: prove optimality, repairing if needed; ``False``: one pass.
-        max_rounds: repair rounds at most (both routes: each round re-solves with the pairs the
-            float64 check found; on the shipped suites the dense route needs 4-6, each a few
-            tens of milliseconds). When they run out, ``certified`` is False and ``gap`` bounds
-            the distance to the optimum.
-        screen_dims: sparse solver: width of the cheap screening bound (``None``: exact screen;
-            ``"auto"``: estimated from a sample of rows).
-        precision: sparse solver: arithmetic of the screen (``"bfloat16"``/``"float16"`` pay
-            off on GPUs; on AVX2 CPUs they are slower than float32).
+        options: the solver's tuning knobs (:class:`MatchOptions`; default: its defaults). The
+            flat keywords of 0.2 (``solver=``, ``block_rows=``, ``k=``, ``certify=``,
+            ``max_rounds=``, ``screen_dims=``, ``precision=``) still work until 0.4, with a
+            ``DeprecationWarning``.
 
     Returns:
         A :class:`MatchResult`; its permutation's metadata records both SAEs' identities and
@@ -499,6 +522,12 @@ def match(
         >>> result = match(sae_layer_3, sae_layer_4)
         >>> result.permutation.indices[17]  # feature 17 of layer 3 ↔ this feature of layer 4
     """
+    opts = options if options is not None else MatchOptions()
+    if not isinstance(opts, MatchOptions):
+        raise TypeError(f"options must be a MatchOptions, got {type(opts).__name__}.")
+    solver, block_rows, k = opts.solver, opts.block_rows, opts.candidates
+    certify, max_rounds, screen_dims, precision = (opts.certify, opts.max_rounds, opts.screen_dims,
+                                                   opts.precision)
     _check_families(sae_a, sae_b, fold, metric)
     w = CostWeights.resolve(weights, metric)
     _check_pair(sae_a, sae_b, w)
@@ -511,7 +540,7 @@ def match(
         if stacked.matrix_FK.shape[0] != sae.cfg.d_sae:
             raise ValueError(f"precomputed features have {stacked.matrix_FK.shape[0]} rows but "
                              f"{describe_sae(sae)} has d_sae={sae.cfg.d_sae}.")
-    options = {"fold": fold, "metric": metric, "weights": w.as_dict(), "solver": solver}
+    recorded = {"fold": fold, "metric": metric, "weights": w.as_dict(), "solver": solver}
     best = None
     if max_cost == "auto" or stacked_a.matrix_FK.shape[0] <= CONFIDENCE_MAX_N:
         best = _null_best(sae_a, sae_b, w, features, metric=metric)
@@ -520,18 +549,18 @@ def match(
             raise ValueError(f"null_rate must be in (0, 1), got {null_rate!r}.")
         max_cost = _auto_max_cost(sae_a, sae_b, w, features, best, metric=metric,
                                   null_rate=null_rate)
-        options["null_rate"] = null_rate
-    options["max_cost"] = max_cost
+        recorded["null_rate"] = null_rate
+    recorded["max_cost"] = max_cost
     if solver == "sparse" or solver == "auto":
-        options.update(k=k, certify=certify, max_rounds=max_rounds, screen_dims=screen_dims,
-                       precision=precision)
+        recorded.update(k=k, certify=certify, max_rounds=max_rounds, screen_dims=screen_dims,
+                        precision=precision)
     result = match_features(
         stacked_a, stacked_b, max_cost=max_cost, solver=solver, block_rows=block_rows,
-        device=device, progress=progress, options=options, k=k, certify=certify,
+        device=device, progress=progress, options=recorded, k=k, certify=certify,
         max_rounds=max_rounds, screen_dims=screen_dims, precision=precision,
         label=f"{hook_name_of(sae_a)} -> {hook_name_of(sae_b)}",
     )
-    metadata = {"source": sae_identity(sae_a), "target": sae_identity(sae_b), "options": options}
+    metadata = {"source": sae_identity(sae_a), "target": sae_identity(sae_b), "options": recorded}
     perm = Permutation(result.permutation.indices, result.permutation.n_target, metadata)
     confidence = None if best is None else null_confidence(result.cost_F, best)
     return result._replace(permutation=perm, confidence_F=confidence)
@@ -566,7 +595,7 @@ def match_features(
         raise ValueError(f"solver must be 'auto', 'lapjv', 'scipy' or 'sparse', got {solver!r}.")
     n_a, n_b = a.matrix_FK.shape[0], b.matrix_FK.shape[0]
     n = max(n_a, n_b)
-    free = _available_bytes()
+    free = available_bytes()
     if solver == "auto":
         dense_fits = n * n * 4 <= 0.5 * free and n <= LAPJV_MAX_N
         # With max_cost the sparse route is also the faster one: its dummy partners carry the

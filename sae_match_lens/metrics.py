@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,13 +53,16 @@ __all__ = [
     "explained_variance",
     "fires",
     "kl_sum",
+    "model_device",
     "model_name_of",
     "next_token_ce",
     "next_token_targets",
     "record_states",
+    "scored_activations",
     "scored_predictions",
     "scored_states",
     "squared_error_sum",
+    "token_batches",
     "unverified_saes",
     "vocab_dot",
     "vocab_size_of",
@@ -98,6 +102,29 @@ def next_token_targets(tokens: torch.Tensor) -> torch.Tensor:
 def fires(acts: torch.Tensor) -> torch.Tensor:
     """Where a feature fires: its activation is non-zero (AbsTopK activations can be negative)."""
     return acts != 0
+
+
+def scored_activations(sae: Any, h: torch.Tensor) -> torch.Tensor:
+    """``[tokens, F]`` activations of ``sae`` on the scored positions (:func:`scored_states`) of
+    recorded states ``h`` ``[batch, pos, d_in]``, computed on the SAE's device and dtype."""
+    x = scored_states(h).to(sae.W_enc.device, sae.W_enc.dtype)
+    return sae.encode(x).reshape(-1, sae.cfg.d_sae)
+
+
+def token_batches(tokens: torch.Tensor | Iterable[torch.Tensor], batch_size: int
+                  ) -> tuple[Iterable[torch.Tensor], int | None]:
+    """``[n_seq, pos]`` tokens split into ``batch_size`` sequences (with their count), or an
+    iterable of ``[batch, pos]`` batches used as given (count unknown).
+
+    Raises:
+        ValueError: If a tensor of tokens is not ``[batch, pos]`` (or ``[pos]``).
+    """
+    if isinstance(tokens, torch.Tensor):
+        toks = tokens[None] if tokens.ndim == 1 else tokens
+        if toks.ndim != 2:
+            raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}.")
+        return toks.split(batch_size), math.ceil(toks.shape[0] / batch_size)
+    return tokens, None
 
 
 @dataclass
@@ -234,8 +261,17 @@ def kl_sum(p_clean: torch.Tensor, neg_entropy_clean: torch.Tensor, log_probs: to
     return float(scored_predictions(kl_BP).double().sum())
 
 
+def model_device(model: Any) -> Any:
+    """The device a model's config names (``model.cfg.device``), ``None`` when it names none."""
+    return getattr(getattr(model, "cfg", None), "device", None)
+
+
 def record_states(model: Any, names: Sequence[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One forward pass of ``batch`` recording the activations at hooks ``names`` (no grad)."""
+    """One forward pass of ``batch`` (moved to :func:`model_device` first) recording the
+    activations at hooks ``names`` (no grad)."""
+    device = model_device(model)
+    if device is not None:
+        batch = batch.to(device)
     states: dict[str, torch.Tensor] = {}
 
     def recorder(name: str) -> Any:
@@ -482,8 +518,7 @@ def check_saes_fit_model(model: Any, saes: Sequence[Any], tokens: torch.Tensor, 
 
     toks = tokens[None] if tokens.ndim == 1 else tokens
     batch = toks[:PROBE_SEQUENCES]
-    device = getattr(getattr(model, "cfg", None), "device", None)
     names = list(dict.fromkeys(hook_name_of(sae) for sae in unverified))
-    states = record_states(model, names, batch.to(device) if device is not None else batch)
+    states = record_states(model, names, batch)
     check_reconstruction(unverified, states, what=what,
                          min_explained_variance=min_explained_variance)

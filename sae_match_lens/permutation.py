@@ -71,7 +71,7 @@ def map_identities(mapping: Any) -> tuple[dict[str, Any] | None, dict[str, Any] 
     what kind of map it is.
 
     Understands a :class:`Permutation`, a ``MatchResult`` (its ``permutation``), ``Links`` and a
-    ``Transition`` (:mod:`~sae_match_lens.linking`); an index tensor or a hand-made map records
+    ``Transition`` (:mod:`~sae_match_lens.flow.linking`); an index tensor or a hand-made map records
     nothing (``None`` for both sides).
 
     Returns:

@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 from tqdm.auto import tqdm
 
 from .adapters import hook_name_of
-from .flow import LayerSAEs
+from .flow.graph import LayerSAEs
 
 __all__ = [
     "HubUnavailableError",
@@ -85,7 +85,7 @@ the MLP output and the attention output (all in the residual basis); ``attn_z`` 
 concatenated attention-head outputs before ``W_O``; ``transcoder`` reads an MLP's input."""
 
 FLOW_SITES: dict[str, str] = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
-"""The site each module of a Feature Flow stack (:class:`~sae_match_lens.flow.LayerSAEs`) reads."""
+"""The site each module of a Feature Flow stack (:class:`~sae_match_lens.flow.graph.LayerSAEs`) reads."""
 
 CHOICES: tuple[str, ...] = ("hook", "width", "variant", "l0")
 """The choices that can tell SAEs of one release and layer apart, in the order they are made."""
@@ -213,7 +213,12 @@ def _directory() -> dict[str, Any]:
     return get_pretrained_saes_directory()
 
 
-def _lookup(release: str) -> Any:
+def lookup_release(release: str) -> Any:
+    """SAELens' directory entry of ``release``.
+
+    Raises:
+        KeyError: For an unknown release, with the closest names.
+    """
     directory = _directory()
     if release not in directory:
         close = difflib.get_close_matches(release, list(directory), n=4, cutoff=0.6)
@@ -237,7 +242,7 @@ def release_saes(release: str) -> list[ReleaseSAE]:
         >>> [s.sae_id for s in release_saes("gpt2-small-res-jb")][:2]
         ['blocks.0.hook_resid_pre', 'blocks.1.hook_resid_pre']
     """
-    lookup = _lookup(release)
+    lookup = lookup_release(release)
     out = []
     for sae_id, path in lookup.saes_map.items():
         parsed = _parse(lookup.conversion_func, release, sae_id, str(path))
@@ -346,7 +351,7 @@ def resolve_release(
     """
     entries = release_saes(release)
     if not entries:
-        conversion = _lookup(release).conversion_func
+        conversion = lookup_release(release).conversion_func
         reason = UNPLACED_FAMILIES.get(conversion or "", "its SAE ids name no model layer")
         raise ValueError(f"{release} lists no SAE that can be placed at a model layer ({reason}); "
                          "load its SAEs with SAE.from_pretrained and pass them keyed by layer.")
@@ -474,7 +479,7 @@ def parse_layers(spec: str, *, minimum: int = 2) -> list[int]:
 
 # -- loading ---------------------------------------------------------------------------------
 
-def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     """Whether a TCP connection to the hub opens within ``timeout`` seconds."""
     try:
         with socket.create_connection((host, 443), timeout=timeout):
@@ -505,7 +510,7 @@ def _hub_offline(offline: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _loading(what: str, offline: bool) -> Iterator[None]:
+def loading_from_hub(what: str, offline: bool) -> Iterator[None]:
     """Run a load; with the hub unreachable, a missing file becomes a one-sentence error."""
     try:
         with _hub_offline(offline):
@@ -525,7 +530,8 @@ def _default_sae_loader(release: str, sae_id: str) -> Any:
     return SAE.from_pretrained(release, sae_id)
 
 
-def _default_model_loader(name: str, **from_pretrained_kwargs: Any) -> Any:
+def default_model_loader(name: str, **from_pretrained_kwargs: Any) -> Any:
+    """TransformerLens' ``HookedTransformer.from_pretrained_no_processing(name, ...)``."""
     from transformer_lens import HookedTransformer
 
     return HookedTransformer.from_pretrained_no_processing(name, **from_pretrained_kwargs)
@@ -534,7 +540,7 @@ def _default_model_loader(name: str, **from_pretrained_kwargs: Any) -> Any:
 def _offline(custom_loader: Any, offline: bool | None) -> bool:
     if offline is not None:
         return offline
-    return custom_loader is None and not _hub_reachable()
+    return custom_loader is None and not hub_reachable()
 
 
 def load_release_saes(
@@ -565,7 +571,7 @@ def load_release_saes(
     loader = sae_loader or _default_sae_loader
     lookup = _directory().get(release)
     saes = []
-    with _loading(release, offline):
+    with loading_from_hub(release, offline):
         for sae_id in tqdm(sae_ids, desc="loading SAEs", disable=not progress):
             saes.append(loader(release, sae_id))
     for sae_id, sae in zip(sae_ids, saes, strict=True):
@@ -720,10 +726,10 @@ def load_release_model(release: str, *, model_loader: ModelLoader | None = None)
     Raises:
         HubUnavailableError: the hub is unreachable and the weights are not cached.
     """
-    lookup = _lookup(release)
+    lookup = lookup_release(release)
     name = lookup.model
     if model_loader is not None:
         return model_loader(name)
     kwargs = dict((lookup.config_overrides or {}).get("model_from_pretrained_kwargs") or {})
-    with _loading(name, _offline(None, None)):
-        return _default_model_loader(name, **kwargs)
+    with loading_from_hub(name, _offline(None, None)):
+        return default_model_loader(name, **kwargs)

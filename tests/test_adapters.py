@@ -6,10 +6,10 @@ from helpers import ALL_ARCHITECTURES, build_sae, sample_inputs
 from sae_lens.saes.matching_pursuit_sae import MatchingPursuitSAE, MatchingPursuitSAEConfig
 from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 
-from sae_match_lens import (
+from sae_match_lens import fold
+from sae_match_lens.adapters import (
     describe_sae,
     feature_view,
-    fold,
     fold_scales,
     rescale,
     sae_identity,

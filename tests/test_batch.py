@@ -22,11 +22,11 @@ import pytest
 import torch
 from helpers import build_sae
 
-from sae_match_lens import batch_cli
-from sae_match_lens.batch import PairJob, SAERef, _validate, batch_match, load_plan, plan_pairs
-from sae_match_lens.linking import links
+from sae_match_lens.batch import cli as batch_cli
+from sae_match_lens.batch.runs import PairJob, SAERef, _validate, batch_match, load_plan, plan_pairs
+from sae_match_lens.batch.store import STORE_VERSION, ResultStore, StoreError, load_links
+from sae_match_lens.flow.linking import links
 from sae_match_lens.matching import MatchResult, match
-from sae_match_lens.store import STORE_VERSION, ResultStore, StoreError, load_links
 
 WIDTHS = {0: 64, 1: 96, 2: 128, 3: 96, 4: 160}
 
@@ -73,10 +73,10 @@ def _assert_same_links(stored, serial) -> None:
 _SERIAL_SCRIPT = """
 import json, sys
 from pathlib import Path
-from sae_match_lens.batch import SAERef
-from sae_match_lens.linking import links
+from sae_match_lens.batch.runs import SAERef
+from sae_match_lens.flow.linking import links
 from sae_match_lens.matching import match
-from sae_match_lens.store import save_links
+from sae_match_lens.batch.store import save_links
 out = Path(sys.argv[2])
 for r in json.loads(Path(sys.argv[1]).read_text()):
     opts = {k: v for k, v in r["options"].items() if k != "delay_s"}
@@ -161,7 +161,7 @@ def test_a_failing_job_is_recorded_and_the_others_finish(stack, tmp_path):
 
 
 def test_memory_guard_records_a_job_that_does_not_fit(stack, tmp_path, monkeypatch):
-    monkeypatch.setattr("sae_match_lens.matching._available_bytes", lambda: 1000)
+    monkeypatch.setattr("sae_match_lens.matching.available_bytes", lambda: 1000)
     report = batch_match(plan_pairs(stack, 1)[:1], tmp_path / "store", progress=False)
     assert report.n_error == 1 and report.failed[0]["error"].startswith("MemoryError")
     assert "available" in report.failed[0]["error"]
@@ -313,7 +313,7 @@ def test_cli_batch_prints_summary_and_fails_on_a_failed_job(stack, tmp_path, cap
 
 
 def test_batch_cli_imports_no_heavy_module():
-    code = ("import sys, sae_match_lens.batch_cli; "
+    code = ("import sys, sae_match_lens.batch.cli; "
             "print(sorted(m for m in ('torch', 'ray', 'sae_lens') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -356,7 +356,7 @@ def cluster():
                        timeout=120)
         yield f"127.0.0.1:{port}"
     finally:
-        from sae_match_lens.batch import shutdown_ray
+        from sae_match_lens.batch.runs import shutdown_ray
 
         shutdown_ray()  # batch runs keep their Ray connection for the process
         subprocess.run([RAY_CLI, "stop", "--force"], env=env, capture_output=True, timeout=120)
@@ -428,7 +428,7 @@ def test_ray_unreachable_address_fails_fast_and_leaves_the_store_empty(stack, tm
 def test_a_second_local_ray_run_reuses_the_instance_and_its_warm_workers(stack, tmp_path):
     import ray
 
-    from sae_match_lens.batch import shutdown_ray
+    from sae_match_lens.batch.runs import shutdown_ray
 
     plan = plan_pairs(stack, 1)
     shutdown_ray()  # an earlier test's cluster connection, kept for the process

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_match_lens.causal import best_single_predecessors, causal_check
-from sae_match_lens.linking import links
+from sae_match_lens.flow.causal import best_single_predecessors, causal_check
+from sae_match_lens.flow.linking import links
 from tests.helpers_tl import random_jumprelu_sae, tiny_model, tiny_tokens
 
 
@@ -111,7 +111,7 @@ def test_best_single_predecessor_equals_brute_force_and_bounds_top1(setup):
 def test_rerun_from_the_recorded_block_input_equals_a_full_run(setup, monkeypatch):
     """Re-runs start at the predecessor's block from its recorded input; the numbers are those
     of re-running the whole model from the tokens."""
-    import sae_match_lens.causal as causal
+    import sae_match_lens.flow.causal as causal
 
     model, _, _, tokens = setup
     pred = random_jumprelu_sae("blocks.1.hook_mlp_out", seed=3)

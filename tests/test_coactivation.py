@@ -8,14 +8,14 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from sae_match_lens.coactivation import (
+from sae_match_lens.flow.coactivation import (
     CoactivationStats,
     best_partner,
     coactivation_stats,
     evaluate_links,
     one_to_one,
 )
-from sae_match_lens.linking import links
+from sae_match_lens.flow.linking import links
 from tests.helpers_tl import layer_saes, tiny_model, tiny_tokens
 
 

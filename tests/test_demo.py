@@ -3,10 +3,10 @@ import re
 
 import pytest
 
-from sae_match_lens import demo as demo_module
 from sae_match_lens.assets import load_suite_model, load_suite_saes
 from sae_match_lens.cli import main
-from sae_match_lens.demo import HubUnavailableError, load_release, parse_layers, run_demo
+from sae_match_lens.report import demo as demo_module
+from sae_match_lens.report.demo import HubUnavailableError, load_release, parse_layers, run_demo
 
 REPORT_FILES = ["report.md", "results.json", "substitution.png", "agreement_vs_distance.png",
                 "match_costs.png", "feature_paths.png"]
@@ -83,14 +83,14 @@ def test_a_registry_release_resolves_its_ids_and_model_without_a_template(tmp_pa
 
 
 def test_unreachable_hub_is_one_clear_sentence(monkeypatch):
-    monkeypatch.setattr(demo_module, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(demo_module, "hub_reachable", lambda *a, **k: False)
     with pytest.raises(HubUnavailableError, match="hub is unreachable"):
         load_release("gemma-scope-2b-pt-res-canonical", "layer_{layer}/width_16k/canonical",
                      "gemma-2-2b", [10, 11], progress=False)
 
 
 def test_cli_reports_an_unreachable_hub_without_a_traceback(monkeypatch, capsys):
-    monkeypatch.setattr(demo_module, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(demo_module, "hub_reachable", lambda *a, **k: False)
     code = main(["demo", "--release", "gemma-scope-2b-pt-res-canonical", "--sae-id-template",
                  "layer_{layer}/width_16k/canonical", "--model", "gemma-2-2b", "--layers", "10-11",
                  "--quiet"])
@@ -110,7 +110,7 @@ def test_bad_layer_specs_are_refused(spec):
 
 
 def _tiny_run(out, *, max_distance=2, progress=False):
-    from sae_match_lens.demo import run_pipeline
+    from sae_match_lens.report.demo import run_pipeline
     from tests.helpers_tl import layer_saes, tiny_model, tiny_tokens
 
     return run_pipeline(tiny_model(), layer_saes(), tiny_tokens(n_seq=4), out, flow=False,
@@ -122,7 +122,7 @@ def _snapshot(folder):
 
 
 def test_a_failed_rerun_leaves_the_earlier_report_exactly_as_it_was(tmp_path, monkeypatch):
-    from sae_match_lens import report
+    from sae_match_lens.report import document as report
 
     out = tmp_path / "report"
     _tiny_run(out)
@@ -174,7 +174,7 @@ def test_the_run_shows_one_progress_display(tmp_path, capsys):
 
 
 def test_run_progress_counts_stages_by_weight_and_times_them():
-    from sae_match_lens.demo import RunProgress
+    from sae_match_lens.report.demo import RunProgress
 
     run = RunProgress({"a": 1.0, "b": 3.0}, enabled=False)
     with run.stage("a"):
@@ -190,7 +190,7 @@ def test_run_progress_counts_stages_by_weight_and_times_them():
 
 
 def test_sizes_are_ordered_and_full_is_the_earlier_default():
-    from sae_match_lens.demo import DEFAULT, FULL, QUICK
+    from sae_match_lens.report.demo import DEFAULT, FULL, QUICK
 
     assert FULL.n_seqs == 64 and FULL.flow.causal_layers is None and FULL.steering.every_layer
     assert DEFAULT.n_seqs <= FULL.n_seqs and DEFAULT.flow.causal_layers == 2

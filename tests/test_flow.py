@@ -10,7 +10,7 @@ import networkx as nx
 import pytest
 import torch
 
-from sae_match_lens.flow import (
+from sae_match_lens.flow.graph import (
     ORIGIN_GROUPS,
     LayerSAEs,
     _reading,
@@ -22,7 +22,7 @@ from sae_match_lens.flow import (
     persistence,
     predecessors,
 )
-from sae_match_lens.linking import links
+from sae_match_lens.flow.linking import links
 from tests.helpers import planted_chain
 from tests.helpers_tl import random_jumprelu_sae, tiny_model, tiny_tokens
 
@@ -50,7 +50,7 @@ def test_processed_by_needs_high_module_scores_on_the_default_suite():
 
     stack = load_suite_stack("jumprelu")
     for layer in [layer for layer in stack if layer - 1 in stack]:
-        frame = predecessors(stack, layer)
+        frame = predecessors(stack, layer, score="decoder_cosine")
         module_best = frame[["s_mlp", "s_attn"]].max(axis=1)
         paper = (frame.s_res >= 0.5) & (module_best >= 0.5)
         processed = frame.reading.str.startswith("processed by")
@@ -106,7 +106,7 @@ def test_flow_graph_follows_the_planted_chain_both_ways(chain, tmp_path):
     path = [feature]
     for truth in chain.truths:
         path.append(int(truth.indices[path[-1]]))
-    graph = flow_graph(stack, (1, path[1]))
+    graph = flow_graph(stack, (1, path[1]), score="decoder_cosine")
     res = graph.nodes[graph.nodes.module == "res"].sort_values("layer")
     assert list(res.feature) == path
     assert graph.similarity_span == (0, 3)
@@ -117,7 +117,7 @@ def test_flow_graph_follows_the_planted_chain_both_ways(chain, tmp_path):
     assert len(data["nodes"]) == 4 and len(data["links"]) == 3
     assert nx.read_graphml(graph.save_graphml(tmp_path / "flow.graphml")).number_of_edges() == 3
     assert graph.plot(tmp_path / "flow.png").stat().st_size > 1000
-    cut = flow_graph(stack, (1, path[1]), cut=1.01)  # nothing passes: the seed alone
+    cut = flow_graph(stack, (1, path[1]), cut=1.01, score="decoder_cosine")  # nothing passes: the seed alone
     assert len(cut.nodes) == 1 and cut.edges.empty
 
 
@@ -160,10 +160,10 @@ def test_module_predecessors_join_the_graph_above_module_min():
     res = [random_jumprelu_sae(f"blocks.{i}.hook_resid_post", seed=i) for i in range(2)]
     mlp = random_jumprelu_sae("blocks.1.hook_mlp_out", seed=1)  # a copy of res[1]: cosine 1
     stack = {0: LayerSAEs(res[0]), 1: LayerSAEs(res[1], mlp=mlp)}
-    graph = flow_graph(stack, (1, 7), cut=-2.0)
+    graph = flow_graph(stack, (1, 7), cut=-2.0, score="decoder_cosine")
     mlp_edges = graph.edges[graph.edges.kind == "mlp"]
     assert list(mlp_edges.source) == ["1/mlp/7"] and mlp_edges.score.iloc[0] == pytest.approx(1.0)
-    none = flow_graph(stack, (1, 7), cut=-2.0, module_min=1.5)
+    none = flow_graph(stack, (1, 7), cut=-2.0, module_min=1.5, score="decoder_cosine")
     assert (none.edges.kind != "mlp").all()
 
 
@@ -200,8 +200,8 @@ def test_origin_groups_equal_a_direct_count():
 
 def test_persistence_counts_surviving_links(chain):
     stack = dict(enumerate(chain.saes))
-    frame = persistence(stack)
+    frame = persistence(stack, score="decoder_cosine")
     first = frame[frame.layer == 0]
     assert (first.survives <= 3).all() and float((first.survives == 3).mean()) > 0.9
     assert (frame[frame.layer == 3].survives == 0).all()
-    assert (persistence(stack, cut=1.01).survives == 0).all()
+    assert (persistence(stack, cut=1.01, score="decoder_cosine").survives == 0).all()

@@ -8,8 +8,10 @@ import json
 import pandas as pd
 import pytest
 
-from sae_match_lens.flow import LayerSAEs
-from sae_match_lens.flow_report import (
+from sae_match_lens.flow.graph import LayerSAEs
+from sae_match_lens.matching import match
+from sae_match_lens.report.document import _markdown_table
+from sae_match_lens.report.flow_section import (
     DATA_REFERENCE,
     causal_layers,
     causal_summary,
@@ -19,8 +21,6 @@ from sae_match_lens.flow_report import (
     weight_ablation,
     wilson_interval,
 )
-from sae_match_lens.matching import match
-from sae_match_lens.report import _markdown_table
 from tests.helpers_tl import random_jumprelu_sae, tiny_model, tiny_tokens
 
 
@@ -58,7 +58,7 @@ def test_weight_ablation_verdict_follows_the_numbers(encoder, decoder, verdict):
 def test_flow_section_runs_on_a_stack_with_modules(tmp_path, monkeypatch):
     # random SAEs cannot reconstruct the tiny model's states, so the causal check's fit probe
     # would refuse them; this test is about the section's tables and sentences
-    monkeypatch.setattr("sae_match_lens.causal.check_saes_fit_model", lambda *a, **k: None)
+    monkeypatch.setattr("sae_match_lens.flow.causal.check_saes_fit_model", lambda *a, **k: None)
     model = tiny_model()
     tokens = tiny_tokens(n_seq=6)
     n = model.cfg.n_layers

@@ -20,7 +20,7 @@ from sae_match_lens.httpclient import (
     is_credential_header,
     request,
 )
-from sae_match_lens.judge import ChatJudge, JudgeUnavailableError
+from sae_match_lens.judging.judge import ChatJudge, JudgeUnavailableError
 from sae_match_lens.neuronpedia import NeuronpediaUnavailableError, explanations
 
 KEY = "sk-do-not-leak-0123456789"

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from sae_match_lens.judge import (
+from sae_match_lens.judging.judge import (
     LABELS,
     MATCH_EXAMPLES,
     ChatJudge,

@@ -9,13 +9,13 @@ import torch
 
 from sae_match_lens.adapters import feature_view
 from sae_match_lens.assets import load_suite_saes
-from sae_match_lens.coactivation import (
+from sae_match_lens.flow.coactivation import (
     best_partner,
     coactivation_stats,
     evaluate_links,
     one_to_one,
 )
-from sae_match_lens.linking import SCORES, firing_offset_z, links
+from sae_match_lens.flow.linking import SCORES, firing_offset_z, links
 from sae_match_lens.matching import match
 from sae_match_lens.nulls import moment_matched_sae
 from tests.helpers import build_sae, planted_pair
@@ -247,8 +247,8 @@ def test_evaluate_links_scores_unions_and_exposes_hubs(model, pair_saes):
 
 
 def test_a_transition_from_one_to_one_links_substitutes_like_the_permutation(model):
+    from sae_match_lens.flow.linking import Transition
     from sae_match_lens.lens.hooks import block_substitute
-    from sae_match_lens.linking import Transition
 
     sae_a = random_jumprelu_sae("blocks.0.hook_resid_post", seed=1)
     sae_b = random_jumprelu_sae("blocks.2.hook_resid_post", seed=2)
@@ -269,8 +269,8 @@ def test_a_transition_from_one_to_one_links_substitutes_like_the_permutation(mod
 
 def test_a_many_to_one_transition_sums_the_folded_activations_linked_to_a_target():
     from sae_match_lens.adapters import fold
+    from sae_match_lens.flow.linking import Transition
     from sae_match_lens.lens.hooks import block_substitute
-    from sae_match_lens.linking import Transition
     from sae_match_lens.permutation import ProvenanceError
 
     sae_a = random_jumprelu_sae("blocks.0.hook_resid_post", seed=1)

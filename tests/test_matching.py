@@ -11,12 +11,13 @@ import torch
 from helpers import build_sae, planted_pair
 from scipy.optimize import linear_sum_assignment
 
-from sae_match_lens import Permutation, ProvenanceError, fold
+from sae_match_lens import Permutation, fold
 from sae_match_lens import matching as matching_module
 from sae_match_lens.assets import load_suite_saes
 from sae_match_lens.atomicio import host_id
 from sae_match_lens.matching import match, null_max_cost
 from sae_match_lens.nulls import chance_confidence
+from sae_match_lens.permutation import ProvenanceError
 
 
 def _manual_cost(sae_a, sae_b, folded=True, w=(1.0, 1.0, 1.0)):
@@ -205,7 +206,7 @@ def test_nan_weights_and_bad_thresholds_are_refused():
 
 
 def test_memory_guard_refuses_before_allocating(monkeypatch):
-    monkeypatch.setattr(matching_module, "_available_bytes", lambda: 1024)
+    monkeypatch.setattr(matching_module, "available_bytes", lambda: 1024)
     with pytest.raises(MemoryError, match=r"needs about .* GiB, but only .* GiB is available"):
         match(build_sae("jumprelu"), build_sae("jumprelu", seed=1), progress=False)
 

@@ -13,12 +13,12 @@ import torch
 from transformer_lens import HookedTransformer
 
 from sae_match_lens import assets
-from sae_match_lens.causal import causal_check
-from sae_match_lens.coactivation import evaluate_links
 from sae_match_lens.evaluation import evaluate_substitution
-from sae_match_lens.flow import flow_graph, origin_groups
+from sae_match_lens.flow.causal import causal_check
+from sae_match_lens.flow.coactivation import evaluate_links
+from sae_match_lens.flow.graph import flow_graph, origin_groups
+from sae_match_lens.flow.linking import Transition, links
 from sae_match_lens.lens.hooks import block_substitute, run_skipping, substitute
-from sae_match_lens.linking import Transition, links
 from sae_match_lens.matching import match
 from sae_match_lens.metrics import (
     check_reconstruction,
@@ -108,7 +108,7 @@ def test_reversed_transitions_and_stored_flow_links_are_refused(suite):
     stored = {(1, 2, "res"): links(stack[2].res, stack[1].res, k=1, score="decoder_cosine",
                                    progress=False)}
     with pytest.raises(ProvenanceError, match=r"links_by_key\[\(1, 2, 'res'\)\].*other way"):
-        flow_graph(stack, (1, 0), links_by_key=stored)
+        flow_graph(stack, (1, 0), links_by_key=stored, score="decoder_cosine")
 
 
 def test_a_map_for_other_saes_names_both_hooks_and_hand_made_maps_are_not_checked(suite):
@@ -268,7 +268,7 @@ def test_match_refuses_raw_weight_tensors_with_what_it_takes(suite):
 @pytest.mark.parametrize("bad", ["float", "list", "too_big", "negative"])
 def test_coactivation_and_suite_metrics_refuse_bad_tokens(bad):
     from sae_match_lens.assets import compute_model_ce, compute_sae_metrics, load_default_suite
-    from sae_match_lens.coactivation import coactivation_stats
+    from sae_match_lens.flow.coactivation import coactivation_stats
 
     model, saes = load_default_suite()
     good = torch.zeros(2, 8, dtype=torch.long)

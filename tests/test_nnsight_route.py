@@ -23,6 +23,7 @@ from sae_match_lens.evaluation import (
     evaluate_substitution,
     evaluate_substitution_nnsight,
 )
+from sae_match_lens.flow.linking import Transition, links
 from sae_match_lens.lens.hooks import METHODS, Substitution, substitute
 from sae_match_lens.lens.nnsight import (
     MODULE_PATHS,
@@ -33,7 +34,6 @@ from sae_match_lens.lens.nnsight import (
     module_site,
     substitute_nnsight,
 )
-from sae_match_lens.linking import Transition, links
 from sae_match_lens.matching import match
 from tests.helpers_tl import D_VOCAB, N_CTX, random_jumprelu_sae, tiny_tokenizer, tiny_tokens
 

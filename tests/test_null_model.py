@@ -16,9 +16,10 @@ from sae_lens import (
 )
 
 import sae_match_lens.matching as matching
-from sae_match_lens import links, match, match_chain, null_max_cost
+from sae_match_lens import links, match, match_chain
 from sae_match_lens.assets import load_suite_saes
-from sae_match_lens.linking import SCORES
+from sae_match_lens.flow.linking import SCORES
+from sae_match_lens.matching import null_max_cost
 from sae_match_lens.nulls import (
     isotropic_sae,
     moment_matched_sae,

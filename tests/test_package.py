@@ -26,3 +26,27 @@ def test_submodules_are_attributes_and_unknown_names_raise_attribute_error():
     assert sae_match_lens.metrics is importlib.import_module("sae_match_lens.metrics")
     with pytest.raises(AttributeError, match="no_such_name"):
         sae_match_lens.no_such_name  # noqa: B018
+
+
+def test_the_public_api_is_about_forty_names():
+    assert 30 <= len(sae_match_lens.__all__) <= 45, len(sae_match_lens.__all__)
+    assert len(set(sae_match_lens.__all__)) == len(sae_match_lens.__all__)
+
+
+def test_names_no_longer_exported_warn_once_and_name_their_module(monkeypatch, recwarn):
+    name, home = "SCORES", sae_match_lens._UNEXPORTED["SCORES"]
+    assert name not in sae_match_lens.__all__ and name not in dir(sae_match_lens)
+    monkeypatch.delitem(vars(sae_match_lens), name, raising=False)
+    with pytest.warns(DeprecationWarning, match=rf"from sae_match_lens\.{home} import {name}"):
+        value = sae_match_lens.SCORES
+    assert value is getattr(importlib.import_module(f"sae_match_lens.{home}"), name)
+    recwarn.clear()
+    assert sae_match_lens.SCORES is value
+    assert not [w for w in recwarn if "no longer exported" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", sorted(sae_match_lens._UNEXPORTED))
+def test_every_name_exported_by_0_2_still_resolves(name):
+    module = importlib.import_module(f"sae_match_lens.{sae_match_lens._UNEXPORTED[name]}")
+    assert getattr(module, name) is not None
+    assert name not in sae_match_lens._EXPORTS

@@ -4,8 +4,9 @@ import pytest
 import torch
 from helpers import build_sae
 
-from sae_match_lens import Permutation, PermutationFileError
+from sae_match_lens import Permutation
 from sae_match_lens import permutation as permutation_module
+from sae_match_lens.permutation import PermutationFileError
 
 
 def test_apply_is_the_scatter_f_b_at_indices_equals_f_a():
@@ -96,7 +97,7 @@ def test_agreement_counts_features_matched_in_either_map():
 def test_save_and_load_round_trip_with_provenance(tmp_path):
     sae_a = build_sae("jumprelu", seed=0)
     sae_b = build_sae("jumprelu", seed=1, hook_name="blocks.1.hook_resid_post")
-    from sae_match_lens import sae_identity
+    from sae_match_lens.adapters import sae_identity
 
     meta = {"source": sae_identity(sae_a), "target": sae_identity(sae_b), "options": {"fold": True}}
     P = Permutation(torch.randperm(48), 48, meta)
@@ -109,7 +110,7 @@ def test_save_and_load_round_trip_with_provenance(tmp_path):
 
 
 def test_loading_against_the_wrong_sae_is_a_clear_error(tmp_path):
-    from sae_match_lens import sae_identity
+    from sae_match_lens.adapters import sae_identity
 
     sae_a, other = build_sae("jumprelu", seed=0), build_sae("jumprelu", seed=5)
     P = Permutation(torch.randperm(48), 48, {"source": sae_identity(sae_a)})

@@ -118,7 +118,7 @@ def test_every_readme_python_section_runs(heading, offline_hub, tmp_path, monkey
 def test_the_flow_section_runs_and_shows_what_its_comments_say(offline_hub, tmp_path,
                                                                monkeypatch):
     from sae_match_lens.adapters import model_layer_of
-    from sae_match_lens.flow import FlowGraph
+    from sae_match_lens.flow.graph import FlowGraph
 
     monkeypatch.chdir(tmp_path)
     ns = run_section(FLOW)

@@ -18,7 +18,7 @@ from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_direc
 from transformer_lens.utils import get_act_name
 
 from sae_match_lens import releases
-from sae_match_lens.flow import flow_graph
+from sae_match_lens.flow.graph import flow_graph
 from sae_match_lens.neuronpedia import feature_url
 from sae_match_lens.releases import (
     HubUnavailableError,
@@ -233,7 +233,7 @@ def test_a_loaded_sae_reading_another_hook_is_refused():
 
 
 def test_an_unreachable_hub_is_one_sentence(monkeypatch):
-    monkeypatch.setattr(releases, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(releases, "hub_reachable", lambda *a, **k: False)
     with pytest.raises(HubUnavailableError, match="Cannot load gemma-scope-2b-pt-res-canonical: the "
                        "Hugging Face hub is unreachable") as info:
         load_release_stack("gemma-scope-2b-pt-res-canonical", layers=[10, 11], width="16k",
@@ -276,8 +276,8 @@ def test_gemma_scope_attention_saes_read_hook_z_and_are_refused_for_flows():
 def test_the_release_model_is_loaded_with_the_registry_name_and_options(monkeypatch):
     assert load_release_model("gemma-scope-2b-pt-res-canonical", model_loader=lambda n: n) == "gemma-2-2b"
     seen = {}
-    monkeypatch.setattr(releases, "_hub_reachable", lambda *a, **k: True)
-    monkeypatch.setattr(releases, "_default_model_loader",
+    monkeypatch.setattr(releases, "hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(releases, "default_model_loader",
                         lambda name, **kw: seen.update(name=name, kwargs=kw) or torch.nn.Identity())
     load_release_model("gpt2-small-res-jb")
     assert seen == {"name": "gpt2-small", "kwargs": {"center_writing_weights": True}}

@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from sae_match_lens import report, verdicts
-from sae_match_lens.verdicts import DELTA_CE_TOL, Tally, tally
+from sae_match_lens.report import document as report
+from sae_match_lens.report import verdicts
+from sae_match_lens.report.verdicts import DELTA_CE_TOL, Tally, tally
 
 VARIANTS = ("folded", "raw", "hybrid", "error_preserving", "identity", "sae_b_reconstruction",
             "sae_a_reconstruction", "random_permutation", "unfolded_matching")

@@ -13,17 +13,17 @@ import pandas as pd
 import pytest
 import torch
 
-from sae_match_lens import judge as judge_module
-from sae_match_lens.judge import ChatJudge, ScriptedJudge, judge_generations
-from sae_match_lens.rowlog import (
+from sae_match_lens.judging import judge as judge_module
+from sae_match_lens.judging.judge import ChatJudge, ScriptedJudge, judge_generations
+from sae_match_lens.judging.rowlog import (
     RowLog,
     digest,
     header_differences,
     model_fingerprint,
     sae_fingerprint,
 )
-from sae_match_lens.semantic import label_pairs
-from sae_match_lens.steering_eval import steering_sweep
+from sae_match_lens.judging.semantic import label_pairs
+from sae_match_lens.judging.steering_scores import steering_sweep
 from tests.helpers_tl import N_LAYERS, random_jumprelu_sae, tiny_model
 
 

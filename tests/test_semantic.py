@@ -8,14 +8,9 @@ import pytest
 import torch
 
 from sae_match_lens.chain import match_chain
-from sae_match_lens.flow import flow_graph
-from sae_match_lens.judge import JudgeError, ScriptedJudge
-from sae_match_lens.neuronpedia import (
-    Explanation,
-    FeatureExplanations,
-    NeuronpediaUnavailableError,
-)
-from sae_match_lens.semantic import (
+from sae_match_lens.flow.graph import flow_graph
+from sae_match_lens.judging.judge import JudgeError, ScriptedJudge
+from sae_match_lens.judging.semantic import (
     PAIR_COLUMNS,
     PROXY_METHOD,
     context_explanations,
@@ -24,6 +19,11 @@ from sae_match_lens.semantic import (
     semantic_evaluation,
     semantic_pairs,
     token_overlap,
+)
+from sae_match_lens.neuronpedia import (
+    Explanation,
+    FeatureExplanations,
+    NeuronpediaUnavailableError,
 )
 from tests.helpers import planted_chain
 
@@ -167,7 +167,7 @@ def test_neuronpedia_explanations_are_used_when_reachable(monkeypatch):
                                        (Explanation(f"feature {f} of {npid}", None, None),), True)
                 for f in features}
 
-    monkeypatch.setattr("sae_match_lens.semantic.explanations", fake)
+    monkeypatch.setattr("sae_match_lens.judging.semantic.explanations", fake)
     explain = neuronpedia_explainer({0: "offline/0-res", 1: "model/1-res", 2: None})
     assert explain([(0, "res", 4), (1, "res", 5), (2, "res", 6)]) == {
         (1, "res", 5): "feature 5 of model/1-res"}

@@ -166,7 +166,7 @@ def test_certify_false_returns_a_flag_that_is_correct():
 
 
 def test_memory_guard_refuses_an_impossible_size_with_a_clear_message(monkeypatch):
-    monkeypatch.setattr(matching, "_available_bytes", lambda: 2**30)
+    monkeypatch.setattr(matching, "available_bytes", lambda: 2**30)
     huge = StackedFeatures(torch.zeros(1_000_000, 1), torch.zeros(1_000_000, dtype=torch.float64))
     with pytest.raises(MemoryError, match=r"GiB.*available.*block_rows"):
         match_features(huge, huge, solver="sparse", progress=False)
@@ -178,7 +178,7 @@ def test_memory_guard_refuses_an_impossible_size_with_a_clear_message(monkeypatc
 def test_auto_solver_goes_sparse_when_the_dense_matrix_does_not_fit_comfortably(monkeypatch):
     a, b = planted(300, 300, 8, noise=0.5, seed=9)
     assert match_features(a, b, progress=False).solver == "lapjv"
-    monkeypatch.setattr(matching, "_available_bytes", lambda: 300 * 300 * 4 * 3 // 2)
+    monkeypatch.setattr(matching, "available_bytes", lambda: 300 * 300 * 4 * 3 // 2)
     monkeypatch.setattr(matching, "sparse_bytes", lambda *args: 0)
     result = match_features(a, b, progress=False)
     assert result.solver == "sparse" and result.certified

@@ -11,8 +11,15 @@ import pytest
 import torch
 
 from sae_match_lens.chain import match_chain
-from sae_match_lens.flow import flow_graph
-from sae_match_lens.judge import JudgeError, ScriptedJudge
+from sae_match_lens.flow.graph import flow_graph
+from sae_match_lens.judging.judge import JudgeError, ScriptedJudge
+from sae_match_lens.judging.steering_scores import (
+    coherence,
+    plot_sweep,
+    proxy_scores,
+    steering_sweep,
+    theme_presence,
+)
 from sae_match_lens.lens.steering import (
     AddDirection,
     FlowNode,
@@ -24,14 +31,7 @@ from sae_match_lens.lens.steering import (
     steer,
     steering_hooks,
 )
-from sae_match_lens.steering_eval import (
-    coherence,
-    plot_sweep,
-    proxy_scores,
-    steering_sweep,
-    theme_presence,
-)
-from sae_match_lens.steering_report import (
+from sae_match_lens.report.steering_section import (
     _summary,
     _verdicts,
     label_sequences,
@@ -529,3 +529,26 @@ def test_the_steering_report_says_how_each_column_is_averaged_and_that_text_is_g
     assert "gibberish, steered or not" in text
     assert "every column is a mean over its 4 generations" in text
     assert "standard error of at most 0.25" in text
+
+
+def test_generate_steered_with_flat_sampling_keywords_warns_and_draws_the_same_texts(model, sae_1):
+    from sae_match_lens.lens.steering import SamplingOptions
+
+    ivs = [RescaleFeatures(sae_1, [0, 1], factor=0.0)]
+    options = SamplingOptions(max_new_tokens=4, seed=3, batch_size=2, temperature=0.8)
+    new = generate_steered(model, "t1 t2", ivs, n_samples=3, options=options, progress=False)
+    with pytest.warns(DeprecationWarning, match=r"seed= → options\.seed"):
+        old = generate_steered(model, "t1 t2", ivs, n_samples=3, max_new_tokens=4, seed=3,
+                               batch_size=2, temperature=0.8, progress=False)
+    assert new.texts == old.texts and new.seeds == old.seeds
+
+
+def test_flow_interventions_take_the_old_kind_keyword_with_a_warning(saes):
+    nodes = [FlowNode(1, "res", 3), FlowNode(2, "res", 5)]
+    new = flow_interventions(saes, nodes, mode="cumulative", intervention="add", coefficient=2.0)
+    with pytest.warns(DeprecationWarning, match=r"kind=\) is intervention="):
+        old = flow_interventions(saes, nodes, mode="cumulative", kind="add", coefficient=2.0)
+    assert [type(iv) for iv in old] == [type(iv) for iv in new] == [AddDirection, AddDirection]
+    assert [iv.hook_name for iv in old] == [iv.hook_name for iv in new]
+    with pytest.raises(TypeError, match="both kind= and intervention="):
+        flow_interventions(saes, nodes, kind="add", intervention="add")

@@ -12,11 +12,12 @@ import pytest
 import torch
 from helpers import build_sae, planted_chain
 
-from sae_match_lens.batch import batch_match
-from sae_match_lens.flow import FlowGraph, LayerSAEs, flow_graph
-from sae_match_lens.linking import links
-from sae_match_lens.plan import PairJob, SAERef, plan_flow
-from sae_match_lens.store import ResultStore, load_flow_graph
+from sae_match_lens.batch.plan import PairJob, SAERef, plan_flow
+from sae_match_lens.batch.runs import batch_match
+from sae_match_lens.batch.store import ResultStore, load_flow_graph
+from sae_match_lens.flow.graph import FlowGraph, LayerSAEs, flow_graph
+from sae_match_lens.flow.linking import links
+from sae_match_lens.vocabulary import DEFAULT_LINK_SCORE
 
 N_LAYERS = 3
 MODULE_WIDTHS = {"mlp": 32, "attn": 40}
@@ -87,7 +88,7 @@ def test_plan_flow_lists_both_walks_and_module_links_at_each_layer(refs):
                     (1, "res", 2, "res", 1), (2, "res", 1, "res", -1),
                     *((L, "res", L, m, 0) for L in range(N_LAYERS) for m in ("mlp", "attn"))}
     assert len(plan) == len(ends) == 10
-    assert all(j.kind == "links" and j.options == {"k": 1, "score": "decoder_cosine"} for j in plan)
+    assert all(j.kind == "links" and j.options == {"k": 1, "score": DEFAULT_LINK_SCORE} for j in plan)
     backward = next(j for j in plan if j.distance == -1 and j.layer_a == 1)
     assert (backward.source, backward.target) == (SAERef(path=refs[1]["res"]),
                                                   SAERef(path=refs[0]["res"]))
@@ -106,13 +107,13 @@ def test_store_flow_graph_equals_the_direct_one_and_computes_nothing(store, stac
                                                                      monkeypatch):
     direct = flow_graph(stack, seed)
     assert (direct.edges.kind == "res").any()
-    monkeypatch.setattr("sae_match_lens.flow.links", _no_links)
+    monkeypatch.setattr("sae_match_lens.flow.graph.links", _no_links)
     _assert_same_graph(store.flow_graph(stack, seed), direct)
     _assert_same_graph(load_flow_graph(store, stack, seed), direct)
 
 
 def test_store_flow_graphs_have_module_edges(store, stack, monkeypatch):
-    monkeypatch.setattr("sae_match_lens.flow.links", _no_links)
+    monkeypatch.setattr("sae_match_lens.flow.graph.links", _no_links)
     kinds = set().union(*(store.flow_graph(stack, seed, cut=0.0).edges.kind for seed in SEEDS))
     assert kinds == {"res", "mlp", "attn"}
 
@@ -128,7 +129,7 @@ def test_stored_links_of_another_score_are_not_used(refs, stack, tmp_path, monke
 
     seed = (1, 10)
     direct = flow_graph(stack, seed)
-    monkeypatch.setattr("sae_match_lens.flow.links", counted)
+    monkeypatch.setattr("sae_match_lens.flow.graph.links", counted)
     _assert_same_graph(other.flow_graph(stack, seed), direct)  # every link recomputed
     assert len(calls) == len(set(calls)) >= 3
     calls.clear()
@@ -147,20 +148,20 @@ def test_stored_links_for_another_sae_are_refused(refs, stack, tmp_path):
     bad = ResultStore(tmp_path / "store")
     batch_match([liar], bad, backend="local", progress=False)
     with pytest.raises(ValueError, match=re.escape("(0, 1, 'res')") + ".*target SAE is not"):
-        bad.flow_graph(stack, (0, 3))
+        bad.flow_graph(stack, (0, 3), score="decoder_cosine")
     swapped = {(1, 1, "mlp"): links(stack[1].res, stack[1].attn, score="decoder_cosine",
                                     progress=False)}
     with pytest.raises(ValueError, match=re.escape("(1, 1, 'mlp')") + ".*40 target features"):
-        flow_graph(stack, (1, 10), cut=2.0, links_by_key=swapped)
+        flow_graph(stack, (1, 10), cut=2.0, links_by_key=swapped, score="decoder_cosine")
     other_layer = {(1, 1, "mlp"): links(stack[2].res, stack[1].mlp, score="decoder_cosine",
                                         progress=False)}
     with pytest.raises(ValueError, match="source SAE is not the stack's .*hook_name"):
-        flow_graph(stack, (1, 10), cut=2.0, links_by_key=other_layer)
+        flow_graph(stack, (1, 10), cut=2.0, links_by_key=other_layer, score="decoder_cosine")
 
 
 def test_two_stored_results_for_one_key_are_refused_unless_options_choose(refs, stack, tmp_path,
                                                                           monkeypatch):
-    plan = plan_flow({0: refs[0], 1: refs[1]}, modules=())
+    plan = plan_flow({0: refs[0], 1: refs[1]}, modules=(), score="decoder_cosine")
     extra = PairJob(plan[0].source, plan[0].target, "links",
                     {"k": 1, "score": "decoder_cosine", "n_null": 256}, layer_a=0, layer_b=1,
                     module_a="res", module_b="res", distance=1)
@@ -168,10 +169,11 @@ def test_two_stored_results_for_one_key_are_refused_unless_options_choose(refs, 
     batch_match([*plan, extra], two, backend="local", progress=False)
     with pytest.raises(ValueError, match=r"2 finished k=1 decoder_cosine links results for flow "
                                          r"key \(0, 1, 'res'\).*n_null"):
-        two.flow_graph(stack, (0, 3))
-    monkeypatch.setattr("sae_match_lens.flow.links", _no_links)
-    chosen = two.flow_graph({0: stack[0].res, 1: stack[1].res}, (0, 3),
+        two.flow_graph(stack, (0, 3), score="decoder_cosine")
+    monkeypatch.setattr("sae_match_lens.flow.graph.links", _no_links)
+    chosen = two.flow_graph({0: stack[0].res, 1: stack[1].res}, (0, 3), score="decoder_cosine",
                             options={"k": 1, "score": "decoder_cosine", "n_null": 256})
     assert list(chosen.edges.kind) == ["res"]
     with pytest.raises(ValueError, match="reads k=1"):
-        two.flow_graph(stack, (0, 3), options={"k": 2, "score": "decoder_cosine"})
+        two.flow_graph(stack, (0, 3), score="decoder_cosine",
+                       options={"k": 2, "score": "decoder_cosine"})

@@ -19,9 +19,9 @@ from helpers_tl import random_jumprelu_sae, tiny_model, tiny_tokens
 
 from sae_match_lens import ChainMatch, FlowGraph, MatchResult, Permutation, match_chain
 from sae_match_lens.cli import main
-from sae_match_lens.flow import LayerSAEs, flow_graph
+from sae_match_lens.flow.graph import LayerSAEs, flow_graph
 from sae_match_lens.matching import match
-from sae_match_lens.viewer import DEFAULT_SHOWN_PATHS, top_activating_tokens, write_html
+from sae_match_lens.report.viewer import DEFAULT_SHOWN_PATHS, top_activating_tokens, write_html
 
 D_SAE = 24
 N_LAYERS = 4
@@ -119,7 +119,7 @@ def test_a_large_chain_is_capped_and_says_what_it_kept(tmp_path, caplog):
                                  "test", {}))
     chain = ChainMatch(tuple(steps), tuple(f"blocks.{i}.hook_resid_post" for i in range(layers)),
                        tuple(range(layers)))
-    with caplog.at_level(logging.INFO, logger="sae_match_lens.viewer"):
+    with caplog.at_level(logging.INFO, logger="sae_match_lens.report.viewer"):
         path = write_html(chain, tmp_path / "big.html")
     assert "kept 200 of 16384 paths" in caplog.text
     assert path.stat().st_size < 10e6
@@ -212,7 +212,7 @@ def test_a_failed_write_leaves_the_existing_file_untouched(chain, tmp_path, monk
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("sae_match_lens.viewer.os.replace", fail)
+    monkeypatch.setattr("sae_match_lens.report.viewer.os.replace", fail)
     with pytest.raises(OSError, match="disk full"):
         write_html(chain, target)
     assert target.read_text() == "the user's earlier view"

@@ -84,7 +84,7 @@ from ..adapters import (
     hook_name_of,
     validate_sae,
 )
-from ..linking import Links, Transition
+from ..flow.linking import Links, Transition
 from ..matching import MatchResult
 from ..metrics import check_reconstruction, check_saes_fit_model, check_tokens, unverified_saes
 from ..permutation import Permutation
@@ -298,7 +298,9 @@ def _to_sae(h: torch.Tensor, sae: Any) -> torch.Tensor:
     return h.to(sae.W_enc.device, sae.W_enc.dtype)
 
 
-def _check_sae(sae: Any, role: str) -> str:
+def check_substitute_sae(sae: Any, role: str) -> str:
+    """Check that ``sae`` can be installed in a forward pass as ``role`` (a supported SAE, no
+    run-time normalisation, output width equal to input width); returns its hook name."""
     validate_sae(sae)
     check_no_runtime_normalisation(sae, role)
     d_out = getattr(sae.cfg, "d_out", sae.cfg.d_in)
@@ -318,7 +320,7 @@ def _check_sae(sae: Any, role: str) -> str:
 
 Map = Permutation | MatchResult | Links | Transition
 """What carries activations from A to B: a permutation (or the ``MatchResult`` holding one), or a
-many-to-one :class:`~sae_match_lens.linking.Transition` (``Links`` are used as their binarised
+many-to-one :class:`~sae_match_lens.flow.linking.Transition` (``Links`` are used as their binarised
 transition over all kept links)."""
 
 
@@ -369,7 +371,7 @@ def block_substitute(
         raise TypeError(f"substitution must be a Substitution or one of {list(SUBSTITUTIONS)}, "
                         f"got {substitution!r}.")
     spec = Substitution.of(substitution)
-    hook_a, hook_b = _check_sae(sae_a, "SAE A"), _check_sae(sae_b, "SAE B")
+    hook_a, hook_b = check_substitute_sae(sae_a, "SAE A"), check_substitute_sae(sae_b, "SAE B")
     perm, cost = _split(permutation, cost_F)
     if not spec.uses_permutation:
         return BlockSubstitute(sae_a, sae_b, spec, hook_a, hook_b, perm)

@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from ..adapters import describe_sae
+from ..adapters import describe_sae, hook_order  # hook_order re-exported (its home is adapters)
 
 
 class BlockSubstitute(Protocol):
@@ -49,31 +49,11 @@ BOS_POLICIES: tuple[str, ...] = ("keep", "substitute")
 """What a substitute does at position 0: ``"keep"`` its true state, or ``"substitute"`` it."""
 
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
-_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_IN_BLOCK_RANK = (("hook_resid_pre", 0), ("ln1.", 1), ("attn.", 1), ("hook_attn", 1),
-                  ("hook_q_input", 1), ("hook_k_input", 1), ("hook_v_input", 1),
-                  ("hook_resid_mid", 2), ("ln2.", 3), ("mlp.", 3), ("hook_mlp", 3),
-                  ("hook_resid_post", 4))
 
 
-def hook_order(name: str, n_layers: int) -> tuple[int, int]:
-    """Where a hook sits in the forward pass: ``(layer, rank within the block)``.
-
-    ``blocks.L.hook_resid_pre`` < ``...attn...`` < ``hook_resid_mid`` < ``...mlp...`` <
-    ``blocks.L.hook_resid_post``; embedding hooks come before block 0, everything else outside
-    the blocks (``ln_final``, ``unembed``) after the last block.
-    """
-    m = _BLOCK.match(name)
-    if m is None:
-        return (-1, 0) if "embed" in name and "unembed" not in name else (n_layers, 0)
-    layer, rest = int(m.group(1)), m.group(2)
-    for prefix, rank in _IN_BLOCK_RANK:
-        if rest.startswith(prefix):
-            return layer, rank
-    return layer, 2
-
-
-def _hook_width(model: Any, name: str) -> int | None:
+def hook_width(model: Any, name: str) -> int | None:
+    """The width of the activations at hook ``name`` of a TransformerLens model, or ``None``
+    where the hook's width is not known from the config."""
     cfg = model.cfg
     rest = name.split(".", 2)[-1] if name.startswith("blocks.") else name
     if rest in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
@@ -97,7 +77,7 @@ def validate_route(model: Any, sub: BlockSubstitute) -> None:
                 f"{type(model).__name__} (it has {len(hook_dict)} hook points, e.g. "
                 f"'blocks.0.hook_resid_post').{hint}"
             )
-        width = _hook_width(model, name)
+        width = hook_width(model, name)
         if width is not None and sae.cfg.d_in != width:
             raise ValueError(
                 f"{describe_sae(sae)}: d_in={sae.cfg.d_in} but the model's activation at "

@@ -25,7 +25,7 @@ after an error), and it works on ``HookedTransformer`` and ``TransformerBridge``
 ``hook.name``). A hook whose output is not finite raises, naming the SAE and the coefficient.
 
 **Flows.** :func:`flow_interventions` steers the nodes of a
-:class:`~sae_match_lens.flow.FlowGraph`, a :class:`~sae_match_lens.chain.FeaturePath` or a list
+:class:`~sae_match_lens.flow.graph.FlowGraph`, a :class:`~sae_match_lens.chain.FeaturePath` or a list
 of ``(layer, module, feature)``: ``"single"`` (the nodes at one layer) or ``"cumulative"`` (every
 layer of the span, or of the span up to a layer), with a :class:`Schedule` of the coefficient
 over layers: constant ``s``, exponential ``s·e^{αl}`` (``l`` the model layer), linear from ``s``
@@ -33,7 +33,7 @@ at the span's first layer to ``s*`` at its last.
 
 **Generation.** :func:`generate_steered` samples with TransformerLens' ``generate`` (seeded,
 batched) and returns the texts with per-token ids and log-probabilities. Scoring them (judge-free
-proxies, sweeps, a judge) is one level up, in :mod:`sae_match_lens.steering_eval`.
+proxies, sweeps, a judge) is one level up, in :mod:`sae_match_lens.judging.steering_scores`.
 
 Example:
     >>> graph = flow_graph(saes, seed=(3, 117))
@@ -50,18 +50,19 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import pandas as pd
 import torch
 
 from ..adapters import describe_sae, fold_scales, hook_name_of
 from ..chain import FeaturePath
-from ..flow import FlowGraph, LayerSAEs, _as_stack
-from ..metrics import record_states
+from ..flow.graph import FlowGraph, LayerSAEs, as_stack
+from ..metrics import model_device, record_states
+from ..options import accepts_flat_options, renamed_keywords
 from ..progress import progress_bar
-from .hooks import HookFn, _check_sae
-from .routes import _hook_width, resolve_bos_token_id
+from .hooks import HookFn, check_substitute_sae
+from .routes import hook_width, resolve_bos_token_id
 
 __all__ = [
     "SCHEDULES",
@@ -70,6 +71,7 @@ __all__ = [
     "Generation",
     "Intervention",
     "RescaleFeatures",
+    "SamplingOptions",
     "Schedule",
     "flow_interventions",
     "flow_nodes",
@@ -131,7 +133,7 @@ class RescaleFeatures:
     """Only where this feature of the same SAE fires (``None``: every position)."""
 
     def __post_init__(self) -> None:
-        _check_sae(self.sae, "steered SAE")
+        check_substitute_sae(self.sae, "steered SAE")
         object.__setattr__(self, "features", _features(self.sae, self.features, "RescaleFeatures"))
         object.__setattr__(self, "factor", _finite(self.factor, "the rescale factor r", self.sae))
         if self.where is not None:
@@ -165,7 +167,7 @@ class AddDirection:
     """Only where this feature of the same SAE fires (``None``: every position)."""
 
     def __post_init__(self) -> None:
-        _check_sae(self.sae, "steered SAE")
+        check_substitute_sae(self.sae, "steered SAE")
         object.__setattr__(self, "features", _features(self.sae, self.features, "AddDirection"))
         object.__setattr__(self, "coefficient", _finite(self.coefficient, "the coefficient s",
                                                         self.sae))
@@ -214,7 +216,7 @@ def _check_on_model(model: Any, item: Intervention) -> None:
             f"{describe_sae(item.sae)}: hook '{name}' is not a hook point of this "
             f"{type(model).__name__}, so this SAE does not belong to the model."
             + (f" Did you mean {close}?" if close else ""))
-    width = _hook_width(model, name)
+    width = hook_width(model, name)
     if width is not None and int(item.sae.cfg.d_in) != width:
         raise ValueError(f"{describe_sae(item.sae)}: d_in={item.sae.cfg.d_in} but the model's "
                          f"activation at '{name}' has width {width}.")
@@ -223,8 +225,7 @@ def _check_on_model(model: Any, item: Intervention) -> None:
 def _bos_states(model: Any, names: Sequence[str], bos_token_id: int | None
                 ) -> dict[str, torch.Tensor]:
     bos = resolve_bos_token_id(model, bos_token_id)
-    device = getattr(model.cfg, "device", None)
-    one = torch.tensor([[bos]], device=device)
+    one = torch.tensor([[bos]], device=model_device(model))
     states = record_states(model, sorted(set(names)), one)
     return {name: h[0, 0].detach().clone() for name, h in states.items()}
 
@@ -411,7 +412,7 @@ def flow_nodes(source: NodeSource, stack: Mapping[int, Any] | Sequence[Any]) -> 
         ValueError: a feature id outside its SAE, or a graph node whose hook differs from the
             stack's SAE.
     """
-    layers = _as_stack(stack)
+    layers = as_stack(stack)
     raw: list[tuple[int, str, int]] = []
     if isinstance(source, FlowGraph):
         for row in source.nodes.itertuples(index=False):
@@ -462,13 +463,14 @@ def flow_nodes(source: NodeSource, stack: Mapping[int, Any] | Sequence[Any]) -> 
     return sorted(nodes)
 
 
+@renamed_keywords(kind="intervention")
 def flow_interventions(
     stack: Mapping[int, Any] | Sequence[Any],
     source: NodeSource,
     *,
     mode: Literal["single", "cumulative"] = "cumulative",
     layer: int | None = None,
-    kind: Literal["rescale", "add"] = "rescale",
+    intervention: Literal["rescale", "add"] = "rescale",
     coefficient: float = 0.0,
     schedule: Schedule | str = "constant",
     units: Units = "folded",
@@ -478,12 +480,12 @@ def flow_interventions(
 
     Args:
         stack: ``{layer: LayerSAEs or residual SAE}`` (or a list indexed by layer).
-        source: a :class:`~sae_match_lens.flow.FlowGraph`, a
+        source: a :class:`~sae_match_lens.flow.graph.FlowGraph`, a
             :class:`~sae_match_lens.chain.FeaturePath` or a node list (:func:`flow_nodes`).
         mode: ``"single"``: the nodes at ``layer`` only; ``"cumulative"``: the nodes at every
             layer of the span (``layer=None``) or of the span up to ``layer``.
         layer: see ``mode`` (required for ``"single"``).
-        kind: ``"rescale"`` (:class:`RescaleFeatures`, coefficient = ``r``) or ``"add"``
+        intervention: ``"rescale"`` (:class:`RescaleFeatures`, coefficient = ``r``) or ``"add"``
             (:class:`AddDirection`, coefficient = ``s``).
         coefficient: the schedule's start value.
         schedule: a :class:`Schedule` or its kind; layers are placed within the span of all the
@@ -496,16 +498,16 @@ def flow_interventions(
         One intervention per SAE (rescale: all its selected features together) or per node (add).
 
     Example:
-        >>> ivs = flow_interventions(stack, graph, mode="single", layer=3, kind="add",
+        >>> ivs = flow_interventions(stack, graph, mode="single", layer=3, intervention="add",
         ...                          coefficient=6.0)
     """
     nodes = flow_nodes(source, stack)
-    layers = _as_stack(stack)
+    layers = as_stack(stack)
     sched = Schedule(schedule) if isinstance(schedule, str) else schedule
     if not isinstance(sched, Schedule):
         raise TypeError(f"schedule must be a Schedule or one of {list(SCHEDULES)}, got {schedule!r}.")
-    if kind not in ("rescale", "add"):
-        raise ValueError(f"kind must be 'rescale' or 'add', got {kind!r}.")
+    if intervention not in ("rescale", "add"):
+        raise ValueError(f"intervention must be 'rescale' or 'add', got {intervention!r}.")
     span = (min(n.layer for n in nodes), max(n.layer for n in nodes))
     if mode == "single":
         if layer is None:
@@ -528,7 +530,7 @@ def flow_interventions(
     out: list[Intervention] = []
     for (lay, module), features in groups.items():
         sae = layers[lay].get(module)
-        if kind == "rescale":
+        if intervention == "rescale":
             out.append(RescaleFeatures(sae, tuple(features), values[lay], where=where))
         else:
             out.extend(AddDirection(sae, f, values[lay], units=units, where=where)
@@ -575,27 +577,44 @@ class Generation(NamedTuple):
         return pd.DataFrame(rows, columns=["sample", "step", "position", "token", "logprob"])
 
 
-def _device(model: Any) -> Any:
-    return getattr(model.cfg, "device", None)
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How :func:`generate_steered` samples (TransformerLens' ``generate``): the sampler's
+    settings, the seeds and the batch size. The same options give the same texts."""
+
+    max_new_tokens: int = 36
+    """Tokens sampled after each prompt at most."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float | None = None
+    """Nucleus sampling: the smallest set of tokens whose probability reaches ``top_p``."""
+    top_k: int | None = None
+    """Sample among the ``top_k`` most likely tokens only."""
+    do_sample: bool = True
+    """``False``: greedy decoding."""
+    stop_at_eos: bool = False
+    """Stop a sample at the tokenizer's EOS (kept as its last token)."""
+    seed: int = 0
+    """Base seed: batch ``k`` (counted over all prompts) is drawn with ``torch`` seeded to
+    ``seed + k`` inside a forked RNG."""
+    batch_size: int = 8
+    """Samples per ``generate`` call."""
+
+    RENAMED_IN_0_3: ClassVar[Mapping[str, str]] = {}
+    """Flat keywords of 0.2 whose field has another name (none)."""
 
 
+@accepts_flat_options(SamplingOptions)
 def generate_steered(
     model: Any,
     prompts: str | Sequence[str],
     interventions: Intervention | Sequence[Intervention] = (),
     *,
     n_samples: int = 1,
-    max_new_tokens: int = 36,
-    temperature: float = 1.0,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    do_sample: bool = True,
-    stop_at_eos: bool = False,
-    seed: int = 0,
-    batch_size: int = 8,
     bos: BosMode = "keep",
     bos_token_id: int | None = None,
     progress: bool = True,
+    options: SamplingOptions | None = None,
 ) -> Generation:
     """Sample continuations of ``prompts`` with the model steered by ``interventions``.
 
@@ -610,22 +629,26 @@ def generate_steered(
         prompts: one prompt or several (tokenized with BOS prepended).
         interventions: what to steer (none: the clean model).
         n_samples: samples per prompt.
-        max_new_tokens: passed to ``generate``.
-        temperature: passed to ``generate``.
-        top_p: passed to ``generate``.
-        top_k: passed to ``generate``.
-        do_sample: passed to ``generate``.
-        stop_at_eos: stop a sample at the tokenizer's EOS (kept as its last token).
-        seed: base seed (see above).
-        batch_size: samples per ``generate`` call.
         bos: see :func:`steering_hooks`.
         bos_token_id: see :func:`steering_hooks`.
         progress: show a progress bar over batches.
+        options: how to sample (:class:`SamplingOptions`; default: its defaults). The flat
+            keywords of 0.2 (``max_new_tokens=``, ``temperature=``, ``top_p=``, ``top_k=``,
+            ``do_sample=``, ``stop_at_eos=``, ``seed=``, ``batch_size=``) still work until 0.4,
+            with a ``DeprecationWarning``.
 
     Example:
-        >>> gen = generate_steered(model, "I think ", ivs, n_samples=8, top_p=0.7, temperature=1.27)
+        >>> gen = generate_steered(model, "I think ", ivs, n_samples=8,
+        ...                        options=SamplingOptions(top_p=0.7, temperature=1.27))
         >>> gen.frame()[["text", "mean_logprob"]]
     """
+    opts = options if options is not None else SamplingOptions()
+    if not isinstance(opts, SamplingOptions):
+        raise TypeError(f"options must be a SamplingOptions, got {type(opts).__name__}.")
+    max_new_tokens, temperature, top_p, top_k = (opts.max_new_tokens, opts.temperature, opts.top_p,
+                                                 opts.top_k)
+    do_sample, stop_at_eos, seed, batch_size = (opts.do_sample, opts.stop_at_eos, opts.seed,
+                                                opts.batch_size)
     texts_in = [prompts] if isinstance(prompts, str) else list(prompts)
     if not texts_in or not all(isinstance(p, str) for p in texts_in):
         raise TypeError("prompts must be a string or a non-empty list of strings.")
@@ -641,7 +664,7 @@ def generate_steered(
     jobs = [(i, min(batch_size, n_samples - start)) for i in range(len(texts_in))
             for start in range(0, n_samples, batch_size)]
     out: dict[str, list[Any]] = {k: [] for k in Generation._fields}
-    device = _device(model)
+    device = model_device(model)
     devices = [device] if device is not None and str(device).startswith("cuda") else []
     for k, (i, size) in enumerate(progress_bar(jobs, desc="generating", unit="batch", enabled=progress)):
         prompt_tokens = model.to_tokens(texts_in[i]).to(device)

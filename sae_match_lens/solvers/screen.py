@@ -30,7 +30,7 @@ units (e.g. AVX2-only) low precision is slower than float32 (measured on an AVX2
 **Width.** ``screen_dims="auto"`` (:func:`screen_dims_auto`) estimates from a sample of rows how
 many rows each width would leave for the certificate to recheck, and picks the cheapest.
 
-**Rows only.** Top-k problems (:func:`~sae_match_lens.linking.links`) need no column lists:
+**Rows only.** Top-k problems (:func:`~sae_match_lens.flow.linking.links`) need no column lists:
 :func:`screen_rows` keeps each row's ``k`` smallest bounds and a floor below every other entry
 of the row, optionally for the cost plus a non-separable gap ``|g_i − h_j|`` (added to ``L``
 with a rigorous float32 allowance, :func:`gap_slack`; columns in order of ``h``, selected by

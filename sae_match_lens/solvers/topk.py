@@ -1,5 +1,5 @@
 """Exact top-k of separable scores with a gap, for many-to-one links
-(:func:`~sae_match_lens.linking.links`): for each row ``i`` of ``a``, the ``k`` largest
+(:func:`~sae_match_lens.flow.linking.links`): for each row ``i`` of ``a``, the ``k`` largest
 
     s_ij = α·a_i·b_j − p_i − q_j − |g_i − h_j|
 

@@ -1,8 +1,8 @@
-"""Plots, ``results.json`` and the Markdown report of a pipeline run (see :mod:`sae_match_lens.demo`).
+"""Plots, ``results.json`` and the Markdown report of a pipeline run (see :mod:`sae_match_lens.report.demo`).
 
 Every function takes plain results (a DataFrame or JSON-able dicts) and writes one file, so the
 report can be rebuilt from ``results.json`` alone. The reading (the verdicts) comes from
-:mod:`sae_match_lens.verdicts`; every figure says in itself what its lines, markers and colours
+:mod:`sae_match_lens.report.verdicts`; every figure says in itself what its lines, markers and colours
 mean.
 """
 
@@ -526,11 +526,11 @@ def write_report(results: Mapping[str, Any], table: pd.DataFrame | None, out: Pa
               "`agreement_unfolded`: the same with unfolded matching).", "",
               _markdown_table(pd.DataFrame(results["composition_by_distance"])), ""]
     if results.get("flow"):
-        from .flow_report import flow_markdown
+        from .flow_section import flow_markdown
 
         lines += flow_markdown(results["flow"], _markdown_table)
     if results.get("steering"):
-        from .steering_report import steering_markdown
+        from .steering_section import steering_markdown
 
         lines += steering_markdown(results["steering"])
     steering_files = [f"`{e['heatmap']}`" for e in (results.get("steering") or {}).values()

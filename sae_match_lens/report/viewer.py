@@ -4,7 +4,7 @@
 :class:`~sae_match_lens.matching.MatchResult` or :class:`~sae_match_lens.permutation.Permutation`,
 drawn as a chain of two SAEs; SAEs across, features as
 nodes, one horizontal path per traced feature, edge width falling with the link's match cost) or
-a :class:`~sae_match_lens.flow.FlowGraph` (model layers across; within a layer the attention,
+a :class:`~sae_match_lens.flow.graph.FlowGraph` (model layers across; within a layer the attention,
 MLP and residual nodes sit in sub-lanes in the order the model computes them, attention above
 and MLP below the residual band; edge width growing with the link score). The figure is plotly;
 its JavaScript is inlined (no CDN, no MathJax), so the file opens without any network request.
@@ -50,15 +50,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .adapters import hook_name_of, layers_from_hooks
-from .atomicio import write_text
-from .chain import ChainMatch
-from .coactivation import record_states, token_batches
-from .flow import MODULES, FlowGraph, LayerSAEs
-from .matching import MatchResult
-from .metrics import fires, scored_states
-from .permutation import Permutation
-from .progress import progress_bar
+from ..adapters import hook_name_of, layers_from_hooks
+from ..atomicio import write_text
+from ..chain import ChainMatch
+from ..flow.graph import MODULES, FlowGraph, LayerSAEs
+from ..matching import MatchResult
+from ..metrics import fires, record_states, scored_activations, token_batches
+from ..permutation import Permutation
+from ..progress import progress_bar
 
 __all__ = ["DEFAULT_MAX_NODES", "DEFAULT_MAX_PATHS", "DEFAULT_SHOWN_PATHS",
            "top_activating_tokens", "write_html"]
@@ -688,7 +687,7 @@ def write_html(
         result: a :class:`~sae_match_lens.chain.ChainMatch`, a
             :class:`~sae_match_lens.matching.MatchResult` or
             :class:`~sae_match_lens.permutation.Permutation` (a chain of two SAEs), a
-            :class:`~sae_match_lens.flow.FlowGraph`, a directory written by
+            :class:`~sae_match_lens.flow.graph.FlowGraph`, a directory written by
             :meth:`ChainMatch.save` or :meth:`MatchResult.save`, a permutation
             ``.safetensors`` file, or a JSON file written by :meth:`FlowGraph.save_json`.
         path: the HTML file to write.
@@ -826,14 +825,13 @@ def top_activating_tokens(
     best = {h: (torch.full((len(ks), 0), -math.inf), torch.zeros((len(ks), 0), dtype=torch.int64))
             for h, (_, ks) in by_hook.items()}
     all_tokens, offset = [], 0
-    device = getattr(model.cfg, "device", None)
     for batch in progress_bar(batches, total=n_batches, desc="top tokens", unit="batch", enabled=progress):
-        states = record_states(model, list(by_hook), batch.to(device) if device is not None else batch)
+        states = record_states(model, list(by_hook), batch)
         n_seq, n_pos = batch.shape[0], batch.shape[1] - 1
         for hook, (sae, keys) in by_hook.items():
-            h = scored_states(states[hook]).to(sae.W_enc.device, sae.W_enc.dtype)
             cols = torch.tensor([int(key[-1]) for key in keys])
-            acts = sae.encode(h).reshape(-1, sae.cfg.d_sae)[:, cols.to(h.device)].T.float().cpu()
+            acts = scored_activations(sae, states[hook])
+            acts = acts[:, cols.to(acts.device)].T.float().cpu()
             acts = torch.where(fires(acts), acts, torch.tensor(-math.inf))
             where = offset * n_pos + torch.arange(n_seq * n_pos)  # flat (sequence, position)
             values = torch.cat([best[hook][0], acts], dim=1)

@@ -1,7 +1,7 @@
 """``sae-match batch PLAN.yaml --store DIR [--ray ADDRESS]``: run a plan of pair jobs.
 
 Standard library only at import time, so ``sae-match --help`` does not import torch or Ray;
-:func:`run` imports :mod:`sae_match_lens.batch` when the command runs. Wired into
+:func:`run` imports :mod:`sae_match_lens.batch.runs` when the command runs. Wired into
 :mod:`sae_match_lens.cli` with ``batch_cli.add_parser(sub)``.
 """
 
@@ -20,7 +20,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "batch", help="run a plan of pair jobs (match/links/compare) into a results store, "
         "locally or on a Ray cluster",
-        description="Run the jobs of a YAML plan (see sae_match_lens.batch for the format) that "
+        description="Run the jobs of a YAML plan (see sae_match_lens.batch.runs for the format) that "
         "the store does not hold yet; finished jobs with unchanged inputs and options are skipped.")
     p.add_argument("plan", help="the plan file (YAML): release:, stack: or jobs:")
     p.add_argument("--store", required=True, help="results store directory (created if new; on "
@@ -41,7 +41,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the plan, print the summary table; 1 when a job failed, else 0."""
-    from .batch import batch_match, load_plan
+    from .runs import batch_match, load_plan
 
     plan = load_plan(args.plan)
     backend = "local" if args.ray is None else "ray"

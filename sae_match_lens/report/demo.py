@@ -42,23 +42,23 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import fold_scales, hook_name_of, validate_sae
-from .chain import ChainMatch, chain_saes, compare_composed_direct, match_chain
-from .flow_report import FLOW_DEFAULT, FLOW_FULL, FLOW_QUICK, FlowSettings
-from .matching import null_max_cost
-from .metrics import fires
-from .releases import (
+from ..adapters import fold_scales, hook_name_of, validate_sae
+from ..chain import ChainMatch, chain_saes, compare_composed_direct, match_chain
+from ..matching import null_max_cost
+from ..metrics import fires
+from ..releases import (
     HubUnavailableError,
     ModelLoader,
     SAELoader,
-    _default_model_loader,
-    _hub_reachable,
-    _loading,
+    default_model_loader,
+    hub_reachable,
     load_release_saes,
+    loading_from_hub,
     parse_layers,
 )
-from .savedir import write_directory
-from .steering_report import STEERING_DEFAULT, STEERING_FULL, STEERING_QUICK, SteeringSettings
+from ..savedir import write_directory
+from .flow_section import FLOW_DEFAULT, FLOW_FULL, FLOW_QUICK, FlowSettings
+from .steering_section import STEERING_DEFAULT, STEERING_FULL, STEERING_QUICK, SteeringSettings
 from .verdicts import reading
 
 __all__ = ["DEFAULT", "FULL", "QUICK", "REPORT_FORMAT", "DemoSize", "HubUnavailableError",
@@ -201,12 +201,12 @@ def load_release(
     """
     if "{layer}" not in sae_id_template:
         raise ValueError(f"sae_id_template must contain '{{layer}}', got {sae_id_template!r}.")
-    offline = sae_loader is None and model_loader is None and not _hub_reachable()
+    offline = sae_loader is None and model_loader is None and not hub_reachable()
     try:
         saes = load_release_saes(release, [sae_id_template.format(layer=layer) for layer in layers],
                                  sae_loader=sae_loader, progress=progress, offline=offline)
-        with _loading(model_name, offline):
-            model = (model_loader or _default_model_loader)(model_name)
+        with loading_from_hub(model_name, offline):
+            model = (model_loader or default_model_loader)(model_name)
     except HubUnavailableError as exc:
         raise HubUnavailableError(
             f"Cannot load {release} / {model_name}: the Hugging Face hub is unreachable from this "
@@ -222,24 +222,24 @@ def _load_registry_release(release: str, layers: Sequence[int], choices: dict[st
                            ) -> tuple[Any, list[Any], str]:
     """A registry release's SAEs at ``layers`` (ids resolved first, so a bad choice fails before
     anything loads) and its model (the registry's, unless ``model_name`` is given)."""
-    from .releases import _lookup, load_release_model, load_release_stack, resolve_release
+    from ..releases import load_release_model, load_release_stack, lookup_release, resolve_release
 
     resolve_release(release, layers=layers, **choices)
     stack = load_release_stack(release, layers=layers, sae_loader=sae_loader, progress=progress,
                                **choices)
     if model_name is None:
-        model_name = _lookup(release).model
+        model_name = lookup_release(release).model
         model = load_release_model(release, model_loader=model_loader)
     else:
-        with _loading(model_name, model_loader is None and not _hub_reachable()):
-            model = (model_loader or _default_model_loader)(model_name)
+        with loading_from_hub(model_name, model_loader is None and not hub_reachable()):
+            model = (model_loader or default_model_loader)(model_name)
     return model, [stack[layer] for layer in sorted(stack)], str(model_name)
 
 
 def _eval_tokens(model: Any, family_tokens: torch.Tensor | None, n_seqs: int) -> torch.Tensor:
     if family_tokens is not None:
         return family_tokens[:n_seqs]
-    from .assets import load_eval_tokens, load_suite_model
+    from ..assets import load_eval_tokens, load_suite_model
 
     shard = load_eval_tokens()[:n_seqs]
     texts = load_suite_model().tokenizer.batch_decode(shard[:, 1:], skip_special_tokens=True)
@@ -281,7 +281,7 @@ def run_demo(
     size = size or (QUICK if quick else FULL if full else DEFAULT)
     _check_out(out)
     if release is None:
-        from .assets import load_default_suite, load_eval_tokens
+        from ..assets import load_default_suite, load_eval_tokens
 
         model, saes = load_default_suite(family)  # type: ignore[arg-type]
         tokens: torch.Tensor | None = load_eval_tokens()
@@ -291,7 +291,7 @@ def run_demo(
             saes = saes[:size.n_saes]
         stack = None
         if family == "jumprelu":  # the suite's MLP/attention SAEs are JumpReLU
-            from .assets import SuiteFilesMissingError, load_suite_stack
+            from ..assets import SuiteFilesMissingError, load_suite_stack
 
             try:
                 stack = {layer: s for layer, s in load_suite_stack(family).items()
@@ -324,7 +324,7 @@ def run_demo(
 
 def _check_out(out: str | Path) -> None:
     """Refuse an ``out`` that a demo run may not replace, before any work (module docstring)."""
-    from .savedir import is_replaceable
+    from ..savedir import is_replaceable
 
     path = Path(out)
     if is_replaceable(path, "results.json", REPORT_FORMAT):
@@ -358,7 +358,7 @@ def run_pipeline(
     LayerSAEs}``) adds MLP/attention SAEs to the flow section; without it the section uses the
     residual SAEs. ``flow=False`` leaves the flow section out. ``steering_tokens`` (held-out
     tokens of the default suite's corpus, whose sources the steering section labels) adds the
-    steering section (:func:`~sae_match_lens.steering_report.steering_section`); without them it
+    steering section (:func:`~sae_match_lens.report.steering_section.steering_section`); without them it
     is left out. ``size`` sets the sections' sampling (default :data:`DEFAULT`, or
     :data:`QUICK` with ``quick``). The report is written into a temporary folder and swapped in
     at the end (module docstring); ``progress`` shows one display for the whole run.
@@ -387,8 +387,8 @@ def _pipeline(model: Any, saes: Sequence[Any] | Mapping[int, Any], tokens: torch
               progress: bool, stack: Mapping[int, Any] | None, flow: bool,
               steering_tokens: torch.Tensor | None, size: DemoSize) -> str:
     """The run itself, writing into ``tmp`` (which becomes ``out``)."""
-    from . import report
-    from .evaluation import evaluate_substitution
+    from ..evaluation import evaluate_substitution
+    from . import document as report
 
     t0 = time.perf_counter()
     weights = {k: v for k, v in STAGE_WEIGHTS.items()
@@ -427,7 +427,7 @@ def _pipeline(model: Any, saes: Sequence[Any] | Mapping[int, Any], tokens: torch
                 results["flow"] = _flow(model, saes, tokens, chain, stack, tmp, size.flow, step,
                                         table)
         if steering_tokens is not None:
-            from .steering_report import steering_section
+            from .steering_section import steering_section
 
             with run.stage("steering") as step:
                 results["steering"] = steering_section(
@@ -467,9 +467,9 @@ def _size_record(size: DemoSize, tokens: torch.Tensor) -> dict[str, Any]:
 def _flow(model: Any, saes: Sequence[Any], tokens: torch.Tensor, chain: ChainMatch,
           stack: Mapping[int, Any] | None, out: Path, settings: FlowSettings,
           step: Callable[[str, float], None], substitution: pd.DataFrame) -> dict[str, Any]:
-    """The flow section (:func:`~sae_match_lens.flow_report.flow_section`), keyed by model layer."""
-    from .flow import LayerSAEs
-    from .flow_report import flow_section
+    """The flow section (:func:`~sae_match_lens.report.flow_section.flow_section`), keyed by model layer."""
+    from ..flow.graph import LayerSAEs
+    from .flow_section import flow_section
 
     layers = chain.layers
     if stack is None:

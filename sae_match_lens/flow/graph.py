@@ -5,7 +5,9 @@ Following Feature Flow (Laptev, Balagansky, Aksenov, Gavrilov 2025, arXiv 2502.0
 (``blocks.L.hook_mlp_out``) and an attention-output SAE ``A(L)`` (``blocks.L.hook_attn_out``).
 A residual feature ``f`` at layer ``L`` has one top-1 predecessor in each of ``R(L−1)``,
 ``M(L)`` and ``A(L)``, with scores ``s(R), s(M), s(A)`` (:func:`predecessors`; the score is a
-:mod:`~sae_match_lens.linking` score, decoder cosine by default as in the paper).
+:mod:`~sae_match_lens.flow.linking` score; by default
+:data:`~sae_match_lens.vocabulary.DEFAULT_LINK_SCORE`, as for every function that links; the
+paper's reading below uses decoder cosine, ``score="decoder_cosine"``).
 
 **Data-free reading** (:func:`predecessors`' ``reading`` column), the paper's rule ("high s(R),
 low s(M), s(A): carried over; high s(R) and high s(M) or s(A): processed by that module; low
@@ -39,8 +41,8 @@ over the residual stack by chained adjacent top-1 links, cut where ``s(R) < cut`
 MLP/attention predecessors of every residual node kept when their score is ``≥ module_min``
 (0.15); :class:`FlowGraph` has a ``networkx.DiGraph`` view, node-link JSON and GraphML export and
 a layered plot. :func:`persistence` counts for every feature how many layers its chain survives.
-Links computed by a batch run (:func:`~sae_match_lens.plan.plan_flow`) are read back through
-``flow_graph(..., links_by_key=...)`` or :meth:`~sae_match_lens.store.ResultStore.flow_graph`.
+Links computed by a batch run (:func:`~sae_match_lens.batch.plan.plan_flow`) are read back through
+``flow_graph(..., links_by_key=...)`` or :meth:`~sae_match_lens.batch.store.ResultStore.flow_graph`.
 """
 
 from __future__ import annotations
@@ -57,11 +59,11 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
-from .adapters import describe_sae, hook_name_of, layers_from_hooks
-from .linking import Links, LinkScore, links
-from .metrics import check_tokens, fires, record_states, scored_states
-from .neuronpedia import feature_url, neuronpedia_id
-from .permutation import check_direction
+from ..adapters import describe_sae, hook_name_of, layers_from_hooks
+from ..metrics import check_tokens, fires, record_states, scored_activations
+from ..neuronpedia import feature_url, neuronpedia_id
+from ..permutation import check_direction
+from .linking import DEFAULT_LINK_SCORE, Links, LinkScore, links
 
 __all__ = [
     "MODULES",
@@ -115,7 +117,9 @@ layer, module)`` links residual SAE ``layer`` to its ``"mlp"``/``"attn"`` SAE (s
 residual SAE, so rows are residual features)."""
 
 
-def _as_stack(stack: Stack | Sequence[Any]) -> dict[int, LayerSAEs]:
+def as_stack(stack: Stack | Sequence[Any]) -> dict[int, LayerSAEs]:
+    """Any accepted stack shape as ``{model layer: LayerSAEs}`` (a list is keyed by each residual
+    SAE's hook; a mapping's values may be SAEs or :class:`LayerSAEs`)."""
     if isinstance(stack, Mapping):
         items = list(stack.items())
     else:  # a list: each entry's model layer from its (residual) SAE's hook name
@@ -200,7 +204,7 @@ def chance_levels(stack: Stack | Sequence[Any], layer: int, *,
         ``threshold``, ``chance_best_cosine``, ``chance_share_above``, ``rotated_best_cosine``,
         ``rotated_share_above``.
     """
-    layers = _as_stack(stack)
+    layers = as_stack(stack)
     if layer not in layers:
         raise KeyError(f"layer {layer} has no SAEs; layers are {list(layers)}.")
     here = layers[layer]
@@ -230,7 +234,7 @@ def predecessors(
     stack: Stack | Sequence[Any],
     layer: int,
     *,
-    score: LinkScore = "decoder_cosine",
+    score: LinkScore = DEFAULT_LINK_SCORE,
     high: float = 0.5,
     low: float = 0.15,
     progress: bool = False,
@@ -241,7 +245,7 @@ def predecessors(
         stack: ``{layer: LayerSAEs}`` (or ``{layer: residual SAE}``, or a list whose layers
             come from the residual SAEs' hook names ``blocks.L.…``).
         layer: the model layer of the residual features.
-        score: the link score (:data:`~sae_match_lens.linking.SCORES`).
+        score: the link score (:data:`~sae_match_lens.flow.linking.SCORES`).
         high: the upper threshold of the data-free reading (module docstring: the paper's rule),
             in the score's units; :func:`chance_levels` gives the chance levels of both thresholds.
         low: the lower threshold of the data-free reading, in the same units.
@@ -252,7 +256,7 @@ def predecessors(
         ``s_mlp``, ``pred_attn``/``s_attn`` (-1 and NaN where the module has no SAE) and
         ``reading``.
     """
-    layers = _as_stack(stack)
+    layers = as_stack(stack)
     if layer not in layers:
         raise KeyError(f"layer {layer} has no SAEs; layers are {list(layers)}.")
     here = layers[layer]
@@ -283,7 +287,7 @@ def origin_groups(
     tokens: torch.Tensor,
     *,
     layers: Sequence[int] | None = None,
-    score: LinkScore = "decoder_cosine",
+    score: LinkScore = DEFAULT_LINK_SCORE,
     batch_size: int = 8,
 ) -> pd.DataFrame:
     """Share of each origin group (activation-based, :data:`ORIGIN_GROUPS`) per layer.
@@ -304,7 +308,7 @@ def origin_groups(
     Returns:
         One row per layer: ``layer``, ``n_active`` and one share column per group (summing to 1).
     """
-    stack_map = _as_stack(stack)
+    stack_map = as_stack(stack)
     tokens = check_tokens(tokens, model, what="origin_groups")
     chosen = [layer for layer in (layers if layers is not None else list(stack_map))]
     preds = {layer: predecessors(stack_map, layer, score=score) for layer in chosen}
@@ -315,17 +319,15 @@ def origin_groups(
             if sae is not None and hook_name_of(sae) not in names:
                 names.append(hook_name_of(sae))
     counts = {layer: torch.zeros(len(ORIGIN_GROUPS), dtype=torch.float64) for layer in chosen}
-    device = getattr(model.cfg, "device", None)
     for batch in tokens.split(batch_size):
-        states = record_states(model, names, batch.to(device) if device is not None else batch)
+        states = record_states(model, names, batch)
         fired: dict[str, torch.Tensor] = {}
 
         def fire(sae: Any, states: dict[str, torch.Tensor] = states,
                  fired: dict[str, torch.Tensor] = fired) -> torch.Tensor:
             name = hook_name_of(sae)
             if name not in fired:
-                h = scored_states(states[name]).to(sae.W_enc.device, sae.W_enc.dtype)
-                fired[name] = fires(sae.encode(h)).reshape(-1, sae.cfg.d_sae).cpu()
+                fired[name] = fires(scored_activations(sae, states[name])).cpu()
             return fired[name]
 
         for layer in chosen:
@@ -535,7 +537,7 @@ def flow_graph(
     stack: Stack | Sequence[Any],
     seed: tuple[int, int],
     *,
-    score: LinkScore = "decoder_cosine",
+    score: LinkScore = DEFAULT_LINK_SCORE,
     cut: float = 0.5,
     module_min: float = 0.15,
     max_layers: int | None = None,
@@ -557,7 +559,7 @@ def flow_graph(
         max_layers: follow at most this many layers in each direction.
         progress: show progress bars.
         links_by_key: top-1 links already computed (e.g. by a batch run,
-            :meth:`~sae_match_lens.store.ResultStore.flow_graph`), by :data:`FlowKey`; they are
+            :meth:`~sae_match_lens.batch.store.ResultStore.flow_graph`), by :data:`FlowKey`; they are
             used instead of computing them, and keys not in it are computed as without it. The
             stack is still needed (hooks, widths, Neuronpedia ids). Each link set used is checked
             first: ``k ≥ 1``, scored by ``score``, one row per source feature, targets within
@@ -573,7 +575,7 @@ def flow_graph(
         ValueError: the seed feature is out of range, or a link set of ``links_by_key`` does not
             fit its key (the message names the key; ``ProvenanceError`` for other SAEs' or
             reversed links).
-        TypeError: a value of ``links_by_key`` is not a :class:`~sae_match_lens.linking.Links`.
+        TypeError: a value of ``links_by_key`` is not a :class:`~sae_match_lens.flow.linking.Links`.
 
     Example:
         >>> graph = flow_graph({0: LayerSAEs(res0, mlp=mlp0), 1: LayerSAEs(res1)}, (1, 42))
@@ -581,7 +583,7 @@ def flow_graph(
         >>> known = {(0, 1, "res"): links(res0, res1, k=1, score="decoder_cosine")}
         >>> flow_graph({0: res0, 1: res1}, (0, 7), links_by_key=known)  # computes no links
     """
-    layers = _as_stack(stack)
+    layers = as_stack(stack)
     layer0, feature0 = seed
     if layer0 not in layers:
         raise KeyError(f"seed layer {layer0} has no SAEs; layers are {list(layers)}.")
@@ -692,7 +694,7 @@ def _checked_links(lk: Any, key: FlowKey, source: Any, target: Any, score: str) 
 def persistence(
     stack: Stack | Sequence[Any],
     *,
-    score: LinkScore = "decoder_cosine",
+    score: LinkScore = DEFAULT_LINK_SCORE,
     cut: float = 0.5,
     progress: bool = False,
 ) -> pd.DataFrame:
@@ -703,7 +705,7 @@ def persistence(
         One row per (start layer, feature): ``layer``, ``feature``, ``survives``; a histogram per
         start layer is ``frame.groupby("layer").survives.value_counts()``.
     """
-    layers = _as_stack(stack)
+    layers = as_stack(stack)
     order = list(layers)
     steps = []
     for here, there in itertools.pairwise(order):

@@ -9,14 +9,14 @@ A store is a directory (local, or on a file system shared by every node of a clu
                                  attempt, certificate, the SAE references and fingerprints
         result/                  kind "match"/"compare": MatchResult.save output
         links/                   kind "links": links.safetensors + links.json (checksummed)
-        compare.json             kind "compare": the baselines (:mod:`sae_match_lens.batch`)
+        compare.json             kind "compare": the baselines (:mod:`sae_match_lens.batch.runs`)
       results.parquet            the table of all records (or results.jsonl without pyarrow),
                                  rewritten atomically by :meth:`ResultStore.write_table`
       .attempts/<run>/<key>/N.json   one file per started attempt (its host and pid); the
                                  attempt number is N; a run removes its own when it ends
 
 A job's key hashes its kind, both SAEs' fingerprints and its options
-(:func:`sae_match_lens.batch.job_key`), so a job is *finished* when its directory holds an ``ok``
+(:func:`sae_match_lens.batch.runs.job_key`), so a job is *finished* when its directory holds an ``ok``
 record; changed inputs or options give a new key and the job is done again. A result directory
 is built in a temporary directory beside its place and renamed in: a killed writer leaves no
 partial result (its temporary is removed by the next writer of that job or by
@@ -52,13 +52,13 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomicio import LEASE_SECONDS, TEMP_SUFFIX, atomic_write, is_abandoned, write_text
-from .linking import Links
-from .matching import MatchResult
-from .savedir import decode_json, encode_json, tensor_checksum, write_directory
+from ..atomicio import LEASE_SECONDS, TEMP_SUFFIX, atomic_write, is_abandoned, write_text
+from ..flow.linking import DEFAULT_LINK_SCORE, Links
+from ..matching import MatchResult
+from ..savedir import decode_json, encode_json, tensor_checksum, write_directory
 
 if TYPE_CHECKING:
-    from .flow import FlowGraph, FlowKey
+    from ..flow.graph import FlowGraph, FlowKey
 
 __all__ = ["JOB_FORMAT", "STORE_FORMAT", "STORE_VERSION", "ResultStore", "StoreError", "load_chain",
            "load_flow_graph"]
@@ -258,7 +258,7 @@ class ResultStore:
         return MatchResult.load(self.job_dir(key) / "result", source=source, target=target)
 
     def links_result(self, key: str) -> Links:
-        """The stored :class:`~sae_match_lens.linking.Links` of a links job (checksum verified)."""
+        """The stored :class:`~sae_match_lens.flow.linking.Links` of a links job (checksum verified)."""
         self._require_ok(key, ("links",))
         return load_links(self.job_dir(key) / "links")
 
@@ -303,11 +303,11 @@ class ResultStore:
         return load_chain(self, kind=kind, module=module, options=options)
 
     def flow_graph(self, stack: Mapping[int, Any], seed: tuple[int, int], *,
-                   score: str = "decoder_cosine", cut: float = 0.5, module_min: float = 0.15,
+                   score: str = DEFAULT_LINK_SCORE, cut: float = 0.5, module_min: float = 0.15,
                    max_layers: int | None = None, options: Mapping[str, Any] | None = None,
                    progress: bool = False) -> FlowGraph:
-        """The :class:`~sae_match_lens.flow.FlowGraph` of ``seed`` from the stored top-1 links
-        (:func:`load_flow_graph`; plan them with :func:`~sae_match_lens.plan.plan_flow`).
+        """The :class:`~sae_match_lens.flow.graph.FlowGraph` of ``seed`` from the stored top-1 links
+        (:func:`load_flow_graph`; plan them with :func:`~sae_match_lens.batch.plan.plan_flow`).
 
         Example:
             >>> ResultStore("results/flow").flow_graph(stack, (3, 42)).edges
@@ -329,7 +329,7 @@ def load_chain(store: ResultStore, *, kind: str = "match", module: str | None = 
         ValueError: no such jobs, a missing step between two layers, or two results for one
             step (the message says which filter tells them apart).
     """
-    from .chain import ChainMatch
+    from ..chain import ChainMatch
 
     steps: dict[int, tuple[dict[str, Any], MatchResult]] = {}
     for record in store.records():
@@ -387,7 +387,7 @@ class _StoredLinks(Mapping["FlowKey", Links]):
 
 
 def _flow_key(record: Mapping[str, Any]) -> FlowKey | None:
-    """The flow key (:data:`~sae_match_lens.flow.FlowKey`) a links job's record stands for, or
+    """The flow key (:data:`~sae_match_lens.flow.graph.FlowKey`) a links job's record stands for, or
     None. A job without modules (a plain ``{layer: SAERef}`` stack) links residual SAEs; a job
     run with ``direction="backward"`` stands for its reverse."""
     la, lb = record.get("layer_a"), record.get("layer_b")
@@ -408,21 +408,21 @@ def load_flow_graph(
     stack: Mapping[int, Any],
     seed: tuple[int, int],
     *,
-    score: str = "decoder_cosine",
+    score: str = DEFAULT_LINK_SCORE,
     cut: float = 0.5,
     module_min: float = 0.15,
     max_layers: int | None = None,
     options: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> FlowGraph:
-    """A :class:`~sae_match_lens.flow.FlowGraph` whose top-1 links come from a store.
+    """A :class:`~sae_match_lens.flow.graph.FlowGraph` whose top-1 links come from a store.
 
     Takes the ``ok`` ``links`` jobs run with ``k=1`` and ``score`` (options left out count at
-    :func:`~sae_match_lens.linking.links`' defaults; with ``options``, only jobs run with
+    :func:`~sae_match_lens.flow.linking.links`' defaults; with ``options``, only jobs run with
     exactly those options), keys each by its layers and modules (residual ``L → L±1``:
     ``(L, L±1, "res")``; residual ``→`` ``mlp``/``attn`` at one layer: ``(L, L, module)``;
-    :func:`~sae_match_lens.plan.plan_flow` plans them all) and passes them to
-    :func:`~sae_match_lens.flow.flow_graph` as ``links_by_key``. Each stored link set is read
+    :func:`~sae_match_lens.batch.plan.plan_flow` plans them all) and passes them to
+    :func:`~sae_match_lens.flow.graph.flow_graph` as ``links_by_key``. Each stored link set is read
     (checksum verified) only when the walk reaches it. Links the store lacks (another score, a
     layer not planned) are computed and logged, as ``flow_graph`` does.
 
@@ -435,11 +435,11 @@ def load_flow_graph(
         store: the results store.
         stack: the loaded SAEs, ``{layer: LayerSAEs}`` (or ``{layer: residual SAE}``).
         seed: ``(layer, feature)`` of the residual seed feature.
-        score: as in :func:`~sae_match_lens.flow.flow_graph`.
-        cut: as in :func:`~sae_match_lens.flow.flow_graph`.
-        module_min: as in :func:`~sae_match_lens.flow.flow_graph`.
-        max_layers: as in :func:`~sae_match_lens.flow.flow_graph`.
-        progress: as in :func:`~sae_match_lens.flow.flow_graph`.
+        score: as in :func:`~sae_match_lens.flow.graph.flow_graph`.
+        cut: as in :func:`~sae_match_lens.flow.graph.flow_graph`.
+        module_min: as in :func:`~sae_match_lens.flow.graph.flow_graph`.
+        max_layers: as in :func:`~sae_match_lens.flow.graph.flow_graph`.
+        progress: as in :func:`~sae_match_lens.flow.graph.flow_graph`.
         options: use only jobs whose options equal these exactly (to choose between stored
             results that differ in other options).
 
@@ -453,8 +453,8 @@ def load_flow_graph(
         >>> stack = {L: LayerSAEs(**{m: r.load() for m, r in refs[L].items()}) for L in refs}
         >>> load_flow_graph(ResultStore("results/flow"), stack, (1, 42)).nodes
     """
-    from .flow import _as_stack, flow_graph
-    from .linking import links
+    from ..flow.graph import as_stack, flow_graph
+    from ..flow.linking import links
 
     defaults = {name: p.default for name, p in inspect.signature(links).parameters.items()}
     if options is not None:
@@ -463,7 +463,7 @@ def load_flow_graph(
             raise ValueError(f"options={dict(options)} say k={wanted['k']}, score="
                              f"{wanted['score']!r}; a flow graph by score={score!r} reads k=1 "
                              f"links by {score!r}.")
-    layers = _as_stack(stack)
+    layers = as_stack(stack)
     found: dict[FlowKey, list[dict[str, Any]]] = {}
     for record in store.records():
         opts = record.get("options") or {}
@@ -492,7 +492,7 @@ def load_flow_graph(
 
 
 def save_links(lk: Links, directory: Path) -> Path:
-    """Write :class:`~sae_match_lens.linking.Links` to ``directory`` atomically (tensors exact,
+    """Write :class:`~sae_match_lens.flow.linking.Links` to ``directory`` atomically (tensors exact,
     the other fields in ``links.json`` with a checksum over all of it)."""
     tensors = {"indices": lk.indices.contiguous(), "scores": lk.scores.contiguous(),
                "confidence": lk.confidence.contiguous()}
@@ -509,7 +509,7 @@ def save_links(lk: Links, directory: Path) -> Path:
 
 
 def load_links(directory: Path) -> Links:
-    """Read :class:`~sae_match_lens.linking.Links` written by :func:`save_links`."""
+    """Read :class:`~sae_match_lens.flow.linking.Links` written by :func:`save_links`."""
     try:
         record = json.loads((directory / "links.json").read_text(encoding="utf-8"))
         tensors = load_file(str(directory / "links.safetensors"))

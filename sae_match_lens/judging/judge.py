@@ -26,7 +26,7 @@ Implementations:
   key never reaches another host; an answer that does not follow the protocol raises
   :class:`JudgeAnswerError` quoting it. Nothing in the package calls a judge unless asked.
 
-:func:`judge_generations` keeps its rows in a :class:`~sae_match_lens.rowlog.RowLog` (re-exported
+:func:`judge_generations` keeps its rows in a :class:`~sae_match_lens.judging.rowlog.RowLog` (re-exported
 here), keyed on the judge's :meth:`Judge.identity` and a digest of the inputs, so a rerun resumes
 and a rerun with another judge, prompt version or input refuses to reuse the rows.
 
@@ -49,14 +49,14 @@ from typing import Any
 
 import pandas as pd
 
-from .httpclient import (
+from ..httpclient import (
     BadResponseError,
     RedirectRefusedError,
     Response,
     UnavailableError,
     request,
 )
-from .progress import progress_bar
+from ..progress import progress_bar
 from .rowlog import RowLog, callable_identity, digest
 
 __all__ = [
@@ -309,7 +309,7 @@ class Judge(ABC):
 
     def identity(self) -> dict[str, Any]:
         """What determines this judge's answers, for the header of a resumable row log
-        (:mod:`~sae_match_lens.rowlog`): rows from a judge with another identity are never
+        (:mod:`~sae_match_lens.judging.rowlog`): rows from a judge with another identity are never
         reused. The base class gives the class and the default theme; a subclass adds what
         else changes its answers (model, endpoint, prompt version, script)."""
         return {"class": f"{type(self).__module__}.{type(self).__qualname__}",
@@ -538,7 +538,7 @@ def judge_generations(
         prompts: one prompt per generation.
         texts: one continuation per generation (aligned with ``prompts``).
         theme: the theme of the ratings (default: the judge's).
-        path: a :class:`~sae_match_lens.rowlog.RowLog` file; rows are written as they finish,
+        path: a :class:`~sae_match_lens.judging.rowlog.RowLog` file; rows are written as they finish,
             and a rerun with the same judge (:meth:`Judge.identity`) and inputs skips the rows
             already there (another judge or other inputs: refused, naming what differs).
         progress: show a progress bar.

@@ -1,16 +1,16 @@
 """Resumable row logs, keyed on everything that determines their rows.
 
 A :class:`RowLog` is the append-only JSON-lines file behind every loop that must not lose
-finished rows: :func:`~sae_match_lens.judge.judge_generations`,
-:func:`~sae_match_lens.semantic.label_pairs` (through
-:func:`~sae_match_lens.semantic.semantic_evaluation`) and
-:func:`~sae_match_lens.steering_eval.steering_sweep`. One ``fsync``'ed line per row, so a crash
+finished rows: :func:`~sae_match_lens.judging.judge.judge_generations`,
+:func:`~sae_match_lens.judging.semantic.label_pairs` (through
+:func:`~sae_match_lens.judging.semantic.semantic_evaluation`) and
+:func:`~sae_match_lens.judging.steering_scores.steering_sweep`. One ``fsync``'ed line per row, so a crash
 loses at most the row being computed; a rerun skips the rows already there.
 
 **What a log is keyed on.** Line 1 is ``{"header": {...}}``: everything that determines the rows,
 so that a rerun never reuses rows another judge, model or setting produced:
 
-* the judge's identity (:meth:`~sae_match_lens.judge.Judge.identity`: its class and, for a chat
+* the judge's identity (:meth:`~sae_match_lens.judging.judge.Judge.identity`: its class and, for a chat
   judge, model name, endpoint, sampling options and a digest of the prompt templates; for a
   scripted judge, a digest of its script);
 * the model's and SAEs' fingerprints (:func:`model_fingerprint`, :func:`sae_fingerprint`:
@@ -43,8 +43,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .adapters import hook_name_of
-from .atomicio import write_text
+from ..adapters import hook_name_of
+from ..atomicio import write_text
 
 __all__ = ["RowLog", "callable_identity", "digest", "header_differences", "json_value",
            "model_fingerprint", "sae_fingerprint", "weights_fingerprint"]

@@ -17,7 +17,7 @@ coherence and (1 − behaviour) × coherence, both in [0, 1], with
 
 :func:`steering_sweep` runs layers × coefficients × schedules of
 :func:`~sae_match_lens.lens.steering.flow_interventions` into a resumable row log, optionally
-rated by a :class:`~sae_match_lens.judge.Judge`; :func:`plot_sweep` draws it.
+rated by a :class:`~sae_match_lens.judging.judge.Judge`; :func:`plot_sweep` draws it.
 """
 
 from __future__ import annotations
@@ -33,22 +33,23 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
-from .adapters import folded_activation_factor, hook_name_of
-from .flow import _as_stack
-from .judge import Judge
-from .lens.steering import (
+from ..adapters import folded_activation_factor, hook_name_of
+from ..flow.graph import as_stack
+from ..lens.steering import (
     Generation,
     Intervention,
     NodeSource,
+    SamplingOptions,
     Schedule,
     Units,
-    _device,
     flow_interventions,
     flow_nodes,
     generate_steered,
 )
-from .metrics import record_states
-from .progress import progress_bar
+from ..metrics import model_device, record_states
+from ..options import accepts_flat_options, renamed_keywords
+from ..progress import progress_bar
+from .judge import Judge
 from .rowlog import RowLog, model_fingerprint, sae_fingerprint
 
 __all__ = ["SWEEP_COLUMNS", "coherence", "plot_sweep", "proxy_scores", "steering_sweep",
@@ -112,7 +113,7 @@ def theme_presence(
     Returns:
         One row per text: ``presence``, ``theme_rate``, ``n_tokens``.
     """
-    layers = _as_stack(stack)
+    layers = as_stack(stack)
     nodes = flow_nodes(theme, layers)
     per_sae: dict[str, tuple[Any, torch.Tensor]] = {}
     for node in nodes:
@@ -122,9 +123,8 @@ def theme_presence(
         per_sae[name] = (sae, torch.cat([feats, torch.tensor([node.feature])]))
     seqs, starts = _read(model, texts)
     rows: list[dict[str, Any]] = [{} for _ in seqs]
-    device = _device(model)
     for members, batch in _by_length(seqs, batch_size):
-        states = record_states(model, list(per_sae), batch.to(device) if device else batch)
+        states = record_states(model, list(per_sae), batch)
         total = torch.zeros(len(members), batch.shape[1], dtype=torch.float64)
         fired = torch.zeros(len(members), batch.shape[1], dtype=torch.float64)
         for name, (sae, feats) in per_sae.items():
@@ -156,7 +156,7 @@ def coherence(model: Any, texts: Texts, *, batch_size: int = 16
     """
     seqs, starts = _read(model, texts)
     rows: list[dict[str, Any]] = [{} for _ in seqs]
-    device = _device(model)
+    device = model_device(model)
     for members, batch in _by_length(seqs, batch_size):
         logp = torch.log_softmax(model(batch.to(device) if device else batch,
                                        return_type="logits").float(), dim=-1).cpu()
@@ -239,6 +239,8 @@ def _node_saes(nodes: Sequence[Any], layer_map: Mapping[int, Any]) -> list[Any]:
     return [saes[name] for name in sorted(saes)]
 
 
+@renamed_keywords(kind="intervention")
+@accepts_flat_options(SamplingOptions)
 def steering_sweep(
     model: Any,
     stack: Mapping[int, Any] | Sequence[Any],
@@ -247,7 +249,7 @@ def steering_sweep(
     *,
     path: str | os.PathLike[str],
     coefficients: Sequence[float],
-    kind: Literal["rescale", "add"] = "rescale",
+    intervention: Literal["rescale", "add"] = "rescale",
     layers: Sequence[int] | None = None,
     modes: Sequence[str] = ("single", "cumulative"),
     schedules: Sequence[Schedule | str] = ("constant",),
@@ -257,17 +259,13 @@ def steering_sweep(
     judge: Judge | None = None,
     theme: str | None = None,
     n_samples: int = 4,
-    max_new_tokens: int = 36,
-    temperature: float = 1.0,
-    top_p: float | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
     progress: bool = True,
+    options: SamplingOptions | None = None,
 ) -> pd.DataFrame:
     """Steer a flow over modes × layers × schedules × coefficients and score every setting.
 
     The first row is the unsteered baseline (``mode="none"``), whose mean CE is the coherence
-    reference. Each row is written to ``path`` (a :class:`~sae_match_lens.rowlog.RowLog`) as
+    reference. Each row is written to ``path`` (a :class:`~sae_match_lens.judging.rowlog.RowLog`) as
     soon as it is finished; a rerun with the same settings, model, SAEs (their fingerprints)
     and judge skips the rows already there, so an interrupted sweep resumes and loses nothing,
     and adding coefficients or layers extends it; a rerun with anything else that determines
@@ -281,7 +279,7 @@ def steering_sweep(
         prompts: the prompts (each sampled ``n_samples`` times).
         path: the row log (JSON lines).
         coefficients: ``r`` (rescale) or ``s`` (add) start values.
-        kind: as in :func:`flow_interventions`.
+        intervention: as in :func:`flow_interventions` (0.2: ``kind=``).
         units: as in :func:`flow_interventions`.
         layers: the layers swept (default: every layer of the flow); for ``"cumulative"`` the
             steering covers the span up to that layer.
@@ -290,27 +288,29 @@ def steering_sweep(
         goal: which product is ``score``: ``"suppress"`` ((1 − behaviour) × coherence, default
             for rescale) or ``"activate"`` (behaviour × coherence, default for add).
         rate_reference: see :func:`proxy_scores` (the theme's firing rate on on-theme text).
-        judge: optional :class:`~sae_match_lens.judge.Judge` rating every sample; its
+        judge: optional :class:`~sae_match_lens.judging.judge.Judge` rating every sample; its
             behaviour/coherence (0–5, scaled to 0–1) give ``judge_score`` the same way.
         theme: the judge's theme.
-        n_samples: as in :func:`generate_steered`.
-        max_new_tokens: as in :func:`generate_steered`.
-        temperature: as in :func:`generate_steered`.
-        top_p: as in :func:`generate_steered`.
-        seed: as in :func:`generate_steered`.
-        batch_size: as in :func:`generate_steered`.
+        n_samples: samples per prompt and setting.
         progress: show a progress bar over settings.
+        options: how :func:`~sae_match_lens.lens.steering.generate_steered` samples
+            (:class:`~sae_match_lens.lens.steering.SamplingOptions`; the flat keywords of 0.2,
+            ``max_new_tokens=``, ``temperature=``, ``top_p=``, ``seed=``, ``batch_size=``, still
+            work until 0.4 with a ``DeprecationWarning``).
 
     Returns:
         One row per setting with :data:`SWEEP_COLUMNS`.
 
     Example:
         >>> frame = steering_sweep(model, stack, graph, "And the LORD said", path="sweep.jsonl",
-        ...                        coefficients=[0, -1, -4], kind="rescale")
+        ...                        coefficients=[0, -1, -4], intervention="rescale")
     """
-    layer_map = _as_stack(stack)
+    sampling = options if options is not None else SamplingOptions()
+    if not isinstance(sampling, SamplingOptions):
+        raise TypeError(f"options must be a SamplingOptions, got {type(sampling).__name__}.")
+    layer_map = as_stack(stack)
     nodes = flow_nodes(source, layer_map)
-    goal = goal or ("suppress" if kind == "rescale" else "activate")
+    goal = goal or ("suppress" if intervention == "rescale" else "activate")
     if goal not in ("suppress", "activate"):
         raise ValueError(f"goal must be 'suppress' or 'activate', got {goal!r}.")
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -319,19 +319,24 @@ def steering_sweep(
     for value in coefficients:
         if not math.isfinite(float(value)):
             raise ValueError(f"coefficient {value} is not finite.")
-    header = {"what": "steering_sweep", "kind": kind, "units": units, "goal": goal,
+    # "kind": the key 0.2 wrote, so that its row logs resume
+    header = {"what": "steering_sweep", "kind": intervention, "units": units, "goal": goal,
               "nodes": ["/".join(map(str, n)) for n in nodes],
               "hooks": sorted({hook_name_of(layer_map[n.layer].get(n.module)) for n in nodes}),
-              "prompts": prompt_list, "n_samples": n_samples, "max_new_tokens": max_new_tokens,
-              "temperature": temperature, "top_p": top_p, "seed": seed, "batch_size": batch_size,
+              "prompts": prompt_list, "n_samples": n_samples,
+              "max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
+              "top_p": sampling.top_p, "seed": sampling.seed, "batch_size": sampling.batch_size,
               "judge": None if judge is None else judge.identity(), "theme": theme,
               "rate_reference": _rate_reference(rate_reference),
               "model": model_fingerprint(model),
               "saes": {hook_name_of(s): sae_fingerprint(s) for s in _node_saes(nodes, layer_map)}}
+    # the sampler settings 0.2 could not set are recorded only when they differ from the default,
+    # so that a row log written by 0.2 resumes
+    default = SamplingOptions()
+    header.update({name: getattr(sampling, name) for name in ("top_k", "do_sample", "stop_at_eos")
+                   if getattr(sampling, name) != getattr(default, name)})
     log = RowLog(path, key=("mode", "layer", "schedule", "coefficient"), header=header)
-    gen_kwargs = {"n_samples": n_samples, "max_new_tokens": max_new_tokens,
-                  "temperature": temperature, "top_p": top_p, "seed": seed,
-                  "batch_size": batch_size, "progress": False}
+    gen_kwargs = {"n_samples": n_samples, "progress": False, "options": sampling}
     settings: list[tuple[str, int | None, Schedule | None, float | None]] = [
         ("none", None, None, None)]
     settings += [(m, lay, s, float(c)) for m, lay, s, c in
@@ -352,7 +357,7 @@ def steering_sweep(
             assert sched is not None and coef is not None
             if mode == "single" and not any(n.layer == lay for n in nodes):
                 continue  # the flow has no node at this layer
-            ivs = flow_interventions(layer_map, nodes, mode=mode, layer=lay, kind=kind,  # type: ignore[arg-type]
+            ivs = flow_interventions(layer_map, nodes, mode=mode, layer=lay, intervention=intervention,  # type: ignore[arg-type]
                                      coefficient=coef, schedule=sched, units=units)
         gen = generate_steered(model, prompt_list, ivs, **gen_kwargs)  # type: ignore[arg-type]
         if reference is None:

@@ -11,15 +11,15 @@ neither. Theme seeds are the residual features at the middle layer that fire on 
 ``min_rate`` of the theme's tokens and whose firing is at least ``selectivity`` theme-specific
 (``rate_theme / (rate_theme + rate_rest) ≥ 0.9``), the most
 frequent first (:func:`theme_seeds`; no feature id is chosen by hand). The theme's flow is the
-union of the seeds' flow graphs (:func:`~sae_match_lens.flow.flow_graph`).
+union of the seeds' flow graphs (:func:`~sae_match_lens.flow.graph.flow_graph`).
 
-**Experiments** (:func:`~sae_match_lens.steering_eval.steering_sweep`, row logs under ``out``):
+**Experiments** (:func:`~sae_match_lens.judging.steering_scores.steering_sweep`, row logs under ``out``):
 suppression (rescale the flow's features by ``r``, biblical prompts cut from held-out
 biblical sequences) and activation (add the flow's folded decoder rows with coefficient ``s``,
 prompts cut from Python-documentation sequences), each single-layer vs cumulative, scored with
 the judge-free proxies of :mod:`~sae_match_lens.lens.steering` (behaviour normalised by the flow's
 firing rate on held-out biblical text). The semantic table labels matched residual features by
-top-activating-token overlap (:mod:`~sae_match_lens.semantic`), not by a language-model judge.
+top-activating-token overlap (:mod:`~sae_match_lens.judging.semantic`), not by a language-model judge.
 """
 
 from __future__ import annotations
@@ -36,13 +36,14 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .adapters import hook_name_of
-from .chain import ChainMatch, match_chain
-from .flow import LayerSAEs, flow_graph
-from .lens.steering import FlowNode, flow_nodes
-from .metrics import fires, record_states
-from .semantic import semantic_evaluation
-from .steering_eval import plot_sweep, steering_sweep, theme_presence
+from ..adapters import hook_name_of
+from ..chain import ChainMatch, match_chain
+from ..flow.graph import LayerSAEs, flow_graph
+from ..judging.semantic import semantic_evaluation
+from ..judging.steering_scores import plot_sweep, steering_sweep, theme_presence
+from ..lens.steering import FlowNode, SamplingOptions, flow_nodes
+from ..metrics import fires, record_states
+from .flow_section import PAPER_SCORE
 from .viewer import top_activating_tokens
 
 __all__ = ["STEERING_DEFAULT", "STEERING_FULL", "STEERING_QUICK", "SteeringSettings",
@@ -113,10 +114,9 @@ def label_sequences(tokens: torch.Tensor, tokenizer: Any) -> list[str]:
 @torch.no_grad()
 def _firing_rates(model: Any, sae: Any, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
     name = hook_name_of(sae)
-    device = getattr(model.cfg, "device", None)
     out = []
     for batch in tokens.split(batch_size):
-        h = record_states(model, [name], batch.to(device) if device is not None else batch)[name]
+        h = record_states(model, [name], batch)[name]
         acts = sae.encode(h[:, 1:].to(sae.W_enc.device, sae.W_enc.dtype))
         out.append(fires(acts).double().mean(1).cpu())  # per sequence, BOS excluded
     return torch.cat(out)  # [n_seq, d_sae]
@@ -276,7 +276,7 @@ def steering_section(model: Any, saes: Mapping[int, Any] | Sequence[Any], tokens
         return result
     nodes: list[FlowNode] = []
     for feature in seeds.feature:
-        graph = flow_graph(stack, (seed_layer, int(feature)))
+        graph = flow_graph(stack, (seed_layer, int(feature)), score=PAPER_SCORE)
         nodes += [n for n in flow_nodes(graph, stack) if n not in nodes]
     nodes = sorted(nodes)
     layers = sorted({n.layer for n in nodes})
@@ -285,9 +285,10 @@ def steering_section(model: Any, saes: Mapping[int, Any] | Sequence[Any], tokens
     bible = tokens[[i for i, label in enumerate(labels) if label == "bible"]]
     rate_ref = float(theme_presence(model, stack, nodes, bible).theme_rate.mean())
     result["rate_reference"] = rate_ref
-    sweep_settings = {"n_samples": chosen.n_samples, "max_new_tokens": chosen.max_new_tokens,
-                      "temperature": 1.0, "top_p": 0.9, "seed": 0, "batch_size": 8,
-                      "progress": progress, "rate_reference": rate_ref}
+    sweep_settings = {"n_samples": chosen.n_samples, "progress": progress,
+                      "rate_reference": rate_ref,
+                      "options": SamplingOptions(max_new_tokens=chosen.max_new_tokens,
+                                                 temperature=1.0, top_p=0.9, seed=0, batch_size=8)}
     # (modes, layers) of each call into the same row log: the compared pair only, or everything
     sweeps = ([(("single", "cumulative"), layers)] if chosen.every_layer else
               [(("single",), [seed_layer]), (("cumulative",), [last])])
@@ -303,7 +304,7 @@ def steering_section(model: Any, saes: Mapping[int, Any] | Sequence[Any], tokens
         for modes, sweep_layers in sweeps:
             frame = steering_sweep(model, stack, nodes, prompts,
                                    path=out / f"steering_{goal}.jsonl",
-                                   coefficients=spec["coefficients"], kind=spec["kind"],
+                                   coefficients=spec["coefficients"], intervention=spec["kind"],
                                    goal=goal, modes=modes, layers=sweep_layers, **sweep_settings)
         plot_sweep(frame, out / f"steering_{goal}.png", value="score",
                    title=f"{goal} the biblical flow: proxy score per layer and coefficient")

@@ -60,33 +60,71 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import pandas as pd
 import torch
 
-from .adapters import (
-    _threshold_F,
+from ..adapters import (
     describe_sae,
+    feature_thresholds,
     feature_view,
     hook_name_of,
     sae_identity,
     validate_sae,
 )
-from .neuronpedia import feature_urls
-from .nulls import chance_confidence, null_surrogates
-from .permutation import check_direction
-from .solvers.costs import CostWeights, ieee_products, stack_features
-from .solvers.screen import block_rows_for
-from .solvers.topk import Method, TopKProblem, exact_topk, score_blocks, solve_topk
+from ..neuronpedia import feature_urls
+from ..nulls import chance_confidence, null_surrogates
+from ..options import accepts_flat_options
+from ..permutation import check_direction
+from ..solvers.costs import CostWeights, ieee_products, stack_features
+from ..solvers.screen import block_rows_for
+from ..solvers.topk import Method, TopKProblem, exact_topk, score_blocks, solve_topk
+from ..vocabulary import DEFAULT_LINK_SCORE, SCORES, LinkScore  # their home; re-exported
 
-__all__ = ["SCORES", "LinkScore", "LinkSources", "Links", "Transition", "firing_offset_z", "links"]
+__all__ = ["DEFAULT_LINK_SCORE", "SCORES", "LinkOptions", "LinkScore", "LinkSources", "Links",
+           "Transition", "firing_offset_z", "links"]
 
 logger = logging.getLogger(__name__)
 
-LinkScore = Literal["decoder_cosine", "folded_mse", "cosine_sum", "csls", "cosine_density"]
-SCORES: tuple[str, ...] = ("decoder_cosine", "folded_mse", "cosine_sum", "csls", "cosine_density")
-"""Every link score (higher is better), as the module docstring describes them."""
+
+@dataclass(frozen=True)
+class LinkOptions:
+    """Tuning knobs of :func:`links`: the route of the top-k search, the null sample and the
+    scores' secondary constants.
+
+    ``route``, ``screen_dims``, ``candidates`` and ``block_rows`` change how the exact top-k is
+    found, never which it is; ``n_null`` and ``seed`` set the null sample behind the confidence;
+    ``csls_k`` and ``density_weight`` are constants of the ``csls`` and ``cosine_density``
+    scores. The problem's own arguments (``k``, ``score``, ``direction``, ``null_rate``,
+    ``fold``, ``weights``) stay in :func:`links`' signature.
+    """
+
+    route: Method = "auto"
+    """``"exact"``: every score of every pair; ``"screened"``: the certified screen; ``"auto"``:
+    screened when both SAEs have at least :data:`~sae_match_lens.solvers.topk.SCREEN_FROM_N`
+    features, the score is at least 512 wide and the estimate says it pays, else exact. Same
+    top-k either way. (0.2: ``method=``.)"""
+    n_null: int = 2048
+    """Best-by-chance scores collected for the confidence."""
+    csls_k: int = 10
+    """Neighbourhood size of the ``csls`` score."""
+    density_weight: float = 0.2
+    """``cosine_density`` only: the weight λ of the firing-density gap."""
+    screen_dims: int | Literal["auto"] = "auto"
+    """Screened route: coordinates of the screening bound (``"auto"``: estimated from a sample of
+    rows, :func:`~sae_match_lens.solvers.screen.row_screen_dims_auto`)."""
+    candidates: int | None = None
+    """Screened route: partners kept per row by the screen and scored exactly (default
+    ``k + 15``; at least ``k``)."""
+    block_rows: int | None = None
+    """Rows of the score matrix (or of the screen) computed at a time (``None``: about 128 MiB
+    per block buffer)."""
+    seed: int = 0
+    """Seed of the null model's sample."""
+
+    RENAMED_IN_0_3: ClassVar[Mapping[str, str]] = {"method": "route"}
+    """Flat keywords of 0.2 whose field has another name (old → field)."""
 
 
 class LinkSources(NamedTuple):
@@ -313,7 +351,7 @@ def firing_offset_z(sae: Any) -> torch.Tensor:
         # e·x + b = e·(x − b_dec) + (b + e·b_dec): the bias the encoder has around b_dec
         b_dec = sae.b_dec.detach().to(torch.float32)
         bias = bias + (b_dec @ sae.W_enc.detach().to(torch.float32)).to(torch.float64)
-    theta = _threshold_F(sae, spec)
+    theta = feature_thresholds(sae, spec)
     theta = torch.zeros_like(bias) if theta is None else theta.to(bias)
     norms = torch.linalg.vector_norm(sae.W_enc.detach(), dim=0, dtype=torch.float32).to(bias)
     offset = (theta - bias) / norms.clamp_min(torch.finfo(torch.float64).tiny)
@@ -393,26 +431,20 @@ def _null_best(base: TopKProblem, *, widths: list[int], r_b: torch.Tensor | None
 
 
 @torch.no_grad()
+@accepts_flat_options(LinkOptions)
 def links(
     sae_a: Any,
     sae_b: Any,
     *,
     k: int = 1,
-    score: LinkScore = "cosine_density",
+    score: LinkScore = DEFAULT_LINK_SCORE,
     direction: Literal["forward", "backward"] = "forward",
     null_rate: float | None = None,
-    n_null: int = 2048,
-    csls_k: int = 10,
-    density_weight: float = 0.2,
     weights: CostWeights | Mapping[str, float] | None = None,
     fold: bool = True,
-    method: Method = "auto",
-    screen_dims: int | Literal["auto"] = "auto",
-    candidates: int | None = None,
-    block_rows: int | None = None,
     device: torch.device | str | None = None,
-    seed: int = 0,
     progress: bool = True,
+    options: LinkOptions | None = None,
 ) -> Links:
     """For each feature of SAE A, its ``k`` best partners in SAE B (many-to-one links).
 
@@ -431,24 +463,14 @@ def links(
         direction: ``"forward"``: each A feature's best B partners; ``"backward"``: each B
             feature's best A predecessors (the result's source is then B).
         null_rate: when given, links whose confidence is below ``1 − null_rate`` become -1.
-        n_null: best-by-chance scores collected for the confidence.
-        csls_k: neighbourhood size of ``csls``.
-        density_weight: ``cosine_density`` only: the weight λ of the firing-density gap.
         weights: ``folded_mse`` only: block weights as in :func:`~sae_match_lens.matching.match`.
         fold: ``folded_mse`` only: ``False`` compares raw parameters (the unfolded ablation).
-        method: ``"exact"``: every score of every pair; ``"screened"``: the certified screen;
-            ``"auto"`` (default): screened when both SAEs have at least
-            :data:`~sae_match_lens.solvers.topk.SCREEN_FROM_N` features, the score is at least
-            512 wide and the estimate says it pays, else exact. Same top-k either way.
-        screen_dims: screened route: coordinates of the screening bound (``"auto"``: estimated
-            from a sample of rows, :func:`~sae_match_lens.solvers.screen.row_screen_dims_auto`).
-        candidates: screened route: partners kept per row by the screen and scored exactly
-            (default ``k + 15``; at least ``k``).
-        block_rows: rows of the score matrix (or of the screen) computed at a time (``None``:
-            about 128 MiB per block buffer).
         device: where the products run (default: SAE A's device).
-        seed: seed of the null model.
         progress: show a progress bar.
+        options: the tuning knobs (:class:`LinkOptions`; default: its defaults). The flat
+            keywords of 0.2 (``n_null=``, ``csls_k=``, ``density_weight=``, ``method=``,
+            ``screen_dims=``, ``candidates=``, ``block_rows=``, ``seed=``) still work until 0.4,
+            with a ``DeprecationWarning``.
 
     Returns:
         :class:`Links` whose ``indices[i]`` are source feature i's top-k targets.
@@ -458,11 +480,15 @@ def links(
         >>> lk.indices[17], lk.scores[17], lk.confidence[17]
         >>> lk.route["links"]["rows_recomputed"]  # screened route: rows proven by a full row
     """
+    opts = options if options is not None else LinkOptions()
+    if not isinstance(opts, LinkOptions):
+        raise TypeError(f"options must be a LinkOptions, got {type(opts).__name__}.")
     if direction == "backward":
-        return links(sae_b, sae_a, k=k, score=score, null_rate=null_rate, n_null=n_null,
-                     csls_k=csls_k, density_weight=density_weight, weights=weights, fold=fold,
-                     method=method, screen_dims=screen_dims, candidates=candidates,
-                     block_rows=block_rows, device=device, seed=seed, progress=progress)
+        return links(sae_b, sae_a, k=k, score=score, null_rate=null_rate, weights=weights,
+                     fold=fold, device=device, progress=progress, options=opts)
+    n_null, csls_k, density_weight, method = opts.n_null, opts.csls_k, opts.density_weight, opts.route
+    screen_dims, candidates, block_rows, seed = (opts.screen_dims, opts.candidates, opts.block_rows,
+                                                 opts.seed)
     if direction != "forward":
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}.")
     if score not in SCORES:
@@ -474,7 +500,7 @@ def links(
     if not isinstance(csls_k, int) or csls_k < 1:
         raise ValueError(f"csls_k must be a positive integer, got {csls_k!r}.")
     if method not in ("auto", "exact", "screened"):
-        raise ValueError(f"method must be 'auto', 'exact' or 'screened', got {method!r}.")
+        raise ValueError(f"route must be 'auto', 'exact' or 'screened', got {method!r}.")
     if not (screen_dims == "auto" or (isinstance(screen_dims, int) and screen_dims >= 1)):
         raise ValueError(f"screen_dims must be a positive integer or 'auto', got {screen_dims!r}.")
     if candidates is not None and not (isinstance(candidates, int) and candidates >= k):

@@ -1,6 +1,6 @@
 """Plans of pair jobs: SAE references, pair jobs, job keys, plans from stacks, releases and YAML
-files (the plan file format is in :mod:`sae_match_lens.batch`'s docstring). Nothing here loads an
-SAE or imports torch; :func:`~sae_match_lens.batch.batch_match` runs a plan.
+files (the plan file format is in :mod:`sae_match_lens.batch.runs`'s docstring). Nothing here loads an
+SAE or imports torch; :func:`~sae_match_lens.batch.runs.batch_match` runs a plan.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from ..vocabulary import DEFAULT_LINK_SCORE
 
 __all__ = ["FLOW_MODULES", "HOOK_OPTIONS", "KINDS", "JobKind", "PairJob", "SAERef", "job_key",
            "load_plan", "plan_flow", "plan_from_release", "plan_pairs"]
@@ -90,10 +92,10 @@ class SAERef:
             if not list(p.glob("*.safetensors")):
                 raise ValueError(f"SAE {self.path!r} has no .safetensors weights file.")
             return
-        from .releases import _lookup
+        from ..releases import lookup_release
 
         try:
-            entry = _lookup(str(self.release))
+            entry = lookup_release(str(self.release))
         except KeyError as exc:
             raise ValueError(f"SAE {self}: {exc.args[0]}") from None
         if self.sae_id not in entry.saes_map:
@@ -113,9 +115,9 @@ class SAERef:
                     for chunk in iter(lambda: fh.read(1 << 22), b""):
                         h.update(chunk)
             return h.hexdigest()
-        from .releases import _lookup
+        from ..releases import lookup_release
 
-        entry = _lookup(str(self.release))
+        entry = lookup_release(str(self.release))
         h.update(json.dumps([self.release, self.sae_id, entry.repo_id,
                              entry.saes_map.get(self.sae_id)]).encode())
         return h.hexdigest()
@@ -126,7 +128,7 @@ class SAERef:
             from sae_lens import SAE
 
             return SAE.load_from_disk(self.path, device="cpu")
-        from .releases import load_release_saes
+        from ..releases import load_release_saes
 
         return load_release_saes(str(self.release), [str(self.sae_id)], sae_loader=sae_loader,
                                  progress=False)[0]
@@ -176,12 +178,21 @@ class PairJob:
 
 
 def _valid_options(kind: str) -> tuple[str, ...]:
+    """The options a job of ``kind`` may carry: its function's keyword arguments, the fields of
+    its options dataclass as flat names (the names of 0.2 among them), and the hook options."""
+    from ..options import flat_names
+
     if kind == "links":
-        from .linking import links as fn
+        from ..flow.linking import LinkOptions, links
+
+        fn, options_cls = links, LinkOptions
     else:
-        from .matching import match as fn
+        from ..matching import MatchOptions, match
+
+        fn, options_cls = match, MatchOptions
     params = inspect.signature(fn).parameters
-    return tuple(p for p in params if p not in _NOT_OPTIONS) + HOOK_OPTIONS
+    return (tuple(p for p in params if p not in _NOT_OPTIONS and p != "options")
+            + tuple(flat_names(options_cls)) + HOOK_OPTIONS)
 
 
 def job_key(job: PairJob, source_fingerprint: str, target_fingerprint: str) -> str:
@@ -257,10 +268,10 @@ def plan_pairs(
 def plan_flow(
     stack: Mapping[int, Any],
     *,
-    score: str = "decoder_cosine",
+    score: str = DEFAULT_LINK_SCORE,
     modules: Sequence[str] = FLOW_MODULES,
 ) -> list[PairJob]:
-    """The ``links`` jobs (``k=1``, ``score``) that :func:`~sae_match_lens.flow.flow_graph`
+    """The ``links`` jobs (``k=1``, ``score``) that :func:`~sae_match_lens.flow.graph.flow_graph`
     reads, for every seed of a whole stack.
 
     For every pair of adjacent layers ``L, L+1`` of the stack: residual ``L → L+1`` (each
@@ -269,14 +280,14 @@ def plan_flow(
     and residual ``→ attn`` at the same layer (source = the residual SAE, so the links are
     indexed by residual features; ``distance=0``). Each job's ``layer_a``/``layer_b``/
     ``module_a``/``module_b`` say which link set it is, so
-    :meth:`~sae_match_lens.store.ResultStore.flow_graph` finds it. Layers that are not adjacent
+    :meth:`~sae_match_lens.batch.store.ResultStore.flow_graph` finds it. Layers that are not adjacent
     (a gap in the stack) get no residual pair: a flow graph stops there.
 
     Args:
         stack: a module stack ``{layer: {module: SAERef}}`` (modules ``"res"``, required, and
             ``"mlp"``/``"attn"``; refs, paths or ``"release:sae_id"`` strings), or a residual
             stack ``{layer: SAERef}``.
-        score: the link score (:data:`~sae_match_lens.linking.SCORES`); a flow graph read from
+        score: the link score (:data:`~sae_match_lens.flow.linking.SCORES`); a flow graph read from
             the store must use the same one.
         modules: which module SAEs to link each residual SAE to (a subset of
             :data:`FLOW_MODULES`); layers without one are skipped.
@@ -295,7 +306,7 @@ def plan_flow(
         >>> batch_match(plan_flow(stack), "results/flow")  # 4 residual + 6 module jobs
         >>> ResultStore("results/flow").flow_graph(loaded_stack, (1, 42))
     """
-    from .linking import SCORES
+    from ..flow.linking import SCORES
 
     if score not in SCORES:
         raise ValueError(f"unknown link score {score!r}; valid: {list(SCORES)}.")
@@ -351,7 +362,7 @@ def plan_from_release(
 ) -> list[PairJob]:
     """:func:`plan_pairs` over the SAEs of a SAELens release (resolved by
     :func:`~sae_match_lens.releases.resolve_release`, nothing downloaded)."""
-    from .releases import resolve_release
+    from ..releases import resolve_release
 
     entries = resolve_release(release, layers=layers, width=width, l0=l0, hook=hook,
                               variant=variant)
@@ -405,7 +416,7 @@ def load_plan(path: str | os.PathLike[str]) -> list[PairJob]:
         return plan_pairs(stack, distances, modules=modules, **common)  # type: ignore[arg-type]
     layers = spec.get("layers")
     if isinstance(layers, str):
-        from .releases import parse_layers
+        from ..releases import parse_layers
 
         layers = parse_layers(layers, minimum=1)
     return plan_from_release(spec["release"], layers, width=spec.get("width"), l0=spec.get("l0"),

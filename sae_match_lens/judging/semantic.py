@@ -2,7 +2,7 @@
 
 SAE Match's semantic check (arXiv 2410.07656; ``FEATURE_FLOW.md`` §C): sample feature paths,
 get an explanation of every feature on them, and let a judge label pairs 1 = DIFFERENT,
-2 = MAYBE, 3 = SAME (:meth:`~sae_match_lens.judge.Judge.compare`). Pairs (:func:`semantic_pairs`):
+2 = MAYBE, 3 = SAME (:meth:`~sae_match_lens.judging.judge.Judge.compare`). Pairs (:func:`semantic_pairs`):
 
 * ``consecutive``: each link of a path, layer ``l`` → ``l + 1`` (for a flow graph: every edge,
   MLP/attention predecessors included);
@@ -14,7 +14,7 @@ get an explanation of every feature on them, and let a judge label pairs 1 = DIF
 Explanations of a node ``(layer, module, feature)`` come from a user table, from Neuronpedia
 (:func:`neuronpedia_explainer`, when the SAEs' metadata names their Neuronpedia ids and the
 network allows it), or from the top-activating contexts shown to the judge
-(:func:`context_explanations` over :func:`~sae_match_lens.viewer.top_activating_tokens`).
+(:func:`context_explanations` over :func:`~sae_match_lens.report.viewer.top_activating_tokens`).
 
 **Offline proxy** (no judge): the label comes from the overlap of the two features'
 top-activating tokens, ``J = |T_a ∩ T_b| / |T_a ∪ T_b|`` over the distinct top tokens: SAME when
@@ -45,13 +45,13 @@ from typing import Any, NamedTuple
 import pandas as pd
 import torch
 
-from .chain import ChainMatch
-from .flow import FlowGraph
+from ..chain import ChainMatch
+from ..flow.graph import FlowGraph
+from ..matching import MatchResult
+from ..neuronpedia import NeuronpediaUnavailableError, explanations
+from ..permutation import Permutation
+from ..progress import progress_bar
 from .judge import LABELS, Judge, JudgeError
-from .matching import MatchResult
-from .neuronpedia import NeuronpediaUnavailableError, explanations
-from .permutation import Permutation
-from .progress import progress_bar
 from .rowlog import RowLog
 
 __all__ = [
@@ -119,7 +119,7 @@ def semantic_pairs(
     Args:
         source: a :class:`~sae_match_lens.chain.ChainMatch` (paths: ``n_paths`` features of
             model layer ``start`` drawn at random, seeded, among those whose trace keeps a
-            partner up to ``stop``) or a :class:`~sae_match_lens.flow.FlowGraph` (one path: its
+            partner up to ``stop``) or a :class:`~sae_match_lens.flow.graph.FlowGraph` (one path: its
             residual chain; consecutive pairs: all its edges).
         n_paths: see ``source`` (chains only).
         start: see ``source`` (chains only); a model layer of the chain, default its first.
@@ -211,7 +211,7 @@ _TOKEN = re.compile(r"\[(.*)\] \([^()]*\)$", re.DOTALL)
 
 
 def _top_token(entry: str) -> str:
-    """The token of a :func:`~sae_match_lens.viewer.top_activating_tokens` entry
+    """The token of a :func:`~sae_match_lens.report.viewer.top_activating_tokens` entry
     ``"<context>[<token>] (<activation>)"`` (a plain string is the token itself)."""
     found = _TOKEN.search(entry)
     return (found.group(1) if found else entry).strip().lower()
@@ -220,7 +220,7 @@ def _top_token(entry: str) -> str:
 def token_overlap(top_a: Sequence[str], top_b: Sequence[str]) -> float:
     """Jaccard overlap of two features' distinct top-activating tokens (NaN if both are empty).
 
-    Entries may be :func:`~sae_match_lens.viewer.top_activating_tokens` strings (the bracketed
+    Entries may be :func:`~sae_match_lens.report.viewer.top_activating_tokens` strings (the bracketed
     token is used) or plain tokens; tokens are compared stripped and lower-cased.
 
     Example:
@@ -318,7 +318,7 @@ def label_pairs(
 
     Args:
         pairs: from :func:`semantic_pairs`.
-        judge: a :class:`~sae_match_lens.judge.Judge`; ``None``: the offline proxy.
+        judge: a :class:`~sae_match_lens.judging.judge.Judge`; ``None``: the offline proxy.
         explanations: ``{node: text}`` (keys ``(layer, module, feature)``, ``(layer, feature)``
             or ``"layer/module/feature"``), or a function of the node list returning one (e.g.
             :func:`neuronpedia_explainer`). With a judge and no explanations, the top-activating
@@ -328,9 +328,9 @@ def label_pairs(
             proxy, and by a judge without explanations. The overlap is reported either way.
         same_at: the proxy's threshold on the overlap for SAME (module docstring).
         maybe_at: the proxy's threshold on the overlap for MAYBE (module docstring).
-        path: a :class:`~sae_match_lens.rowlog.RowLog` for judged pairs: written as they
+        path: a :class:`~sae_match_lens.judging.rowlog.RowLog` for judged pairs: written as they
             finish, a rerun with the same judge (its
-            :meth:`~sae_match_lens.judge.Judge.identity`) skips them, a judge failure keeps
+            :meth:`~sae_match_lens.judging.judge.Judge.identity`) skips them, a judge failure keeps
             them; a rerun with another judge is refused, naming what differs.
         progress: show a progress bar over judged pairs.
 

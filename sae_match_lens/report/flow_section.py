@@ -20,12 +20,12 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .adapters import hook_name_of
-from .causal import causal_check
-from .coactivation import best_partner, coactivation_stats, evaluate_links
-from .flow import LayerSAEs, chance_levels, flow_graph, origin_groups, persistence, predecessors
-from .linking import SCORES, links
-from .matching import MatchResult
+from ..adapters import hook_name_of
+from ..flow.causal import causal_check
+from ..flow.coactivation import best_partner, coactivation_stats, evaluate_links
+from ..flow.graph import LayerSAEs, chance_levels, flow_graph, origin_groups, persistence, predecessors
+from ..flow.linking import SCORES, links
+from ..matching import MatchResult
 
 __all__ = ["ABLATION", "FLOW_DEFAULT", "FLOW_FULL", "FLOW_QUICK", "FlowSettings", "causal_layers",
            "causal_summary", "flow_markdown", "flow_section", "link_quality", "link_verdicts",
@@ -43,6 +43,10 @@ ABLATION: dict[str, dict[str, float]] = {
 """Parameter blocks of the matching cost in SAE Match's weight ablation."""
 HIGH, LOW = 0.5, 0.15
 """The decoder-cosine thresholds of the predecessor reading and the flow graph (the paper's)."""
+PAPER_SCORE = "decoder_cosine"
+"""The link score of the paper's flow graph, persistence and predecessor reading, which the
+report reproduces with :data:`HIGH` and :data:`LOW` (the package's default link score is
+another: :data:`~sae_match_lens.vocabulary.DEFAULT_LINK_SCORE`)."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,7 @@ def link_quality(model: Any, stack: Mapping[int, LayerSAEs], tokens: torch.Tenso
                  ablation_pairs: int | None = None) -> pd.DataFrame:
     """Top-1 link quality of every score (and the SAE Match permutation when given) on every
     adjacent residual pair, with the Jaccard ceilings and the correlation references
-    (:func:`~sae_match_lens.coactivation.evaluate_links` with ``ceilings="all"``); with
+    (:func:`~sae_match_lens.flow.coactivation.evaluate_links` with ``ceilings="all"``); with
     ``ablation``, also ``folded_mse`` top-1 links restricted to the :data:`ABLATION` blocks, folded
     and unfolded (methods ``mse_<blocks>_<folded|unfolded>``), on ``ablation_pairs`` adjacent
     pairs spread evenly (None: every pair)."""
@@ -216,7 +220,7 @@ def _transition_table(model: Any, stack: Mapping[int, LayerSAEs], tokens: torch.
                       progress: bool, substitution: pd.DataFrame | None = None) -> pd.DataFrame:
     """Transitions vs the permutation; rows of ``substitution`` (an evaluation of the same pairs
     on the same tokens) are reused for :data:`REUSED_VARIANTS` instead of being recomputed."""
-    from .evaluation import Substitution, Variant, evaluate_substitution
+    from ..evaluation import Substitution, Variant, evaluate_substitution
 
     pairs = _adjacent(stack)
     reused = pd.DataFrame()
@@ -280,8 +284,8 @@ def _pick_seed(stack: Mapping[int, LayerSAEs], survival: pd.DataFrame,
 
 def _fire_counts(model: Any, stack: Mapping[int, LayerSAEs], tokens: torch.Tensor,
                  batch_size: int) -> dict[int, torch.Tensor]:
-    from .coactivation import record_states
-    from .metrics import fires, scored_states
+    from ..flow.coactivation import record_states
+    from ..metrics import fires, scored_states
 
     names = [hook_name_of(s.res) for s in stack.values()]
     counts = {layer: torch.zeros(s.res.cfg.d_sae, dtype=torch.int64) for layer, s in stack.items()}
@@ -418,9 +422,9 @@ def flow_section(model: Any, stack: Mapping[int, LayerSAEs], tokens: torch.Tenso
     step("flow: transitions", 0.3)
     transitions = _transition_table(model, stack, tokens, permutations, progress, substitution)
     step("flow: graph and persistence", 0.48)
-    survival = persistence(stack)
+    survival = persistence(stack, score=PAPER_SCORE)
     seed = _pick_seed(stack, survival, _fire_counts(model, stack, tokens, 8))
-    graph = flow_graph(stack, seed)
+    graph = flow_graph(stack, seed, score=PAPER_SCORE)
     graph.plot(out / "flow_graph.png", title=f"Flow of residual feature {seed[1]} from layer "
                f"{seed[0]} (decoder cosine, cut {HIGH}, modules ≥ {LOW})")
     graph.save_json(out / "flow_graph.json")
@@ -452,8 +456,9 @@ def flow_section(model: Any, stack: Mapping[int, LayerSAEs], tokens: torch.Tenso
     if has_modules:
         step("flow: predecessors and origin groups", 0.55)
         later = [layer for layer in stack if layer - 1 in stack]
-        groups = origin_groups(model, stack, tokens, layers=later)
-        readings = pd.concat([predecessors(stack, layer, high=HIGH, low=LOW) for layer in later])
+        groups = origin_groups(model, stack, tokens, layers=later, score=PAPER_SCORE)
+        readings = pd.concat([predecessors(stack, layer, high=HIGH, low=LOW, score=PAPER_SCORE)
+                              for layer in later])
         shares = (readings.groupby("layer").reading.value_counts(normalize=True)
                   .rename("share").reset_index())
         chance = pd.concat([chance_levels(stack, layer, thresholds=(HIGH, LOW))

@@ -39,16 +39,17 @@ import torch
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from tqdm.auto import tqdm
 
-from .adapters import describe_sae, hook_name_of, layers_from_hooks, validate_sae
-from .linking import Links
-from .matching import MatchResult
-from .metrics import (
+from ..adapters import describe_sae, hook_name_of, layers_from_hooks, validate_sae
+from ..matching import MatchResult
+from ..metrics import (
     check_tokens,
     fires,
     record_states,  # re-exported (its home is metrics)
-    scored_states,
+    scored_activations,
+    token_batches,  # re-exported (its home is metrics)
 )
-from .permutation import Permutation, check_direction
+from ..permutation import Permutation, check_direction
+from .linking import Links
 
 __all__ = [
     "LINK_COLUMNS",
@@ -150,24 +151,6 @@ class CoactivationStats:
         raise ValueError(f"by must be 'jaccard' or 'correlation', got {by!r}.")
 
 
-def _encode(sae: Any, h: torch.Tensor) -> torch.Tensor:
-    """``[tokens, F]`` activations of ``sae`` at the scored positions of ``h``."""
-    x = scored_states(h).to(sae.W_enc.device, sae.W_enc.dtype)
-    return sae.encode(x).reshape(-1, sae.cfg.d_sae)
-
-
-def token_batches(tokens: torch.Tensor | Iterable[torch.Tensor], batch_size: int
-                  ) -> tuple[Iterable[torch.Tensor], int | None]:
-    """``[n_seq, pos]`` tokens split into ``batch_size`` sequences (with their count), or an
-    iterable of ``[batch, pos]`` batches used as given (count unknown)."""
-    if isinstance(tokens, torch.Tensor):
-        toks = tokens[None] if tokens.ndim == 1 else tokens
-        if toks.ndim != 2:
-            raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}.")
-        return toks.split(batch_size), math.ceil(toks.shape[0] / batch_size)
-    return tokens, None
-
-
 def sae_pairs(saes: Sequence[Any] | Mapping[Hashable, Any],
               pairs: Sequence[tuple[Hashable, Hashable]] | None
               ) -> tuple[dict[Hashable, Any], list[tuple[Hashable, Hashable]]]:
@@ -205,12 +188,11 @@ def coactivation_stats(model: Any, sae_a: Any, sae_b: Any,
     names = list(dict.fromkeys([hook_name_of(sae_a), hook_name_of(sae_b)]))
     stats = CoactivationStats()
     batches, total = token_batches(tokens, batch_size)
-    device = getattr(model.cfg, "device", None)
     for batch in tqdm(batches, total=total, desc="co-activation", unit="batch",
                       disable=not progress):
-        states = record_states(model, names, batch.to(device) if device is not None else batch)
-        acts_a = _encode(sae_a, states[hook_name_of(sae_a)])
-        acts_b = _encode(sae_b, states[hook_name_of(sae_b)])
+        states = record_states(model, names, batch)
+        acts_a = scored_activations(sae_a, states[hook_name_of(sae_a)])
+        acts_b = scored_activations(sae_b, states[hook_name_of(sae_b)])
         if correlation:
             stats.add(fires(acts_a), fires(acts_b), acts_a, acts_b)
         else:
@@ -412,7 +394,7 @@ def evaluate_links(
         tokens: ``[n_seq, pos]`` token ids with BOS at position 0 (split into ``batch_size``
             sequences), or an iterable of ``[batch, pos]`` batches
             (:func:`~sae_match_lens.metrics.check_tokens`).
-        methods: ``{name: {(a, b): links}}`` where links are :class:`~sae_match_lens.linking.Links`,
+        methods: ``{name: {(a, b): links}}`` where links are :class:`~sae_match_lens.flow.linking.Links`,
             a :class:`~sae_match_lens.permutation.Permutation`/``MatchResult``, or an index tensor.
             Those that record their SAEs must run from ``saes[a]`` to ``saes[b]``
             (:func:`~sae_match_lens.permutation.check_direction`: reversed links are refused
@@ -479,16 +461,15 @@ def evaluate_links(
         plans.append(_PairLinks(a, b, sae_a, sae_b, chosen, stats))
     names = list(dict.fromkeys(hook_name_of(sae_map[k]) for pair in pair_list for k in pair))
     batches, total = token_batches(tokens, batch_size)
-    device = getattr(model.cfg, "device", None)
     for batch in tqdm(batches, total=total, desc="evaluate links", unit="batch",
                       disable=not progress):
-        states = record_states(model, names, batch.to(device) if device is not None else batch)
+        states = record_states(model, names, batch)
         fired: dict[Hashable, torch.Tensor] = {}
         acts: dict[Hashable, torch.Tensor] = {}
         for plan in plans:
             for key, sae in ((plan.key_a, plan.sae_a), (plan.key_b, plan.sae_b)):
                 if key not in fired:
-                    acts[key] = _encode(sae, states[hook_name_of(sae)])
+                    acts[key] = scored_activations(sae, states[hook_name_of(sae)])
                     fired[key] = fires(acts[key])
             fire_a, fire_b = fired[plan.key_a], fired[plan.key_b]
             if isinstance(plan.stats, CoactivationStats):

@@ -2,7 +2,7 @@
 
 A study matches all adjacent pairs of a release and every pair up to a distance ``d``. A *plan*
 lists the pair jobs (:class:`PairJob`: source and target :class:`SAERef`, a kind, options);
-:func:`batch_match` runs those the store (:class:`~sae_match_lens.store.ResultStore`) does not
+:func:`batch_match` runs those the store (:class:`~sae_match_lens.batch.store.ResultStore`) does not
 hold yet. Each job loads its two SAEs by reference (a release + id, or a directory saved with
 ``sae.save_model``; no SAE is ever pickled through the scheduler), checks that its memory
 estimate fits the free memory of the machine it runs on, folds and solves (on the worker's GPU
@@ -11,7 +11,7 @@ when it has one), and writes its result to the store atomically.
 Job kinds:
 
 * ``match``: :func:`~sae_match_lens.matching.match` (options: its keyword arguments);
-* ``links``: :func:`~sae_match_lens.linking.links` (options: its keyword arguments);
+* ``links``: :func:`~sae_match_lens.flow.linking.links` (options: its keyword arguments);
 * ``compare``: ``match`` plus two baselines on the same float64 costs, saved in
   ``compare.json``: the total cost of the identity pairing (feature i ↔ feature i, the pairing
   of SAEs trained from a shared initialisation) and of a seeded random permutation, each beside
@@ -113,9 +113,9 @@ def job_memory_bytes(kind: str, options: Mapping[str, Any], n_a: int, n_b: int,
     links. ``solver="auto"`` is resolved as :func:`~sae_match_lens.matching.match_features`
     resolves it for the size.
     """
-    from .matching import SPARSE_FROM_N
-    from .solvers.screen import block_rows_for
-    from .solvers.sparse import sparse_bytes
+    from ..matching import SPARSE_FROM_N
+    from ..solvers.screen import block_rows_for
+    from ..solvers.sparse import sparse_bytes
 
     width = (d_out or d_in) + d_in + 1
     features = 2 * (n_a + n_b) * width * 4
@@ -145,8 +145,8 @@ def _compare_baselines(result: Any, sae_a: Any, sae_b: Any, device: str | None) 
     import numpy as np
     import torch
 
-    from .adapters import feature_view
-    from .solvers.costs import CostWeights, edge_costs, stack_features
+    from ..adapters import feature_view
+    from ..solvers.costs import CostWeights, edge_costs, stack_features
 
     opts = result.options
     metric = opts.get("metric", "mse")
@@ -197,28 +197,32 @@ def run_job(spec: Mapping[str, Any], store_root: str, run: str,
         sae_b = SAERef(**spec["target"]).load(sae_loader)
         t_load = time.time()
         record["seconds_load"] = t_load - t0
-        from .matching import _available_bytes
+        from ..matching import available_bytes
 
         need = job_memory_bytes(spec["kind"], options, int(sae_a.cfg.d_sae), int(sae_b.cfg.d_sae),
                                 int(sae_a.cfg.d_in), getattr(sae_a.cfg, "d_out", None))
-        free = _available_bytes()
+        free = available_bytes()
         record["memory_estimate"] = need
         if need > 0.9 * free:
             raise MemoryError(f"needs about {need / 2**30:.2f} GiB but {record['host']} has "
                               f"{free / 2**30:.2f} GiB available; run it on a larger worker or "
                               "use solver='sparse' with a smaller block_rows.")
         if spec["kind"] == "links":
-            from .linking import links
+            from ..flow.linking import LinkOptions, links
+            from ..options import gather_options
             from .store import save_links
 
-            lk = links(sae_a, sae_b, device=device, progress=False, **options)
+            lk = links(sae_a, sae_b, device=device, progress=False,
+                       **gather_options(LinkOptions, options))
 
             def write(tmp: Path) -> None:
                 save_links(lk, tmp / "links")
         else:
-            from .matching import match
+            from ..matching import MatchOptions, match
+            from ..options import gather_options
 
-            result = match(sae_a, sae_b, device=device, progress=False, **options)
+            result = match(sae_a, sae_b, device=device, progress=False,
+                           **gather_options(MatchOptions, options))
             record.update(certified=bool(result.certified), gap=float(result.gap),
                           total_cost=float(result.total_cost),
                           n_matched=int(result.permutation.n_matched), solver=result.solver)
@@ -321,7 +325,7 @@ def batch_match(
 
     Args:
         plan: the pair jobs (:func:`plan_pairs`, :func:`plan_from_release`, :func:`load_plan`).
-        store: a :class:`~sae_match_lens.store.ResultStore` or its directory (created if new).
+        store: a :class:`~sae_match_lens.batch.store.ResultStore` or its directory (created if new).
         backend: ``"local"`` (in this process, no Ray) or ``"ray"``.
         address: Ray only: ``None`` starts a local instance; ``"auto"``, ``"host:port"`` or
             ``"ray://host:port"`` join a running cluster.

@@ -26,12 +26,11 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
-from .adapters import describe_sae, hook_name_of, validate_sae
+from ..adapters import describe_sae, hook_name_of, hook_order, validate_sae
+from ..metrics import check_saes_fit_model, check_tokens
+from ..permutation import check_direction
+from ..progress import progress_bar
 from .coactivation import LinkMethod, link_indices
-from .lens.routes import hook_order
-from .metrics import check_saes_fit_model, check_tokens
-from .permutation import check_direction
-from .progress import progress_bar
 
 __all__ = ["CAUSAL_COLUMNS", "EXHAUSTIVE_COLUMNS", "best_single_predecessors", "causal_check"]
 

@@ -1,0 +1,77 @@
+"""Options dataclasses: the knobs of 0.2 still work as flat keywords (with a warning) and give
+the very result the options object gives."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import warnings
+
+import pytest
+import torch
+from helpers import planted_pair
+
+from sae_match_lens import generate_steered, links, match
+from sae_match_lens.flow.linking import LinkOptions
+from sae_match_lens.matching import MatchOptions
+from sae_match_lens.options import gather_options
+
+
+def test_match_with_flat_knobs_warns_and_equals_match_with_options():
+    pair = planted_pair()
+    options = MatchOptions(solver="sparse", candidates=8, block_rows=64, max_rounds=4)
+    new = match(pair.sae_a, pair.sae_b, progress=False, options=options)
+    with pytest.warns(DeprecationWarning, match=r"k= → options\.candidates"):
+        old = match(pair.sae_a, pair.sae_b, progress=False, solver="sparse", k=8, block_rows=64,
+                    max_rounds=4)
+    assert torch.equal(new.permutation.indices, old.permutation.indices)
+    assert torch.equal(new.cost_F, old.cost_F)
+    assert new.options == old.options and new.options["k"] == 8  # recorded as 0.2 recorded it
+
+
+def test_links_with_flat_knobs_warns_and_equals_links_with_options():
+    pair = planted_pair()
+    options = LinkOptions(route="exact", n_null=256, seed=3, density_weight=0.5)
+    new = links(pair.sae_a, pair.sae_b, k=2, progress=False, options=options)
+    with pytest.warns(DeprecationWarning, match=r"method= → options\.route"):
+        old = links(pair.sae_a, pair.sae_b, k=2, progress=False, method="exact", n_null=256, seed=3,
+                    density_weight=0.5)
+    assert torch.equal(new.indices, old.indices) and torch.equal(new.confidence, old.confidence)
+    assert new.options == old.options and new.options["method"] == "exact"
+
+
+def test_backward_links_keep_their_options():
+    pair = planted_pair()
+    options = LinkOptions(n_null=128, seed=5)
+    back = links(pair.sae_b, pair.sae_a, direction="backward", progress=False, options=options)
+    fwd = links(pair.sae_a, pair.sae_b, progress=False, options=options)
+    assert torch.equal(back.indices, fwd.indices) and back.options["n_null"] == 128
+
+
+def test_calls_with_options_do_not_warn():
+    pair = planted_pair()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        match(pair.sae_a, pair.sae_b, progress=False, options=MatchOptions(solver="scipy"))
+
+
+def test_options_are_frozen_and_wrong_types_are_refused():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        MatchOptions().solver = "sparse"  # type: ignore[misc]
+    pair = planted_pair()
+    with pytest.raises(TypeError, match="MatchOptions"):
+        match(pair.sae_a, pair.sae_b, progress=False, options=LinkOptions())  # type: ignore[arg-type]
+
+
+def test_gather_options_keeps_problem_arguments_and_maps_renamed_knobs():
+    kwargs = gather_options(MatchOptions, {"fold": False, "max_cost": "auto", "k": 4,
+                                           "solver": "sparse"})
+    assert kwargs == {"fold": False, "max_cost": "auto",
+                      "options": MatchOptions(solver="sparse", candidates=4)}
+    assert gather_options(MatchOptions, {"fold": True}) == {"fold": True}
+
+
+@pytest.mark.parametrize("fn", [match, links, generate_steered])
+def test_the_functions_with_options_take_ten_or_so_parameters(fn):
+    params = inspect.signature(fn).parameters
+    assert len(params) <= 11 and "options" in params, list(params)
