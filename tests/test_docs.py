@@ -130,13 +130,21 @@ def test_the_module_tree_reaches_the_sidebar():
     assert ("section-index" in plugins) != ("navigation.indexes" in features)
 
 
-def test_hand_written_links_to_the_api_name_public_names():
+def test_hand_written_links_name_public_names_or_their_modules():
     # ``[text][sae_match_lens.NAME]`` resolves to the Public API page's anchor only while NAME
-    # is in __all__; a renamed or dropped name would fail the strict build.
+    # is in __all__, and ``[text][sae_match_lens.module.NAME]`` to the module's page only while
+    # the module defines NAME; a renamed, moved or dropped name would fail the strict build.
+    import importlib
+
     names = set(gen.exported_names())
     for page in DOCS.glob("*.md"):
         for target in re.findall(r"\]\[sae_match_lens\.([\w.]+)\]", page.read_text(encoding="utf-8")):
-            assert target in names, f"docs/{page.name} links to sae_match_lens.{target}, not in __all__"
+            if "." not in target:
+                assert target in names, f"docs/{page.name} links to sae_match_lens.{target}, not in __all__"
+                continue
+            module, _, name = f"sae_match_lens.{target}".rpartition(".")
+            assert hasattr(importlib.import_module(module), name), \
+                f"docs/{page.name} links to {module}.{name}, which that module does not define"
 
 
 def guide_snippets() -> list[str]:

@@ -9,7 +9,8 @@ null family as ``max_cost="auto"``.
 
 Scores (higher is better; :data:`SCORES`):
 
-* ``"decoder_cosine"``: ``cos(d_i, d_j)`` of the decoder rows (Feature Flow's score).
+* ``"decoder_cosine"`` (default, :data:`~sae_match_lens.vocabulary.DEFAULT_LINK_SCORE`):
+  ``cos(d_i, d_j)`` of the decoder rows (Feature Flow's score).
 * ``"folded_mse"``: ``−C_ij``, minus SAE Match's folded matching cost of the pair (decoder rows,
   encoder columns and ``b_enc``).
 * ``"cosine_sum"``: ``cos(d_i, d_j) + cos(e_i, e_j)``, decoder plus encoder cosine.
@@ -18,7 +19,7 @@ Scores (higher is better; :data:`SCORES`):
   score of B's feature j to its ``csls_k`` nearest A features (and ``r_A(i)`` the same for A's
   feature i). A "hub" target, close to many sources, gets a large ``r_B`` and is demoted, so
   links do not pile onto a few dense features.
-* ``"cosine_density"`` (default): ``cosine_sum − λ·|z_i − z_j|``, where ``o = (θ − b'_i)/‖e‖``
+* ``"cosine_density"``: ``cosine_sum − λ·|z_i − z_j|``, where ``o = (θ − b'_i)/‖e‖``
   is the distance of a feature's firing hyperplane from the SAE's centre ``b_dec`` (θ = the
   JumpReLU threshold, 0 for other architectures; ``b'`` = ``b_enc`` when the encoder subtracts
   ``b_dec`` from its input, else ``b_enc + e·b_dec``, so both conventions for the same SAE give
@@ -28,7 +29,9 @@ Scores (higher is better; :data:`SCORES`):
   co-firing Jaccard punishes and cosines ignore. ``λ = density_weight`` (0.2) was chosen on the
   default suite (held-out text, both families: 0.393 vs 0.367 for ``cosine_sum`` and 0.353 for
   ``decoder_cosine`` mean Jaccard, JumpReLU; 0.248 vs 0.235, TopK); it is not tuned on other
-  SAEs. Measuring from the origin instead of ``b_dec`` gives 0.386 and 0.232 there.
+  SAEs. Measuring from the origin instead of ``b_dec`` gives 0.386 and 0.232 there. On the
+  SmolLM2 suite it does not beat decoder cosine (held-out residual pairs and residual →
+  MLP/attention pairs; docs "Suites"), which is why it is not the default.
 
 **Confidence.** ``n_null`` null features are drawn from A (:mod:`~sae_match_lens.nulls`: a
 sampled A feature whose decoder and encoder directions are redrawn jointly from A's own
