@@ -174,7 +174,7 @@ class MatchResult(NamedTuple):
     """Per source feature [n_a] (float64): the fraction of best-by-chance null costs
     (:func:`null_costs`, the model behind ``max_cost="auto"``, 2048 null features) that are
     strictly above the assigned pair's cost (:func:`~sae_match_lens.nulls.chance_confidence`,
-    one definition with :attr:`Links.confidence <sae_match_lens.linking.Links.confidence>`):
+    one definition with :attr:`Links.confidence <sae_match_lens.flow.linking.Links.confidence>`):
     1.0: chance never does as well; NaN where unmatched. :func:`match` sets it by default when
     it is cheap (SAE A has at most :data:`CONFIDENCE_MAX_N` features) and always with
     ``max_cost="auto"`` (the null costs are computed anyway); otherwise ``None`` until
@@ -183,7 +183,7 @@ class MatchResult(NamedTuple):
 
     @property
     def confidence(self) -> torch.Tensor | None:
-        """:attr:`confidence_F` under the name :class:`~sae_match_lens.linking.Links` uses."""
+        """:attr:`confidence_F` under the name :class:`~sae_match_lens.flow.linking.Links` uses."""
         return self.confidence_F
 
     @property

@@ -37,7 +37,7 @@ the null counts as signal. The best score of each null feature against the real 
 (:func:`chance_confidence`): a link's score strictly above, a match's cost strictly below. It is
 one minus an empirical p-value against this null, at a resolution of ``1 / n_null`` (2048 null
 features by default): 1.0 means no null feature did as well, 0.5 that half of them did. It is
-the same quantity in :attr:`Links.confidence <sae_match_lens.linking.Links.confidence>` and
+the same quantity in :attr:`Links.confidence <sae_match_lens.flow.linking.Links.confidence>` and
 :attr:`MatchResult.confidence_F <sae_match_lens.matching.MatchResult.confidence_F>`; what
 differs is the value it is computed on. On the default JumpReLU suite's adjacent pairs a
 top-1 link's confidence (``cosine_density``) averages 0.89–0.97 (17–59% of them at 1.0), a

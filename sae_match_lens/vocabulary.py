@@ -24,9 +24,10 @@ SCORES: tuple[str, ...] = ("decoder_cosine", "folded_mse", "cosine_sum", "csls",
 """The link scores (:func:`~sae_match_lens.flow.linking.links`), all higher-is-better."""
 
 DEFAULT_LINK_SCORE: LinkScore = "decoder_cosine"
-"""The link score every function that links uses by default (:func:`links`, the flow graph's
-predecessors, persistence and origin groups, flow plans, the results store's flow graphs, the
-evaluation's link variants, the command line). One constant, so that ``links(a, b).top1`` is
+"""The link score every function that links uses by default
+(:func:`~sae_match_lens.flow.linking.links`, the flow graph's predecessors, persistence and
+origin groups, flow plans, the results store's flow graphs, the evaluation's link variants, the
+command line). One constant, so that ``links(a, b).top1`` is
 the partner the flow graph follows.
 
 Decoder cosine (Feature Flow's score), chosen on evidence (``benchmarks/validate_suite.py``,

@@ -446,7 +446,7 @@ class FlowGraph:
 
         Model layers run left to right; in each layer the attention, MLP and residual nodes sit
         in the order the model computes them, attention above and MLP below the residual band
-        (as in the HTML view, :mod:`~sae_match_lens.viewer`). Each edge is an arrow from source
+        (as in the HTML view, :mod:`~sae_match_lens.report.viewer`). Each edge is an arrow from source
         to target, its width growing with the link score (the legend's "score" entries give the
         scale: the score itself when every score lies in [0, 1], else scaled between the
         smallest and the largest); the seed is a large red-edged star.

@@ -48,7 +48,7 @@ HIGH, LOW = 0.5, 0.15
 """The decoder-cosine thresholds of the predecessor reading and the flow graph (the paper's)."""
 PAPER_SCORE = "decoder_cosine"
 """The link score of the paper's flow graph, persistence and predecessor reading, which the
-report reproduces with :data:`HIGH` and :data:`LOW` (also the package's default link score,
+report reproduces with ``HIGH`` and ``LOW`` (also the package's default link score,
 :data:`~sae_match_lens.vocabulary.DEFAULT_LINK_SCORE`)."""
 
 
