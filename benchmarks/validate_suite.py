@@ -43,12 +43,14 @@ def _claim(claims: list[dict], paper: str, claim: str, paper_number: str, ours: 
     logger.info("%s | %s | %s | %s", paper, claim, ours, verdict)
 
 
-def _mean_jaccard(model: Any, saes: dict[int, Any], tokens: torch.Tensor,
-                  methods: dict[str, dict[tuple[int, int], Any]]) -> pd.DataFrame:
+def _mean_jaccard(model: Any, saes: dict[Any, Any], tokens: torch.Tensor,
+                  methods: dict[str, dict[tuple[Any, Any], Any]]) -> pd.DataFrame:
+    """Top-1 link quality of every method on exactly the pairs the methods name."""
     from sae_match_lens.flow.coactivation import evaluate_links
 
-    return evaluate_links(model, saes, tokens, methods, ks=(1,), ceilings="best_partner",
-                          progress=False)
+    pairs = list(next(iter(methods.values())))
+    return evaluate_links(model, saes, tokens, methods, pairs=pairs, ks=(1,),
+                          ceilings="best_partner", progress=False)
 
 
 def sae_match_claims(model: Any, suite: dict[str, dict[int, Any]], tokens: torch.Tensor,
@@ -486,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="causal check: targets per token position sampled")
     p.add_argument("--no-default-suite", action="store_true",
                    help="select the default link score on the real suite's selection half only")
+    p.add_argument("--sections", default="sae_match,feature_flow,links",
+                   help="comma-separated sections to run (sae_match, feature_flow, links)")
     p.add_argument("--out", default="validation")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -503,19 +507,25 @@ def main(argv: list[str] | None = None) -> int:
     details: dict[str, pd.DataFrame] = {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sae_match_claims(model, suite, tokens, claims, details)
-    feature_flow_claims(model, suite, modules, tokens, claims, details, args.max_targets)
-    frames = [link_quality(model, suite, modules, tokens, args.suite)]
-    if not args.no_default_suite:
+    sections = set(args.sections.split(","))
+    if "sae_match" in sections:
+        sae_match_claims(model, suite, tokens, claims, details)
+    if "feature_flow" in sections:
+        feature_flow_claims(model, suite, modules, tokens, claims, details, args.max_targets)
+    frames = [link_quality(model, suite, modules, tokens, args.suite)] if "links" in sections \
+        else []
+    if frames and not args.no_default_suite:
         d_model, d_res = load_suite("default", "jumprelu")
         d_suite = {"jumprelu": d_res, "topk": load_suite_layers("default", "topk")}
         d_modules = {m: load_suite_layers("default", "jumprelu", module=m)
                      for m in ("mlp", "attn")}
         d_tokens, _ = _held_out_tokens("default", None, args.seqs)
         frames.append(link_quality(d_model, d_suite, d_modules, d_tokens, "default"))
-    details["link_quality"] = pd.concat(frames, ignore_index=True)
-    default_score_claims(details, claims)
-    header = (f"# Validation on the {args.suite} suite\n\n{tokens.shape[0]} held-out sequences "
+    if frames:
+        details["link_quality"] = pd.concat(frames, ignore_index=True)
+        default_score_claims(details, claims)
+    header = (f"# Validation on the {args.suite} suite (sections: {args.sections})\n\n"
+              f"{tokens.shape[0]} held-out sequences "
               f"of {tokens.shape[1]} tokens ({massive_note}); BOS excluded everywhere; run time "
               f"{time.time() - start:.0f} s.")
     (out / "report.md").write_text(_markdown(claims, details, header), encoding="utf-8")
