@@ -227,15 +227,17 @@ def feature_flow_claims(model: Any, suite: dict[str, dict[int, Any]], modules: d
     agree = float((back5.top1[torch.as_tensor(same.target.to_numpy())]
                    == torch.as_tensor(same.best_predecessor.to_numpy())).double().mean())
     _claim(claims, "Feature Flow", "exhaustive best single predecessor (upper bound)",
-           "0.83 / 73% (top-1 cosine: 0.75 / 65%, 89% of the bound's success)",
-           f"change {ex_change:.2f}, success {ex_rate:.0%} ({len(scored)} targets); on the "
-           f"{len(same)} targets whose top-1 cosine predecessor is active: bound {bound_rate:.0%}, "
-           f"top-1 cosine {cos_rate:.0%} ({cos_rate / max(bound_rate, 1e-9):.0%} of the bound), "
-           f"and the top-1 cosine partner is the exhaustive best for {agree:.0%} of them",
-           "reproduced" if ex_rate >= 0.5 and cos_rate >= 0.8 * bound_rate else "not reproduced",
+           "0.83 / 73%", f"change {ex_change:.2f}, success {ex_rate:.0%} ({len(scored)} targets)",
+           "reproduced" if ex_rate >= 0.5 else "not reproduced",
            "" if ex_rate >= 0.5 else "even the best single predecessor deactivates fewer than "
            "half of the targets: on this model a target does not hang on one predecessor "
            "feature, so no single-link method can reach the paper's rate")
+    _claim(claims, "Feature Flow", "top-1 cosine reaches most of the exhaustive bound (same "
+           "targets)", "65% of 73% = 89%",
+           f"on the {len(same)} targets whose top-1 cosine predecessor is active: top-1 cosine "
+           f"{cos_rate:.0%} of bound {bound_rate:.0%} = {cos_rate / max(bound_rate, 1e-9):.0%}; "
+           f"the cosine partner is the exhaustive best for {agree:.0%} of them",
+           "reproduced" if cos_rate >= 0.8 * bound_rate else "not reproduced")
     origin_claims(model, suite, modules, tokens, claims, details)
     # Transition EV (appendix): top-1 cosine transition against the folded permutation.
     sub = evaluate_substitution(
