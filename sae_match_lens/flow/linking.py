@@ -131,6 +131,9 @@ class LinkOptions:
     per block buffer)."""
     seed: int = 0
     """Seed of the null model's sample."""
+    device: torch.device | str | None = None
+    """Where the products run (default: SAE A's device), e.g. ``"cuda"``. (Until 0.3 a
+    parameter of :func:`links`.)"""
 
     RENAMED_IN_0_3: ClassVar[Mapping[str, str]] = {"method": "route"}
     """Flat keywords of 0.2 whose field has another name (old → field)."""
@@ -547,7 +550,6 @@ def links(
     null_rate: float | None = None,
     weights: CostWeights | Mapping[str, float] | None = None,
     fold: bool = True,
-    device: torch.device | str | None = None,
     progress: bool = True,
     options: LinkOptions | None = None,
 ) -> Links:
@@ -570,12 +572,11 @@ def links(
         null_rate: when given, links whose confidence is below ``1 − null_rate`` become -1.
         weights: ``folded_mse`` only: block weights as in :func:`~sae_match_lens.matching.match`.
         fold: ``folded_mse`` only: ``False`` compares raw parameters (the unfolded ablation).
-        device: where the products run (default: SAE A's device).
         progress: show a progress bar.
         options: the tuning knobs (:class:`LinkOptions`; default: its defaults). The flat
             keywords of 0.2 (``n_null=``, ``csls_k=``, ``density_weight=``, ``method=``,
-            ``screen_dims=``, ``candidates=``, ``block_rows=``, ``seed=``) still work until 0.4,
-            with a ``DeprecationWarning``.
+            ``screen_dims=``, ``candidates=``, ``block_rows=``, ``seed=``, ``device=``) still
+            work until 0.4, with a ``DeprecationWarning``.
 
     Returns:
         :class:`Links` whose ``indices[i]`` are source feature i's top-k targets.
@@ -590,8 +591,9 @@ def links(
         raise TypeError(f"options must be a LinkOptions, got {type(opts).__name__}.")
     if direction == "backward":
         return links(sae_b, sae_a, k=k, score=score, null_rate=null_rate, weights=weights,
-                     fold=fold, device=device, progress=progress, options=opts)
+                     fold=fold, progress=progress, options=opts)
     n_null, csls_k, density_weight, method = opts.n_null, opts.csls_k, opts.density_weight, opts.route
+    device = opts.device
     screen_dims, candidates, block_rows, seed = (opts.screen_dims, opts.candidates, opts.block_rows,
                                                  opts.seed)
     if direction != "forward":
