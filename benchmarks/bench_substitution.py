@@ -27,7 +27,7 @@ import torch
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from sae_match_lens.evaluation import evaluate_substitution
+from sae_match_lens.evaluation import EvalOptions, evaluate_substitution
 from sae_match_lens.lens.hooks import block_substitute, run_skipping, substitute
 from sae_match_lens.matching import match
 
@@ -125,7 +125,8 @@ def main() -> None:
 
     def evaluate() -> None:
         evaluate_substitution(model, [sae_a, sae_b], tokens, variants=["folded"],
-                              permutations={(0, 1): result}, batch_size=args.batch_size,
+                              permutations={(0, 1): result},
+                              options=EvalOptions(batch_size=args.batch_size),
                               progress=False)
 
     t = interleaved({"clean": clean, "evaluate": evaluate}, args.repeats)

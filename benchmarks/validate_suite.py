@@ -169,7 +169,7 @@ def feature_flow_claims(model: Any, suite: dict[str, dict[int, Any]], modules: d
     """Table 1's deactivation protocol and the transition EV."""
     from sae_match_lens import match
     from sae_match_lens.evaluation import evaluate_substitution
-    from sae_match_lens.flow.causal import causal_check
+    from sae_match_lens.flow.causal import CausalOptions, causal_check
     from sae_match_lens.flow.coactivation import best_partner, coactivation_stats
     from sae_match_lens.flow.linking import links
 
@@ -191,7 +191,7 @@ def feature_flow_claims(model: Any, suite: dict[str, dict[int, Any]], modules: d
                                ("random one of top 5", back5, "random"),
                                ("SAE Match permutation", perm, "all")):
         table = causal_check(model, pred, target, tokens, {name: method}, mode=mode,
-                             max_targets=max_targets, progress=False)
+                             options=CausalOptions(max_targets=max_targets), progress=False)
         rows.append(table)
     causal = pd.concat(rows, ignore_index=True)
     details["causal_check"] = causal

@@ -384,7 +384,7 @@ class ChainMatch:
         return write_directory(directory, write, manifest=_MANIFEST, kind=CHAIN_FORMAT)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str],
+    def load(cls, directory: str | os.PathLike[str], *,
              saes: Sequence[Any] | Mapping[Any, Any] | None = None) -> ChainMatch:
         """Read a chain written by :meth:`save` (every field exact, provenance included).
 

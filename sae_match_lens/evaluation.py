@@ -56,7 +56,7 @@ from .flow.linking import DEFAULT_LINK_SCORE, SCORES, Transition, links
 from .lens.hooks import BlockSubstitute, Substitution, block_substitute
 from .lens.routes import (
     BOS_POLICIES,
-    BosPolicy,
+    EvalOptions,
     check_bos_tokens,
     resolve_bos_token_id,
     run_from,
@@ -79,7 +79,7 @@ from .metrics import (
     unverified_saes,
     vocab_dot,
 )
-from .options import gather_options
+from .options import accepts_flat_options, gather_options, resolve_options
 from .permutation import Permutation, check_direction
 from .progress import progress_bar
 from .solvers.costs import CostWeights, Metric, stack_features
@@ -91,6 +91,7 @@ __all__ = [
     "DEFAULT_VARIANTS",
     "RESULT_COLUMNS",
     "VARIANTS",
+    "EvalOptions",
     "ModelRoute",
     "PermutationSource",
     "Variant",
@@ -307,6 +308,7 @@ def _permutations(
     return out
 
 
+@accepts_flat_options(EvalOptions)
 def evaluate_substitution(
     model: Any,
     saes: Sequence[Any] | Mapping[Hashable, Any],
@@ -315,14 +317,10 @@ def evaluate_substitution(
     pairs: Sequence[tuple[Hashable, Hashable]] | None = None,
     variants: Sequence[str | Variant] = DEFAULT_VARIANTS,
     permutations: Mapping[tuple[Hashable, Hashable], Permutation | MatchResult] | None = None,
-    batch_size: int = 8,
     route: Route | ModelRoute = "auto",
     match_options: Mapping[str, Any] | None = None,
-    seed: int = 0,
     progress: bool = True,
-    bos: BosPolicy = "keep",
-    bos_token_id: int | None = None,
-    check_model: bool = True,
+    options: EvalOptions | None = None,
 ) -> pd.DataFrame:
     """Evaluate block substitutes and their baselines on a token set.
 
@@ -332,27 +330,25 @@ def evaluate_substitution(
         saes: one SAE per layer, as a list (keyed by model layer, from each hook name
             ``blocks.L.…``; ``layer_a``/``layer_b`` are then model layers) or a dict (any keys,
             e.g. model layers; ``layer_a``/``layer_b`` are its keys).
-        tokens: token ids ``[n_seq, pos]`` (split into ``batch_size`` sequences), or an
+        tokens: token ids ``[n_seq, pos]`` (split into batches of ``options.batch_size``
+            sequences), or an
             iterable of ``[batch, pos]`` tensors (used as given). Position 0 is the BOS position.
         pairs: ``(a, b)`` keys of ``saes``; default: adjacent SAEs in the given order.
         variants: built-in names (:data:`VARIANTS`) or :class:`Variant` objects.
         permutations: ``{(a, b): Permutation or MatchResult}`` to use as the ``matched``
             permutation; pairs not in it are matched with :func:`~sae_match_lens.matching.match`.
-        batch_size: sequences per forward pass (memory is bounded by it).
         route: ``"skip"`` runs the substituted model from B's block boundary
             (``HookedTransformer`` with residual hooks), ``"hooks"`` runs the whole model with a
             hook at B, ``"auto"`` skips where possible. The numbers are the same. Or a
             :class:`ModelRoute` for another library's model
             (:func:`evaluate_substitution_nnsight` passes one).
         match_options: extra keyword arguments for ``match`` (e.g. ``{"max_cost": "auto"}``).
-        seed: seed of the random-permutation baseline.
         progress: show progress bars.
-        bos: ``"keep"`` (default): position 0 keeps its true state at B in every substituted
-            run; ``"substitute"``: it is substituted too. Never scored either way.
-        bos_token_id: the BOS id every sequence must start with (default: the model
-            tokenizer's).
-        check_model: refuse SAEs that do not belong to ``model`` (module docstring, "Model");
-            ``False`` skips the check.
+        options: the evaluation's knobs (:class:`~sae_match_lens.lens.routes.EvalOptions`:
+            ``batch_size``, the random baseline's ``seed``, ``bos``, ``bos_token_id``,
+            ``check_model``; module docstring, "Model"). The flat keywords of 0.2 (``batch_size=``,
+            ``seed=``, ``bos=``, ``bos_token_id=``, ``check_model=``) still work until 0.4, with a
+            ``DeprecationWarning``.
 
     Returns:
         A DataFrame with one row per (pair, variant) and the columns :data:`RESULT_COLUMNS`.
@@ -362,12 +358,14 @@ def evaluate_substitution(
             do not belong to the model, a permutation made for other SAEs or reversed.
 
     Example:
-        >>> table = evaluate_substitution(model, saes, tokens, pairs=[(3, 4)], batch_size=16)
+        >>> table = evaluate_substitution(model, saes, tokens, pairs=[(3, 4)],
+        ...                               options=EvalOptions(batch_size=16))
         >>> table.pivot(index="variant", columns="layer_b", values="delta_ce")
     """
+    opts = resolve_options(EvalOptions, options)
+    batch_size, seed, bos, bos_token_id, check_model = (opts.batch_size, opts.seed, opts.bos,
+                                                        opts.bos_token_id, opts.check_model)
     sae_map, pair_list = sae_pairs(saes, pairs)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if isinstance(route, str):
         if route not in ("auto", "skip", "hooks"):
             raise ValueError(f"route must be 'auto', 'skip' or 'hooks', got {route!r}.")
@@ -384,8 +382,8 @@ def evaluate_substitution(
     used = [sae_map[k] for k in dict.fromkeys(k for pair in pair_list for k in pair)]
     probe = unverified_saes(model, used, what="evaluate_substitution") if check_model else []
     chosen = _resolve_variants(variants)
-    options = dict(match_options or {})
-    if options.get("metric") == "cosine" and any(v.permutation == "unfolded" for v in chosen):
+    match_kwargs = dict(match_options or {})
+    if match_kwargs.get("metric") == "cosine" and any(v.permutation == "unfolded" for v in chosen):
         logger.warning(
             "metric='cosine' ignores per-feature scales, so unfolded matching is the folded "
             "matching: the unfolded_matching rows repeat the matched permutation (noted in the "
@@ -399,7 +397,7 @@ def evaluate_substitution(
     sources = {v.source_key for v in chosen if v.substitution.uses_permutation}
     plans = [
         _plan_pair(model_route, sae_map[a], sae_map[b], chosen, sources, given.get((a, b)),
-                   options, seed, progress, bos)
+                   match_kwargs, seed, progress, bos)
         for a, b in pair_list
     ]
     batches, total = token_batches(tokens, batch_size)
@@ -659,6 +657,7 @@ class _TransformerLensRoute:
             return self.model(batch, return_type="logits")
 
 
+@accepts_flat_options(EvalOptions)
 def evaluate_substitution_nnsight(
     lm: Any,
     saes: Sequence[Any] | Mapping[Hashable, Any],
@@ -668,13 +667,9 @@ def evaluate_substitution_nnsight(
     pairs: Sequence[tuple[Hashable, Hashable]] | None = None,
     variants: Sequence[str | Variant] = DEFAULT_VARIANTS,
     permutations: Mapping[tuple[Hashable, Hashable], Permutation | MatchResult] | None = None,
-    batch_size: int = 8,
     match_options: Mapping[str, Any] | None = None,
-    seed: int = 0,
     progress: bool = True,
-    bos: BosPolicy = "keep",
-    bos_token_id: int | None = None,
-    check_model: bool = True,
+    options: EvalOptions | None = None,
 ) -> pd.DataFrame:
     """:func:`~sae_match_lens.evaluation.evaluate_substitution` on an nnsight model.
 
@@ -690,13 +685,10 @@ def evaluate_substitution_nnsight(
         pairs: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
         variants: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
         permutations: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
-        batch_size: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
         match_options: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
-        seed: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
         progress: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
-        bos: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
-        bos_token_id: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
-        check_model: as in :func:`~sae_match_lens.evaluation.evaluate_substitution`.
+        options: as in :func:`~sae_match_lens.evaluation.evaluate_substitution` (the flat
+            keywords of 0.2 still work until 0.4, with a ``DeprecationWarning``).
         sae_paths: explicit sites by hook name, for hooks
             :data:`~sae_match_lens.lens.nnsight.MODULE_PATHS` does not map (see
             :func:`~sae_match_lens.lens.nnsight.module_site`).
@@ -715,6 +707,5 @@ def evaluate_substitution_nnsight(
     route = NNsightRoute(lm, [sae_map[k] for k in used], sae_paths)
     return evaluate_substitution(
         lm, saes, tokens, pairs=pair_list, variants=variants, permutations=permutations,
-        batch_size=batch_size, route=route, match_options=match_options, seed=seed,
-        progress=progress, bos=bos, bos_token_id=bos_token_id, check_model=check_model,
+        route=route, match_options=match_options, progress=progress, options=options,
     )

@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from .adapters import describe_sae, feature_view, hook_name_of, sae_identity, validate_sae
 from .nulls import chance_confidence, null_surrogates
-from .options import accepts_flat_options
+from .options import accepts_flat_options, resolve_options
 from .permutation import Permutation, PermutationFileError, ProvenanceError, check_provenance
 from .progress import progress_bar
 from .savedir import (
@@ -123,6 +123,10 @@ class MatchOptions:
     precision: Precision = "float32"
     """Sparse solver: arithmetic of the screen (``"bfloat16"``/``"float16"`` pay off on GPUs; on
     AVX2 CPUs they are slower than float32)."""
+
+    device: torch.device | str | None = None
+    """Where the cost blocks are computed (default: SAE A's device), e.g. ``"cuda"``. (Until
+    0.3 a parameter of :func:`match`.)"""
 
     RENAMED_IN_0_3: ClassVar[Mapping[str, str]] = {"k": "candidates"}
     """Flat keywords of 0.2 whose field has another name (old → field)."""
@@ -480,7 +484,6 @@ def match(
     metric: Metric = "mse",
     max_cost: float | Literal["auto"] | None = None,
     null_rate: float = 0.01,
-    device: torch.device | str | None = None,
     progress: bool = True,
     features: tuple[StackedFeatures, StackedFeatures] | None = None,
     options: MatchOptions | None = None,
@@ -502,15 +505,14 @@ def match(
             full one-to-one assignment as in the paper.
         null_rate: ``max_cost="auto"`` only: the false-match rate the threshold is calibrated
             for (default 1%).
-        device: where cost blocks are computed (default: SAE A's device), e.g. ``"cuda"``.
         progress: show a progress bar.
         features: ``stack_features`` of both SAEs computed with these same ``fold``,
             ``weights`` and ``metric`` (as :func:`~sae_match_lens.chain.match_chain` does, to
             fold each SAE of a stack once); computed here when omitted.
         options: the solver's tuning knobs (:class:`MatchOptions`; default: its defaults). The
             flat keywords of 0.2 (``solver=``, ``block_rows=``, ``k=``, ``certify=``,
-            ``max_rounds=``, ``screen_dims=``, ``precision=``) still work until 0.4, with a
-            ``DeprecationWarning``.
+            ``max_rounds=``, ``screen_dims=``, ``precision=``, ``device=``) still work until 0.4,
+            with a ``DeprecationWarning``.
 
     Returns:
         A :class:`MatchResult`; its permutation's metadata records both SAEs' identities and
@@ -522,10 +524,8 @@ def match(
         >>> result = match(sae_layer_3, sae_layer_4)
         >>> result.permutation.indices[17]  # feature 17 of layer 3 ↔ this feature of layer 4
     """
-    opts = options if options is not None else MatchOptions()
-    if not isinstance(opts, MatchOptions):
-        raise TypeError(f"options must be a MatchOptions, got {type(opts).__name__}.")
-    solver, block_rows, k = opts.solver, opts.block_rows, opts.candidates
+    opts = resolve_options(MatchOptions, options)
+    solver, k = opts.solver, opts.candidates
     certify, max_rounds, screen_dims, precision = (opts.certify, opts.max_rounds, opts.screen_dims,
                                                    opts.precision)
     _check_families(sae_a, sae_b, fold, metric)
@@ -555,10 +555,8 @@ def match(
         recorded.update(k=k, certify=certify, max_rounds=max_rounds, screen_dims=screen_dims,
                         precision=precision)
     result = match_features(
-        stacked_a, stacked_b, max_cost=max_cost, solver=solver, block_rows=block_rows,
-        device=device, progress=progress, options=recorded, k=k, certify=certify,
-        max_rounds=max_rounds, screen_dims=screen_dims, precision=precision,
-        label=f"{hook_name_of(sae_a)} -> {hook_name_of(sae_b)}",
+        stacked_a, stacked_b, max_cost=max_cost, progress=progress, recorded=recorded,
+        label=f"{hook_name_of(sae_a)} -> {hook_name_of(sae_b)}", options=opts,
     )
     metadata = {"source": sae_identity(sae_a), "target": sae_identity(sae_b), "options": recorded}
     perm = Permutation(result.permutation.indices, result.permutation.n_target, metadata)
@@ -566,29 +564,40 @@ def match(
     return result._replace(permutation=perm, confidence_F=confidence)
 
 
+@accepts_flat_options(MatchOptions)
 def match_features(
     a: StackedFeatures,
     b: StackedFeatures,
     *,
     max_cost: float | None = None,
-    solver: Solver = "auto",
-    block_rows: int | None = None,
-    device: torch.device | str | None = None,
     progress: bool = True,
-    options: dict[str, Any] | None = None,
+    recorded: dict[str, Any] | None = None,
     label: str = "match",
-    k: int = 16,
-    certify: bool = True,
-    max_rounds: int = 16,
-    screen_dims: int | Literal["auto"] | None = "auto",
-    precision: Precision = "float32",
+    options: MatchOptions | None = None,
 ) -> MatchResult:
     """Solve the assignment between two stacked feature sets (the engine behind :func:`match`).
 
     Matching a chain of SAEs: stack each SAE once (:func:`~sae_match_lens.solvers.costs.stack_features`)
     and call this for each adjacent pair; the folded, stacked tensors are then computed once per
-    SAE instead of twice. Arguments are those of :func:`match`.
+    SAE instead of twice.
+
+    Args:
+        a: the source SAE's stacked features.
+        b: the target SAE's stacked features.
+        max_cost: as in :func:`match` (a number or ``None``; ``"auto"`` is :func:`match`'s).
+        progress: show a progress bar.
+        recorded: the options the result records (:attr:`MatchResult.options`).
+        label: names the pair in logs and progress bars.
+        options: the solver's knobs (:class:`MatchOptions`). The flat keywords of 0.2
+            (``solver=``, ``k=``, ...) still work until 0.4, with a ``DeprecationWarning``.
+
+    Returns:
+        A :class:`MatchResult` (its permutation without the SAEs' identities).
     """
+    opts = resolve_options(MatchOptions, options)
+    solver, block_rows, device, k = opts.solver, opts.block_rows, opts.device, opts.candidates
+    certify, max_rounds, screen_dims, precision = (opts.certify, opts.max_rounds, opts.screen_dims,
+                                                   opts.precision)
     if max_cost is not None and not (isinstance(max_cost, int | float) and math.isfinite(max_cost)):
         raise ValueError(f"max_cost must be a finite number, 'auto' or None, got {max_cost!r}.")
     if solver not in ("auto", "lapjv", "scipy", "sparse"):
@@ -621,7 +630,7 @@ def match_features(
                 "screen_dims, or free memory."
             )
         return _match_sparse(a, b, max_cost=max_cost, block_rows=block_rows, device=device,
-                             progress=progress, options=options, label=label, k=k,
+                             progress=progress, options=recorded, label=label, k=k,
                              certify=certify, max_rounds=max_rounds, screen_dims=screen_dims,
                              precision=precision)
     shape = (n, n) if solver == "lapjv" else (n_a, n_b)
@@ -666,7 +675,7 @@ def match_features(
         permutation=Permutation(indices, n_b),
         cost_F=cost, total_cost=total, margin_F=torch.from_numpy(cert.margin),
         max_cost=None if max_cost is None else float(max_cost),
-        certified=cert.certified, gap=cert.gap, solver=solver, options=dict(options or {}),
+        certified=cert.certified, gap=cert.gap, solver=solver, options=dict(recorded or {}),
     )
 
 

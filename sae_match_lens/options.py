@@ -21,9 +21,11 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-__all__ = ["accepts_flat_options", "flat_names", "gather_options", "renamed_keywords"]
+__all__ = ["accepts_flat_options", "flat_names", "gather_options", "renamed_keywords",
+           "resolve_options"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def flat_names(options_cls: type) -> dict[str, str]:
@@ -31,6 +33,19 @@ def flat_names(options_cls: type) -> dict[str, str]:
     that the class renamed (its ``RENAMED_IN_0_3`` mapping, old → field)."""
     renamed = getattr(options_cls, "RENAMED_IN_0_3", {})
     return {**{f.name: f.name for f in dataclasses.fields(options_cls)}, **dict(renamed)}
+
+
+def resolve_options(options_cls: type[T], options: Any) -> T:
+    """``options`` itself, or ``options_cls()`` when it is ``None``.
+
+    Raises:
+        TypeError: ``options`` is neither ``None`` nor an ``options_cls``.
+    """
+    if options is None:
+        return options_cls()
+    if not isinstance(options, options_cls):
+        raise TypeError(f"options must be a {options_cls.__name__}, got {type(options).__name__}.")
+    return options
 
 
 def gather_options(options_cls: type, kwargs: Mapping[str, Any], *,

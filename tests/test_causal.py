@@ -136,3 +136,21 @@ def test_rerun_from_the_recorded_block_input_equals_a_full_run(setup, monkeypatc
                                                           nan_ok=True), col
             else:
                 assert (a[col] == b[col]).all(), col
+
+
+def test_flat_sampling_knobs_warn_and_equal_causal_options(setup):
+    import pandas as pd
+
+    from sae_match_lens.flow.causal import CausalOptions
+
+    model, pred, target, tokens = setup
+    methods = {"top1": links(target, pred, k=1, progress=False)}
+    with pytest.warns(DeprecationWarning, match=r"max_targets= → options\.max_targets"):
+        old = causal_check(model, pred, target, tokens, methods, positions=3, max_targets=4,
+                           seed=2, progress=False)
+    new = causal_check(model, pred, target, tokens, methods, progress=False,
+                       options=CausalOptions(positions=3, max_targets=4, seed=2))
+    pd.testing.assert_frame_equal(old, new)
+    other = causal_check(model, pred, target, tokens, methods, progress=False,
+                         options=CausalOptions(positions=3, max_targets=4, seed=3))
+    assert not other.equals(new)  # the seed reaches the sampling

@@ -193,7 +193,7 @@ def test_match_command_options_reach_match_and_are_recorded(tmp_path, capsys, mo
     assert options["weights"] == {"decoder": 1.0, "encoder": 0.5, "b_enc": 0.0}
     assert options["fold"] is False and isinstance(options["max_cost"], float)
     assert options["null_rate"] == 0.01  # max_cost="auto" went through the null model
-    assert seen["device"] == "cpu"
+    assert seen["options"].device == "cpu"  # device is a MatchOptions knob since 0.3
     assert main(["match", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--quiet",
                  "--max-cost", "0.5", "--solver", "sparse"]) == 0
     options = Permutation.load(out).metadata["options"]

@@ -181,3 +181,22 @@ def test_a_list_of_saes_is_tabled_at_the_model_layers_of_its_hooks(model, tokens
     hookless = random_jumprelu_sae("resid_at_one", seed=3)
     with pytest.raises(ValueError, match=r"resid_at_one.*pass a mapping"):
         evaluate_substitution(model, [hookless, sae_b], tokens, progress=False)
+
+
+def test_flat_evaluation_knobs_warn_and_equal_eval_options(model, saes, tokens, table):
+    """0.2's flat knobs (batch_size=, seed=, bos=, ...) go into EvalOptions with a warning."""
+    import pandas as pd
+
+    from sae_match_lens.evaluation import EvalOptions
+
+    with_options = evaluate_substitution(model, saes, tokens, progress=False,
+                                         options=EvalOptions(batch_size=2))
+    pd.testing.assert_frame_equal(with_options, table)
+    flat = dict(batch_size=3, seed=4, bos="substitute", check_model=False)
+    with pytest.warns(DeprecationWarning, match=r"batch_size= → options\.batch_size"):
+        old = evaluate_substitution(model, saes, tokens, pairs=[(0, 1)], progress=False, **flat)
+    new = evaluate_substitution(model, saes, tokens, pairs=[(0, 1)], progress=False,
+                                options=EvalOptions(**flat))
+    pd.testing.assert_frame_equal(old, new)
+    with pytest.raises(TypeError, match="EvalOptions"):
+        evaluate_substitution(model, saes, tokens, options={"batch_size": 2})  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ import json
 import math
 
 import networkx as nx
+import pandas as pd
 import pytest
 import torch
 
@@ -205,3 +206,53 @@ def test_persistence_counts_surviving_links(chain):
     assert (first.survives <= 3).all() and float((first.survives == 3).mean()) > 0.9
     assert (frame[frame.layer == 3].survives == 0).all()
     assert (persistence(stack, cut=1.01, score="decoder_cosine").survives == 0).all()
+
+
+def test_flow_graph_save_then_load_gives_the_graph_back_and_checks_the_stack(tmp_path):
+    from sae_match_lens.assets import load_suite_stack
+    from sae_match_lens.flow.graph import FlowGraph
+    from sae_match_lens.permutation import ProvenanceError
+
+    stack = load_suite_stack()
+    sub = {x: stack[x] for x in (1, 2, 3)}
+    graph = flow_graph(sub, (2, 17))
+    assert graph.save(tmp_path / "flow.json") == tmp_path / "flow.json"
+    back = FlowGraph.load(tmp_path / "flow.json", stack=sub)
+    def rows(frame, columns, key):
+        return frame[columns].sort_values(key).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(rows(back.nodes, graph.nodes.columns, ["node"]),
+                                  rows(graph.nodes, graph.nodes.columns, ["node"]), check_dtype=False)
+    pd.testing.assert_frame_equal(rows(back.edges, graph.edges.columns, ["source", "target"]),
+                                  rows(graph.edges, graph.edges.columns, ["source", "target"]),
+                                  check_dtype=False)
+    assert back.options == json.loads(json.dumps(graph.options, default=str))
+    assert FlowGraph.load_json(graph.save_json(tmp_path / "old.json")).edges.shape == graph.edges.shape
+    swapped = {1: stack[2], 2: stack[1], 3: stack[3]}  # the right SAEs at the wrong layers
+    with pytest.raises(ProvenanceError, match=r"layer 1 read at blocks\.1\..*blocks\.2\."):
+        FlowGraph.load(tmp_path / "flow.json", stack=swapped)
+    with pytest.raises(ProvenanceError, match="no SAE there"):
+        FlowGraph.load(tmp_path / "flow.json", stack={x: stack[x] for x in (2, 3)})
+
+
+def test_flow_graph_load_refuses_a_corrupt_foreign_or_newer_file_naming_it(chain, tmp_path):
+    from sae_match_lens.flow.graph import FlowGraph, FlowGraphFileError
+
+    stack = dict(enumerate(chain.saes))
+    seed = (1, int(chain.truths[0].indices[5]))
+    path = flow_graph(stack, seed, score="decoder_cosine").save(tmp_path / "flow.json")
+    record = json.loads(path.read_text())
+    record["links"][0]["score"] += 0.25
+    path.write_text(json.dumps(record))
+    with pytest.raises(FlowGraphFileError, match=r"flow\.json: checksum mismatch"):
+        FlowGraph.load(path)
+    record["format_version"] = 7
+    path.write_text(json.dumps(record))
+    with pytest.raises(FlowGraphFileError, match=r"flow\.json was saved in .* version 7.*upgrade"):
+        FlowGraph.load(path)
+    (tmp_path / "other.json").write_text(json.dumps({"format": "x", "nodes": [], "links": []}))
+    with pytest.raises(FlowGraphFileError, match=r"other\.json is not a FlowGraph.*'x'"):
+        FlowGraph.load(tmp_path / "other.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(FlowGraphFileError, match=r"bad\.json is not a FlowGraph JSON file"):
+        FlowGraph.load(tmp_path / "bad.json")

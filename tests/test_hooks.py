@@ -294,3 +294,18 @@ def test_substitution_names_are_the_evaluation_variants_of_the_same_name():
     assert Substitution.of("sae_b_reconstruction").needs_target_state
     with pytest.raises(ValueError, match=r"unknown substitution 'permuted'.*'folded', 'raw'"):
         Substitution.of("permuted")
+
+
+def test_run_skipping_flat_bos_keywords_warn_and_equal_eval_options(model, tokens, sae_1, sae_3,
+                                                                     perm):
+    from sae_match_lens.lens.routes import EvalOptions
+
+    with pytest.warns(DeprecationWarning, match=r"bos= → options\.bos"):
+        old = run_skipping(model, tokens, sae_1, sae_3, perm, bos="substitute", check_model=False)
+    new = run_skipping(model, tokens, sae_1, sae_3, perm,
+                       options=EvalOptions(bos="substitute", check_model=False))
+    kept = run_skipping(model, tokens, sae_1, sae_3, perm, options=EvalOptions(check_model=False))
+    torch.testing.assert_close(old, new, rtol=0, atol=0)
+    assert not torch.equal(new, kept)  # bos reaches the run
+    with pytest.raises(ValueError, match="bos must be one of"):
+        EvalOptions(bos="drop")  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from sae_match_lens.judging.judge import (
     JudgeAnswerError,
     JudgeError,
     JudgeUnavailableError,
+    RetryOptions,
     RowLog,
     ScriptedJudge,
     judge_generations,
@@ -97,7 +98,8 @@ def stub() -> Iterator[Stub]:
 
 def _judge(stub: Stub, waits: list[float], **kwargs: object) -> ChatJudge:
     options = {"model": "stub-model", "base_url": stub.base_url, "theme": "religion",
-               "timeout": 2.0, "max_retries": 3, "backoff": 0.5, "sleep": waits.append}
+               "sleep": waits.append,
+               "options": RetryOptions(timeout=2.0, max_retries=3, backoff=0.5)}
     options.update(kwargs)
     return ChatJudge(**options)  # type: ignore[arg-type]
 
@@ -273,3 +275,18 @@ def test_the_row_log_refuses_other_settings_and_drops_a_torn_line(tmp_path):
     assert path.read_text().endswith("2.5}\n")  # the torn line is gone
     with pytest.raises(ValueError, match="other settings"):
         RowLog(path, key=("i",), header={"seed": 1})
+
+
+def test_flat_retry_keywords_warn_and_equal_retry_options():
+    url = "http://127.0.0.1:9/v1"
+    with pytest.warns(DeprecationWarning, match=r"max_retries= → options\.max_retries"):
+        old = ChatJudge("m", base_url=url, timeout=3.0, max_retries=2, backoff=0.25,
+                        max_backoff=5.0, answer_retries=0)
+    new = ChatJudge("m", base_url=url, options=RetryOptions(timeout=3.0, max_retries=2,
+                                                            backoff=0.25, max_backoff=5.0,
+                                                            answer_retries=0))
+    fields = ("timeout", "max_retries", "backoff", "max_backoff", "answer_retries")
+    assert [getattr(old, f) for f in fields] == [getattr(new, f) for f in fields] == [
+        3.0, 2, 0.25, 5.0, 0]
+    with pytest.raises(ValueError, match="max_retries"):
+        ChatJudge("m", base_url=url, options=RetryOptions(max_retries=-1))

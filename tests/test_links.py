@@ -621,3 +621,56 @@ def test_progress_bar_can_be_turned_off(capsys, monkeypatch):
     assert capsys.readouterr().err == ""
     links(sae_a, sae_b, method="screened", screen_dims=4, progress=True)
     assert "screening candidates" in capsys.readouterr().err
+
+
+def _same_links(a, b):
+    for name in ("indices", "scores", "confidence"):
+        assert torch.equal(getattr(a, name), getattr(b, name)) or (
+            name == "scores" and torch.equal(getattr(a, name).isnan(), getattr(b, name).isnan())
+            and torch.equal(getattr(a, name).nan_to_num(), getattr(b, name).nan_to_num())), name
+    assert (a.score, a.source, a.target, a.null_threshold, a.options) == (
+        b.score, b.source, b.target, b.null_threshold, b.options)
+
+
+def test_links_save_then_load_gives_every_field_back(tmp_path):
+    from sae_match_lens.flow.linking import Links
+
+    sae_a = build_sae("jumprelu", seed=1)
+    sae_b = build_sae("jumprelu", seed=2, hook_name="blocks.1.hook_resid_post")
+    lk = links(sae_a, sae_b, k=3, null_rate=0.05, progress=False)
+    assert (lk.indices == -1).any()  # the NaN scores of cut links survive too
+    assert lk.save(tmp_path / "lk") == tmp_path / "lk"
+    back = Links.load(tmp_path / "lk", source=sae_a, target=sae_b)
+    _same_links(lk, back)
+    assert back.route == lk.route
+    lk.save(tmp_path / "lk")  # an earlier save is replaced whole
+    _same_links(lk, Links.load(tmp_path / "lk"))
+
+
+def test_links_load_refuses_other_saes_and_corrupt_or_foreign_directories(tmp_path):
+    import json
+
+    from sae_match_lens.flow.linking import Links, LinksFileError
+    from sae_match_lens.permutation import ProvenanceError
+
+    sae_a = build_sae("jumprelu", seed=1)
+    sae_b = build_sae("jumprelu", seed=2, hook_name="blocks.1.hook_resid_post")
+    path = links(sae_a, sae_b, k=2, progress=False).save(tmp_path / "lk")
+    with pytest.raises(ProvenanceError, match="made for"):
+        Links.load(path, source=sae_b, target=sae_a)
+    match(sae_a, sae_b, progress=False).save(tmp_path / "match")
+    with pytest.raises(LinksFileError, match=r"match.*links\.json"):
+        Links.load(tmp_path / "match")
+    with pytest.raises(LinksFileError, match=r"missing.*does not exist"):
+        Links.load(tmp_path / "missing")
+    record = json.loads((path / "links.json").read_text())
+    record["fields"]["null_threshold"] = 0.5
+    (path / "links.json").write_text(json.dumps(record))
+    with pytest.raises(LinksFileError, match=r"lk: checksum mismatch"):
+        Links.load(path)
+    record["format_version"] = 99
+    (path / "links.json").write_text(json.dumps(record))
+    with pytest.raises(LinksFileError, match="upgrade sae_match_lens"):
+        Links.load(path)
+    with pytest.raises(FileExistsError):
+        links(sae_a, sae_b, progress=False).save(tmp_path / "match")

@@ -75,3 +75,63 @@ def test_gather_options_keeps_problem_arguments_and_maps_renamed_knobs():
 def test_the_functions_with_options_take_ten_or_so_parameters(fn):
     params = inspect.signature(fn).parameters
     assert len(params) <= 11 and "options" in params, list(params)
+
+
+MAX_PARAMETERS = 10
+PARAMETER_EXCEPTIONS: dict[str, str] = {}
+"""Public callables allowed more than MAX_PARAMETERS parameters, each with its reason (none)."""
+
+
+def _public_callables():
+    import sae_match_lens
+
+    for name in sae_match_lens.__all__:
+        obj = getattr(sae_match_lens, name)
+        if inspect.isclass(obj):
+            for attr, member in vars(obj).items():
+                if attr.startswith("_") and attr != "__init__":
+                    continue
+                if isinstance(member, staticmethod | classmethod):
+                    member = member.__func__
+                if inspect.isfunction(member):
+                    yield f"{name}.{attr}", member
+        elif callable(obj):
+            yield name, obj
+
+
+def test_every_public_function_and_method_takes_at_most_ten_parameters():
+    """Problem arguments in the signature, tuning knobs in an options dataclass: every function
+    and method of ``sae_match_lens.__all__`` (keyword-only counted, ``self``/``cls`` not)."""
+    counts = {}
+    for qualname, fn in _public_callables():
+        params = [p for p in inspect.signature(fn).parameters if p not in ("self", "cls")]
+        counts[qualname] = len(params)
+    assert {"evaluate_substitution", "steering_sweep", "ChatJudge.__init__",
+            "Links.save"} <= set(counts)  # the scan reaches functions, constructors and methods
+    over = {q: n for q, n in counts.items() if n > MAX_PARAMETERS and q not in PARAMETER_EXCEPTIONS}
+    assert not over, over
+
+
+def test_device_is_a_knob_of_match_links_and_match_features():
+    """``device=`` (where the cost blocks run) moved into MatchOptions/LinkOptions; the flat
+    keyword still works with a warning, and match_features takes MatchOptions too."""
+    from sae_match_lens.adapters import feature_view
+    from sae_match_lens.matching import match_features
+    from sae_match_lens.solvers.costs import CostWeights, stack_features
+
+    pair = planted_pair()
+    with pytest.warns(DeprecationWarning, match=r"device= → options\.device"):
+        old = match(pair.sae_a, pair.sae_b, progress=False, device="cpu")
+    new = match(pair.sae_a, pair.sae_b, progress=False, options=MatchOptions(device="cpu"))
+    assert torch.equal(old.permutation.indices, new.permutation.indices)
+    with pytest.warns(DeprecationWarning, match=r"device= → options\.device"):
+        old_links = links(pair.sae_a, pair.sae_b, progress=False, device="cpu")
+    new_links = links(pair.sae_a, pair.sae_b, progress=False, options=LinkOptions(device="cpu"))
+    assert torch.equal(old_links.indices, new_links.indices)
+    w = CostWeights.resolve(None, "mse")
+    a, b = (stack_features(feature_view(s), w, "mse") for s in (pair.sae_a, pair.sae_b))
+    with pytest.warns(DeprecationWarning, match=r"solver= → options\.solver"):
+        flat = match_features(a, b, solver="scipy", progress=False)
+    direct = match_features(a, b, progress=False, options=MatchOptions(solver="scipy"))
+    assert torch.equal(flat.permutation.indices, direct.permutation.indices)
+    assert torch.equal(flat.permutation.indices, new.permutation.indices)

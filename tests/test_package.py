@@ -50,3 +50,22 @@ def test_every_name_exported_by_0_2_still_resolves(name):
     module = importlib.import_module(f"sae_match_lens.{sae_match_lens._UNEXPORTED[name]}")
     assert getattr(module, name) is not None
     assert name not in sae_match_lens._EXPORTS
+
+
+RESULT_TYPES = ("MatchResult", "Links", "ChainMatch", "FlowGraph")
+"""The exported result types: each saved by ``save(path)`` and read by ``Type.load(path, ...)``."""
+
+
+@pytest.mark.parametrize("name", RESULT_TYPES)
+def test_every_result_type_is_saved_and_loaded_the_same_way(name):
+    import inspect
+
+    cls = getattr(sae_match_lens, name)
+    assert name in sae_match_lens.__all__
+    save = list(inspect.signature(cls.save).parameters.values())
+    assert [p.name for p in save[:1]] == ["self"] and save[1].kind is save[1].POSITIONAL_OR_KEYWORD
+    assert all(p.kind is p.KEYWORD_ONLY for p in save[2:]), save
+    assert isinstance(inspect.getattr_static(cls, "load"), classmethod)
+    load = list(inspect.signature(cls.load).parameters.values())
+    assert load[0].kind is load[0].POSITIONAL_OR_KEYWORD
+    assert all(p.kind is p.KEYWORD_ONLY for p in load[1:]), load

@@ -171,3 +171,18 @@ def test_neuronpedia_explanations_are_used_when_reachable(monkeypatch):
     explain = neuronpedia_explainer({0: "offline/0-res", 1: "model/1-res", 2: None})
     assert explain([(0, "res", 4), (1, "res", 5), (2, "res", 6)]) == {
         (1, "res", 5): "feature 5 of model/1-res"}
+
+
+def test_flat_sampling_knobs_warn_and_equal_semantic_options(chain, origin):
+    from sae_match_lens.judging.semantic import SemanticOptions
+
+    top = _truth_tokens(origin)
+    with pytest.warns(DeprecationWarning, match=r"n_paths= → options\.n_paths"):
+        old = semantic_evaluation(chain, top_tokens=top, n_paths=12, seed=3, same_at=0.6,
+                                  progress=False)
+    new = semantic_evaluation(chain, top_tokens=top, progress=False,
+                              options=SemanticOptions(n_paths=12, seed=3, same_at=0.6))
+    pd.testing.assert_frame_equal(old.pairs, new.pairs)
+    reseeded = semantic_evaluation(chain, top_tokens=top, progress=False,
+                                   options=SemanticOptions(n_paths=12, seed=4, same_at=0.6))
+    assert not reseeded.pairs.equals(new.pairs)  # the seed reaches the draw

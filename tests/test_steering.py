@@ -552,3 +552,30 @@ def test_flow_interventions_take_the_old_kind_keyword_with_a_warning(saes):
     assert [iv.hook_name for iv in old] == [iv.hook_name for iv in new]
     with pytest.raises(TypeError, match="both kind= and intervention="):
         flow_interventions(saes, nodes, kind="add", intervention="add")
+
+
+def test_sweep_options_give_the_rows_of_the_flat_keywords_and_resume_their_log(model, saes,
+                                                                               tmp_path):
+    """0.2's flat sweep and sampler keywords become SweepOptions (with a warning); the row log
+    header is the same, so a log written with the old call resumes with the new one."""
+    from sae_match_lens.judging.steering_scores import SweepOptions
+    from sae_match_lens.lens.steering import SamplingOptions
+
+    with pytest.warns(DeprecationWarning, match="SweepOptions"):
+        old = _sweep(model, saes, tmp_path / "old.jsonl")
+    options = SweepOptions(n_samples=2, theme="t-words",
+                           sampling=SamplingOptions(max_new_tokens=4))
+    kwargs = dict(coefficients=[0.0, -2.0], intervention="rescale", progress=False,
+                  options=options)
+    new = steering_sweep(model, saes, [(1, 3), (2, 5)], ["t1 t2"], path=tmp_path / "new.jsonl",
+                         **kwargs)
+    pd.testing.assert_frame_equal(old, new)
+    resumed = steering_sweep(model, saes, [(1, 3), (2, 5)], ["t1 t2"],
+                             path=tmp_path / "old.jsonl", **kwargs)
+    pd.testing.assert_frame_equal(resumed, old)
+    with pytest.warns(DeprecationWarning, match="SweepOptions"):
+        legacy = steering_sweep(model, saes, [(1, 3), (2, 5)], ["t1 t2"],
+                                path=tmp_path / "new.jsonl", coefficients=[0.0, -2.0],
+                                n_samples=2, theme="t-words", progress=False,
+                                options=SamplingOptions(max_new_tokens=4))
+    pd.testing.assert_frame_equal(legacy, new)

@@ -212,8 +212,8 @@ def run_job(spec: Mapping[str, Any], store_root: str, run: str,
             from ..options import gather_options
             from .store import save_links
 
-            lk = links(sae_a, sae_b, device=device, progress=False,
-                       **gather_options(LinkOptions, options))
+            lk = links(sae_a, sae_b, progress=False,
+                       **gather_options(LinkOptions, {**options, "device": device}))
 
             def write(tmp: Path) -> None:
                 save_links(lk, tmp / "links")
@@ -221,8 +221,8 @@ def run_job(spec: Mapping[str, Any], store_root: str, run: str,
             from ..matching import MatchOptions, match
             from ..options import gather_options
 
-            result = match(sae_a, sae_b, device=device, progress=False,
-                           **gather_options(MatchOptions, options))
+            result = match(sae_a, sae_b, progress=False,
+                           **gather_options(MatchOptions, {**options, "device": device}))
             record.update(certified=bool(result.certified), gap=float(result.gap),
                           total_cost=float(result.total_cost),
                           n_matched=int(result.permutation.n_matched), solver=result.solver)

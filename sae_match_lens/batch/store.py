@@ -49,13 +49,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import torch
-from safetensors.torch import load_file, save_file
 
 from ..atomicio import LEASE_SECONDS, TEMP_SUFFIX, atomic_write, is_abandoned, write_text
-from ..flow.linking import DEFAULT_LINK_SCORE, Links
+from ..flow.linking import DEFAULT_LINK_SCORE, Links, LinksFileError
 from ..matching import MatchResult
-from ..savedir import decode_json, encode_json, tensor_checksum, write_directory
+from ..savedir import decode_json, encode_json, write_directory
 
 if TYPE_CHECKING:
     from ..flow.graph import FlowGraph, FlowKey
@@ -69,7 +67,6 @@ STORE_FORMAT = "sae_match_lens.ResultStore"
 STORE_VERSION = 1
 """Version of the store layout; a store of another version is refused with what to do."""
 JOB_FORMAT = "sae_match_lens.BatchJob"
-LINKS_FORMAT = "sae_match_lens.Links"
 _STORE_FILE = "store.json"
 _RECORD = "job.json"
 _ATTEMPTS = ".attempts"
@@ -492,34 +489,19 @@ def load_flow_graph(
 
 
 def save_links(lk: Links, directory: Path) -> Path:
-    """Write :class:`~sae_match_lens.flow.linking.Links` to ``directory`` atomically (tensors exact,
-    the other fields in ``links.json`` with a checksum over all of it)."""
-    tensors = {"indices": lk.indices.contiguous(), "scores": lk.scores.contiguous(),
-               "confidence": lk.confidence.contiguous()}
-    fields = encode_json({name: getattr(lk, name) for name in lk._fields if name not in tensors})
-    checksum = tensor_checksum(tensors, fields)
-    text = json.dumps({"format": LINKS_FORMAT, "version": 1, "checksum": checksum,
-                       "fields": fields}, indent=1, sort_keys=True, allow_nan=False)
-
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "links.safetensors"))
-        (tmp / "links.json").write_text(text, encoding="utf-8")
-
-    return write_directory(directory, write, manifest="links.json", kind=LINKS_FORMAT)
+    """Write :class:`~sae_match_lens.flow.linking.Links` to ``directory`` (:meth:`Links.save
+    <sae_match_lens.flow.linking.Links.save>`)."""
+    return lk.save(directory)
 
 
 def load_links(directory: Path) -> Links:
-    """Read :class:`~sae_match_lens.flow.linking.Links` written by :func:`save_links`."""
+    """Read :class:`~sae_match_lens.flow.linking.Links` written by :func:`save_links`
+    (:meth:`Links.load <sae_match_lens.flow.linking.Links.load>`).
+
+    Raises:
+        StoreError: the directory is not readable, current, intact saved links.
+    """
     try:
-        record = json.loads((directory / "links.json").read_text(encoding="utf-8"))
-        tensors = load_file(str(directory / "links.safetensors"))
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"{directory} is not a readable saved Links ({exc}).") from exc
-    if record.get("format") != LINKS_FORMAT or record.get("version") != 1:
-        raise StoreError(f"{directory}: not a saved Links of version 1; run the plan again.")
-    if tensor_checksum(tensors, record["fields"]) != record.get("checksum"):
-        raise StoreError(f"{directory}: checksum mismatch (modified or truncated files); run the "
-                         "plan again to redo the job.")
-    fields = decode_json(record["fields"])
-    return Links(indices=tensors["indices"], scores=tensors["scores"],
-                 confidence=tensors["confidence"].to(torch.float32), **fields)
+        return Links.load(directory)
+    except LinksFileError as exc:
+        raise StoreError(f"{exc} (a stored links job: run the plan again to redo it)") from exc

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import pandas as pd
@@ -28,11 +29,13 @@ import torch
 
 from ..adapters import describe_sae, hook_name_of, hook_order, validate_sae
 from ..metrics import check_saes_fit_model, check_tokens
+from ..options import accepts_flat_options, resolve_options
 from ..permutation import check_direction
 from ..progress import progress_bar
 from .coactivation import LinkMethod, link_indices
 
-__all__ = ["CAUSAL_COLUMNS", "EXHAUSTIVE_COLUMNS", "best_single_predecessors", "causal_check"]
+__all__ = ["CAUSAL_COLUMNS", "EXHAUSTIVE_COLUMNS", "CausalOptions", "best_single_predecessors",
+           "causal_check"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +141,30 @@ def _read_after_edit(model: Any, row: tuple[torch.Tensor, Any], t: int, delta: t
     return target_sae.encode(seen["t"].to(target_sae.W_enc.device, target_sae.W_enc.dtype))
 
 
+@dataclass(frozen=True)
+class CausalOptions:
+    """Sampling knobs of :func:`causal_check` (which tokens and targets it intervenes on)."""
+
+    positions: int = 5
+    """Random non-BOS positions sampled per sequence."""
+    max_targets: int = 25
+    """Active target features sampled per position."""
+    seed: int = 0
+    """Seed of the sampling (positions, targets, and ``mode="random"``'s candidate)."""
+    check_model: bool = True
+    """Refuse SAEs that do not belong to the model: a recorded model name that differs from
+    ``model.cfg.model_name``, or, where either is unknown, an explained variance below
+    :data:`~sae_match_lens.metrics.MIN_PROBE_EXPLAINED_VARIANCE` on the first few sequences
+    (:func:`~sae_match_lens.metrics.check_saes_fit_model`); ``False`` skips the check."""
+
+    def __post_init__(self) -> None:
+        for name in ("positions", "max_targets"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"CausalOptions.{name} must be an int >= 1, got {value!r}.")
+
+
+@accepts_flat_options(CausalOptions)
 @torch.no_grad()
 def causal_check(
     model: Any,
@@ -147,11 +174,8 @@ def causal_check(
     methods: Mapping[str, LinkMethod],
     *,
     mode: Literal["all", "random"] = "all",
-    positions: int = 5,
-    max_targets: int = 25,
-    seed: int = 0,
     progress: bool = True,
-    check_model: bool = True,
+    options: CausalOptions | None = None,
 ) -> pd.DataFrame:
     """Deactivate each target's predecessor(s) at the target's token and measure the effect.
 
@@ -170,14 +194,11 @@ def causal_check(
             with a message saying how to reverse it
             (:func:`~sae_match_lens.permutation.check_direction`).
         mode: ``"all"`` removes every active candidate; ``"random"`` one random active one.
-        positions: random non-BOS positions sampled per sequence.
-        max_targets: active target features sampled per position.
-        seed: seed of the sampling.
         progress: show a progress bar.
-        check_model: refuse SAEs that do not belong to ``model``: a recorded model name that
-            differs from ``model.cfg.model_name``, or, where either is unknown, an explained
-            variance below :data:`~sae_match_lens.metrics.MIN_PROBE_EXPLAINED_VARIANCE` on the
-            first few sequences (:func:`~sae_match_lens.metrics.check_saes_fit_model`).
+        options: the sampling knobs (:class:`CausalOptions`: positions per sequence, targets
+            per position, seed, the model check). The flat keywords of 0.2 (``positions=``,
+            ``max_targets=``, ``seed=``, ``check_model=``) still work until 0.4, with a
+            ``DeprecationWarning``.
 
     Returns:
         One row per method with :data:`CAUSAL_COLUMNS`.
@@ -186,6 +207,9 @@ def causal_check(
         TypeError, ValueError: bad tokens, SAEs that do not fit each other, the model or the
             methods (a link set made for other SAEs, or running the other way).
     """
+    opts = resolve_options(CausalOptions, options)
+    positions, max_targets, seed, check_model = (opts.positions, opts.max_targets, opts.seed,
+                                                 opts.check_model)
     for sae in (predecessor_sae, target_sae):
         validate_sae(sae)
     tokens = check_tokens(tokens, model, what="causal_check")

@@ -47,6 +47,7 @@ Links computed by a batch run (:func:`~sae_match_lens.batch.plan.plan_flow`) are
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -60,15 +61,19 @@ import pandas as pd
 import torch
 
 from ..adapters import describe_sae, hook_name_of, layers_from_hooks
+from ..atomicio import write_text
 from ..metrics import check_tokens, fires, record_states, scored_activations
 from ..neuronpedia import feature_url, neuronpedia_id
-from ..permutation import check_direction
+from ..permutation import ProvenanceError, check_direction
 from .linking import DEFAULT_LINK_SCORE, Links, LinkScore, links
 
 __all__ = [
+    "FLOW_GRAPH_FORMAT",
+    "FLOW_GRAPH_VERSION",
     "MODULES",
     "ORIGIN_GROUPS",
     "FlowGraph",
+    "FlowGraphFileError",
     "FlowKey",
     "LayerSAEs",
     "chance_best_cosine",
@@ -356,6 +361,20 @@ def origin_groups(
     return pd.DataFrame(rows)
 
 
+FLOW_GRAPH_FORMAT = "sae_match_lens.FlowGraph"
+FLOW_GRAPH_VERSION = 1
+"""Version of the :meth:`FlowGraph.save` format; :meth:`FlowGraph.load` reads this one."""
+
+
+class FlowGraphFileError(ValueError):
+    """A saved flow graph is missing, unreadable, corrupt, foreign, or of another format version."""
+
+
+def _node_link_checksum(body: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of a node-link record."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
 @dataclass
 class FlowGraph:
     """A feature flow: nodes ``(layer, module, feature)`` and scored edges predecessor → node."""
@@ -401,25 +420,76 @@ class FlowGraph:
 
         return nx.node_link_data(self.to_networkx(), edges="links")
 
-    def save_json(self, path: str | Path) -> Path:
-        """Write :meth:`to_node_link` as strict JSON."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_node_link(), indent=1, allow_nan=False,
-                                   default=str))
-        return path
+    def save(self, path: str | Path) -> Path:
+        """Write the graph to the JSON file ``path``, atomically; returns ``path``.
+
+        The file is :meth:`to_node_link`'s node-link JSON (strict: no NaN) with three more
+        top-level keys: ``format`` (``"sae_match_lens.FlowGraph"``), ``format_version`` and a
+        SHA-256 ``checksum`` of the node-link part, so :meth:`load` refuses a modified, truncated
+        or foreign file; ``networkx.node_link_graph`` still reads it. Written beside ``path`` and
+        renamed into place (:func:`~sae_match_lens.atomicio.write_text`): a failed or killed save
+        leaves an earlier file there as it was.
+
+        Example:
+            >>> graph.save("flow.json")
+            >>> FlowGraph.load("flow.json", stack=stack).edges.head()
+        """
+        body = json.loads(json.dumps(self.to_node_link(), allow_nan=False, default=str))
+        record = {**body, "format": FLOW_GRAPH_FORMAT, "format_version": FLOW_GRAPH_VERSION,
+                  "checksum": _node_link_checksum(body)}
+        return write_text(Path(path), json.dumps(record, indent=1, allow_nan=False))
+
+    save_json = save
+    """The 0.2 name of :meth:`save` (kept as an alias)."""
 
     @classmethod
-    def load_json(cls, path: str | Path) -> FlowGraph:
-        """Read a graph written by :meth:`save_json` (every node and edge attribute it holds).
+    def load(cls, path: str | Path, *, stack: Stack | Sequence[Any] | None = None) -> FlowGraph:
+        """Read a graph written by :meth:`save` (every node and edge attribute it holds).
+
+        Node-link JSON without a ``format`` key (written by ``save_json`` before 0.3) is read
+        too, unchecked.
+
+        Args:
+            path: a file written by :meth:`save`.
+            stack: optionally the SAEs the graph was made from (as for :func:`flow_graph`);
+                every node's hook must be the hook of the stack's SAE at its layer and module.
 
         Raises:
-            ValueError: the file is not node-link JSON with ``nodes`` and ``links``.
+            FlowGraphFileError: ``path`` is missing, not JSON, not a saved flow graph (another
+                format, no ``nodes``/``links``), of a format version this release does not read,
+                or its checksum does not match (modified or truncated). The message names the
+                file.
+            ProvenanceError: ``stack`` lacks a node's SAE or holds another hook there.
         """
         path = Path(path)
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise FlowGraphFileError(f"{path} is not a FlowGraph JSON file ({exc}); give a file "
+                                     "written by FlowGraph.save.") from exc
         if not isinstance(data, dict) or not {"nodes", "links"} <= set(data):
-            raise ValueError(f"{path} is not FlowGraph node-link JSON (it needs 'nodes' and "
-                             "'links'); write one with FlowGraph.save_json.")
+            raise FlowGraphFileError(f"{path} is not a FlowGraph JSON file (it needs 'nodes' and "
+                                     "'links'); write one with FlowGraph.save.")
+        if "format" in data:
+            if data["format"] != FLOW_GRAPH_FORMAT:
+                raise FlowGraphFileError(f"{path} is not a FlowGraph JSON file: it says format "
+                                         f"{data['format']!r}, expected {FLOW_GRAPH_FORMAT!r}.")
+            got = data.get("format_version")
+            if got != FLOW_GRAPH_VERSION:
+                newer = isinstance(got, int) and got > FLOW_GRAPH_VERSION
+                raise FlowGraphFileError(
+                    f"{path} was saved in FlowGraph format version {got!r}, but this "
+                    f"sae_match_lens reads version {FLOW_GRAPH_VERSION}; "
+                    + ("upgrade sae_match_lens to read it." if newer else
+                       "build the graph again with flow_graph and save it."))
+            checksum = data.pop("checksum", None)
+            del data["format"], data["format_version"]
+            if _node_link_checksum(data) != checksum:
+                raise FlowGraphFileError(f"{path}: checksum mismatch (the file was modified or "
+                                         "truncated); build the graph again and save it.")
+        else:
+            logger.info("%s: node-link JSON without a format record (pre-0.3); read unchecked",
+                        path)
         nodes = pd.DataFrame([{"node": n["id"], **{k: v for k, v in n.items() if k != "id"}}
                               for n in data["nodes"]],
                              columns=None if data["nodes"] else ["node", "layer", "module",
@@ -429,7 +499,28 @@ class FlowGraph:
                              if column in nodes.columns else None)
         edges = pd.DataFrame(data["links"], columns=None if data["links"] else
                              ["source", "target", "score", "confidence", "kind"])
-        return cls(nodes, edges, dict(data.get("graph", {})))
+        graph = cls(nodes, edges, dict(data.get("graph", {})))
+        if stack is not None:
+            graph.check_stack(stack, what=f"the flow graph in {path}")
+        return graph
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> FlowGraph:
+        """The 0.2 name of :meth:`load` (kept as an alias)."""
+        return cls.load(path)
+
+    def check_stack(self, stack: Stack | Sequence[Any], *, what: str = "this flow graph") -> None:
+        """Raise :class:`~sae_match_lens.permutation.ProvenanceError` unless every node's SAE is
+        in ``stack`` at the node's layer and module, reading the node's hook."""
+        layers = as_stack(stack)
+        for row in self.nodes[["layer", "module", "hook"]].drop_duplicates().itertuples(index=False):
+            here = layers.get(int(row.layer))
+            sae = here.get(row.module) if here is not None else None
+            if sae is None or hook_name_of(sae) != row.hook:
+                found = "no SAE" if sae is None else describe_sae(sae)
+                raise ProvenanceError(f"{what} has {row.module} nodes at layer {row.layer} read at "
+                                      f"{row.hook}, but the stack given holds {found} there; pass "
+                                      "the stack the graph was made from.")
 
     def save_graphml(self, path: str | Path) -> Path:
         """Write the graph as GraphML."""

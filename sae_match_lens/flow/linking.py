@@ -58,15 +58,19 @@ taken, the screen's width and how many rows took each path, with times.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import pandas as pd
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..adapters import (
     describe_sae,
@@ -79,14 +83,16 @@ from ..adapters import (
 from ..neuronpedia import feature_urls
 from ..nulls import chance_confidence, null_surrogates
 from ..options import accepts_flat_options
-from ..permutation import check_direction
+from ..permutation import PermutationFileError, check_direction, check_provenance
+from ..savedir import decode_json, encode_json, tensor_checksum, write_directory
 from ..solvers.costs import CostWeights, ieee_products, stack_features
 from ..solvers.screen import block_rows_for
 from ..solvers.topk import Method, TopKProblem, exact_topk, score_blocks, solve_topk
 from ..vocabulary import DEFAULT_LINK_SCORE, SCORES, LinkScore  # their home; re-exported
 
-__all__ = ["DEFAULT_LINK_SCORE", "SCORES", "LinkOptions", "LinkScore", "LinkSources", "Links",
-           "Transition", "firing_offset_z", "links"]
+__all__ = ["DEFAULT_LINK_SCORE", "LINKS_FORMAT", "LINKS_VERSION", "SCORES", "LinkOptions",
+           "LinkScore", "LinkSources", "Links", "LinksFileError", "Transition", "firing_offset_z",
+           "links"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +131,23 @@ class LinkOptions:
     per block buffer)."""
     seed: int = 0
     """Seed of the null model's sample."""
+    device: torch.device | str | None = None
+    """Where the products run (default: SAE A's device), e.g. ``"cuda"``. (Until 0.3 a
+    parameter of :func:`links`.)"""
 
     RENAMED_IN_0_3: ClassVar[Mapping[str, str]] = {"method": "route"}
     """Flat keywords of 0.2 whose field has another name (old → field)."""
+
+
+LINKS_FORMAT = "sae_match_lens.Links"
+LINKS_VERSION = 1
+"""Version of the :meth:`Links.save` format; :meth:`Links.load` reads this one."""
+_LINKS_MANIFEST = "links.json"
+_LINKS_TENSORS = "links.safetensors"
+
+
+class LinksFileError(PermutationFileError):
+    """Saved links are missing, unreadable, corrupt, or of another format version."""
 
 
 class LinkSources(NamedTuple):
@@ -222,6 +242,91 @@ class Links(NamedTuple):
         scores = self.scores[source, ranks]
         order = torch.sort(scores, descending=True, stable=True).indices  # nonzero: by source
         return LinkSources(source[order], scores[order], ranks[order])
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the links into ``directory``, atomically; returns the directory.
+
+        ``links.safetensors`` holds ``indices``, ``scores`` and ``confidence`` bit for bit;
+        ``links.json`` holds the format name and version, the other fields (score, both SAEs'
+        identities, null threshold, options, route) and a SHA-256 checksum of all of it. Built
+        beside ``directory`` and renamed into place like :meth:`MatchResult.save
+        <sae_match_lens.matching.MatchResult.save>` (:func:`~sae_match_lens.savedir.write_directory`):
+        a failed or killed save leaves an earlier save there as it was; an existing ``directory``
+        that is neither empty nor saved links is refused with ``FileExistsError``. The results
+        store keeps a links job's result in this format.
+
+        Example:
+            >>> links(sae_a, sae_b, k=3).save("results/l3_l4_links")
+            >>> Links.load("results/l3_l4_links", source=sae_a, target=sae_b).top1[:5]
+        """
+        tensors = {"indices": self.indices.contiguous(), "scores": self.scores.contiguous(),
+                   "confidence": self.confidence.contiguous()}
+        fields = encode_json({name: getattr(self, name) for name in self._fields
+                              if name not in tensors})
+        checksum = tensor_checksum(tensors, fields)
+        text = json.dumps({"format": LINKS_FORMAT, "format_version": LINKS_VERSION,
+                           "version": LINKS_VERSION, "checksum": checksum, "fields": fields},
+                          indent=1, sort_keys=True, allow_nan=False)
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp / _LINKS_TENSORS))
+            (tmp / _LINKS_MANIFEST).write_text(text, encoding="utf-8")
+
+        return write_directory(directory, write, manifest=_LINKS_MANIFEST, kind=LINKS_FORMAT)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], *, source: Any | None = None,
+             target: Any | None = None) -> Links:
+        """Read links written by :meth:`save` (every field exact, provenance included).
+
+        Args:
+            directory: a directory written by :meth:`save`.
+            source: optionally the source SAE; it must be the one the links were made for
+                (hook, widths, architecture, fold-invariant weight signature).
+            target: optionally the target SAE, checked the same way.
+
+        Raises:
+            LinksFileError: a missing or unreadable directory, one that is not saved links, a
+                format version this release does not read, or a checksum mismatch (the message
+                names the directory and what to do).
+            ProvenanceError: ``source``/``target`` are not the SAEs the links were made for.
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise LinksFileError(f"links directory {directory} does not exist (Links.save writes "
+                                 "a directory).")
+        manifest = directory / _LINKS_MANIFEST
+        try:
+            record = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise LinksFileError(f"{directory} is not readable saved links ({manifest.name}: "
+                                 f"{exc}).") from exc
+        found = record.get("format") if isinstance(record, dict) else None
+        if found != LINKS_FORMAT:
+            raise LinksFileError(f"{directory} is not saved links: its {manifest.name} says format "
+                                 f"{found!r}, expected {LINKS_FORMAT!r}.")
+        got = record.get("format_version", record.get("version"))  # "version": early 0.3 stores
+        if got != LINKS_VERSION:
+            newer = isinstance(got, int) and got > LINKS_VERSION
+            raise LinksFileError(
+                f"{directory} was saved in {LINKS_FORMAT} format version {got!r}, but this "
+                f"sae_match_lens reads version {LINKS_VERSION}; "
+                + ("upgrade sae_match_lens to read it." if newer else "re-run links to save it again."))
+        try:
+            tensors = load_file(str(directory / _LINKS_TENSORS))
+        except Exception as exc:
+            raise LinksFileError(f"cannot read {directory / _LINKS_TENSORS}: {exc}") from exc
+        if tensor_checksum(tensors, record.get("fields")) != record.get("checksum"):
+            raise LinksFileError(f"{directory}: checksum mismatch (its files were modified, "
+                                 "truncated or mixed with another save's). Re-run links to save "
+                                 "them again.")
+        lk = cls(indices=tensors["indices"], scores=tensors["scores"],
+                 confidence=tensors["confidence"].to(torch.float32),
+                 **decode_json(record["fields"]))
+        check_provenance(lk.source if source is not None else None,
+                         lk.target if target is not None else None, source, target,
+                         what=f"the links in {directory}")
+        return lk
 
     def distinct_targets(self, rank: int = 0) -> int:
         """How many different target features the rank-``rank`` links reach (hubs make it small)."""
@@ -445,7 +550,6 @@ def links(
     null_rate: float | None = None,
     weights: CostWeights | Mapping[str, float] | None = None,
     fold: bool = True,
-    device: torch.device | str | None = None,
     progress: bool = True,
     options: LinkOptions | None = None,
 ) -> Links:
@@ -468,12 +572,11 @@ def links(
         null_rate: when given, links whose confidence is below ``1 − null_rate`` become -1.
         weights: ``folded_mse`` only: block weights as in :func:`~sae_match_lens.matching.match`.
         fold: ``folded_mse`` only: ``False`` compares raw parameters (the unfolded ablation).
-        device: where the products run (default: SAE A's device).
         progress: show a progress bar.
         options: the tuning knobs (:class:`LinkOptions`; default: its defaults). The flat
             keywords of 0.2 (``n_null=``, ``csls_k=``, ``density_weight=``, ``method=``,
-            ``screen_dims=``, ``candidates=``, ``block_rows=``, ``seed=``) still work until 0.4,
-            with a ``DeprecationWarning``.
+            ``screen_dims=``, ``candidates=``, ``block_rows=``, ``seed=``, ``device=``) still
+            work until 0.4, with a ``DeprecationWarning``.
 
     Returns:
         :class:`Links` whose ``indices[i]`` are source feature i's top-k targets.
@@ -488,8 +591,9 @@ def links(
         raise TypeError(f"options must be a LinkOptions, got {type(opts).__name__}.")
     if direction == "backward":
         return links(sae_b, sae_a, k=k, score=score, null_rate=null_rate, weights=weights,
-                     fold=fold, device=device, progress=progress, options=opts)
+                     fold=fold, progress=progress, options=opts)
     n_null, csls_k, density_weight, method = opts.n_null, opts.csls_k, opts.density_weight, opts.route
+    device = opts.device
     screen_dims, candidates, block_rows, seed = (opts.screen_dims, opts.candidates, opts.block_rows,
                                                  opts.seed)
     if direction != "forward":

@@ -45,6 +45,7 @@ import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -56,6 +57,7 @@ from ..httpclient import (
     UnavailableError,
     request,
 )
+from ..options import accepts_flat_options, resolve_options
 from ..progress import progress_bar
 from .rowlog import RowLog, callable_identity, digest
 
@@ -69,6 +71,7 @@ __all__ = [
     "JudgeAnswerError",
     "JudgeError",
     "JudgeUnavailableError",
+    "RetryOptions",
     "RowLog",
     "ScriptedJudge",
     "judge_generations",
@@ -376,6 +379,26 @@ class ScriptedJudge(Judge):
                                                (explanation_a, explanation_b)))
 
 
+@dataclass(frozen=True)
+class RetryOptions:
+    """Timeouts and retries of :class:`ChatJudge` (checked when the judge is made)."""
+
+    timeout: float = 60.0
+    """Seconds per request."""
+    max_retries: int = 4
+    """Retries after the first attempt for 408, 429, 5xx
+    (:data:`~sae_match_lens.httpclient.RETRY_STATUS`), timeouts and connection errors; then
+    :class:`JudgeUnavailableError`."""
+    backoff: float = 1.0
+    """First wait in seconds; doubles with each retry, at most ``max_backoff`` (a
+    ``Retry-After`` header is honoured up to ``max_backoff``)."""
+    max_backoff: float = 30.0
+    """The longest wait between retries, in seconds."""
+    answer_retries: int = 1
+    """How often an answer that does not follow the protocol is asked again before
+    :class:`JudgeAnswerError`."""
+
+
 class ChatJudge(Judge):
     """A judge behind an OpenAI-compatible chat-completions endpoint (standard library only).
 
@@ -392,17 +415,12 @@ class ChatJudge(Judge):
         api_key: sent as ``Authorization: Bearer`` (default: ``$SAE_MATCH_JUDGE_API_KEY``, then
             ``$OPENAI_API_KEY``; none for local servers that need none).
         theme: default theme of :meth:`score`.
-        timeout: seconds per request.
-        max_retries: retries after the first attempt for 408, 429, 5xx
-            (:data:`~sae_match_lens.httpclient.RETRY_STATUS`), timeouts and connection errors;
-            then :class:`JudgeUnavailableError`.
-        backoff: first wait in seconds; doubles with each retry, at most ``max_backoff``
-            (a ``Retry-After`` header is honoured up to ``max_backoff``).
-        answer_retries: how often an answer that does not follow the protocol is asked again
-            before :class:`JudgeAnswerError`.
         temperature: sent with each request.
         max_tokens: sent with each request.
         sleep: the waiting function (tests pass one that records instead of sleeping).
+        options: timeouts and retries (:class:`RetryOptions`). The flat keywords of 0.2
+            (``timeout=``, ``max_retries=``, ``backoff=``, ``max_backoff=``,
+            ``answer_retries=``) still work until 0.4, with a ``DeprecationWarning``.
 
     Raises:
         ValueError: no endpoint or no model name given or in the environment, or bad retry
@@ -414,11 +432,14 @@ class ChatJudge(Judge):
         3
     """
 
+    @accepts_flat_options(RetryOptions)
     def __init__(self, model: str | None = None, *, base_url: str | None = None,
-                 api_key: str | None = None, theme: str | None = None, timeout: float = 60.0,
-                 max_retries: int = 4, backoff: float = 1.0, max_backoff: float = 30.0,
-                 answer_retries: int = 1, temperature: float = 0.0, max_tokens: int = 200,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 api_key: str | None = None, theme: str | None = None, temperature: float = 0.0,
+                 max_tokens: int = 200, sleep: Callable[[float], None] = time.sleep,
+                 options: RetryOptions | None = None) -> None:
+        opts = resolve_options(RetryOptions, options)
+        timeout, max_retries, backoff, max_backoff, answer_retries = (
+            opts.timeout, opts.max_retries, opts.backoff, opts.max_backoff, opts.answer_retries)
         env = os.environ
         base = base_url or env.get("SAE_MATCH_JUDGE_BASE_URL") or env.get("OPENAI_BASE_URL")
         name = model or env.get("SAE_MATCH_JUDGE_MODEL")

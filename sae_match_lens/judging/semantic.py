@@ -28,7 +28,7 @@ layer, and the mean label along paths (composed vs direct).
 Example:
     >>> chain = match_chain(saes)
     >>> top = functools.partial(top_activating_tokens, model, stack_of(chain_saes), tokens)
-    >>> result = semantic_evaluation(chain, saes=chain_saes, top_tokens=top, n_paths=50)
+    >>> result = semantic_evaluation(chain, top_tokens=top, options=SemanticOptions(n_paths=50))
     >>> result.counts
 """
 
@@ -40,6 +40,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import pandas as pd
@@ -49,6 +50,7 @@ from ..chain import ChainMatch
 from ..flow.graph import FlowGraph
 from ..matching import MatchResult
 from ..neuronpedia import NeuronpediaUnavailableError, explanations
+from ..options import accepts_flat_options, resolve_options
 from ..permutation import Permutation
 from ..progress import progress_bar
 from .judge import LABELS, Judge, JudgeError
@@ -57,6 +59,7 @@ from .rowlog import RowLog
 __all__ = [
     "KINDS",
     "PROXY_METHOD",
+    "SemanticOptions",
     "SemanticResult",
     "context_explanations",
     "label_pairs",
@@ -435,34 +438,66 @@ class SemanticResult(NamedTuple):
     """How the labels were made: the judge's name, or :data:`PROXY_METHOD`."""
 
 
+@dataclass(frozen=True)
+class SemanticOptions:
+    """Sampling and proxy knobs of :func:`semantic_evaluation`."""
+
+    n_paths: int = 100
+    """Chains only: how many paths to sample (features of layer ``start`` drawn at random among
+    those whose trace keeps a partner up to ``stop``)."""
+    seed: int = 0
+    """Chains only: seed of that draw."""
+    same_at: float = 0.5
+    """The proxy's threshold on the token overlap for SAME (module docstring)."""
+    maybe_at: float = 0.2
+    """The proxy's threshold on the token overlap for MAYBE (module docstring)."""
+
+
+@accepts_flat_options(SemanticOptions)
 def semantic_evaluation(
     source: ChainMatch | FlowGraph,
     *,
     judge: Judge | None = None,
     explanations: Source | None = None,
     top_tokens: Source | None = None,
-    n_paths: int = 100,
     start: int | None = None,
     stop: int | None = None,
     direct: Mapping[int, Permutation | MatchResult] | None = None,
-    seed: int = 0,
-    same_at: float = 0.5,
-    maybe_at: float = 0.2,
     path: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    options: SemanticOptions | None = None,
 ) -> SemanticResult:
-    """Sample paths, label their pairs, and tabulate (arguments of :func:`semantic_pairs` and
-    :func:`label_pairs`).
+    """Sample paths, label their pairs, and tabulate.
+
+    Args:
+        source: a chain or a flow graph (:func:`semantic_pairs`).
+        judge: as in :func:`label_pairs` (``None``: the offline token-overlap proxy).
+        explanations: as in :func:`label_pairs`.
+        top_tokens: as in :func:`label_pairs`.
+        start: as in :func:`semantic_pairs`.
+        stop: as in :func:`semantic_pairs`.
+        direct: as in :func:`semantic_pairs`.
+        path: as in :func:`label_pairs` (a row log of judged pairs, resumable).
+        progress: show a progress bar over judged pairs.
+        options: the sampling and proxy knobs (:class:`SemanticOptions`: ``n_paths``, ``seed``,
+            ``same_at``, ``maybe_at``). The flat keywords of 0.2 still work until 0.4, with a
+            ``DeprecationWarning``.
+
+    Returns:
+        A :class:`SemanticResult`.
 
     Example:
-        >>> result = semantic_evaluation(chain, top_tokens=top, n_paths=50)   # offline proxy
+        >>> result = semantic_evaluation(chain, top_tokens=top,   # offline proxy
+        ...                              options=SemanticOptions(n_paths=50))
         >>> result = semantic_evaluation(chain, judge=ChatJudge(...),
         ...                              explanations=neuronpedia_explainer(chain))
     """
-    pairs = semantic_pairs(source, n_paths=n_paths, start=start, stop=stop, direct=direct,
-                           seed=seed)
+    opts = resolve_options(SemanticOptions, options)
+    pairs = semantic_pairs(source, n_paths=opts.n_paths, start=start, stop=stop, direct=direct,
+                           seed=opts.seed)
     labelled = label_pairs(pairs, judge=judge, explanations=explanations, top_tokens=top_tokens,
-                           same_at=same_at, maybe_at=maybe_at, path=path, progress=progress)
+                           same_at=opts.same_at, maybe_at=opts.maybe_at, path=path,
+                           progress=progress)
     counts, along = semantic_tables(labelled)
     method = PROXY_METHOD if judge is None else f"judge: {judge!r}"
     logger.info("semantic evaluation (%s): %d pairs, %d labelled", method, len(labelled),

@@ -22,13 +22,17 @@ rated by a :class:`~sae_match_lens.judging.judge.Judge`; :func:`plot_sweep` draw
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import pandas as pd
 import torch
@@ -47,15 +51,22 @@ from ..lens.steering import (
     generate_steered,
 )
 from ..metrics import model_device, record_states
-from ..options import accepts_flat_options, renamed_keywords
+from ..options import (
+    accepts_flat_options,
+    flat_names,
+    renamed_keywords,
+    resolve_options,
+)
 from ..progress import progress_bar
 from .judge import Judge
 from .rowlog import RowLog, model_fingerprint, sae_fingerprint
 
-__all__ = ["SWEEP_COLUMNS", "coherence", "plot_sweep", "proxy_scores", "steering_sweep",
+__all__ = ["SWEEP_COLUMNS", "SweepOptions", "coherence", "plot_sweep", "proxy_scores", "steering_sweep",
            "theme_presence"]
 
 logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _by_length(sequences: Sequence[torch.Tensor], batch_size: int
@@ -239,8 +250,69 @@ def _node_saes(nodes: Sequence[Any], layer_map: Mapping[int, Any]) -> list[Any]:
     return [saes[name] for name in sorted(saes)]
 
 
+@dataclass(frozen=True)
+class SweepOptions:
+    """The grid, scoring and sampling knobs of :func:`steering_sweep` (the flow, the prompts,
+    the coefficients, the intervention and the judge stay in its signature). Every field except
+    ``modes``/``layers`` enters the row log's header, so a rerun with other values is refused
+    rather than mixed into the same log."""
+
+    layers: Sequence[int] | None = None
+    """The layers swept (default: every layer of the flow); for ``"cumulative"`` the steering
+    covers the span up to that layer."""
+    modes: Sequence[str] = ("single", "cumulative")
+    """``"single"`` (steer one layer) and/or ``"cumulative"`` (every flow layer up to it)."""
+    schedules: Sequence[Schedule | str] = ("constant",)
+    """:class:`~sae_match_lens.lens.steering.Schedule`\\ s or their kinds."""
+    units: Units = "folded"
+    """As in :func:`~sae_match_lens.lens.steering.flow_interventions`."""
+    goal: Literal["suppress", "activate"] | None = None
+    """Which product is ``score``: ``"suppress"`` ((1 − behaviour) × coherence, default for
+    rescale) or ``"activate"`` (behaviour × coherence, default for add)."""
+    rate_reference: float | None = None
+    """See :func:`proxy_scores` (the theme's firing rate on on-theme text)."""
+    theme: str | None = None
+    """The judge's theme."""
+    n_samples: int = 4
+    """Samples per prompt and setting."""
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    """How :func:`~sae_match_lens.lens.steering.generate_steered` samples."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sampling, SamplingOptions):
+            raise TypeError(f"SweepOptions.sampling must be a SamplingOptions, got "
+                            f"{type(self.sampling).__name__}.")
+
+
+def _sampling_keywords(fn: F) -> F:
+    """Accept 0.2's sampler keywords (``max_new_tokens=``, ...) and ``options=SamplingOptions``
+    on :func:`steering_sweep` until 0.4, with one ``DeprecationWarning``: they become
+    ``options.sampling``."""
+    sampler = set(flat_names(SamplingOptions))
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        flat = {k: kwargs.pop(k) for k in list(kwargs) if k in sampler}
+        given = kwargs.get("options")
+        if flat or isinstance(given, SamplingOptions):
+            warnings.warn("steering_sweep(): the sampler's keywords and options=SamplingOptions "
+                          "go in 0.4; pass options=SweepOptions(sampling=SamplingOptions(...)) "
+                          f"instead (given: {sorted(flat) or 'options=SamplingOptions'}).",
+                          DeprecationWarning, stacklevel=2)
+            base = given if isinstance(given, SamplingOptions) else (
+                given.sampling if isinstance(given, SweepOptions) else SamplingOptions())
+            sweep = given if isinstance(given, SweepOptions) else SweepOptions()
+            names = flat_names(SamplingOptions)
+            sampling = dataclasses.replace(base, **{names[k]: v for k, v in flat.items()})
+            kwargs["options"] = dataclasses.replace(sweep, sampling=sampling)
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 @renamed_keywords(kind="intervention")
-@accepts_flat_options(SamplingOptions)
+@_sampling_keywords
+@accepts_flat_options(SweepOptions)
 def steering_sweep(
     model: Any,
     stack: Mapping[int, Any] | Sequence[Any],
@@ -250,17 +322,9 @@ def steering_sweep(
     path: str | os.PathLike[str],
     coefficients: Sequence[float],
     intervention: Literal["rescale", "add"] = "rescale",
-    layers: Sequence[int] | None = None,
-    modes: Sequence[str] = ("single", "cumulative"),
-    schedules: Sequence[Schedule | str] = ("constant",),
-    units: Units = "folded",
-    goal: Literal["suppress", "activate"] | None = None,
-    rate_reference: float | None = None,
     judge: Judge | None = None,
-    theme: str | None = None,
-    n_samples: int = 4,
     progress: bool = True,
-    options: SamplingOptions | None = None,
+    options: SweepOptions | None = None,
 ) -> pd.DataFrame:
     """Steer a flow over modes × layers × schedules × coefficients and score every setting.
 
@@ -276,27 +340,20 @@ def steering_sweep(
         model: as in :func:`flow_interventions`.
         stack: as in :func:`flow_interventions`.
         source: as in :func:`flow_interventions`.
-        prompts: the prompts (each sampled ``n_samples`` times).
+        prompts: the prompts (each sampled ``options.n_samples`` times).
         path: the row log (JSON lines).
         coefficients: ``r`` (rescale) or ``s`` (add) start values.
         intervention: as in :func:`flow_interventions` (0.2: ``kind=``).
-        units: as in :func:`flow_interventions`.
-        layers: the layers swept (default: every layer of the flow); for ``"cumulative"`` the
-            steering covers the span up to that layer.
-        modes: ``"single"`` and/or ``"cumulative"``.
-        schedules: :class:`Schedule`\\ s or their kinds.
-        goal: which product is ``score``: ``"suppress"`` ((1 − behaviour) × coherence, default
-            for rescale) or ``"activate"`` (behaviour × coherence, default for add).
-        rate_reference: see :func:`proxy_scores` (the theme's firing rate on on-theme text).
         judge: optional :class:`~sae_match_lens.judging.judge.Judge` rating every sample; its
             behaviour/coherence (0–5, scaled to 0–1) give ``judge_score`` the same way.
-        theme: the judge's theme.
-        n_samples: samples per prompt and setting.
         progress: show a progress bar over settings.
-        options: how :func:`~sae_match_lens.lens.steering.generate_steered` samples
-            (:class:`~sae_match_lens.lens.steering.SamplingOptions`; the flat keywords of 0.2,
-            ``max_new_tokens=``, ``temperature=``, ``top_p=``, ``seed=``, ``batch_size=``, still
-            work until 0.4 with a ``DeprecationWarning``).
+        options: the sweep's grid and scoring knobs and how it samples (:class:`SweepOptions`:
+            ``layers``, ``modes``, ``schedules``, ``units``, ``goal``, ``rate_reference``,
+            ``theme``, ``n_samples``, and ``sampling``, a
+            :class:`~sae_match_lens.lens.steering.SamplingOptions`). Until 0.4 the flat keywords
+            of 0.2 (``modes=``, ..., and the sampler's ``max_new_tokens=``, ``temperature=``,
+            ``top_p=``, ``seed=``, ``batch_size=``) and ``options=SamplingOptions(...)`` still
+            work, with a ``DeprecationWarning``.
 
     Returns:
         One row per setting with :data:`SWEEP_COLUMNS`.
@@ -305,9 +362,10 @@ def steering_sweep(
         >>> frame = steering_sweep(model, stack, graph, "And the LORD said", path="sweep.jsonl",
         ...                        coefficients=[0, -1, -4], intervention="rescale")
     """
-    sampling = options if options is not None else SamplingOptions()
-    if not isinstance(sampling, SamplingOptions):
-        raise TypeError(f"options must be a SamplingOptions, got {type(sampling).__name__}.")
+    opts = resolve_options(SweepOptions, options)
+    sampling, layers, modes, schedules = opts.sampling, opts.layers, opts.modes, opts.schedules
+    units, goal, rate_reference, theme, n_samples = (opts.units, opts.goal, opts.rate_reference,
+                                                     opts.theme, opts.n_samples)
     layer_map = as_stack(stack)
     nodes = flow_nodes(source, layer_map)
     goal = goal or ("suppress" if intervention == "rescale" else "activate")

@@ -87,10 +87,12 @@ from ..adapters import (
 from ..flow.linking import Links, Transition
 from ..matching import MatchResult
 from ..metrics import check_reconstruction, check_saes_fit_model, check_tokens, unverified_saes
+from ..options import accepts_flat_options, resolve_options
 from ..permutation import Permutation
 from .routes import (
     BOS_POLICIES,
     BosPolicy,
+    EvalOptions,
     check_bos_tokens,
     check_skippable,
     embedding_of_bos,
@@ -108,6 +110,7 @@ __all__ = [
     "SUBSTITUTIONS",
     "BlockSubstitute",
     "BosPolicy",
+    "EvalOptions",
     "HookFn",
     "Map",
     "Method",
@@ -617,6 +620,7 @@ def substitute(
         yield hooked
 
 
+@accepts_flat_options(EvalOptions)
 def run_skipping(
     model: Any,
     tokens: torch.Tensor,
@@ -628,9 +632,7 @@ def run_skipping(
     cost_F: torch.Tensor | None = None,
     return_type: Literal["logits", "loss", "both"] = "loss",
     loss_per_token: bool = False,
-    bos: BosPolicy = "keep",
-    bos_token_id: int | None = None,
-    check_model: bool = True,
+    options: EvalOptions | None = None,
 ) -> Any:
     """Run ``model`` without computing the blocks between A's and B's hooks (true skip).
 
@@ -651,17 +653,22 @@ def run_skipping(
         cost_F: see :func:`block_substitute`.
         return_type: as in ``HookedTransformer.forward``.
         loss_per_token: as in ``HookedTransformer.forward``.
-        bos: see :func:`substitution_hooks`. With ``bos="keep"`` the true state of
-            position 0 at B comes from a one-token run of the model (causal attention: position
-            0 attends only to itself), so no skipped block runs on the other positions.
-        bos_token_id: see :func:`substitution_hooks`.
-        check_model: as in :func:`substitution_hooks`; an SAE whose model its name does not
-            confirm is probed on the first few sequences before the run
-            (:func:`~sae_match_lens.metrics.check_saes_fit_model`).
+        options: the run's knobs (:class:`~sae_match_lens.lens.routes.EvalOptions`; its
+            ``bos``, ``bos_token_id`` and ``check_model`` apply here). With ``bos="keep"``
+            (default) the true state of position 0 at B comes from a one-token run of the model
+            (causal attention: position 0 attends only to itself), so no skipped block runs on
+            the other positions. An SAE whose model its name does not confirm is probed on the
+            first few sequences before the run
+            (:func:`~sae_match_lens.metrics.check_saes_fit_model`). The flat keywords of 0.2
+            (``bos=``, ``bos_token_id=``, ``check_model=``) still work until 0.4, with a
+            ``DeprecationWarning``.
 
     Example:
         >>> loss = run_skipping(model, tokens, sae_3, sae_5, match(sae_3, sae_5))
+        >>> run_skipping(model, tokens, sae_3, sae_5, perm, options=EvalOptions(bos="substitute"))
     """
+    opts = resolve_options(EvalOptions, options)
+    bos, bos_token_id, check_model = opts.bos, opts.bos_token_id, opts.check_model
     _check_policy(bos)
     tokens = check_tokens(tokens, model, what="run_skipping")
     sub, probe = _prepare(model, sae_a, sae_b, permutation, substitution, cost_F, check_model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
@@ -31,6 +32,7 @@ class BlockSubstitute(Protocol):
 __all__ = [
     "BOS_POLICIES",
     "BosPolicy",
+    "EvalOptions",
     "check_bos_tokens",
     "check_skippable",
     "embedding_of_bos",
@@ -47,6 +49,41 @@ __all__ = [
 BosPolicy = Literal["keep", "substitute"]
 BOS_POLICIES: tuple[str, ...] = ("keep", "substitute")
 """What a substitute does at position 0: ``"keep"`` its true state, or ``"substitute"`` it."""
+
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Tuning knobs of a substituted run and of its evaluation
+    (:func:`~sae_match_lens.lens.hooks.run_skipping`,
+    :func:`~sae_match_lens.evaluation.evaluate_substitution` and its nnsight twin). The problem
+    (model, SAEs, tokens, pairs, variants, route) stays in the functions' signatures."""
+
+    batch_size: int = 8
+    """``evaluate_substitution``: sequences per forward pass (memory is bounded by it)."""
+    seed: int = 0
+    """``evaluate_substitution``: seed of the random-permutation baseline."""
+    bos: BosPolicy = "keep"
+    """What a substitute does at position 0 (:data:`BOS_POLICIES`): ``"keep"`` (default) its
+    true state at B, ``"substitute"`` it too. Position 0 is never scored either way."""
+    bos_token_id: int | None = None
+    """The BOS id every sequence must start with (default: the model tokenizer's)."""
+    check_model: bool = True
+    """Refuse SAEs that do not belong to the model (an SAE whose model its name does not
+    confirm is probed on the first few sequences); ``False`` skips the check."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or \
+                self.batch_size < 1:
+            raise ValueError(f"EvalOptions.batch_size must be an int >= 1, got {self.batch_size!r}.")
+        if self.bos not in BOS_POLICIES:
+            raise ValueError(f"EvalOptions.bos must be one of {list(BOS_POLICIES)}, got "
+                             f"{self.bos!r}.")
+        if self.bos_token_id is not None and (isinstance(self.bos_token_id, bool)
+                                              or not isinstance(self.bos_token_id, int)):
+            raise TypeError(f"EvalOptions.bos_token_id must be an int or None, got "
+                            f"{self.bos_token_id!r}.")
+
 
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 

@@ -410,7 +410,7 @@ def _pipeline(model: Any, saes: Sequence[Any] | Mapping[int, Any], tokens: torch
             thresholds = [null_max_cost(saes[i], saes[i + 1]) for i in range(len(saes) - 1)]
         pairs = list(itertools.pairwise(layers))
         with run.stage("substitution"):
-            table = evaluate_substitution(model, by_layer, tokens, pairs=pairs, batch_size=8,
+            table = evaluate_substitution(model, by_layer, tokens, pairs=pairs,
                                           permutations=dict(zip(pairs, chain.steps, strict=True)),
                                           progress=False)
         with run.stage("paths and scales"):

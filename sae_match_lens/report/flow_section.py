@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from ..adapters import hook_name_of
-from ..flow.causal import causal_check
+from ..flow.causal import CausalOptions, causal_check
 from ..flow.coactivation import best_partner, coactivation_stats, evaluate_links
 from ..flow.graph import LayerSAEs, chance_levels, flow_graph, origin_groups, persistence, predecessors
 from ..flow.linking import SCORES, links
@@ -242,7 +242,7 @@ def _transition_table(model: Any, stack: Mapping[int, LayerSAEs], tokens: torch.
         "folded", *transitions, "identity", "sae_b_reconstruction"]
     res = {layer: s.res for layer, s in stack.items()}
     table = evaluate_substitution(model, res, tokens, pairs=pairs, variants=variants,
-                                  permutations=permutations, batch_size=8, progress=progress)
+                                  permutations=permutations, progress=progress)
     if reused.empty:
         return table
     order = {name: k for k, name in enumerate(["folded", "transition_decoder_cosine",
@@ -336,7 +336,8 @@ def _causal_table(model: Any, stack: Mapping[int, LayerSAEs], tokens: torch.Tens
             methods[f"{OURS} top-5"] = top5
             stats = coactivation_stats(model, here.res, pred, toks, progress=False)
             methods[DATA_REFERENCE] = best_partner(stats)
-            common = {"positions": positions, "max_targets": max_targets, "progress": progress}
+            common = {"options": CausalOptions(positions=positions, max_targets=max_targets),
+                      "progress": progress}
             every = causal_check(model, pred, here.res, toks, methods, mode="all", **common)
             one = causal_check(model, pred, here.res, toks, {f"{OURS} top-5, random one": top5},
                                mode="random", **common)

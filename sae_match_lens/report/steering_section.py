@@ -39,8 +39,8 @@ import torch
 from ..adapters import hook_name_of
 from ..chain import ChainMatch, match_chain
 from ..flow.graph import LayerSAEs, flow_graph
-from ..judging.semantic import semantic_evaluation
-from ..judging.steering_scores import plot_sweep, steering_sweep, theme_presence
+from ..judging.semantic import SemanticOptions, semantic_evaluation
+from ..judging.steering_scores import SweepOptions, plot_sweep, steering_sweep, theme_presence
 from ..lens.steering import FlowNode, SamplingOptions, flow_nodes
 from ..metrics import fires, record_states
 from .flow_section import PAPER_SCORE
@@ -285,10 +285,8 @@ def steering_section(model: Any, saes: Mapping[int, Any] | Sequence[Any], tokens
     bible = tokens[[i for i, label in enumerate(labels) if label == "bible"]]
     rate_ref = float(theme_presence(model, stack, nodes, bible).theme_rate.mean())
     result["rate_reference"] = rate_ref
-    sweep_settings = {"n_samples": chosen.n_samples, "progress": progress,
-                      "rate_reference": rate_ref,
-                      "options": SamplingOptions(max_new_tokens=chosen.max_new_tokens,
-                                                 temperature=1.0, top_p=0.9, seed=0, batch_size=8)}
+    sampling = SamplingOptions(max_new_tokens=chosen.max_new_tokens, temperature=1.0, top_p=0.9,
+                               seed=0, batch_size=8)
     # (modes, layers) of each call into the same row log: the compared pair only, or everything
     sweeps = ([(("single", "cumulative"), layers)] if chosen.every_layer else
               [(("single",), [seed_layer]), (("cumulative",), [last])])
@@ -305,7 +303,11 @@ def steering_section(model: Any, saes: Mapping[int, Any] | Sequence[Any], tokens
             frame = steering_sweep(model, stack, nodes, prompts,
                                    path=out / f"steering_{goal}.jsonl",
                                    coefficients=spec["coefficients"], intervention=spec["kind"],
-                                   goal=goal, modes=modes, layers=sweep_layers, **sweep_settings)
+                                   progress=progress,
+                                   options=SweepOptions(goal=goal, modes=modes, layers=sweep_layers,
+                                                        n_samples=chosen.n_samples,
+                                                        rate_reference=rate_ref,
+                                                        sampling=sampling))
         plot_sweep(frame, out / f"steering_{goal}.png", value="score",
                    title=f"{goal} the biblical flow: proxy score per layer and coefficient")
         table = _summary(frame, goal)
@@ -335,8 +337,8 @@ def _semantic(model: Any, stack: Mapping[int, LayerSAEs], tokens: torch.Tensor,
     def top(keys: list[Any]) -> dict[Any, list[str]]:
         return top_activating_tokens(model, by_layer, sample, keys, k=10, progress=progress)
 
-    found = semantic_evaluation(chain, top_tokens=top, n_paths=settings.semantic_paths,
-                                progress=progress)
+    found = semantic_evaluation(chain, top_tokens=top, progress=progress,
+                                options=SemanticOptions(n_paths=settings.semantic_paths))
     composed = found.along[found.along.kind == "composed"]
     consecutive = found.pairs[found.pairs.kind == "consecutive"]
     reading = [f"Semantic check ({found.method}): of {int(consecutive.label.notna().sum())} "
