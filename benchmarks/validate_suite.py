@@ -215,8 +215,9 @@ def feature_flow_claims(model: Any, suite: dict[str, dict[int, Any]], modules: d
            if abs(prs.success_rate - top1.success_rate) < 0.1 else "not reproduced")
     from sae_match_lens.flow.causal import best_single_predecessors
 
-    best = best_single_predecessors(model, pred, target, tokens, max_targets=max_targets,
-                                    links={"cosine": back5}, progress=False)
+    best = best_single_predecessors(model, pred, target, tokens, links={"cosine": back5},
+                                    options=CausalOptions(max_targets=max_targets),
+                                    progress=False)
     details["best_single_predecessor"] = best
     scored = best[best.best_predecessor >= 0]
     ex_rate, ex_change = float(scored.deactivated.mean()), float(scored.activation_change.mean())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_match_lens.flow.causal import best_single_predecessors, causal_check
+from sae_match_lens.flow.causal import CausalOptions, best_single_predecessors, causal_check
 from sae_match_lens.flow.linking import links
 from tests.helpers_tl import random_jumprelu_sae, tiny_model, tiny_tokens
 
@@ -68,11 +68,15 @@ def test_bad_inputs_are_clear_errors(setup):
                      progress=False)
 
 
+ALL = CausalOptions(positions=100, max_targets=1000)
+"""Every position and every active target of the tiny token set."""
+
+
 def test_best_single_predecessor_equals_brute_force_and_bounds_top1(setup):
     model, pred, target, tokens = setup
     lk = links(target, pred, k=1, progress=False)
-    table = best_single_predecessors(model, pred, target, tokens, positions=100,
-                                     max_targets=1000, links={"top1": lk}, progress=False)
+    table = best_single_predecessors(model, pred, target, tokens, links={"top1": lk},
+                                     progress=False, options=ALL)
     _, cache = model.run_with_cache(tokens)
     h = cache["blocks.0.hook_resid_post"]
     with torch.no_grad():
@@ -103,8 +107,8 @@ def test_best_single_predecessor_equals_brute_force_and_bounds_top1(setup):
         if g >= 0:  # the argmax itself may differ only on an exact tie
             assert got[key][0] == g or got[key][1] == pytest.approx(change, abs=1e-6)
     # The same sample as causal_check (so the two tables compare target by target).
-    top1 = causal_check(model, pred, target, tokens, {"top1": lk}, positions=100,
-                        max_targets=1000, progress=False).iloc[0]
+    top1 = causal_check(model, pred, target, tokens, {"top1": lk}, options=ALL,
+                        progress=False).iloc[0]
     assert top1.n_sampled == len(table)
 
 
@@ -119,10 +123,11 @@ def test_rerun_from_the_recorded_block_input_equals_a_full_run(setup, monkeypatc
     lk = links(target, pred, k=3, progress=False)
 
     def both() -> tuple:
+        unchecked = CausalOptions(check_model=False)
         return (causal_check(model, pred, target, tokens, {"top3": lk}, progress=False,
-                             check_model=False),
+                             options=unchecked),
                 best_single_predecessors(model, pred, target, tokens, links={"top3": lk},
-                                         progress=False, check_model=False))
+                                         progress=False, options=unchecked))
 
     assert causal._start_block(model, "blocks.1.hook_mlp_out") == 1
     fast = both()

@@ -285,6 +285,7 @@ EXHAUSTIVE_COLUMNS: tuple[str, ...] = ("seq", "position", "target", "best_predec
 """Columns of :func:`best_single_predecessors`' table (one row per sampled target)."""
 
 
+@accepts_flat_options(CausalOptions)
 @torch.no_grad()
 def best_single_predecessors(
     model: Any,
@@ -292,12 +293,9 @@ def best_single_predecessors(
     target_sae: Any,
     tokens: torch.Tensor,
     *,
-    positions: int = 5,
-    max_targets: int = 25,
-    seed: int = 0,
     links: Mapping[str, LinkMethod] | None = None,
     progress: bool = True,
-    check_model: bool = True,
+    options: CausalOptions | None = None,
 ) -> pd.DataFrame:
     """Feature Flow's exhaustive upper bound: for each sampled target, the single active
     predecessor whose removal changes it most.
@@ -305,8 +303,8 @@ def best_single_predecessors(
     At every sampled position each active predecessor feature is removed on its own (one forward
     pass each, batched) and every target feature is re-read, so a target's best
     single predecessor is found by trying them all, with no link score involved. The targets are
-    those :func:`causal_check` samples with the same ``positions``, ``max_targets`` and ``seed``
-    (``mode="all"``), so the two tables compare target by target. Its success rate and mean
+    those :func:`causal_check` samples with the same options (``mode="all"``), so the two tables
+    compare target by target. Its success rate and mean
     activation change bound what any single-predecessor link method can reach on the sample
     (Feature Flow reports 0.83 / 73% against top-1 decoder cosine's 0.75 / 65%): a link method
     far below this bound loses on its links; a bound that is itself low says the targets do not
@@ -317,16 +315,14 @@ def best_single_predecessors(
         predecessor_sae: the SAE of the predecessors (its hook must fire before the target's).
         target_sae: the SAE of the target features.
         tokens: ``[n_seq, pos]`` integer token ids with BOS at position 0.
-        positions: random non-BOS positions sampled per sequence.
-        max_targets: active target features sampled per position.
-        seed: seed of the sampling.
         links: optional ``{name: links}`` as :func:`causal_check`'s ``methods`` (each target
             feature's predecessor candidates); for each, the table gains ``<name>_change``, the
             activation change from removing that method's top-1 candidate alone (NaN where it is
             not active at the token), so a link method and the bound compare on the same
             targets.
         progress: show a progress bar.
-        check_model: refuse SAEs that do not belong to ``model`` (as in :func:`causal_check`).
+        options: the target sample and the model check (:class:`CausalOptions`, as in
+            :func:`causal_check`; default: its defaults).
 
     Returns:
         One row per sampled target with :data:`EXHAUSTIVE_COLUMNS` (and a ``<name>_change``
@@ -337,6 +333,9 @@ def best_single_predecessors(
     Raises:
         TypeError, ValueError: bad tokens, or SAEs that do not fit each other or the model.
     """
+    opts = resolve_options(CausalOptions, options)
+    positions, max_targets, seed, check_model = (opts.positions, opts.max_targets, opts.seed,
+                                                 opts.check_model)
     for sae in (predecessor_sae, target_sae):
         validate_sae(sae)
     tokens = check_tokens(tokens, model, what="best_single_predecessors")
