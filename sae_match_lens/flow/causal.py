@@ -141,6 +141,36 @@ def _read_after_edit(model: Any, row: tuple[torch.Tensor, Any], t: int, delta: t
     return target_sae.encode(seen["t"].to(target_sae.W_enc.device, target_sae.W_enc.dtype))
 
 
+def _checked_inputs(model: Any, predecessor_sae: Any, target_sae: Any, tokens: torch.Tensor,
+                    methods: Mapping[str, LinkMethod], *, what: str, label: str,
+                    check_model: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The checks :func:`causal_check` and :func:`best_single_predecessors` share: both SAEs,
+    the tokens, the predecessor reading before the target, each method's direction and shape
+    (``[F_T, k]`` indices into the predecessor SAE) and, with ``check_model``, that the SAEs
+    belong to ``model``. Returns the checked tokens and each method's candidate indices."""
+    for sae in (predecessor_sae, target_sae):
+        validate_sae(sae)
+    tokens = check_tokens(tokens, model, what=what)
+    hook_p, hook_t = hook_name_of(predecessor_sae), hook_name_of(target_sae)
+    n_layers = int(model.cfg.n_layers)
+    if not hook_order(hook_p, n_layers) < hook_order(hook_t, n_layers):
+        raise ValueError(f"the predecessor {describe_sae(predecessor_sae)} must read before the "
+                         f"target {describe_sae(target_sae)}.")
+    cands = {}
+    for name, method in methods.items():
+        check_direction(method, target_sae, predecessor_sae,
+                        what=f"{what} {label} {name!r} (each target feature's predecessors)")
+        idx = link_indices(method)
+        if idx.shape[0] != target_sae.cfg.d_sae or bool((idx >= predecessor_sae.cfg.d_sae).any()):
+            raise ValueError(f"{label} {name!r}: predecessor links of shape {tuple(idx.shape)} do "
+                             f"not fit target {describe_sae(target_sae)} -> predecessor "
+                             f"{describe_sae(predecessor_sae)} (expected [{target_sae.cfg.d_sae}, k]).")
+        cands[name] = idx
+    if check_model:
+        check_saes_fit_model(model, [predecessor_sae, target_sae], tokens, what=what)
+    return tokens, cands
+
+
 @dataclass(frozen=True)
 class CausalOptions:
     """Sampling knobs of :func:`causal_check` (which tokens and targets it intervenes on)."""
@@ -210,28 +240,11 @@ def causal_check(
     opts = resolve_options(CausalOptions, options)
     positions, max_targets, seed, check_model = (opts.positions, opts.max_targets, opts.seed,
                                                  opts.check_model)
-    for sae in (predecessor_sae, target_sae):
-        validate_sae(sae)
-    tokens = check_tokens(tokens, model, what="causal_check")
-    hook_p, hook_t = hook_name_of(predecessor_sae), hook_name_of(target_sae)
-    n_layers = int(model.cfg.n_layers)
-    if not hook_order(hook_p, n_layers) < hook_order(hook_t, n_layers):
-        raise ValueError(f"the predecessor {describe_sae(predecessor_sae)} must read before the "
-                         f"target {describe_sae(target_sae)}.")
     if mode not in ("all", "random"):
         raise ValueError(f"mode must be 'all' or 'random', got {mode!r}.")
-    cands = {}
-    for name, method in methods.items():
-        check_direction(method, target_sae, predecessor_sae,
-                        what=f"causal_check method {name!r} (each target feature's predecessors)")
-        idx = link_indices(method)
-        if idx.shape[0] != target_sae.cfg.d_sae or bool((idx >= predecessor_sae.cfg.d_sae).any()):
-            raise ValueError(f"method {name!r}: predecessor links of shape {tuple(idx.shape)} do "
-                             f"not fit target {describe_sae(target_sae)} -> predecessor "
-                             f"{describe_sae(predecessor_sae)} (expected [{target_sae.cfg.d_sae}, k]).")
-        cands[name] = idx
-    if check_model:
-        check_saes_fit_model(model, [predecessor_sae, target_sae], tokens, what="causal_check")
+    tokens, cands = _checked_inputs(model, predecessor_sae, target_sae, tokens, methods,
+                                    what="causal_check", label="method", check_model=check_model)
+    hook_p, hook_t = hook_name_of(predecessor_sae), hook_name_of(target_sae)
     gen = torch.Generator().manual_seed(seed)
     sums = {name: {"n": 0, "deact": 0, "change": 0.0} for name in cands}
     n_sampled = 0
@@ -336,28 +349,10 @@ def best_single_predecessors(
     opts = resolve_options(CausalOptions, options)
     positions, max_targets, seed, check_model = (opts.positions, opts.max_targets, opts.seed,
                                                  opts.check_model)
-    for sae in (predecessor_sae, target_sae):
-        validate_sae(sae)
-    tokens = check_tokens(tokens, model, what="best_single_predecessors")
-    hook_p, hook_t = hook_name_of(predecessor_sae), hook_name_of(target_sae)
-    n_layers = int(model.cfg.n_layers)
-    if not hook_order(hook_p, n_layers) < hook_order(hook_t, n_layers):
-        raise ValueError(f"the predecessor {describe_sae(predecessor_sae)} must read before the "
-                         f"target {describe_sae(target_sae)}.")
-    top1 = {}
-    for name, method in (links or {}).items():
-        check_direction(method, target_sae, predecessor_sae,
-                        what=f"best_single_predecessors links {name!r} (each target feature's "
-                             "predecessors)")
-        idx = link_indices(method)
-        if idx.shape[0] != target_sae.cfg.d_sae or bool((idx >= predecessor_sae.cfg.d_sae).any()):
-            raise ValueError(f"links {name!r}: predecessor links of shape {tuple(idx.shape)} do "
-                             f"not fit target {describe_sae(target_sae)} -> predecessor "
-                             f"{describe_sae(predecessor_sae)} (expected [{target_sae.cfg.d_sae}, k]).")
-        top1[name] = idx[:, 0] if idx.dim() == 2 else idx
-    if check_model:
-        check_saes_fit_model(model, [predecessor_sae, target_sae], tokens,
-                             what="best_single_predecessors")
+    tokens, cands = _checked_inputs(model, predecessor_sae, target_sae, tokens, links or {},
+                                    what="best_single_predecessors", label="links",
+                                    check_model=check_model)
+    top1 = {name: idx[:, 0] if idx.dim() == 2 else idx for name, idx in cands.items()}
     gen = torch.Generator().manual_seed(seed)
     rows: list[dict[str, Any]] = []
     for seq, row, t, f_p, f_t, active in _sampled_targets(
